@@ -1,0 +1,318 @@
+"""Experiment configuration: pydantic models are the single source of defaults.
+
+A TOML file (see ``configs/``) overrides them; ``section.key=value`` strings (the CLI's
+``--set``) override the file. Flower's flat run-config is converted here and only here
+(:func:`to_run_config` / :func:`from_run_config`).
+
+Site-only settings (cohort path, state directory, keys, lifetime budget) live in
+:class:`SiteConfig` and never leave the hospital.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedrg.errors import ConfigError
+
+DEFAULT_MARKERS = ["idh_mutant", "codeletion_1p19q", "mgmt_methylated"]
+
+# Expression panel: modules that co-vary with IDH status (G-CIMP / mesenchymal programme),
+# 1p/19q arm loss (genes on 1p and 19q), MGMT promoter methylation, and housekeeping /
+# lineage genes that carry no marker signal.
+DEFAULT_GENE_PANEL = [
+    # higher in IDH-wildtype (mesenchymal / hypoxia / angiogenesis)
+    "CHI3L1", "VEGFA", "LGALS3", "PDPN", "TIMP1", "SERPINE1", "CD44", "POSTN",
+    # higher in IDH-mutant (G-CIMP proneural)
+    "DLL3", "SOX4", "OLIG2", "BCAN",
+    # chromosome arm 1p
+    "CAMTA1", "CHD5", "DFFA", "KIF1B",
+    # chromosome arm 19q
+    "CIC", "ZNF420", "BAX", "LIG1",
+    # MGMT and its neighbourhood
+    "MGMT", "EBF3",
+    # proliferation, lineage and housekeeping
+    "MKI67", "TOP2A", "EGFR", "PTEN", "GFAP", "SOX2", "CDKN2A", "PDGFRA", "ACTB", "GAPDH",
+]
+DEFAULT_MUTATION_GENES = ["IDH1", "IDH2", "TP53", "ATRX", "TERT", "EGFR", "PTEN", "CIC", "FUBP1", "NF1"]
+
+
+class StrictModel(BaseModel):
+    """Base for all config sections: unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class FederationConfig(StrictModel):
+    """How the federation is run by the server."""
+
+    hospitals: int = Field(3, ge=1, description="number of hospitals (simulation)")
+    rounds: int = Field(3, ge=1, description="number of federated rounds")
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0, description="fraction sampled per round")
+    min_hospitals: int = Field(2, ge=1, description="minimum hospitals needed for a round")
+    fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
+    server_optimizer: Literal["fedavg", "fedadam"] = "fedavg"
+    server_lr: float = Field(1.0, gt=0.0, description="server learning rate applied to the mean delta")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_min(self) -> FederationConfig:
+        if self.min_hospitals > self.hospitals:
+            raise ValueError(
+                f"federation.min_hospitals={self.min_hospitals} exceeds federation.hospitals="
+                f"{self.hospitals}; lower min_hospitals or add hospitals"
+            )
+        return self
+
+
+class DataConfig(StrictModel):
+    """What each hospital's cohort looks like and how it becomes tensors."""
+
+    markers: list[str] = Field(default_factory=lambda: list(DEFAULT_MARKERS))
+    gene_panel: list[str] = Field(default_factory=lambda: list(DEFAULT_GENE_PANEL))
+    mutation_genes: list[str] = Field(default_factory=lambda: list(DEFAULT_MUTATION_GENES))
+    impute_missing_genes: bool = Field(
+        False, description="impute genes missing from expression.tsv (else: error)"
+    )
+    image_mode: Literal["2d", "3d"] = "2d"
+    image_shape: list[int] = Field(
+        default_factory=lambda: [64, 64], description="[H, W] for 2d or [D, H, W] for 3d"
+    )
+    val_fraction: float = Field(0.25, gt=0.0, lt=1.0)
+    split_seed: int = 0
+    synthetic_dir: str = Field(
+        "", description="where `fedrg simulate` caches synthetic cohorts ('' = cache dir)"
+    )
+    synthetic_patients: int = Field(160, ge=8, description="mean patients per synthetic hospital")
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> DataConfig:
+        want = 2 if self.image_mode == "2d" else 3
+        if len(self.image_shape) != want or any(s < 8 for s in self.image_shape):
+            raise ValueError(
+                f"data.image_shape={self.image_shape} does not fit data.image_mode="
+                f"'{self.image_mode}': give {want} sizes, each >= 8"
+            )
+        if len(set(self.markers)) != len(self.markers) or not self.markers:
+            raise ValueError(f"data.markers={self.markers} must be non-empty and unique")
+        return self
+
+
+class ModelConfig(StrictModel):
+    """The multimodal adapter and its base LM."""
+
+    base: str = Field("builtin:tiny", description="'builtin:tiny' or a local model directory")
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    image_tokens: int = Field(4, ge=1, description="k prompt embeddings from the image")
+    genomics_tokens: int = Field(2, ge=1, description="m prompt embeddings from the genomics")
+    encoder_width: int = Field(64, ge=8)
+    max_report_tokens: int = Field(64, ge=8)
+    report_loss_weight: float = Field(1.0, ge=0.0)
+    marker_loss_weight: float = Field(1.0, ge=0.0)
+    genomics_dropout: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="probability of withholding genomics from a training example "
+        "(teaches the image-only path the radiogenomics question needs)",
+    )
+
+
+class PrivacyConfig(StrictModel):
+    """Record-level (patient-level) DP-SGD, Opacus names."""
+
+    enabled: bool = True
+    target_epsilon: float = Field(8.0, gt=0.0)
+    target_delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    noise_multiplier: float | None = Field(
+        None, ge=0.0, description="fix sigma instead of calibrating it to target_epsilon"
+    )
+    accountant: Literal["rdp", "prv", "gdp"] = "rdp"
+    grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = "hooks"
+    hospital_level: bool = Field(False, description="also clip + noise each hospital's update")
+    hospital_clip: float = Field(1.0, gt=0.0)
+    hospital_noise_multiplier: float = Field(0.5, ge=0.0)
+
+
+class SecAggConfig(StrictModel):
+    """Secure aggregation (masked sum)."""
+
+    enabled: bool = True
+    threshold_fraction: float = Field(
+        0.66, gt=0.0, le=1.0, description="Shamir threshold t as a fraction of neighbours"
+    )
+    neighbours: int = Field(0, ge=0, description="k neighbours per client (0 = everyone)")
+    clip_range: float = Field(8.0, gt=0.0, description="update values are clipped to +-range")
+    quantization_bits: int = Field(24, ge=8, le=30)
+
+
+class TrainingConfig(StrictModel):
+    """The local loop at each hospital (and the centralised baseline)."""
+
+    local_epochs: float = Field(1.0, gt=0.0)
+    batch_size: int = Field(16, ge=1, description="expected (Poisson) batch size")
+    max_physical_batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    seed: int = 0
+    threads: int = Field(0, ge=0, description="torch threads (0 = torch default)")
+
+
+class ExperimentConfig(StrictModel):
+    """The whole experiment."""
+
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = Field(default_factory=SecAggConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+    def config_hash(self) -> str:
+        """SHA-256 of the canonical JSON form (recorded in ledgers and checkpoints)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class SiteConfig(StrictModel):
+    """Settings that belong to one hospital and never leave it."""
+
+    name: str = Field("hospital", min_length=1)
+    cohort: str = Field(..., description="path to the local cohort directory")
+    state_dir: str = Field(..., description="where the privacy ledger and keys live (outside runs)")
+    epsilon_budget: float = Field(10.0, gt=0.0, description="lifetime epsilon budget of the dataset")
+    signing_key: str = Field("", description="Ed25519 PEM key ('' = state_dir/ledger_ed25519.pem)")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not all(c.isalnum() or c in "-_." for c in v):
+            raise ValueError(f"site name {v!r} may only hold letters, digits, '-', '_' and '.'")
+        return v
+
+
+# --------------------------------------------------------------------------- loading
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            section = _section_of(e["loc"][:-1])
+            allowed = ", ".join(sorted(section.model_fields)) if section else "?"
+            lines.append(f"unknown key '{loc}'; allowed keys here: {allowed}")
+        else:
+            value = e.get("input")
+            lines.append(f"'{loc}' = {value!r}: {e['msg']}")
+    return f"invalid configuration ({source}):\n  " + "\n  ".join(lines)
+
+
+def _section_of(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = ExperimentConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an override value as TOML (numbers, booleans, lists), else keep the string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to a nested dict (returns a copy)."""
+    out = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. privacy.target_epsilon=4")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2:
+            sections = ", ".join(ExperimentConfig.model_fields)
+            raise ConfigError(f"override key {key!r} must be section.key with section one of: {sections}")
+        out.setdefault(parts[0], {})
+        if not isinstance(out[parts[0]], dict):
+            raise ConfigError(f"override {key!r}: '{parts[0]}' is not a section")
+        out[parts[0]][parts[1]] = _parse_scalar(raw.strip())
+    return out
+
+
+def build_config(data: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    """Validate a nested dict into an :class:`ExperimentConfig` with a readable error."""
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file with an error naming the file on failure."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist; pass an existing TOML file (see configs/)")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {p} is not valid TOML: {err}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load defaults, then a TOML file (optional), then ``section.key=value`` overrides."""
+    data: dict[str, Any] = read_toml(path) if path else {}
+    data = apply_overrides(data, overrides or [])
+    return build_config(data, source=str(path) if path else "defaults + overrides")
+
+
+def load_site_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SiteConfig:
+    """Load a hospital's site config (``[site]`` table of a TOML file)."""
+    data = read_toml(path)
+    site = dict(data.get("site", {}))
+    site.update(overrides or {})
+    try:
+        return SiteConfig.model_validate(site)
+    except ValidationError as err:
+        msgs = "; ".join(f"site.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"invalid site config {path}: {msgs}") from None
+
+
+# --------------------------------------------------------------------------- Flower glue
+
+def to_run_config(cfg: ExperimentConfig) -> dict[str, int | float | bool | str]:
+    """Flatten to Flower's run-config (scalars only; lists and None as JSON strings)."""
+    flat: dict[str, int | float | bool | str] = {}
+    for section, values in cfg.model_dump(mode="json").items():
+        for key, value in values.items():
+            if isinstance(value, (list, dict)) or value is None:
+                value = "json:" + json.dumps(value)
+            flat[f"{section}.{key}"] = value
+    return flat
+
+
+def from_run_config(flat: dict[str, Any]) -> ExperimentConfig:
+    """Inverse of :func:`to_run_config`; ignores keys outside fedrg's sections."""
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        if "." not in key:
+            continue
+        section, name = key.split(".", 1)
+        if section not in ExperimentConfig.model_fields:
+            continue
+        if isinstance(value, str) and value.startswith("json:"):
+            value = json.loads(value[5:])
+        nested.setdefault(section, {})[name] = value
+    return build_config(nested, source="Flower run config")

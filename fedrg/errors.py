@@ -1,0 +1,88 @@
+"""Error types. Every fedrg error derives from :class:`FedrgError`.
+
+Messages name the setting or file, the value, and the fix. Nothing that may leave a
+site (an error sent to the server) carries patient identifiers, paths or sample values:
+use :meth:`FedrgError.public_message` for that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class FedrgError(Exception):
+    """Root of all fedrg errors."""
+
+    def public_message(self) -> str:
+        """Message safe to send off-site (no paths, ids or values)."""
+        return type(self).__name__
+
+
+class ConfigError(FedrgError):
+    """A configuration value or file is invalid."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem found in a cohort, pointing at a file and (optionally) a row."""
+
+    file: str
+    message: str
+    row: int | None = None
+
+    def __str__(self) -> str:
+        where = self.file if self.row is None else f"{self.file}, row {self.row}"
+        return f"{where}: {self.message}"
+
+
+class CohortError(FedrgError):
+    """A cohort directory is invalid. ``problems`` lists every problem found."""
+
+    def __init__(self, cohort: str, problems: list[Problem]):
+        self.cohort = cohort
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"cohort {cohort} has {len(self.problems)} problem(s):\n{lines}")
+
+    def public_message(self) -> str:
+        return f"CohortError: local cohort invalid ({len(self.problems)} problem(s))"
+
+
+class ImageReadError(FedrgError):
+    """An image file cannot be read (missing, truncated, corrupt or unsupported)."""
+
+
+class PrivacyError(FedrgError):
+    """A privacy setting is unsafe or inconsistent."""
+
+
+class BudgetExceededError(PrivacyError):
+    """Training would push a dataset's cumulative epsilon past its lifetime budget."""
+
+    def __init__(self, *, epsilon_spent: float, epsilon_after: float, budget: float):
+        self.epsilon_spent = epsilon_spent
+        self.epsilon_after = epsilon_after
+        self.budget = budget
+        super().__init__(
+            f"privacy budget would be exceeded: spent epsilon={epsilon_spent:.4f}, "
+            f"after this round {epsilon_after:.4f} > budget {budget:.4f}; "
+            "raise the site's epsilon_budget or stop training on this dataset"
+        )
+
+    def public_message(self) -> str:
+        return str(self)
+
+
+class LedgerError(PrivacyError):
+    """A privacy ledger is corrupt, tampered with, or cannot be written."""
+
+
+class SecAggError(FedrgError):
+    """Secure aggregation failed (e.g. fewer survivors than the threshold)."""
+
+    def public_message(self) -> str:
+        return str(self)
+
+
+class ModelError(FedrgError):
+    """A base model or adapter cannot be built or loaded."""
