@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedrg.errors import ConfigError
@@ -261,10 +261,15 @@ def build_config(data: dict[str, Any], source: str = "config") -> ExperimentConf
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML file with an error naming the file on failure."""
+    """Read a TOML file (or a ``.json`` resolved config) with an error naming the file."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist; pass an existing TOML file (see configs/)")
+    if p.suffix == ".json":
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config file {p} is not valid JSON: {err}") from None
     try:
         return tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as err:

@@ -1,0 +1,50 @@
+"""One federated run on the server side: initial adapter, rounds, final adapter, metrics, plots."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fedrg.config import ExperimentConfig
+from fedrg.federated.payload import Transport
+from fedrg.federated.server import FederationServer, ServerResult, write_metrics
+
+log = logging.getLogger("fedrg.server")
+
+
+def run_federation(transport: Transport, cfg: ExperimentConfig, run_dir: str | Path, *,
+                   resume: bool = False,
+                   on_round: Callable[[dict[str, Any]], None] | None = None) -> ServerResult:
+    """Run (or resume) a federation and write its outputs into ``run_dir``.
+
+    Writes ``metrics.json`` after every round, the final adapter to ``run_dir/adapter`` and
+    PNG plots to ``run_dir/plots``.
+    """
+    from fedrg.federated.report import write_plots
+    from fedrg.federated.secure import SecureAggregationDriver
+    from fedrg.model.adapter import build_model
+    from fedrg.model.io import save_adapter
+    from fedrg.model.payload import get_adapter_arrays, set_adapter_arrays
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model = build_model(cfg.model, cfg.data, seed=cfg.federation.seed)
+    driver = SecureAggregationDriver(cfg) if cfg.secagg.enabled else None
+
+    def record(row: dict[str, Any]) -> None:
+        write_metrics(run_dir, server.metrics)
+        if on_round is not None:
+            on_round(row)
+
+    server = FederationServer(cfg, run_dir, get_adapter_arrays(model),
+                              secure_aggregate=driver, on_round=record)
+    if resume:
+        server.resume()
+    result = server.run(transport)
+    set_adapter_arrays(model, result.global_arrays)
+    save_adapter(model, run_dir / "adapter")
+    write_metrics(run_dir, result.metrics)
+    write_plots(result.metrics, run_dir / "plots")
+    return result

@@ -1,0 +1,271 @@
+"""The server's round loop, independent of Flower (it talks through a :class:`Transport`).
+
+Per round: sample hospitals, send the global adapter, collect typed replies (trained or
+declined), aggregate the deltas (secure aggregation or plain weighted FedAvg), apply the
+server optimiser, run federated evaluation, checkpoint, record metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedrg.config import ExperimentConfig, to_run_config
+from fedrg.errors import FedrgError, SecAggError
+from fedrg.federated.aggregate import ServerOptimizer, weighted_mean
+from fedrg.federated.checkpoint import RunCheckpoint, load_checkpoint, save_checkpoint
+from fedrg.federated.payload import Payload, Reply, Transport
+
+log = logging.getLogger("fedrg.server")
+
+SecureAggregate = Callable[[Transport, list[int], int, int], tuple[list[np.ndarray], float]]
+"""(transport, participants, round, n_params) -> (mean delta arrays, total weight)."""
+
+
+@dataclass
+class RoundOutcome:
+    """What happened in one round (goes into metrics.json)."""
+
+    round: int
+    participants: list[str] = field(default_factory=list)
+    declined: dict[str, str] = field(default_factory=dict)
+    failed: int = 0
+    aggregated: bool = False
+    reason: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ServerResult:
+    """Final state of a run."""
+
+    global_arrays: list[np.ndarray]
+    metrics: dict[str, Any]
+    stopped_early: str = ""
+
+
+def _sample(nodes: list[int], fraction: float, minimum: int, rng: random.Random) -> list[int]:
+    k = max(minimum, round(fraction * len(nodes)))
+    k = min(k, len(nodes))
+    return sorted(rng.sample(sorted(nodes), k))
+
+
+def _mean_metric(values: list[tuple[float, float | None]]) -> float | None:
+    pairs = [(w, v) for w, v in values if v is not None and not np.isnan(v)]
+    total = sum(w for w, _ in pairs)
+    return float(sum(w * v for w, v in pairs) / total) if total > 0 else None
+
+
+def aggregate_evaluation(replies: list[dict[str, Any]]) -> dict[str, Any]:
+    """Weighted (by validation size) mean of the hospitals' aggregate metrics."""
+    out: dict[str, Any] = {}
+    if not replies:
+        return out
+    for key in ("loss", "findings_f1", "rouge_l"):
+        out[key] = _mean_metric([(r["n"], r["metrics"].get(key)) for r in replies])
+    for key in ("auroc", "auroc_multimodal"):
+        markers = sorted({m for r in replies for m in (r["metrics"].get(key) or {})})
+        out[key] = {m: _mean_metric([(r["n"], (r["metrics"].get(key) or {}).get(m)) for r in replies])
+                    for m in markers}
+    return out
+
+
+class FederationServer:
+    """Runs the rounds of one federated training run.
+
+    Parameters
+    ----------
+    cfg
+        The experiment configuration (sent to hospitals each round).
+    run_dir
+        Where checkpoints, metrics and the final adapter go.
+    initial_arrays
+        The initial global adapter (ignored when resuming).
+    secure_aggregate
+        Secure-aggregation driver; required when ``cfg.secagg.enabled``.
+    on_round
+        Called with each round's metrics dict (progress display).
+    """
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: str | Path, initial_arrays: list[np.ndarray],
+                 *, secure_aggregate: SecureAggregate | None = None,
+                 on_round: Callable[[dict[str, Any]], None] | None = None,
+                 timeout: float | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.global_arrays = [np.asarray(a, dtype=np.float32) for a in initial_arrays]
+        self.optimizer = ServerOptimizer(cfg.federation.server_optimizer, cfg.federation.server_lr)
+        self.secure_aggregate = secure_aggregate
+        self.on_round = on_round or (lambda m: None)
+        self.timeout = timeout
+        self.run_id = uuid.uuid4().hex[:12]
+        self.metrics: dict[str, Any] = {"run_id": self.run_id, "config_hash": cfg.config_hash(),
+                                        "rounds": []}
+        self.start_round = 1
+        if cfg.secagg.enabled and secure_aggregate is None:
+            raise FedrgError("secagg.enabled=true but no secure-aggregation driver was given")
+
+    # ----------------------------------------------------------------- resume
+    def resume(self) -> None:
+        """Continue from ``run_dir/checkpoint`` (same config required)."""
+        ckpt = load_checkpoint(self.run_dir)
+        if ckpt.config_hash != self.cfg.config_hash():
+            raise FedrgError(
+                f"cannot resume {self.run_dir}: its checkpoint was made with another configuration "
+                f"(config hash {ckpt.config_hash[:12]} != {self.cfg.config_hash()[:12]}); resume with "
+                f"the run's own config ({self.run_dir / 'config.toml'})")
+        self.global_arrays = ckpt.global_arrays
+        self.optimizer.load_state_arrays(ckpt.optimizer_state)
+        self.metrics = ckpt.metrics
+        self.run_id = ckpt.run_id
+        self.start_round = ckpt.round + 1
+        log.info("resuming run %s after round %d", self.run_id, ckpt.round)
+
+    # ----------------------------------------------------------------- rounds
+    def _train_payload(self, rnd: int) -> Payload:
+        p = Payload(meta={"config": to_run_config(self.cfg), "round": rnd, "run_id": self.run_id})
+        p.put_array_list("global", self.global_arrays)
+        return p
+
+    def run(self, transport: Transport) -> ServerResult:
+        """Run rounds ``start_round .. cfg.federation.rounds``."""
+        fed = self.cfg.federation
+        stopped = ""
+        for rnd in range(self.start_round, fed.rounds + 1):
+            t0 = time.perf_counter()
+            rng = random.Random(f"{fed.seed}-{rnd}")
+            nodes = transport.nodes()
+            if len(nodes) < fed.min_hospitals:
+                stopped = (f"round {rnd}: only {len(nodes)} hospital(s) connected, "
+                           f"federation.min_hospitals={fed.min_hospitals}")
+                break
+            sampled = _sample(nodes, fed.fraction_train, fed.min_hospitals, rng)
+            outcome, bytes_up, bytes_down = self._train_round(transport, sampled, rnd)
+            if not outcome.aggregated:
+                stopped = outcome.reason
+                self._record(rnd, outcome, bytes_up, bytes_down, t0, {})
+                break
+            eval_nodes = _sample(nodes, fed.fraction_evaluate, 1, rng) if fed.fraction_evaluate > 0 else []
+            evaluation, eb_up, eb_down = self._evaluate(transport, eval_nodes, rnd)
+            self._record(rnd, outcome, bytes_up + eb_up, bytes_down + eb_down, t0, evaluation)
+            save_checkpoint(self.run_dir, RunCheckpoint(
+                round=rnd, global_arrays=self.global_arrays,
+                optimizer_state=self.optimizer.state_arrays(), metrics=self.metrics,
+                config_hash=self.cfg.config_hash(), run_id=self.run_id))
+            crash_after = os.environ.get("FEDRG_CRASH_AFTER_ROUND")
+            if crash_after and int(crash_after) == rnd:
+                raise RuntimeError(f"FEDRG_CRASH_AFTER_ROUND={rnd}: simulated crash after checkpoint")
+        if stopped:
+            self.metrics["stopped_early"] = stopped
+            log.warning("run stopped early: %s", stopped)
+        return ServerResult(self.global_arrays, self.metrics, stopped)
+
+    def _train_round(self, transport: Transport, sampled: list[int], rnd: int
+                     ) -> tuple[RoundOutcome, int, int]:
+        outcome = RoundOutcome(round=rnd)
+        payload = self._train_payload(rnd)
+        replies = transport.send("train", dict.fromkeys(sampled, payload), round_=rnd,
+                                 timeout=self.timeout)
+        bytes_down = payload.nbytes() * len(sampled)
+        bytes_up = sum(r.payload.nbytes() for r in replies.values() if r.payload is not None)
+        trained: dict[int, Reply] = {}
+        epsilons: dict[str, float] = {}
+        for node in sampled:
+            reply = replies.get(node)
+            if reply is None or not reply.ok:
+                outcome.failed += 1
+                log.warning("round %d: hospital node %s failed: %s", rnd, node,
+                            reply.error if reply else "no reply")
+                continue
+            meta = reply.payload.meta
+            site = str(meta.get("site", node))
+            if meta.get("epsilon") is not None:
+                epsilons[site] = float(meta["epsilon"])
+            if meta.get("status") == "declined":
+                outcome.declined[site] = str(meta.get("reason", "declined"))
+                continue
+            trained[node] = reply
+            outcome.participants.append(site)
+        outcome.metrics["epsilon"] = epsilons
+        outcome.metrics["train_loss"] = _mean_metric(
+            [(1.0, r.payload.meta.get("train_loss")) for r in trained.values()])
+        if len(trained) < self.cfg.federation.min_hospitals:
+            why = "; ".join(f"{s}: {r}" for s, r in outcome.declined.items())
+            outcome.reason = (f"round {rnd}: {len(trained)} hospital(s) trained, fewer than "
+                              f"federation.min_hospitals={self.cfg.federation.min_hospitals}"
+                              + (f" (declined: {why})" if why else "")
+                              + (f" ({outcome.failed} failed)" if outcome.failed else ""))
+            return outcome, bytes_up, bytes_down
+        try:
+            if self.cfg.secagg.enabled:
+                n_params = sum(a.size for a in self.global_arrays)
+                delta, _total = self.secure_aggregate(transport, sorted(trained), rnd, n_params)
+                sa_up, sa_down = getattr(transport, "last_secagg_bytes", (0, 0))
+                bytes_up += sa_up
+                bytes_down += sa_down
+            else:
+                updates = [r.payload.array_list("update") for r in trained.values()]
+                weights = [float(r.payload.meta["weight"]) for r in trained.values()]
+                delta = weighted_mean(updates, weights)
+        except SecAggError as err:
+            outcome.reason = f"round {rnd}: secure aggregation aborted, global model unchanged: {err}"
+            log.warning(outcome.reason)
+            return outcome, bytes_up, bytes_down
+        self.global_arrays = self.optimizer.apply(self.global_arrays, delta)
+        outcome.aggregated = True
+        return outcome, bytes_up, bytes_down
+
+    def _evaluate(self, transport: Transport, nodes: list[int], rnd: int
+                  ) -> tuple[dict[str, Any], int, int]:
+        if not nodes:
+            return {}, 0, 0
+        payload = self._train_payload(rnd)
+        replies = transport.send("evaluate", dict.fromkeys(nodes, payload), round_=rnd,
+                                 timeout=self.timeout)
+        ok = [r.payload.meta for r in replies.values() if r.ok and "metrics" in r.payload.meta]
+        up = sum(r.payload.nbytes() for r in replies.values() if r.payload is not None)
+        return aggregate_evaluation(ok), up, payload.nbytes() * len(nodes)
+
+    def _record(self, rnd: int, outcome: RoundOutcome, bytes_up: int, bytes_down: int,
+                t0: float, evaluation: dict[str, Any]) -> None:
+        row: dict[str, Any] = {
+            "round": rnd,
+            "loss": evaluation.get("loss"),
+            "train_loss": outcome.metrics.get("train_loss"),
+            "auroc": evaluation.get("auroc", {}),
+            "auroc_multimodal": evaluation.get("auroc_multimodal", {}),
+            "findings_f1": evaluation.get("findings_f1"),
+            "rouge_l": evaluation.get("rouge_l"),
+            "participants": len(outcome.participants),
+            "hospitals": sorted(outcome.participants),
+            "declined": outcome.declined,
+            "failed": outcome.failed,
+            "aggregated": outcome.aggregated,
+            "epsilon": outcome.metrics.get("epsilon", {}),
+            "bytes_up": int(bytes_up),
+            "bytes_down": int(bytes_down),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        if outcome.reason:
+            row["reason"] = outcome.reason
+        self.metrics["rounds"].append(row)
+        self.on_round(row)
+
+
+def write_metrics(run_dir: str | Path, metrics: dict[str, Any]) -> Path:
+    """Write ``run_dir/metrics.json`` atomically."""
+    path = Path(run_dir) / "metrics.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,138 @@
+"""Builders for fedrg's Flower ServerApp and ClientApp (Message API).
+
+``server/app.py`` and ``clients/app.py`` call these with deployment settings; ``fedrg
+simulate`` calls them with simulated hospitals. The apps are identical in both engines.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedrg.config import ExperimentConfig, SiteConfig
+from fedrg.errors import FedrgError
+from fedrg.federated.payload import Payload
+from fedrg.flower.records import payload_to_record, record_to_payload
+from fedrg.flower.transport import GridTransport
+
+log = logging.getLogger("fedrg.flower")
+
+SiteResolver = Callable[[Context], SiteConfig]
+"""Maps a node's context to its site config (node config in deployment)."""
+
+STATE_BYTES = "fedrg_state"
+STATE_ARRAYS = "fedrg_state_arrays"
+
+
+# --------------------------------------------------------------------------- client side
+
+def _load_state(context: Context) -> Payload:
+    meta: dict[str, Any] = {}
+    arrays = {}
+    if STATE_BYTES in context.state:
+        meta = dict(context.state[STATE_BYTES].items())
+    if STATE_ARRAYS in context.state:
+        arrays = {k: v.numpy() for k, v in context.state[STATE_ARRAYS].items()}
+    return Payload(meta=meta, arrays=arrays)
+
+
+def _save_state(context: Context, state: Payload) -> None:
+    context.state[STATE_BYTES] = ConfigRecord(dict(state.meta))
+    context.state[STATE_ARRAYS] = ArrayRecord(
+        array_dict={k: Array(np.ascontiguousarray(v)) for k, v in state.arrays.items()})
+
+
+def site_from_node_config(context: Context) -> SiteConfig:
+    """Deployment: a SuperNode's ``--node-config`` names its cohort, state dir and budget."""
+    nc = context.node_config
+    missing = [k for k in ("cohort", "state-dir") if k not in nc]
+    if missing:
+        raise FedrgError(
+            f"SuperNode node config lacks {missing}; start it with "
+            "--node-config 'cohort=\"/path\" state-dir=\"/path\" epsilon-budget=10 site-name=\"h1\"' "
+            "(fedrg client does this from configs/hospital.example.toml)")
+    return SiteConfig(
+        name=str(nc.get("site-name", f"node-{context.node_id}")),
+        cohort=str(nc["cohort"]),
+        state_dir=str(nc["state-dir"]),
+        epsilon_budget=float(nc.get("epsilon-budget", 10.0)),
+        signing_key=str(nc.get("signing-key", "")),
+    )
+
+
+def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> ClientApp:
+    """The hospital agent: one handler per message type, all delegating to ``HospitalSite``."""
+    app = ClientApp()
+
+    def handle(action: str, msg: Message, context: Context) -> Message:
+        from fedrg.federated.site import get_site  # heavy imports stay out of app loading
+
+        site = get_site(resolve_site(context))
+        state = _load_state(context)
+        reply = site.handle(action, record_to_payload(msg.content), state)
+        _save_state(context, state)
+        return Message(content=payload_to_record(reply), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle("train", msg, context)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return handle("evaluate", msg, context)
+
+    @app.train("secagg_setup")
+    def secagg_setup(msg: Message, context: Context) -> Message:
+        return handle("secagg_setup", msg, context)
+
+    @app.train("secagg_share")
+    def secagg_share(msg: Message, context: Context) -> Message:
+        return handle("secagg_share", msg, context)
+
+    @app.train("secagg_masked")
+    def secagg_masked(msg: Message, context: Context) -> Message:
+        return handle("secagg_masked", msg, context)
+
+    @app.train("secagg_unmask")
+    def secagg_unmask(msg: Message, context: Context) -> Message:
+        return handle("secagg_unmask", msg, context)
+
+    return app
+
+
+# --------------------------------------------------------------------------- server side
+
+ConfigProvider = Callable[[Context], tuple[ExperimentConfig, Path, bool]]
+"""Maps the ServerApp context to (config, run directory, resume?)."""
+
+
+def build_server_app(provide: ConfigProvider,
+                     on_round: Callable[[dict[str, Any]], None] | None = None,
+                     results: list[Any] | None = None,
+                     failures: list[BaseException] | None = None) -> ServerApp:
+    """The coordinator: runs :func:`fedrg.federated.runner.run_federation` over the Grid."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        from fedrg.federated.runner import run_federation
+
+        try:
+            cfg, run_dir, resume = provide(context)
+            transport = GridTransport(grid, min_nodes=cfg.federation.min_hospitals)
+            result = run_federation(transport, cfg, run_dir, resume=resume, on_round=on_round)
+        except BaseException as err:
+            if failures is not None:  # the simulation runner re-raises it in the caller
+                failures.append(err)
+            raise
+        if results is not None:
+            results.append(result)
+
+    return app
