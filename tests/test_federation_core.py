@@ -1,0 +1,186 @@
+"""Server round loop, aggregation, checkpoints and payloads (no Flower, no model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedrg.config import load_config
+from fedrg.errors import FedrgError
+from fedrg.federated.aggregate import ServerOptimizer, flatten, unflatten, weighted_mean
+from fedrg.federated.checkpoint import RunCheckpoint, load_checkpoint, save_checkpoint
+from fedrg.federated.payload import Payload, Reply, meta_from_json, meta_to_json
+from fedrg.federated.server import FederationServer, aggregate_evaluation
+
+
+@given(st.lists(st.floats(0.1, 100), min_size=1, max_size=6), st.integers(0, 2**31 - 1))
+@settings(max_examples=40, deadline=None)
+def test_weighted_mean_matches_numpy(weights, seed):
+    rng = np.random.default_rng(seed)
+    updates = [[rng.normal(size=(3, 2)).astype(np.float32), rng.normal(size=4).astype(np.float32)]
+               for _ in weights]
+    got = weighted_mean(updates, weights)
+    w = np.asarray(weights) / sum(weights)
+    for i in range(2):
+        expected = sum(wi * u[i].astype(np.float64) for wi, u in zip(w, updates, strict=True))
+        np.testing.assert_allclose(got[i], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_flatten_roundtrip_and_errors():
+    like = [np.zeros((2, 3), np.float32), np.zeros(5, np.float32)]
+    vec = np.arange(11, dtype=np.float32)
+    back = unflatten(vec, like)
+    np.testing.assert_array_equal(flatten(back), vec)
+    with pytest.raises(FedrgError, match="11"):
+        unflatten(np.zeros(10, np.float32), like)
+    with pytest.raises(FedrgError):
+        weighted_mean([], [])
+
+
+def test_fedadam_moves_towards_delta_and_state_roundtrips():
+    opt = ServerOptimizer("fedadam", lr=0.1)
+    g = [np.zeros(3, np.float32)]
+    new = opt.apply(g, [np.array([1.0, -1.0, 0.0], np.float32)])
+    assert new[0][0] > 0 > new[0][1] and new[0][2] == 0
+    clone = ServerOptimizer("fedadam", lr=0.1)
+    clone.load_state_arrays(opt.state_arrays())
+    d = [np.array([0.5, 0.5, 0.5], np.float32)]
+    np.testing.assert_array_equal(opt.apply(new, d)[0], clone.apply(new, d)[0])
+
+
+def test_payload_meta_json_roundtrip_with_bytes():
+    meta = {"a": b"\x00\xff", "b": [b"x", 1, 2.5, "s"], "c": {"d": None, "e": True}}
+    assert meta_from_json(meta_to_json(meta)) == meta
+    p = Payload(meta=meta)
+    p.put_array_list("u", [np.ones(3, np.float32), np.zeros((2, 2), np.float32)])
+    assert [a.shape for a in p.array_list("u")] == [(3,), (2, 2)]
+    assert p.nbytes() >= 3 * 4 + 4 * 4
+
+
+def test_checkpoint_atomic_and_backup(tmp_path, monkeypatch):
+    ck = RunCheckpoint(round=2, global_arrays=[np.arange(4, dtype=np.float32)], optimizer_state={},
+                       metrics={"rounds": [1, 2]}, config_hash="h", run_id="r")
+    save_checkpoint(tmp_path, ck)
+    import fedrg.federated.checkpoint as mod
+
+    def boom(*_a, **_k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(mod, "save_file", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, RunCheckpoint(3, [np.zeros(4, np.float32)], {}, {}, "h", "r"))
+    loaded = load_checkpoint(tmp_path)  # the failed save left the previous checkpoint intact
+    assert loaded.round == 2 and loaded.metrics == {"rounds": [1, 2]}
+    np.testing.assert_array_equal(loaded.global_arrays[0], np.arange(4))
+    with pytest.raises(FedrgError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "elsewhere")
+
+
+def test_aggregate_evaluation_weights_by_size_and_skips_none():
+    out = aggregate_evaluation([
+        {"n": 10, "metrics": {"loss": 1.0, "auroc": {"idh": 0.8, "mgmt": None}}},
+        {"n": 30, "metrics": {"loss": 2.0, "auroc": {"idh": 0.6, "mgmt": 0.5}}},
+    ])
+    assert out["loss"] == pytest.approx(1.75)
+    assert out["auroc"]["idh"] == pytest.approx(0.65)
+    assert out["auroc"]["mgmt"] == pytest.approx(0.5)
+
+
+class ArithmeticHospitals:
+    """In-process hospitals whose update is a fixed function of the global model.
+
+    Exercises the server loop (sampling, declines, FedAvg, checkpoints, resume); the real
+    hospital side is tested with the model in the simulation tests.
+    """
+
+    def __init__(self, targets, declines=(), fail=()):
+        self.targets = targets  # node -> target vector; update = target - global
+        self.declines = set(declines)
+        self.fail = set(fail)
+        self.calls = []
+
+    def nodes(self):
+        return sorted(self.targets)
+
+    def send(self, action, messages, *, round_, timeout=None):
+        out = {}
+        for node, p in messages.items():
+            self.calls.append((action, node, round_))
+            if node in self.fail:
+                out[node] = Reply(node=node, error="boom")
+                continue
+            g = p.array_list("global")[0]
+            if action == "train":
+                if node in self.declines:
+                    out[node] = Reply(node, Payload(meta={"site": f"h{node}", "status": "declined",
+                                                           "reason": "privacy_budget_exhausted",
+                                                           "epsilon": 7.9}))
+                    continue
+                r = Payload(meta={"site": f"h{node}", "status": "ok", "weight": float(node),
+                                  "epsilon": 1.0 * round_, "train_loss": 0.5})
+                r.put_array_list("update", [self.targets[node] - g])
+                out[node] = Reply(node, r)
+            else:
+                loss = float(np.abs(g - self.targets[node]).sum())
+                out[node] = Reply(node, Payload(meta={"site": f"h{node}", "n": 10,
+                                                      "metrics": {"loss": loss, "auroc": {"idh": 0.7}}}))
+        return out
+
+
+def _cfg(**over):
+    items = ["secagg.enabled=false"] + [f"{k}={v}" for k, v in over.items()]
+    return load_config(None, items)
+
+
+def test_server_fedavg_rounds_converge_to_weighted_target(tmp_path):
+    targets = {1: np.array([1.0, 0.0], np.float32), 2: np.array([0.0, 1.0], np.float32),
+               3: np.array([1.0, 1.0], np.float32)}
+    cfg = _cfg(**{"federation.rounds": 2})
+    server = FederationServer(cfg, tmp_path, [np.zeros(2, np.float32)])
+    result = server.run(ArithmeticHospitals(targets))
+    expected = (1 * targets[1] + 2 * targets[2] + 3 * targets[3]) / 6
+    np.testing.assert_allclose(result.global_arrays[0], expected, rtol=1e-6)
+    rows = result.metrics["rounds"]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert rows[0]["participants"] == 3 and rows[0]["epsilon"] == {"h1": 1.0, "h2": 1.0, "h3": 1.0}
+    assert rows[0]["bytes_up"] > 0 and rows[0]["bytes_down"] > 0
+    assert load_checkpoint(tmp_path).round == 2
+
+
+def test_server_carries_on_without_declined_and_stops_cleanly_when_too_few(tmp_path):
+    targets = {i: np.full(2, i, np.float32) for i in (1, 2, 3)}
+    cfg = _cfg(**{"federation.rounds": 2})
+    result = FederationServer(cfg, tmp_path / "a", [np.zeros(2, np.float32)]).run(
+        ArithmeticHospitals(targets, declines={3}))
+    assert result.metrics["rounds"][0]["declined"] == {"h3": "privacy_budget_exhausted"}
+    assert result.metrics["rounds"][0]["participants"] == 2 and not result.stopped_early
+    np.testing.assert_allclose(result.global_arrays[0], (1 * 1 + 2 * 2) / 3)
+
+    result = FederationServer(cfg, tmp_path / "b", [np.zeros(2, np.float32)]).run(
+        ArithmeticHospitals(targets, declines={2, 3}))
+    assert "fewer than federation.min_hospitals=2" in result.stopped_early
+    assert "privacy_budget_exhausted" in result.stopped_early
+    np.testing.assert_array_equal(result.global_arrays[0], 0)  # unchanged
+
+
+def test_server_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    targets = {i: np.full(3, float(i), np.float32) for i in (1, 2, 3)}
+    cfg = _cfg(**{"federation.rounds": 3, "federation.server_optimizer": "fedadam",
+                  "federation.server_lr": 0.3, "federation.fraction_train": 0.67})
+    full = FederationServer(cfg, tmp_path / "full", [np.zeros(3, np.float32)]).run(
+        ArithmeticHospitals(targets))
+    monkeypatch.setenv("FEDRG_CRASH_AFTER_ROUND", "1")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        FederationServer(cfg, tmp_path / "cut", [np.zeros(3, np.float32)]).run(ArithmeticHospitals(targets))
+    monkeypatch.delenv("FEDRG_CRASH_AFTER_ROUND")
+    resumed = FederationServer(cfg, tmp_path / "cut", [np.ones(3, np.float32)])
+    resumed.resume()
+    out = resumed.run(ArithmeticHospitals(targets))
+    np.testing.assert_array_equal(out.global_arrays[0], full.global_arrays[0])
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(out.metrics["rounds"]) == strip(full.metrics["rounds"])
+    other = _cfg(**{"federation.rounds": 4})
+    with pytest.raises(FedrgError, match="another configuration"):
+        FederationServer(other, tmp_path / "cut", [np.zeros(3, np.float32)]).resume()
