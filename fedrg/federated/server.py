@@ -22,14 +22,14 @@ import numpy as np
 
 from fedrg.config import ExperimentConfig, to_run_config
 from fedrg.errors import FedrgError, SecAggError
-from fedrg.federated.aggregate import ServerOptimizer, weighted_mean
+from fedrg.federated.aggregate import ServerOptimizer, unflatten, weighted_mean
 from fedrg.federated.checkpoint import RunCheckpoint, load_checkpoint, save_checkpoint
 from fedrg.federated.payload import Payload, Reply, Transport
 
 log = logging.getLogger("fedrg.server")
 
-SecureAggregate = Callable[[Transport, list[int], int, int], tuple[list[np.ndarray], float]]
-"""(transport, participants, round, n_params) -> (mean delta arrays, total weight)."""
+SecureAggregate = Callable[[Transport, list[int], int, int], tuple[np.ndarray, float]]
+"""(transport, participants, round, n_params) -> (flat weighted-mean delta, total weight)."""
 
 
 @dataclass
@@ -209,7 +209,8 @@ class FederationServer:
         try:
             if self.cfg.secagg.enabled:
                 n_params = sum(a.size for a in self.global_arrays)
-                delta, _total = self.secure_aggregate(transport, sorted(trained), rnd, n_params)
+                flat, _total = self.secure_aggregate(transport, sorted(trained), rnd, n_params)
+                delta = unflatten(np.asarray(flat, dtype=np.float32), self.global_arrays)
                 sa_up, sa_down = getattr(transport, "last_secagg_bytes", (0, 0))
                 bytes_up += sa_up
                 bytes_down += sa_down
