@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -27,6 +27,7 @@ log = logging.getLogger("fedrg.flower")
 SiteResolver = Callable[[Context], SiteConfig]
 """Maps a node's context to its site config (node config in deployment)."""
 
+ERROR_CODE = 4100  # fedrg: the hospital could not answer (reason carries no site data)
 STATE_BYTES = "fedrg_state"
 STATE_ARRAYS = "fedrg_state_arrays"
 
@@ -74,10 +75,19 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
     def handle(action: str, msg: Message, context: Context) -> Message:
         from fedrg.federated.site import get_site  # heavy imports stay out of app loading
 
-        site = get_site(resolve_site(context))
-        state = _load_state(context)
-        reply = site.handle(action, record_to_payload(msg.content), state)
-        _save_state(context, state)
+        try:
+            site = get_site(resolve_site(context))
+            state = _load_state(context)
+            reply = site.handle(action, record_to_payload(msg.content), state)
+            _save_state(context, state)
+        except FedrgError as err:
+            # full detail stays in the hospital's log; the server gets no paths or values
+            log.error("%s failed at this hospital: %s", action, err)
+            return Message(error=Error(code=ERROR_CODE, reason=err.public_message()), reply_to=msg)
+        except Exception as err:
+            log.exception("%s failed at this hospital", action)
+            return Message(error=Error(code=ERROR_CODE, reason=f"{type(err).__name__} at the hospital "
+                                       "(details in the hospital's log)"), reply_to=msg)
         return Message(content=payload_to_record(reply), reply_to=msg)
 
     @app.train()
