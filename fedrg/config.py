@@ -153,6 +153,12 @@ class SecAggConfig(StrictModel):
     neighbours: int = Field(0, ge=0, description="k neighbours per client (0 = everyone)")
     clip_range: float = Field(8.0, gt=0.0, description="update values are clipped to +-range")
     quantization_bits: int = Field(24, ge=8, le=30)
+    max_weight: float = Field(
+        10000.0, gt=0.0, description="public upper bound on a client's weight (its example count)"
+    )
+    rounding: Literal["nearest", "stochastic"] = Field(
+        "nearest", description="fixed-point rounding: deterministic or unbiased stochastic"
+    )
 
 
 class TrainingConfig(StrictModel):

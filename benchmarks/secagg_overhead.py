@@ -1,0 +1,186 @@
+"""Secure vs plain aggregation: round time and bytes per client, as JSON.
+
+One process, ``--clients`` clients (default 10), a ``--params``-value float32 update each
+(default 1,000,000). Repetitions of the secure round (for each ``--neighbours`` setting)
+and of the plain round are interleaved; medians are reported.
+
+* plain round: each client serialises its float32 update (``tobytes``) plus its weight; the
+  server deserialises and computes the weighted mean (float32 accumulation).
+* secure round: the four stages of :mod:`fedrg.secagg` (key agreement, encrypted Shamir
+  shares, masked quantised upload, unmasking), each client's session serialised between
+  messages as the Flower glue keeps it in ``context.state``.
+
+Two times are reported for each: ``sequential_s`` (all parties one after another in this
+process) and ``critical_path_s`` (per stage, the slowest client plus the server: what a
+round costs when hospitals compute in parallel on their own machines). Local training and
+network latency are not included; ``with_local_training`` shows the ratio a round would have
+for a few assumed local-training times (a model, not a measurement).
+
+Usage: ``python benchmarks/secagg_overhead.py [--clients 10] [--params 1000000] [--reps 5]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from fedrg.secagg import ClientSession, ServerAggregator, error_bound, message_nbytes
+
+
+def plain_round(updates: list[np.ndarray], weights: list[float]) -> dict:
+    client_s, up = [], []
+    payloads = []
+    for x, w in zip(updates, weights, strict=True):
+        t0 = time.perf_counter()
+        blob = np.asarray(x, dtype=np.float32).tobytes()
+        client_s.append(time.perf_counter() - t0)
+        payloads.append((blob, w))
+        up.append(len(blob) + 8)
+    t0 = time.perf_counter()
+    # The fastest straightforward FedAvg (float32 accumulation), so the ratio is not flattered.
+    total = sum(w for _, w in payloads)
+    acc = np.zeros(updates[0].size, dtype=np.float32)
+    for blob, w in payloads:
+        acc += np.float32(w / total) * np.frombuffer(blob, dtype=np.float32)
+    mean = acc
+    server_s = time.perf_counter() - t0
+    return {
+        "mean": mean,
+        "sequential_s": sum(client_s) + server_s,
+        "critical_path_s": max(client_s) + server_s,
+        "server_s": server_s,
+        "bytes_up_per_client": int(np.mean(up)),
+        "bytes_down_per_client": 0,
+    }
+
+
+def secure_round(updates: list[np.ndarray], weights: list[float], *, neighbours: int,
+                 max_weight: float) -> dict:
+    n = len(updates)
+    ids = list(range(n))
+    stage_client_s: list[list[float]] = []
+    server_s: list[float] = []
+    up = dict.fromkeys(ids, 0)
+    down = dict.fromkeys(ids, 0)
+    state: dict[int, bytes] = {}
+
+    t0 = time.perf_counter()
+    agg = ServerAggregator(ids, vector_length=updates[0].size, neighbours=neighbours,
+                           max_weight=max_weight)
+    requests = agg.setup_requests()
+    server_s.append(time.perf_counter() - t0)
+
+    def stage(requests: dict, act: Callable[..., dict]) -> dict:
+        times, replies = [], {}
+        for cid, req in requests.items():
+            down[cid] += message_nbytes(req)
+            t = time.perf_counter()
+            sess = ClientSession.from_bytes(state[cid]) if cid in state else ClientSession()
+            reply = act(cid, sess, req)
+            state[cid] = sess.to_bytes()
+            times.append(time.perf_counter() - t)
+            up[cid] += message_nbytes(reply)
+            replies[cid] = reply
+        stage_client_s.append(times)
+        return replies
+
+    def server(fn: Callable[[dict], Any], replies: dict) -> Any:
+        t = time.perf_counter()
+        out = fn(replies)
+        server_s.append(time.perf_counter() - t)
+        return out
+
+    requests = server(agg.receive_setup, stage(requests, lambda c, s, r: s.setup(r)))
+    requests = server(agg.receive_shares, stage(requests, lambda c, s, r: s.share(r)))
+    requests = server(agg.receive_masked, stage(
+        requests, lambda c, s, r: s.masked_input(r, updates[c], weights[c])))
+    result = server(agg.receive_unmask, stage(requests, lambda c, s, r: s.unmask(r)))
+    return {
+        "mean": result.mean,
+        "total_weight": result.total_weight,
+        "sequential_s": sum(sum(t) for t in stage_client_s) + sum(server_s),
+        "critical_path_s": sum(max(t) for t in stage_client_s) + sum(server_s),
+        "server_s": sum(server_s),
+        "client_s_per_stage_max": [max(t) for t in stage_client_s],
+        "bytes_up_per_client": int(np.mean(list(up.values()))),
+        "bytes_down_per_client": int(np.mean(list(down.values()))),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--clients", type=int, default=10)
+    ap.add_argument("--params", type=int, default=1_000_000)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--neighbours", type=str, default="0,4",
+                    help="comma-separated SecAgg+ neighbour counts to measure (0 = everyone)")
+    ap.add_argument("--train-s", type=str, default="1,10,60",
+                    help="assumed local-training seconds for the modelled round ratio")
+    ap.add_argument("--out", type=str, default="", help="also write the JSON to this file")
+    args = ap.parse_args(argv)
+
+    rng = np.random.default_rng(0)
+    updates = [rng.normal(scale=0.01, size=args.params).astype(np.float32)
+               for _ in range(args.clients)]
+    weights = [float(w) for w in rng.integers(50, 500, size=args.clients)]
+    max_weight = 10_000.0
+    ks = [int(k) for k in args.neighbours.split(",") if k.strip()]
+
+    runs: dict[str, list[dict]] = {"plain": [], **{f"secure_k{k}": [] for k in ks}}
+    for _ in range(args.reps):  # interleaved
+        runs["plain"].append(plain_round(updates, weights))
+        for k in ks:
+            runs[f"secure_k{k}"].append(secure_round(updates, weights, neighbours=k,
+                                                     max_weight=max_weight))
+
+    plain_mean = runs["plain"][0]["mean"].astype(np.float64)
+    bound = error_bound(weights, clip_range=8.0, quantization_bits=24, max_weight=max_weight)
+
+    def summary(rs: list[dict]) -> dict:
+        out = {key: statistics.median(r[key] for r in rs)
+               for key in ("sequential_s", "critical_path_s", "server_s")}
+        out["bytes_up_per_client"] = rs[0]["bytes_up_per_client"]
+        out["bytes_down_per_client"] = rs[0]["bytes_down_per_client"]
+        return out
+
+    plain = summary(runs["plain"])
+    report: dict = {
+        "clients": args.clients, "params": args.params, "reps": args.reps,
+        "python": sys.version.split()[0], "machine": platform.machine(),
+        "plain": plain, "secure": {},
+    }
+    train_s = [float(t) for t in args.train_s.split(",") if t.strip()]
+    for k in ks:
+        rs = runs[f"secure_k{k}"]
+        s = summary(rs)
+        s["max_abs_error_vs_plain"] = float(np.max(np.abs(rs[0]["mean"] - plain_mean)))
+        s["error_bound"] = bound
+        s["ratio_sequential"] = s["sequential_s"] / plain["sequential_s"]
+        s["ratio_critical_path"] = s["critical_path_s"] / plain["critical_path_s"]
+        s["ratio_bytes_up"] = s["bytes_up_per_client"] / plain["bytes_up_per_client"]
+        s["with_local_training"] = {
+            f"{t:g}s": (t + s["critical_path_s"]) / (t + plain["critical_path_s"]) for t in train_s
+        }
+        # local-training time above which the round is within 1.3x of a plain one
+        s["train_s_for_1.3x"] = max(0.0, (s["critical_path_s"] - 1.3 * plain["critical_path_s"]) / 0.3)
+        s["message_round_trips"] = 4
+        report["secure"][f"neighbours={k or 'all'}"] = s
+    report["plain"]["message_round_trips"] = 1
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

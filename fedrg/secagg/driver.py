@@ -1,0 +1,139 @@
+"""One-process driver: runs every client and the server of one round in turn.
+
+For tests and benchmarks. Each client's session is serialised between messages (as the
+Flower glue keeps it in ``context.state``), and dropouts are injected by withholding replies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from fedrg.errors import SecAggError
+from fedrg.secagg.client import ClientSession
+from fedrg.secagg.crypto import Entropy, seeded_entropy
+from fedrg.secagg.server import AggregateResult, ServerAggregator
+
+DROP_STAGES = ("setup", "share", "masked", "unmask")
+
+
+def message_nbytes(msg: Mapping[str, Any]) -> int:
+    """Payload size of a message: bytes and arrays at their length, numbers at 8 bytes."""
+
+    def size(v: Any) -> int:
+        if isinstance(v, (bytes, bytearray)):
+            return len(v)
+        if isinstance(v, np.ndarray):
+            return int(v.nbytes)
+        if isinstance(v, str):
+            return len(v.encode())
+        if isinstance(v, (list, tuple)):
+            return sum(size(x) for x in v)
+        return 8
+
+    return sum(size(v) for v in msg.values())
+
+
+def run_secure_aggregation(
+    updates: Sequence[np.ndarray],
+    weights: Sequence[float],
+    *,
+    threshold: int | None = None,
+    neighbours: int = 0,
+    drop_at: Mapping[str, Iterable[int]] | None = None,
+    clip_range: float = 8.0,
+    quantization_bits: int = 24,
+    max_weight: float | None = None,
+    rounding: str = "nearest",
+    seed: int | None = None,
+    serialize_state: bool = True,
+    traffic: dict[str, dict[int, int]] | None = None,
+) -> AggregateResult:
+    """Run one secure-aggregation round in this process.
+
+    Parameters
+    ----------
+    updates : sequence of numpy.ndarray
+        One update per client (same size); client ``i`` has id ``i``.
+    weights : sequence of float
+        One weight per client.
+    threshold, neighbours
+        Shamir threshold (default from a fraction of 0.66) and neighbours per client.
+    drop_at : mapping, optional
+        ``{stage: client ids}`` with stage in ``("setup", "share", "masked", "unmask")``:
+        those clients send no reply to that stage's request (and none afterwards).
+    clip_range, quantization_bits, rounding
+        Encoding settings.
+    max_weight : float, optional
+        Public weight bound (default ``max(weights)``, or 1 if all are zero).
+    seed : int, optional
+        Deterministic randomness for every party (**tests only**); default OS randomness.
+    serialize_state : bool
+        Round-trip each client session through ``to_bytes``/``from_bytes`` between stages.
+    traffic : dict, optional
+        If given, filled with ``{"up": {id: bytes}, "down": {id: bytes}}``.
+
+    Returns
+    -------
+    AggregateResult
+        The weighted mean of the included clients and the round's bookkeeping.
+
+    Raises
+    ------
+    SecAggError
+        When the round aborts (fewer than ``threshold`` survivors at some stage).
+    """
+    n = len(updates)
+    if len(weights) != n:
+        raise SecAggError(f"{n} updates but {len(weights)} weights")
+    drops = {stage: set(ids) for stage, ids in (drop_at or {}).items()}
+    unknown = set(drops) - set(DROP_STAGES)
+    if unknown:
+        raise SecAggError(f"drop_at stages {sorted(unknown)} are not among {DROP_STAGES}")
+    if max_weight is None:
+        max_weight = float(max(weights)) or 1.0
+    length = int(np.asarray(updates[0]).size)
+
+    def entropy(i: int) -> Entropy | None:
+        return None if seed is None else seeded_entropy(f"{seed}/{i}".encode())
+
+    server_entropy = entropy(-1)
+    agg = ServerAggregator(
+        list(range(n)), vector_length=length, threshold=threshold, neighbours=neighbours,
+        clip_range=clip_range, quantization_bits=quantization_bits, max_weight=max_weight,
+        rounding=rounding, round_id=None if server_entropy is None else server_entropy(16),
+    )
+    up = dict.fromkeys(range(n), 0)
+    down = dict.fromkeys(range(n), 0)
+    state: dict[int, Any] = {i: ClientSession(entropy(i)) for i in range(n)}
+    gone: set[int] = set()
+
+    def step(stage: str, requests: dict[Any, dict[str, Any]], act: Any) -> dict[Any, dict[str, Any]]:
+        gone.update(drops.get(stage, ()))
+        replies = {}
+        for cid, req in requests.items():
+            down[cid] += message_nbytes(req)
+            if cid in gone:
+                continue
+            sess = state[cid]
+            if serialize_state:
+                sess = ClientSession.from_bytes(sess, entropy(cid)) if isinstance(sess, bytes) else sess
+            reply = act(cid, sess, req)
+            up[cid] += message_nbytes(reply)
+            state[cid] = sess.to_bytes() if serialize_state else sess
+            replies[cid] = reply
+        return replies
+
+    try:
+        req = agg.setup_requests()
+        req = agg.receive_setup(step("setup", req, lambda c, s, r: s.setup(r)))
+        req = agg.receive_shares(step("share", req, lambda c, s, r: s.share(r)))
+        req = agg.receive_masked(step(
+            "masked", req, lambda c, s, r: s.masked_input(r, updates[c], float(weights[c]))
+        ))
+        return agg.receive_unmask(step("unmask", req, lambda c, s, r: s.unmask(r)))
+    finally:
+        if traffic is not None:
+            traffic["up"], traffic["down"] = up, down

@@ -1,0 +1,27 @@
+"""The overhead benchmark runs end to end on a small size and reports consistent numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "secagg_overhead.py"
+
+
+def test_benchmark_small_run_reports_ratios(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("secagg_overhead", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "bench.json"
+    report = module.main(["--clients", "4", "--params", "2000", "--reps", "2",
+                          "--neighbours", "0,2", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(capsys.readouterr().out)
+    assert set(report["secure"]) == {"neighbours=all", "neighbours=2"}
+    for s in report["secure"].values():
+        assert s["max_abs_error_vs_plain"] <= s["error_bound"]
+        assert s["ratio_sequential"] > 0 and s["ratio_critical_path"] > 0
+        # masked upload: one uint32 per value plus the weight word, plus shares
+        assert s["bytes_up_per_client"] > 4 * 2000
+        assert s["bytes_down_per_client"] > 0
+    assert report["plain"]["bytes_up_per_client"] == 4 * 2000 + 8
