@@ -86,3 +86,7 @@ class SecAggError(FedrgError):
 
 class ModelError(FedrgError):
     """A base model or adapter cannot be built or loaded."""
+
+
+class DeployError(FedrgError):
+    """A deployment step failed: certificates, keys, or a Flower process."""

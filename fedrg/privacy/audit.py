@@ -1,0 +1,475 @@
+"""Independent audit of privacy ledgers.
+
+For every ledger found under a path, :func:`audit_path` verifies the canonical form, hash
+chain and Ed25519 signatures against the hospital's public key, recomputes the cumulative
+epsilon from the recorded mechanism parameters with Google's ``dp_accounting`` (not the
+training code's Opacus accountants), compares it with the recorded epsilon and checks the
+budget.
+
+Agreement rule (tolerance ``rel_tol``, 1 % by default) for the ledger's last entry, and
+for every entry recorded with the RDP accountant:
+
+* recorded with ``rdp``: compared with dp_accounting's RDP accountant (same quantity, the
+  same RDP orders Opacus searches, an independent implementation);
+* recorded with ``prv``: compared with dp_accounting's PLD accountant (both are numerical
+  estimates of the same tight privacy curve);
+* recorded with ``gdp``: the Gaussian-DP approximation can under-state epsilon, so it
+  passes only when it is not below the PLD value by more than the tolerance.
+
+The PLD value (tighter than RDP) is always reported as an extra column.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedrg.errors import LedgerError
+from fedrg.privacy import signing
+from fedrg.privacy.ledger import LEDGER_NAME, LedgerEntry, LedgerReport, verify_ledger
+
+# The RDP orders Opacus's RDPAccountant searches (opacus.accountants.RDPAccountant
+# .DEFAULT_ALPHAS), written out so the audit needs nothing from the training stack.
+RDP_ORDERS: tuple[float, ...] = tuple(
+    [1 + x / 10.0 for x in range(1, 100)] + [float(a) for a in range(12, 64)]
+)
+PLD_DISCRETIZATION = 1e-3
+DEFAULT_REL_TOL = 0.01
+# Relative slack when comparing an independently recomputed epsilon with the budget.
+BUDGET_REL_TOL = 1e-3
+
+
+# --------------------------------------------------------------------------- accountants
+
+def _event(noise_multiplier: float, sample_rate: float, steps: int) -> Any:
+    import dp_accounting
+
+    inner = dp_accounting.GaussianDpEvent(noise_multiplier)
+    if sample_rate < 1.0:
+        inner = dp_accounting.PoissonSampledDpEvent(sample_rate, inner)
+    return dp_accounting.SelfComposedDpEvent(inner, steps)
+
+
+def _one_step_rdp(noise_multiplier: float, sample_rate: float) -> Any:
+    """RDP vector (over RDP_ORDERS) of one step, via dp_accounting; None if unavailable."""
+    from dp_accounting.rdp import rdp_privacy_accountant as rdp
+
+    acc = rdp.RdpAccountant(orders=list(RDP_ORDERS))
+    acc.compose(_event(noise_multiplier, sample_rate, 1))
+    vec = getattr(acc, "_rdp", None)  # dp_accounting keeps the RDP curve here
+    return None if vec is None else vec.copy()
+
+
+def rdp_epsilons(entries: Sequence[LedgerEntry]) -> list[float]:
+    """Cumulative epsilon after each entry (at that entry's delta), dp_accounting RDP.
+
+    Parameters
+    ----------
+    entries
+        Ledger entries in order; each contributes its (noise_multiplier, sample_rate, steps).
+
+    Returns
+    -------
+    list[float]
+        One epsilon per entry (``inf`` once any step had no noise).
+
+    Notes
+    -----
+    RDP composes additively, so the one-step RDP curve of each distinct mechanism is
+    computed once with dp_accounting and scaled by the step count; the curve is turned
+    into epsilon with dp_accounting's ``compute_epsilon``. If the installed dp_accounting
+    does not expose the curve, every entry is composed through its public API instead.
+    """
+    from dp_accounting.rdp import rdp_privacy_accountant as rdp
+
+    active = [e for e in entries if e.steps > 0 and e.noise_multiplier > 0.0]
+    curves = {(e.noise_multiplier, e.sample_rate): None for e in active}
+    for key in curves:
+        curves[key] = _one_step_rdp(*key)
+    fast = all(c is not None for c in curves.values())
+    total: Any = 0.0
+    slow = rdp.RdpAccountant(orders=list(RDP_ORDERS))
+    out: list[float] = []
+    noiseless = composed = False
+    for e in entries:
+        if e.steps > 0:
+            if e.noise_multiplier == 0.0:
+                noiseless = True
+            elif fast:
+                total = total + e.steps * curves[(e.noise_multiplier, e.sample_rate)]
+                composed = True
+            else:
+                slow.compose(_event(e.noise_multiplier, e.sample_rate, e.steps))
+                composed = True
+        if noiseless:
+            out.append(math.inf)
+        elif not composed:
+            out.append(0.0)
+        elif fast:
+            out.append(float(rdp.compute_epsilon(list(RDP_ORDERS), total, e.delta)[0]))
+        else:
+            out.append(float(slow.get_epsilon(e.delta)))
+    return out
+
+
+def pld_epsilon(
+    segments: Sequence[tuple[float, float, int]], *, target_delta: float
+) -> float:
+    """Epsilon of all ``segments`` (noise_multiplier, sample_rate, steps) with the PLD accountant.
+
+    Identical (noise_multiplier, sample_rate) pairs are merged (composition commutes).
+    """
+    from dp_accounting.pld import pld_privacy_accountant as pld
+
+    merged: dict[tuple[float, float], int] = {}
+    for s, q, n in segments:
+        if n > 0:
+            if s == 0.0:
+                return math.inf
+            merged[(float(s), float(q))] = merged.get((float(s), float(q)), 0) + int(n)
+    if not merged:
+        return 0.0
+    acc = pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+    for (s, q), n in merged.items():
+        acc.compose(_event(s, q, n))
+    return float(acc.get_epsilon(target_delta))
+
+
+def relative_gap(recorded: float, recomputed: float) -> float:
+    """|recorded - recomputed| / recomputed (0 when both are 0, inf when only one is)."""
+    if recorded == recomputed:
+        return 0.0
+    if recomputed == 0.0 or not math.isfinite(recomputed) or not math.isfinite(recorded):
+        return math.inf
+    return abs(recorded - recomputed) / abs(recomputed)
+
+
+# --------------------------------------------------------------------------- discovery
+
+@dataclass(frozen=True)
+class LedgerLocation:
+    """A ledger file, the public key to verify it with, and a name hint for its hospital."""
+
+    ledger: Path
+    public_key: Path | None
+    hospital_hint: str
+
+
+def _hospital_hint(ledger: Path) -> str:
+    parent = ledger.parent
+    if ledger.name != LEDGER_NAME:
+        return ledger.stem
+    if parent.name in ("state", "ledger", "ledgers") and parent.parent.name:
+        return parent.parent.name
+    return parent.name or ledger.stem
+
+
+def _key_for(ledger: Path) -> Path | None:
+    for cand in (
+        ledger.parent / signing.PUBLIC_KEY_NAME,
+        ledger.with_suffix(".pub"),
+        ledger.parent / f"{ledger.stem}_ed25519.pub",
+    ):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def find_ledgers(
+    path: str | os.PathLike[str], *, public_key: str | os.PathLike[str] | None = None
+) -> list[LedgerLocation]:
+    """Find ledgers under ``path`` (a ledger file, a state directory or a run directory).
+
+    Directories are searched recursively for ``ledger.jsonl`` and for ``*.jsonl`` inside
+    folders named ``ledgers``. The public key is ``public_key`` when given, else the
+    ``ledger_ed25519.pub`` next to each ledger (or ``<ledger stem>.pub``).
+    """
+    root = Path(path)
+    if not root.exists():
+        raise LedgerError(f"audit path {root} does not exist; pass a run directory, a "
+                          "hospital state directory or a ledger.jsonl file")
+    if root.is_file():
+        found = [root]
+    else:
+        found = set(root.rglob(LEDGER_NAME))
+        for folder in [p for p in root.rglob("ledgers") if p.is_dir()]:
+            found.update(folder.rglob("*.jsonl"))
+        if root.name == "ledgers":
+            found.update(root.rglob("*.jsonl"))
+        found = sorted(p for p in found if p.is_file())
+    key = Path(public_key) if public_key is not None else None
+    return [LedgerLocation(p, key if key is not None else _key_for(p), _hospital_hint(p))
+            for p in found]
+
+
+# --------------------------------------------------------------------------- audit
+
+@dataclass
+class EntryAudit:
+    """One ledger entry with its recomputed epsilon (for tables and plots)."""
+
+    seq: int
+    run_id: str
+    round: int
+    steps: int
+    epsilon_recorded: float
+    epsilon_recomputed_rdp: float
+    budget: float
+    accountant: str
+
+
+@dataclass
+class HospitalAudit:
+    """Audit result for one hospital's ledger."""
+
+    hospital: str
+    ledger: Path
+    public_key: Path | None
+    verified: bool = False
+    agrees: bool = True
+    within_budget: bool = True
+    runs: int = 0
+    rounds: int = 0
+    steps: int = 0
+    noise_multipliers: list[float] = field(default_factory=list)
+    sample_rates: list[float] = field(default_factory=list)
+    max_grad_norms: list[float] = field(default_factory=list)
+    deltas: list[float] = field(default_factory=list)
+    accountants: list[str] = field(default_factory=list)
+    dataset_fingerprints: list[str] = field(default_factory=list)
+    epsilon_recorded: float = 0.0
+    epsilon_recomputed: float = 0.0
+    epsilon_recomputed_rdp: float = 0.0
+    epsilon_recomputed_pld: float = 0.0
+    recompute_method: str = "dp_accounting RDP"
+    budget: float | None = None
+    entries: list[EntryAudit] = field(default_factory=list)
+    codes: set[str] = field(default_factory=set)
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when the ledger verified, the recomputation agreed and the budget held."""
+        return self.verified and self.agrees and self.within_budget and not self.problems
+
+    @property
+    def status(self) -> str:
+        """One word for the table."""
+        if self.ok:
+            return "OK"
+        if not self.verified:
+            if self.public_key is None or self.codes <= {"head_missing", "missing"}:
+                return "UNVERIFIED"
+            return "TAMPERED"
+        if not self.within_budget:
+            return "OVER BUDGET"
+        return "MISMATCH"
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object ``fedrg audit --json`` prints for this hospital."""
+
+        def num(x: float | None) -> float | None:
+            return x if x is None or math.isfinite(x) else None
+
+        return {
+            "hospital": self.hospital,
+            "epsilon_recorded": num(self.epsilon_recorded),
+            "epsilon_recomputed": num(self.epsilon_recomputed),
+            "budget": self.budget,
+            "verified": self.verified,
+            "agrees": self.agrees,
+            "within_budget": self.within_budget,
+            "ok": self.ok,
+            "status": self.status,
+            "epsilon_recomputed_rdp": num(self.epsilon_recomputed_rdp),
+            "epsilon_recomputed_pld": num(self.epsilon_recomputed_pld),
+            "recompute_method": self.recompute_method,
+            "runs": self.runs,
+            "rounds": self.rounds,
+            "steps": self.steps,
+            "noise_multiplier": sorted(set(self.noise_multipliers)),
+            "sample_rate": sorted(set(self.sample_rates)),
+            "max_grad_norm": sorted(set(self.max_grad_norms)),
+            "delta": sorted(set(self.deltas)),
+            "accountant": sorted(set(self.accountants)),
+            "dataset_fingerprints": sorted(set(self.dataset_fingerprints)),
+            "ledger": str(self.ledger),
+            "public_key": str(self.public_key) if self.public_key else None,
+            "problem_codes": sorted(self.codes),
+            "problems": list(self.problems),
+            "warnings": list(self.warnings),
+            "entries": [
+                {
+                    "seq": e.seq, "run_id": e.run_id, "round": e.round, "steps": e.steps,
+                    "epsilon_recorded": e.epsilon_recorded,
+                    "epsilon_recomputed_rdp": num(e.epsilon_recomputed_rdp),
+                    "budget": e.budget, "accountant": e.accountant,
+                }
+                for e in self.entries
+            ],
+        }
+
+
+@dataclass
+class AuditResult:
+    """Audit of every ledger under a path."""
+
+    path: Path
+    hospitals: list[HospitalAudit]
+
+    @property
+    def ok(self) -> bool:
+        """True when every hospital passed (and at least one ledger was found)."""
+        return bool(self.hospitals) and all(h.ok for h in self.hospitals)
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"ok": bool, "hospitals": [...]}``."""
+        return {"ok": self.ok, "hospitals": [h.to_json() for h in self.hospitals]}
+
+
+def audit_ledger(
+    location: LedgerLocation, *, rel_tol: float = DEFAULT_REL_TOL
+) -> HospitalAudit:
+    """Verify one ledger, recompute its epsilon independently and check its budget."""
+    result = HospitalAudit(hospital=location.hospital_hint, ledger=location.ledger,
+                           public_key=location.public_key)
+    if location.public_key is None:
+        result.problems.append(
+            f"no public key found next to {location.ledger} "
+            f"(expected {location.ledger.parent / signing.PUBLIC_KEY_NAME}); pass "
+            "--public-key FILE with the hospital's ledger_ed25519.pub"
+        )
+        report = _parse_unverified(location.ledger)
+    else:
+        try:
+            report = verify_ledger(location.ledger, location.public_key)
+            result.verified = report.ok
+            result.codes = set(report.codes)
+            result.problems.extend(str(p) for p in report.problems)
+        except LedgerError as err:  # unreadable public key
+            result.problems.append(str(err))
+            report = _parse_unverified(location.ledger)
+    result.warnings.extend(report.warnings)
+    entries = report.entries
+    if not entries:
+        if report.lines == 0 and not result.problems:
+            result.warnings.append("the ledger is empty: no training has been recorded")
+        return result
+    result.hospital = entries[-1].hospital or result.hospital
+    result.runs = len(dict.fromkeys(e.run_id for e in entries))
+    result.rounds = len(entries)
+    result.steps = sum(e.steps for e in entries)
+    result.noise_multipliers = [e.noise_multiplier for e in entries]
+    result.sample_rates = [e.sample_rate for e in entries]
+    result.max_grad_norms = [e.max_grad_norm for e in entries]
+    result.deltas = [e.delta for e in entries]
+    result.accountants = [e.accountant for e in entries]
+    result.dataset_fingerprints = [e.dataset_fingerprint for e in entries]
+    last = entries[-1]
+    result.epsilon_recorded = last.epsilon
+    result.budget = last.budget
+
+    rdp = rdp_epsilons(entries)
+    pld = pld_epsilon([e.segment for e in entries], target_delta=last.delta)
+    result.epsilon_recomputed_rdp, result.epsilon_recomputed_pld = rdp[-1], pld
+    result.entries = [
+        EntryAudit(e.seq, e.run_id, e.round, e.steps, e.epsilon, r, e.budget, e.accountant)
+        for e, r in zip(entries, rdp, strict=True)
+    ]
+
+    # Agreement: every RDP entry, and the last entry with its own accountant's family.
+    for e, r in zip(entries[:-1], rdp[:-1], strict=True):
+        if e.accountant == "rdp" and relative_gap(e.epsilon, r) > rel_tol:
+            result.agrees = False
+            result.problems.append(
+                f"entry {e.seq} (run {e.run_id}, round {e.round}): recorded epsilon "
+                f"{e.epsilon:.4f} but dp_accounting RDP gives {r:.4f} "
+                f"({relative_gap(e.epsilon, r):.1%} apart, tolerance {rel_tol:.0%})"
+            )
+    if last.accountant == "rdp":
+        result.epsilon_recomputed, result.recompute_method = rdp[-1], "dp_accounting RDP"
+        gap = relative_gap(last.epsilon, rdp[-1])
+        bad = gap > rel_tol
+    elif last.accountant == "prv":
+        result.epsilon_recomputed, result.recompute_method = pld, "dp_accounting PLD"
+        gap = relative_gap(last.epsilon, pld)
+        bad = gap > rel_tol
+    else:  # gdp: an approximation that may under-state; only an under-statement fails
+        result.epsilon_recomputed, result.recompute_method = pld, "dp_accounting PLD"
+        gap = relative_gap(last.epsilon, pld)
+        bad = last.epsilon < pld * (1 - rel_tol)
+        result.warnings.append("recorded with the gdp accountant (an approximation); checked "
+                               "only that it does not under-state the PLD epsilon")
+    if bad:
+        result.agrees = False
+        result.problems.append(
+            f"last entry: recorded epsilon {last.epsilon:.4f} ({last.accountant}) but "
+            f"{result.recompute_method} gives {result.epsilon_recomputed:.4f} "
+            f"({gap:.1%} apart, tolerance {rel_tol:.0%})"
+        )
+
+    # Budget: recorded values (verify_ledger flags those) and independent recomputation.
+    for e, r in zip(entries, rdp, strict=True):
+        if e.epsilon > e.budget * (1 + 1e-12):
+            result.within_budget = False
+        independent = r if e.accountant == "rdp" else None
+        if e is last:
+            independent = result.epsilon_recomputed
+        if independent is not None and independent > e.budget * (1 + BUDGET_REL_TOL):
+            result.within_budget = False
+            result.problems.append(
+                f"entry {e.seq} (run {e.run_id}, round {e.round}): recomputed epsilon "
+                f"{independent:.4f} passes the budget {e.budget:.4f}"
+            )
+    if len(set(result.dataset_fingerprints)) > 1:
+        result.warnings.append(
+            f"{len(set(result.dataset_fingerprints))} dataset fingerprints: the cohort changed "
+            "between runs; epsilon is accumulated over all of them (conservative)"
+        )
+    if len(set(result.deltas)) > 1:
+        result.warnings.append("delta changed between entries; each cumulative epsilon is "
+                               "at its own entry's delta")
+    return result
+
+
+def _parse_unverified(path: Path) -> LedgerReport:
+    """Parse entries without a key (signatures unchecked) so numbers can still be shown."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedrg.privacy.ledger import verify_ledger_bytes
+
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        report = LedgerReport(path=path)
+        report.add("missing", f"cannot read ledger {path}: {err.strerror}")
+        return report
+    throwaway = Ed25519PrivateKey.generate().public_key()
+    return verify_ledger_bytes(data, throwaway, path=path, check_head=False)
+
+
+def audit_path(
+    path: str | os.PathLike[str],
+    *,
+    public_key: str | os.PathLike[str] | None = None,
+    rel_tol: float = DEFAULT_REL_TOL,
+) -> AuditResult:
+    """Audit every ledger under ``path`` (run directory, state directory or ledger file).
+
+    Raises
+    ------
+    LedgerError
+        When ``path`` does not exist or holds no ledger.
+    """
+    locations = find_ledgers(path, public_key=public_key)
+    if not locations:
+        raise LedgerError(
+            f"no privacy ledger ({LEDGER_NAME}) found under {path}; point `fedrg audit` at a "
+            "run directory, a hospital state directory or a ledger file"
+        )
+    return AuditResult(Path(path), [audit_ledger(loc, rel_tol=rel_tol) for loc in locations])

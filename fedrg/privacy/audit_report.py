@@ -1,0 +1,219 @@
+"""Self-contained HTML report of a privacy audit, written for an ethics board.
+
+One page: a summary verdict, the audit table, per hospital an epsilon-over-rounds plot
+(matplotlib PNG embedded as base64) and the mechanism described in plain words, then the
+problems found. No external resources (scripts, fonts, images) are referenced.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+from fedrg.privacy.audit import AuditResult, HospitalAudit
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    if x is None:
+        return "—"
+    if not math.isfinite(x):
+        return "∞"
+    return f"{x:.{digits}f}"
+
+
+def _span(values: list[float], fmt: str = "{:.4g}") -> str:
+    uniq = sorted(set(values))
+    if not uniq:
+        return "—"
+    if len(uniq) == 1:
+        return fmt.format(uniq[0])
+    return f"{fmt.format(uniq[0])}–{fmt.format(uniq[-1])}"
+
+
+def epsilon_plot_png(h: HospitalAudit) -> bytes:
+    """PNG of recorded and recomputed cumulative epsilon per ledger entry, with the budget."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 3.2), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    xs = list(range(1, len(h.entries) + 1))
+    ax.plot(xs, [e.epsilon_recorded for e in h.entries], "o-", label="recorded (ledger)")
+    rec = [e.epsilon_recomputed_rdp for e in h.entries]
+    if all(math.isfinite(v) for v in rec):
+        ax.plot(xs, rec, "x--", label="recomputed (dp_accounting RDP)")
+    budgets = [e.budget for e in h.entries]
+    if budgets:
+        ax.step(xs, budgets, where="mid", color="crimson", label="budget")
+    # Mark where a new run starts.
+    for i in range(1, len(h.entries)):
+        if h.entries[i].run_id != h.entries[i - 1].run_id:
+            ax.axvline(i + 0.5, color="grey", lw=0.8, ls=":")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("ledger entry (one per round; dotted lines separate runs)")
+    ax.set_ylabel("cumulative ε")
+    ax.set_title(f"{h.hospital}: privacy spent over rounds")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def plain_words(h: HospitalAudit) -> str:
+    """The mechanism and guarantee of one hospital in plain words (HTML-escaped text)."""
+    if not h.entries:
+        return "No training on this hospital's data has been recorded."
+    q = sorted(set(h.sample_rates))
+    sigma = sorted(set(h.noise_multipliers))
+    clip = sorted(set(h.max_grad_norms))
+    delta = h.deltas[-1]
+    eps = h.epsilon_recorded
+    q_text = (f"{q[0]:.2%}" if len(q) == 1 else f"between {q[0]:.2%} and {q[-1]:.2%}")
+    sigma_text = (f"{sigma[0]:.3g}" if len(sigma) == 1 else f"{sigma[0]:.3g} to {sigma[-1]:.3g}")
+    clip_text = f"{clip[0]:.3g}" if len(clip) == 1 else f"{clip[0]:.3g} to {clip[-1]:.3g}"
+    factor = math.exp(eps) if eps < 50 else math.inf
+    parts = [] if h.ok else [
+        "Caution: this ledger FAILED the audit (see the problems below), so the figures "
+        "that follow are only what the ledger claims, not established facts."
+    ]
+    parts += [
+        f"The model was trained at {h.hospital} with differentially private stochastic "
+        f"gradient descent (DP-SGD) in {h.runs} run(s), {h.rounds} round(s) and "
+        f"{h.steps:,} training steps in total.",
+        f"At every step each patient's record was used with a chance of {q_text}, "
+        "decided independently by a coin flip (so nobody can tell from the step who "
+        "took part).",
+        f"Each patient's influence on a step was capped (the gradient clipped to a length "
+        f"of at most {clip_text}), and random Gaussian noise was added whose size is "
+        f"{sigma_text} times that cap.",
+        f"Taken over all of this, every patient is protected by differential privacy with "
+        f"ε = {_fmt(eps, 2)} and δ = {delta:.1e}: whatever anyone learns from the trained "
+        f"model, its chance is at most e^ε ≈ {_fmt(factor, 1)} times what it would have "
+        f"been had that patient's record never been used, except with a probability of at "
+        f"most δ.",
+        f"Smaller ε means stronger protection. The hospital's lifetime budget is "
+        f"ε = {_fmt(h.budget, 2)}; "
+        + ("it was respected." if h.within_budget else "it was NOT respected."),
+        f"An independent recomputation ({h.recompute_method}) gives ε = "
+        f"{_fmt(h.epsilon_recomputed, 2)}; the tighter PLD accountant gives "
+        f"ε = {_fmt(h.epsilon_recomputed_pld, 2)}.",
+    ]
+    return " ".join(html.escape(p) for p in parts)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;
+max-width:1100px;color:#1b1b1b;line-height:1.45;padding:0 1rem}
+h1{font-size:1.6rem}h2{font-size:1.25rem;margin-top:2rem;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;width:100%;font-size:.9rem}
+th,td{border:1px solid #ccc;padding:.35rem .5rem;text-align:right}
+th{background:#f2f4f7}td:first-child,th:first-child{text-align:left}
+.ok{color:#0a7a2f;font-weight:600}.fail{color:#b00020;font-weight:600}
+.verdict{padding:.8rem 1rem;border-radius:6px;font-size:1.1rem}
+.verdict.ok{background:#e7f6ec}.verdict.fail{background:#fde8ec}
+img{max-width:100%;height:auto;border:1px solid #eee}
+.small{color:#555;font-size:.85rem}
+"""
+
+
+def render_html(result: AuditResult) -> str:
+    """Render the audit as one self-contained HTML page."""
+    esc = html.escape
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    verdict_cls = "ok" if result.ok else "fail"
+    verdict = (
+        "All ledgers verified; the independently recomputed privacy loss agrees with the "
+        "recorded one and every hospital stayed within its budget."
+        if result.ok else "The audit FAILED for at least one hospital: see the problems below."
+    )
+    rows = []
+    for h in result.hospitals:
+        cls = "ok" if h.ok else "fail"
+        rows.append(
+            "<tr>"
+            f"<td>{esc(h.hospital)}</td><td>{h.runs}</td><td>{h.rounds}</td>"
+            f"<td>{h.steps:,}</td><td>{esc(_span(h.noise_multipliers))}</td>"
+            f"<td>{esc(_span(h.sample_rates))}</td>"
+            f"<td>{esc(_span(h.deltas, '{:.1e}'))}</td>"
+            f"<td>{_fmt(h.epsilon_recorded)}</td><td>{_fmt(h.epsilon_recomputed)}</td>"
+            f"<td>{_fmt(h.epsilon_recomputed_pld)}</td><td>{_fmt(h.budget, 2)}</td>"
+            f"<td class='{cls}'>{esc(h.status)}</td></tr>"
+        )
+    sections = []
+    for h in result.hospitals:
+        block = [f"<h2>{esc(h.hospital)}</h2>",
+                 f"<p class='small'>Ledger: <code>{esc(str(h.ledger))}</code><br>"
+                 f"Public key: <code>{esc(str(h.public_key) if h.public_key else 'none')}"
+                 "</code></p>",
+                 f"<p>{plain_words(h)}</p>"]
+        if h.entries:
+            png = base64.b64encode(epsilon_plot_png(h)).decode("ascii")
+            block.append(
+                f"<img alt='cumulative epsilon over rounds for {esc(h.hospital)}' "
+                f"src='data:image/png;base64,{png}'>"
+            )
+        if h.problems:
+            items = "".join(f"<li>{esc(p)}</li>" for p in h.problems)
+            block.append(f"<p class='fail'>Problems found:</p><ul>{items}</ul>")
+        else:
+            block.append("<p class='ok'>Hash chain and signatures verified; no problems "
+                         "found.</p>" if h.verified else "")
+        if h.warnings:
+            items = "".join(f"<li>{esc(w)}</li>" for w in h.warnings)
+            block.append(f"<p>Notes:</p><ul class='small'>{items}</ul>")
+        sections.append("\n".join(block))
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>fedrg privacy audit</title>
+<style>{_CSS}</style>
+</head>
+<body>
+<h1>Privacy audit</h1>
+<p class="small">Audited path: <code>{esc(str(result.path))}</code> · generated {now}
+by <code>fedrg audit</code></p>
+<p class="verdict {verdict_cls}">{esc(verdict)}</p>
+<h2>Summary</h2>
+<table>
+<thead><tr><th>hospital</th><th>runs</th><th>rounds</th><th>steps</th>
+<th>noise multiplier</th><th>sample rate</th><th>δ</th><th>ε recorded</th>
+<th>ε recomputed</th><th>ε PLD</th><th>budget</th><th>status</th></tr></thead>
+<tbody>
+{"".join(rows)}
+</tbody>
+</table>
+<p class="small">“ε recorded” is what the hospital's signed ledger says. “ε recomputed” was
+computed for this report from the recorded mechanism parameters alone, with Google's
+dp_accounting library (not the training code); the recorded value must agree with it within
+1&nbsp;%. “ε PLD” is the tighter privacy-loss-distribution bound, shown for reference.</p>
+<h2>What each ledger proves</h2>
+<p>Every round of training appends one line to the hospital's ledger, signed with the
+hospital's private key and chained to the line before it by a cryptographic hash. Changing,
+removing or reordering any line breaks a signature or the chain, which this audit
+checks.</p>
+{"".join(sections)}
+</body>
+</html>
+"""
+
+
+def write_html(result: AuditResult, path: str | os.PathLike[str]) -> Path:
+    """Write :func:`render_html` to ``path`` (UTF-8) and return the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_html(result), encoding="utf-8")
+    return out

@@ -1,0 +1,659 @@
+"""The privacy ledger: an append-only, hash-chained, Ed25519-signed record of every DP-SGD
+round that ever touched one hospital's dataset, across runs.
+
+File layout in the hospital's state directory (outside any run directory)::
+
+    ledger.jsonl          one canonical JSON object per line (see below)
+    ledger_head.json      signed pointer to the last entry (detects dropped trailing lines)
+    ledger_ed25519.pem    signing key (0600), see :mod:`fedrg.privacy.signing`
+    ledger_ed25519.pub    public key an auditor verifies against
+
+Each line is the canonical JSON (sorted keys, no spaces, ASCII) of an entry::
+
+    {"budget", "config_hash", "dataset_fingerprint", "delta", "epsilon", "hospital",
+     "key_id", "mechanism": {"accountant", "max_grad_norm", "noise_multiplier",
+     "sample_rate", "steps"}, "prev_hash", "round", "run_id", "seq", "signature",
+     "timestamp", "version"}
+
+``epsilon`` is the cumulative epsilon of the dataset at ``delta`` after this entry's steps
+(all earlier entries included). ``prev_hash`` is the sha256 of the previous line's bytes
+(64 zeros for the first entry); ``signature`` is Ed25519 over the canonical JSON of the
+entry without ``signature`` (so it covers ``prev_hash``). Appends rewrite the whole file
+into a temporary file in the same directory, fsync it and ``os.replace`` it, under an
+advisory lock, so a crash leaves either the old or the new ledger, never a torn one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from fedrg.errors import BudgetExceededError, LedgerError
+from fedrg.privacy import signing
+
+LEDGER_NAME = "ledger.jsonl"
+HEAD_NAME = "ledger_head.json"
+GENESIS_HASH = "0" * 64
+ENTRY_VERSION = 1
+ACCOUNTANTS = ("rdp", "prv", "gdp")
+# Slack for float comparisons of epsilon against the budget / the previous entry.
+EPS_TOL = 1e-9
+
+_ENTRY_KEYS = {
+    "budget", "config_hash", "dataset_fingerprint", "delta", "epsilon", "hospital",
+    "key_id", "mechanism", "prev_hash", "round", "run_id", "seq", "signature",
+    "timestamp", "version",
+}
+_MECH_KEYS = {"accountant", "max_grad_norm", "noise_multiplier", "sample_rate", "steps"}
+
+
+# --------------------------------------------------------------------------- encoding
+
+def canonical_bytes(obj: Any) -> bytes:
+    """Canonical JSON encoding: sorted keys, no whitespace, ASCII only, no NaN/inf."""
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode("ascii")
+
+
+def sha256_hex(data: bytes) -> str:
+    """Hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def signed_payload(entry: dict[str, Any]) -> bytes:
+    """The bytes an entry's signature covers: the canonical entry without ``signature``."""
+    return canonical_bytes({k: v for k, v in entry.items() if k != "signature"})
+
+
+class MechanismSegment(NamedTuple):
+    """One stretch of DP-SGD steps with fixed parameters (Opacus accountant history form)."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One verified ledger line."""
+
+    seq: int
+    hospital: str
+    run_id: str
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    accountant: str
+    delta: float
+    epsilon: float
+    budget: float
+    timestamp: str
+    config_hash: str
+    dataset_fingerprint: str
+    prev_hash: str
+    key_id: str
+    signature: str
+
+    @property
+    def segment(self) -> MechanismSegment:
+        """This entry's mechanism as an accountant history segment."""
+        return MechanismSegment(self.noise_multiplier, self.sample_rate, self.steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object stored on the entry's line."""
+        return {
+            "version": ENTRY_VERSION,
+            "seq": self.seq,
+            "hospital": self.hospital,
+            "run_id": self.run_id,
+            "round": self.round,
+            "mechanism": {
+                "noise_multiplier": self.noise_multiplier,
+                "sample_rate": self.sample_rate,
+                "steps": self.steps,
+                "max_grad_norm": self.max_grad_norm,
+                "accountant": self.accountant,
+            },
+            "delta": self.delta,
+            "epsilon": self.epsilon,
+            "budget": self.budget,
+            "timestamp": self.timestamp,
+            "config_hash": self.config_hash,
+            "dataset_fingerprint": self.dataset_fingerprint,
+            "prev_hash": self.prev_hash,
+            "key_id": self.key_id,
+            "signature": self.signature,
+        }
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> LedgerEntry:
+        """Build from a parsed line; raises ``ValueError`` naming the first schema problem."""
+        _check_schema(obj)
+        m = obj["mechanism"]
+        return cls(
+            seq=obj["seq"], hospital=obj["hospital"], run_id=obj["run_id"],
+            round=obj["round"], noise_multiplier=float(m["noise_multiplier"]),
+            sample_rate=float(m["sample_rate"]), steps=m["steps"],
+            max_grad_norm=float(m["max_grad_norm"]), accountant=m["accountant"],
+            delta=float(obj["delta"]), epsilon=float(obj["epsilon"]),
+            budget=float(obj["budget"]), timestamp=obj["timestamp"],
+            config_hash=obj["config_hash"], dataset_fingerprint=obj["dataset_fingerprint"],
+            prev_hash=obj["prev_hash"], key_id=obj["key_id"], signature=obj["signature"],
+        )
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_schema(obj: Any) -> None:
+    if not isinstance(obj, dict):
+        raise ValueError("entry is not a JSON object")
+    keys = set(obj)
+    if keys != _ENTRY_KEYS:
+        missing, extra = sorted(_ENTRY_KEYS - keys), sorted(keys - _ENTRY_KEYS)
+        raise ValueError(f"fields missing {missing} / unexpected {extra}")
+    if obj["version"] != ENTRY_VERSION:
+        raise ValueError(f"version {obj['version']!r} (this fedrg reads {ENTRY_VERSION})")
+    m = obj["mechanism"]
+    if not isinstance(m, dict) or set(m) != _MECH_KEYS:
+        raise ValueError(f"mechanism must hold exactly {sorted(_MECH_KEYS)}")
+    for name in ("hospital", "run_id", "timestamp", "config_hash", "dataset_fingerprint",
+                 "prev_hash", "key_id", "signature"):
+        if not isinstance(obj[name], str):
+            raise ValueError(f"{name} must be a string")
+    for name in ("seq", "round"):
+        if not _is_int(obj[name]) or obj[name] < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {obj[name]!r}")
+    if not _is_int(m["steps"]) or m["steps"] < 0:
+        raise ValueError(f"mechanism.steps must be a non-negative integer, got {m['steps']!r}")
+    if not _is_num(m["noise_multiplier"]) or m["noise_multiplier"] < 0:
+        raise ValueError(f"noise_multiplier must be >= 0, got {m['noise_multiplier']!r}")
+    if not _is_num(m["sample_rate"]) or not 0 < m["sample_rate"] <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {m['sample_rate']!r}")
+    if not _is_num(m["max_grad_norm"]) or m["max_grad_norm"] <= 0:
+        raise ValueError(f"max_grad_norm must be > 0, got {m['max_grad_norm']!r}")
+    if m["accountant"] not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {m['accountant']!r}")
+    if not _is_num(obj["delta"]) or not 0 < obj["delta"] < 1:
+        raise ValueError(f"delta must be in (0, 1), got {obj['delta']!r}")
+    for name in ("epsilon", "budget"):
+        if not _is_num(obj[name]) or obj[name] < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {obj[name]!r}")
+
+
+# --------------------------------------------------------------------------- verification
+
+@dataclass(frozen=True)
+class LedgerProblem:
+    """One problem found in a ledger. ``line`` is 1-based (None: the file as a whole)."""
+
+    code: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        return self.message if self.line is None else f"line {self.line}: {self.message}"
+
+
+@dataclass
+class LedgerReport:
+    """Outcome of :func:`verify_ledger`: the entries that parsed and every problem found."""
+
+    path: Path
+    entries: list[LedgerEntry] = field(default_factory=list)
+    problems: list[LedgerProblem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    lines: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when no problem was found."""
+        return not self.problems
+
+    @property
+    def codes(self) -> set[str]:
+        """The distinct problem codes (for tests and machine-readable output)."""
+        return {p.code for p in self.problems}
+
+    def add(self, code: str, message: str, line: int | None = None) -> None:
+        self.problems.append(LedgerProblem(code, message, line))
+
+    def summary(self) -> str:
+        """Human-readable list of problems."""
+        if self.ok:
+            return f"{self.path}: {len(self.entries)} entries, verified"
+        body = "\n".join(f"  - {p}" for p in self.problems)
+        return f"{self.path}: {len(self.problems)} problem(s):\n{body}"
+
+
+def _as_public_key(
+    key: Ed25519PublicKey | Ed25519PrivateKey | str | os.PathLike[str],
+) -> Ed25519PublicKey:
+    if isinstance(key, Ed25519PrivateKey):
+        return key.public_key()
+    if isinstance(key, Ed25519PublicKey):
+        return key
+    return signing.load_public_key(key)
+
+
+def verify_ledger_bytes(
+    data: bytes,
+    public_key: Ed25519PublicKey,
+    *,
+    path: Path,
+    head: bytes | None = None,
+    check_head: bool = True,
+) -> LedgerReport:
+    """Verify ledger content ``data`` (and its head file content ``head``) against a key.
+
+    See :func:`verify_ledger`; this variant works on bytes already read.
+    """
+    report = LedgerReport(path=path)
+    expected_kid = signing.key_id(public_key)
+    if data and not data.endswith(b"\n"):
+        report.add("truncated", "the last line has no newline: the file was truncated or "
+                   "edited (an append is written whole, so this is never a crash)",
+                   data.count(b"\n") + 1)
+    raw_lines = data.split(b"\n")
+    if raw_lines and raw_lines[-1] == b"":
+        raw_lines.pop()
+    report.lines = len(raw_lines)
+    prev_hash = GENESIS_HASH
+    prev_entry: LedgerEntry | None = None
+    for i, raw in enumerate(raw_lines, start=1):
+        expected_prev, prev_hash = prev_hash, sha256_hex(raw)
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            report.add("json", f"not valid JSON ({err.msg if hasattr(err, 'msg') else err}): "
+                       "the line was edited or cut", i)
+            prev_entry = None
+            continue
+        try:
+            canonical = canonical_bytes(obj)
+        except ValueError:
+            canonical = b""
+        if canonical != raw:
+            report.add("noncanonical", "not in canonical JSON form (edited by hand?)", i)
+        try:
+            entry = LedgerEntry.from_dict(obj)
+        except ValueError as err:
+            report.add("schema", f"malformed entry: {err}", i)
+            prev_entry = None
+            continue
+        if entry.seq != i - 1:
+            report.add("seq", f"sequence number {entry.seq}, expected {i - 1}: lines were "
+                       "dropped, inserted or reordered", i)
+        if entry.prev_hash != expected_prev:
+            report.add("chain", "prev_hash does not match the previous line: a line before it "
+                       "was dropped, inserted, reordered or edited", i)
+        if not signing.verify(public_key, signed_payload(obj), entry.signature):
+            if entry.key_id != expected_kid:
+                report.add("foreign_key", f"signed by another key (key id {entry.key_id}, "
+                           f"the hospital's public key is {expected_kid})", i)
+            else:
+                report.add("signature", "signature does not verify: the entry was edited or "
+                           "its signature replaced", i)
+        elif entry.key_id != expected_kid:
+            report.add("schema", f"key_id {entry.key_id} does not name the verifying key "
+                       f"{expected_kid}", i)
+        if entry.epsilon > entry.budget + EPS_TOL:
+            report.add("over_budget", f"recorded epsilon {entry.epsilon:.6g} passes the "
+                       f"budget {entry.budget:.6g}", i)
+        if prev_entry is not None:
+            if entry.epsilon + EPS_TOL < prev_entry.epsilon and entry.delta <= prev_entry.delta:
+                report.add("epsilon_decrease", f"cumulative epsilon fell from "
+                           f"{prev_entry.epsilon:.6g} to {entry.epsilon:.6g}", i)
+            if entry.hospital != prev_entry.hospital:
+                report.add("hospital", f"hospital {entry.hospital!r} differs from the line "
+                           f"before ({prev_entry.hospital!r})", i)
+            if entry.timestamp < prev_entry.timestamp:
+                report.warnings.append(f"line {i}: timestamp earlier than the line before")
+        report.entries.append(entry)
+        prev_entry = entry
+    if check_head:
+        _check_head(report, raw_lines, head, public_key)
+    return report
+
+
+def _check_head(
+    report: LedgerReport, raw_lines: list[bytes], head: bytes | None,
+    public_key: Ed25519PublicKey,
+) -> None:
+    n = len(raw_lines)
+    if head is None:
+        if n:
+            report.add("head_missing", f"{HEAD_NAME} is missing, so removal of trailing "
+                       "lines cannot be ruled out")
+        return
+    try:
+        obj = json.loads(head.decode("utf-8"))
+        entries, last_hash, sig = obj["entries"], obj["last_hash"], obj["signature"]
+        ok_sig = signing.verify(public_key, signed_payload(obj), sig)
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        report.add("head", f"{HEAD_NAME} is not a valid head record")
+        return
+    if not ok_sig:
+        report.add("head", f"{HEAD_NAME} signature does not verify")
+        return
+    hashes = [sha256_hex(r) for r in raw_lines]
+    if not _is_int(entries) or entries < 0:
+        report.add("head", f"{HEAD_NAME} holds an invalid entry count {entries!r}")
+    elif entries > n:
+        report.add("dropped_tail", f"the signed head says {entries} entries but the ledger has "
+                   f"{n}: trailing lines were removed")
+    elif entries == n:
+        if (hashes[-1] if n else GENESIS_HASH) != last_hash:
+            report.add("head", "the last line differs from the one the signed head points to")
+    elif entries == n - 1 and (hashes[-2] if n >= 2 else GENESIS_HASH) == last_hash:
+        report.warnings.append(
+            f"{HEAD_NAME} lags one entry behind (an append was interrupted after the entry "
+            "was written); the next append repairs it"
+        )
+    else:
+        report.add("head", f"the signed head says {entries} entries but the ledger has {n}")
+
+
+def head_path_for(ledger_path: str | os.PathLike[str]) -> Path:
+    """The signed head file of a ledger: ``ledger_head.json`` next to ``ledger.jsonl``, or
+    ``<stem>.head.json`` next to a ledger copied under another name (``<name>.jsonl``)."""
+    p = Path(ledger_path)
+    return p.with_name(HEAD_NAME) if p.name == LEDGER_NAME else p.with_name(f"{p.stem}.head.json")
+
+
+def verify_ledger(
+    path: str | os.PathLike[str],
+    public_key: Ed25519PublicKey | Ed25519PrivateKey | str | os.PathLike[str],
+    *,
+    check_head: bool = True,
+) -> LedgerReport:
+    """Verify a ledger file: canonical form, hash chain, signatures, budget, head.
+
+    Parameters
+    ----------
+    path
+        The ``ledger.jsonl`` file.
+    public_key
+        The hospital's Ed25519 public key (or a path to its PEM file).
+    check_head
+        Also check the signed head file next to the ledger (detects dropped trailing lines).
+
+    Returns
+    -------
+    LedgerReport
+        Every problem found (edited numbers, dropped/reordered lines, swapped signatures,
+        entries signed by another key, a truncated last line, a dropped tail, ...).
+    """
+    path = Path(path)
+    pub = _as_public_key(public_key)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        report = LedgerReport(path=path)
+        report.add("missing", f"cannot read ledger {path}: {err.strerror}")
+        return report
+    head_path = head_path_for(path)
+    head = head_path.read_bytes() if check_head and head_path.exists() else None
+    return verify_ledger_bytes(data, pub, path=path, head=head, check_head=check_head)
+
+
+# --------------------------------------------------------------------------- writing
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem supports it
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` atomically (temp file in the same dir, fsync, replace).
+
+    On any failure the temporary file is removed and ``path`` is left as it was.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+class Ledger:
+    """A hospital's privacy ledger in its state directory.
+
+    Parameters
+    ----------
+    state_dir
+        The hospital's state directory (created if missing).
+    signing_key
+        Ed25519 private key; required to append. Without it the ledger is read-only and
+        verified against ``<state_dir>/ledger_ed25519.pub``.
+    hospital
+        Name recorded in each entry (the site name).
+    """
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike[str],
+        *,
+        signing_key: Ed25519PrivateKey | None = None,
+        hospital: str = "hospital",
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.path = self.state_dir / LEDGER_NAME
+        self.head_path = self.state_dir / HEAD_NAME
+        self.lock_path = self.state_dir / (LEDGER_NAME + ".lock")
+        self.public_key_path = self.state_dir / signing.PUBLIC_KEY_NAME
+        self.hospital = hospital
+        self._key = signing_key
+
+    @classmethod
+    def open(
+        cls,
+        state_dir: str | os.PathLike[str],
+        *,
+        hospital: str,
+        signing_key_path: str | os.PathLike[str] | None = None,
+    ) -> Ledger:
+        """Open (creating key pair and directory as needed) a hospital's writable ledger.
+
+        ``signing_key_path`` defaults to ``<state_dir>/ledger_ed25519.pem``; the public key
+        is kept at ``<state_dir>/ledger_ed25519.pub`` either way.
+        """
+        state_dir = Path(state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        key_path = Path(signing_key_path) if signing_key_path else (
+            state_dir / signing.PRIVATE_KEY_NAME)
+        key = signing.load_or_create_signing_key(key_path)
+        pub_path = state_dir / signing.PUBLIC_KEY_NAME
+        pem = signing.public_key_pem(key)
+        if not pub_path.exists() or pub_path.read_bytes() != pem:
+            if pub_path.exists():
+                current = signing.load_public_key(pub_path)
+                if signing.key_id(current) != signing.key_id(key):
+                    raise LedgerError(
+                        f"public key {pub_path} does not belong to signing key {key_path}; "
+                        "restore the matching key pair (a ledger cannot change keys)"
+                    )
+            atomic_write(pub_path, pem)
+        return cls(state_dir, signing_key=key, hospital=hospital)
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        """The key entries are verified against."""
+        if self._key is not None:
+            return self._key.public_key()
+        return signing.load_public_key(self.public_key_path)
+
+    def _read_bytes(self) -> tuple[bytes, bytes | None]:
+        data = self.path.read_bytes() if self.path.exists() else b""
+        head = self.head_path.read_bytes() if self.head_path.exists() else None
+        return data, head
+
+    def verify(self) -> LedgerReport:
+        """Verify the ledger on disk (an absent ledger is an empty, valid one)."""
+        data, head = self._read_bytes()
+        return verify_ledger_bytes(data, self.public_key, path=self.path, head=head)
+
+    def read(self) -> list[LedgerEntry]:
+        """Return all entries after verifying them; raises :class:`LedgerError` on any problem."""
+        report = self.verify()
+        if not report.ok:
+            raise LedgerError(
+                report.summary() + "\nThe ledger cannot be trusted; restore it from a backup "
+                "or have it audited (`fedrg audit " + str(self.state_dir) + "`)."
+            )
+        return report.entries
+
+    def history(self) -> list[MechanismSegment]:
+        """Every mechanism segment ever recorded (all runs), in order, for the accountant."""
+        return [e.segment for e in self.read() if e.steps > 0]
+
+    def epsilon_spent(self) -> float:
+        """Cumulative epsilon recorded so far (0 for an empty ledger)."""
+        entries = self.read()
+        return entries[-1].epsilon if entries else 0.0
+
+    def append(
+        self,
+        *,
+        run_id: str,
+        round: int,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        max_grad_norm: float,
+        accountant: str,
+        target_delta: float,
+        epsilon: float,
+        budget: float,
+        config_hash: str,
+        dataset_fingerprint: str,
+        timestamp: str | None = None,
+    ) -> LedgerEntry:
+        """Append one signed entry (atomically, under an advisory lock).
+
+        ``epsilon`` is the cumulative epsilon of the dataset after these steps, at
+        ``target_delta``. The append is refused (nothing written) when the existing ledger
+        does not verify, when ``epsilon`` is below the last recorded value, or when it
+        passes ``budget`` (:class:`BudgetExceededError`).
+        """
+        if self._key is None:
+            raise LedgerError(f"ledger {self.path} was opened without a signing key; "
+                              "use Ledger.open(state_dir, hospital=...) to append")
+        if timestamp is None:
+            timestamp = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with _locked(self.lock_path):
+            data, head = self._read_bytes()
+            report = verify_ledger_bytes(data, self.public_key, path=self.path, head=head)
+            if not report.ok:
+                raise LedgerError("refusing to append to a ledger that does not verify: "
+                                  + report.summary())
+            last = report.entries[-1] if report.entries else None
+            spent = last.epsilon if last else 0.0
+            if last is not None and last.hospital != self.hospital:
+                raise LedgerError(
+                    f"ledger {self.path} belongs to hospital {last.hospital!r}, not "
+                    f"{self.hospital!r}; each hospital (dataset) needs its own state_dir"
+                )
+            # Cumulative epsilon only grows, unless delta was raised (then it may fall).
+            same_or_smaller_delta = last is None or target_delta <= last.delta
+            if not math.isfinite(epsilon) or (same_or_smaller_delta and epsilon + EPS_TOL < spent):
+                raise LedgerError(
+                    f"epsilon {epsilon!r} for run {run_id} round {round} is below the "
+                    f"cumulative epsilon already recorded ({spent:.6g}); epsilon must be "
+                    "computed over the ledger's whole history (Ledger.history())"
+                )
+            if epsilon > budget + EPS_TOL:
+                raise BudgetExceededError(epsilon_spent=spent, epsilon_after=epsilon,
+                                          budget=budget)
+            prev_hash = sha256_hex(data.split(b"\n")[-2]) if data else GENESIS_HASH
+            entry = {
+                "version": ENTRY_VERSION,
+                "seq": len(report.entries),
+                "hospital": self.hospital,
+                "run_id": str(run_id),
+                "round": int(round),
+                "mechanism": {
+                    "noise_multiplier": float(noise_multiplier),
+                    "sample_rate": float(sample_rate),
+                    "steps": int(steps),
+                    "max_grad_norm": float(max_grad_norm),
+                    "accountant": accountant,
+                },
+                "delta": float(target_delta),
+                "epsilon": float(epsilon),
+                "budget": float(budget),
+                "timestamp": timestamp,
+                "config_hash": config_hash,
+                "dataset_fingerprint": dataset_fingerprint,
+                "prev_hash": prev_hash,
+                "key_id": signing.key_id(self._key),
+            }
+            try:
+                _check_schema({**entry, "signature": ""})
+            except ValueError as err:
+                raise LedgerError(f"invalid ledger entry for run {run_id} round {round}: "
+                                  f"{err}") from None
+            entry["signature"] = signing.sign(self._key, signed_payload(entry))
+            line = canonical_bytes(entry)
+            try:
+                atomic_write(self.path, data + line + b"\n")
+            except OSError as err:
+                raise LedgerError(f"could not write ledger {self.path} ({err}); the previous "
+                                  "ledger is intact and nothing was recorded") from err
+            head_obj = {"entries": len(report.entries) + 1, "last_hash": sha256_hex(line),
+                        "key_id": entry["key_id"], "hospital": self.hospital}
+            head_obj["signature"] = signing.sign(self._key, signed_payload(head_obj))
+            try:
+                atomic_write(self.head_path, canonical_bytes(head_obj))
+            except OSError as err:
+                raise LedgerError(f"ledger {self.path} was written but its head {self.head_path} "
+                                  f"could not be updated ({err}); the next append repairs "
+                                  "it") from err
+            return LedgerEntry.from_dict(entry)
