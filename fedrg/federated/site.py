@@ -122,7 +122,8 @@ class HospitalSite:
         )
 
         q = poisson_sample_rate(batch_size=cfg.training.batch_size, n_records=n_train)
-        steps = local_steps(local_epochs=cfg.training.local_epochs, sample_rate=q)
+        steps = local_steps(local_epochs=cfg.training.local_epochs, batch_size=cfg.training.batch_size,
+                            n_records=n_train)
         plan: dict[str, Any] = {"sample_rate": q, "steps": steps}
         if cfg.privacy.enabled:
             check_delta(target_delta=cfg.privacy.target_delta, n_patients=n_train)
@@ -202,22 +203,28 @@ class HospitalSite:
                           config_hash=cfg.config_hash(), dataset_fingerprint=cache.fingerprint)
             reply.meta["epsilon"] = self._run_epsilon(ledger.read(), run_id, cfg)
             reply.meta["epsilon_lifetime"] = eps_lifetime
+        weight = float(n_train)
         if cfg.privacy.hospital_level:
-            from fedrg.privacy.hospital_dp import clip_and_noise_update
+            # hospital-level DP: clip the whole update; equal weights (sensitivity C per hospital)
+            from fedrg.privacy.hospital_dp import clip_update, privatize_update
 
-            update = clip_and_noise_update(update, clip=cfg.privacy.hospital_clip,
-                                           noise_multiplier=cfg.privacy.hospital_noise_multiplier,
-                                           n_clients=max(1, payload.meta.get("n_sampled", 1)))
-        loss = metrics.get("train_loss")
+            weight = 1.0
+            if cfg.secagg.enabled:  # the server sees only the sum: each hospital adds a noise share
+                update = privatize_update(update, hospital_noise_multiplier=cfg.privacy.hospital_noise_multiplier,
+                                          hospital_clip=cfg.privacy.hospital_clip,
+                                          min_contributors=cfg.federation.min_hospitals)
+            else:  # the server adds the noise to the mean
+                update, _ = clip_update(update, hospital_clip=cfg.privacy.hospital_clip)
+        loss = metrics.get("loss_mean")
         reply.meta["train_loss"] = float(loss) if loss is not None and math.isfinite(loss) else None
         if cfg.secagg.enabled:
             state.arrays = {}
             state.put_array_list("pending", update)
-            state.meta["pending_weight"] = float(n_train)
+            state.meta["pending_weight"] = weight
             state.meta["pending_round"] = rnd
         else:
             reply.put_array_list("update", update)
-            reply.meta["weight"] = float(n_train)
+            reply.meta["weight"] = weight
         return reply
 
     @staticmethod
