@@ -81,3 +81,19 @@ def test_bad_config_fails_before_anything_starts(tmp_path):
                      check=False)
     assert proc.returncode != 0 and "missing-a" in proc.stdout + proc.stderr
     assert not (tmp_path / "cohorts").exists()  # nothing was generated or started
+
+
+def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
+    common = ["--hospitals", "2", "--rounds", "2", "--set", "privacy.enabled=false"]
+    _simulate(tmp_path, *common, "--out", str(tmp_path / "full"))
+    crashed = _simulate(tmp_path, *common, "--out", str(tmp_path / "cut"),
+                        env_extra={"FEDRG_CRASH_AFTER_ROUND": "1"}, check=False)
+    assert crashed.returncode != 0
+    cut = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert [r["round"] for r in cut["rounds"]] == [1]
+    _simulate(tmp_path, "--resume", str(tmp_path / "cut"))
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    resumed = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    keys = ("loss", "auroc", "auroc_multimodal", "findings_f1", "participants")
+    assert [{k: r[k] for k in keys} for r in resumed["rounds"]] == \
+        [{k: r[k] for k in keys} for r in full["rounds"]]

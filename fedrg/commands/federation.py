@@ -59,6 +59,25 @@ def simulated_sites(cohorts: list[Path], state_root: Path, budget: float) -> lis
     return sites
 
 
+def export_ledgers(sites: list[SiteConfig], run_dir: Path) -> Path:
+    """Copy each hospital's public ledger files into ``run_dir/ledgers/<name>/`` for auditors.
+
+    Only the ledger, its signed head and the public key are copied; the signing key stays
+    in the hospital's state directory.
+    """
+    out = run_dir / "ledgers"
+    for site in sites:
+        src = Path(site.state_dir)
+        if not (src / "ledger.jsonl").is_file():
+            continue
+        dst = out / site.name
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in ("ledger.jsonl", "ledger_head.json", "ledger_ed25519.pub"):
+            if (src / name).is_file():
+                shutil.copy2(src / name, dst / name)
+    return out
+
+
 def _print_round(row: dict[str, Any], markers: list[str]) -> None:
     auroc = row.get("auroc") or {}
     eps = row.get("epsilon") or {}
@@ -140,6 +159,7 @@ def register(app: typer.Typer) -> None:
             result = run_simulated_federation(
                 cfg, run_dir, sites, resume=resume is not None,
                 on_round=lambda row: _print_round(row, cfg.data.markers))
+            export_ledgers(sites, run_dir)
         except FedrgError as err:
             console.print(f"[red]error:[/red] {err}")
             raise typer.Exit(2) from None
@@ -154,4 +174,5 @@ def register(app: typer.Typer) -> None:
             console.print(f"[yellow]stopped early:[/yellow] {result.stopped_early}")
         console.print(f"done in {time.perf_counter() - t0:.0f}s: {run_dir}/metrics.json, "
                       f"{run_dir}/adapter (fedrg predict --adapter {run_dir}/adapter ...), "
-                      f"{run_dir}/plots/*.png; hospital ledgers in {state_root}")
+                      f"{run_dir}/plots/*.png; hospital ledgers in {state_root} "
+                      f"(copies for auditors: fedrg audit {run_dir})")
