@@ -1,0 +1,291 @@
+"""Genomics readers: the expression table (gene panel) and the multi-sample VCF (mutations).
+
+Both readers append every problem they find to a ``problems`` list (file + row, rows count
+the header as row 1 like a spreadsheet) instead of stopping at the first one.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fedrg.errors import Problem
+
+# Approximate GRCh38 spans (chrom, start, end) used when a VCF record names no gene
+# (INFO GENE=, SnpEff ANN= or VEP CSQ= are preferred). TERT includes its promoter.
+GENE_SPANS_GRCH38: dict[str, tuple[str, int, int]] = {
+    "IDH1": ("2", 208_236_227, 208_266_074),
+    "IDH2": ("15", 90_083_045, 90_102_477),
+    "TP53": ("17", 7_661_779, 7_687_538),
+    "ATRX": ("X", 77_504_880, 77_786_233),
+    "TERT": ("5", 1_253_167, 1_295_400),
+    "EGFR": ("7", 55_019_017, 55_211_628),
+    "PTEN": ("10", 87_863_113, 87_971_930),
+    "CIC": ("19", 42_268_537, 42_297_903),
+    "FUBP1": ("1", 77_944_055, 77_979_110),
+    "NF1": ("17", 31_094_927, 31_382_116),
+}
+
+
+# --------------------------------------------------------------------------- expression
+
+@dataclass
+class ExpressionTable:
+    """Raw panel values read from ``expression.tsv``.
+
+    ``values[i, j]`` is the abundance of ``genes[j]`` for ``patient_ids[i]`` (NaN where the
+    gene is missing from the table and imputation is allowed).
+    """
+
+    path: Path
+    patient_ids: list[str]
+    rows: dict[str, int]
+    genes: list[str]
+    values: np.ndarray
+    genes_found: list[str] = field(default_factory=list)
+    genes_missing: list[str] = field(default_factory=list)
+
+
+def read_expression(
+    path: Path,
+    gene_panel: list[str],
+    *,
+    impute_missing_genes: bool,
+    problems: list[Problem],
+    display: str = "genomics/expression.tsv",
+) -> ExpressionTable | None:
+    """Read the panel genes of a patients x genes TSV (first column ``patient_id``).
+
+    Values must be finite, non-negative abundances (TPM or counts); only panel columns are
+    checked. Genes of the panel missing from the header are a problem unless
+    ``impute_missing_genes``. Returns ``None`` when the header is unusable.
+    """
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        problems.append(Problem(display, f"cannot read the file ({err})"))
+        return None
+    if not lines or not lines[0].strip():
+        problems.append(Problem(display, "file is empty; expected a header 'patient_id<TAB>GENE...'", 1))
+        return None
+    header = [h.strip() for h in lines[0].split("\t")]
+    if header[0] != "patient_id":
+        problems.append(Problem(
+            display, f"first header column is {header[0]!r}; it must be 'patient_id' "
+            "(the file must be tab-separated)", 1,
+        ))
+        return None
+    col: dict[str, int] = {}
+    for j, gene in enumerate(header[1:], start=1):
+        if gene in col:
+            problems.append(Problem(display, f"gene column {gene!r} appears twice", 1))
+        col.setdefault(gene, j)
+    found = [g for g in gene_panel if g in col]
+    missing = [g for g in gene_panel if g not in col]
+    if missing and not impute_missing_genes:
+        problems.append(Problem(
+            display, f"{len(missing)} panel gene(s) missing from the header: "
+            f"{', '.join(missing)}; add them or set data.impute_missing_genes = true", 1,
+        ))
+    ids: list[str] = []
+    rows: dict[str, int] = {}
+    values: list[list[float]] = []
+    for lineno, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        pid = fields[0].strip()
+        if len(fields) != len(header):
+            problems.append(Problem(
+                display, f"has {len(fields)} fields, header has {len(header)}", lineno,
+            ))
+            continue
+        if not pid:
+            problems.append(Problem(display, "empty patient_id", lineno))
+            continue
+        if pid in rows:
+            problems.append(Problem(
+                display, f"duplicate patient_id {pid!r} (first at row {rows[pid]})", lineno,
+            ))
+            continue
+        row_vals = []
+        for gene in gene_panel:
+            j = col.get(gene)
+            if j is None:
+                row_vals.append(math.nan)
+                continue
+            raw = fields[j].strip()
+            try:
+                v = float(raw)
+            except ValueError:
+                v = None
+            if v is None or not math.isfinite(v):
+                problems.append(Problem(
+                    display, f"patient {pid!r}, gene {gene}: value {raw!r} is not a finite "
+                    "number", lineno,
+                ))
+                v = math.nan
+            elif v < 0:
+                problems.append(Problem(
+                    display, f"patient {pid!r}, gene {gene}: negative value {raw}; expression "
+                    "must be non-negative abundances (TPM or counts)", lineno,
+                ))
+                v = math.nan
+            row_vals.append(v)
+        ids.append(pid)
+        rows[pid] = lineno
+        values.append(row_vals)
+    arr = np.asarray(values, dtype=np.float64).reshape(len(values), len(gene_panel))
+    return ExpressionTable(path, ids, rows, list(gene_panel), arr, found, missing)
+
+
+def standardise_expression(values: np.ndarray) -> np.ndarray:
+    """``log1p`` then per-gene z-score over the cohort; NaN (imputed) entries become 0.
+
+    A gene that is constant in the cohort becomes 0 everywhere.
+    """
+    logv = np.log1p(values.astype(np.float64))
+    with np.errstate(invalid="ignore"):
+        n = np.sum(~np.isnan(logv), axis=0)
+        mean = np.where(n > 0, np.nansum(logv, axis=0) / np.maximum(n, 1), 0.0)
+        centred = logv - mean
+        var = np.where(n > 1, np.nansum(centred**2, axis=0) / np.maximum(n - 1, 1), 0.0)
+    std = np.sqrt(var)
+    z = np.where(std > 1e-12, centred / np.where(std > 1e-12, std, 1.0), 0.0)
+    return np.nan_to_num(z, nan=0.0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- variants
+
+@dataclass
+class VariantCalls:
+    """Per-sample mutation indicators from a VCF."""
+
+    path: Path
+    samples: list[str]
+    genes: list[str]
+    indicators: np.ndarray  # [samples, genes] 0/1
+    records: int = 0
+
+
+_GT_SPLIT = re.compile(r"[/|]")
+
+
+def _norm_chrom(chrom: str) -> str:
+    return chrom[3:] if chrom.lower().startswith("chr") else chrom
+
+
+def gene_of_record(chrom: str, pos: int, info: str) -> set[str]:
+    """Gene names a VCF record is annotated with (INFO GENE/ANN/CSQ), else by position."""
+    genes: set[str] = set()
+    for item in info.split(";"):
+        key, _, val = item.partition("=")
+        if key == "GENE":
+            genes.update(v for v in val.split(",") if v)
+        elif key == "ANN":
+            for ann in val.split(","):
+                parts = ann.split("|")
+                if len(parts) > 3 and parts[3]:
+                    genes.add(parts[3])
+        elif key == "CSQ":
+            for csq in val.split(","):
+                genes.update(p for p in csq.split("|") if p in GENE_SPANS_GRCH38)
+    if genes:
+        return genes
+    c = _norm_chrom(chrom)
+    return {g for g, (gc, s, e) in GENE_SPANS_GRCH38.items() if gc == c and s <= pos <= e}
+
+
+def _opener(path: Path):
+    return gzip.open(path, "rt") if path.name.endswith(".gz") else path.open()
+
+
+def read_variants(
+    path: Path,
+    mutation_genes: list[str],
+    *,
+    problems: list[Problem],
+    display: str = "genomics/variants.vcf",
+) -> VariantCalls | None:
+    """Per-gene mutation indicators from a multi-sample VCF (sample names = patient ids).
+
+    A sample carries a mutation in a gene when a record of that gene with FILTER ``PASS``
+    or ``.`` has a genotype with a non-reference allele. Returns ``None`` when the file is
+    unusable.
+    """
+    gene_index = {g: j for j, g in enumerate(mutation_genes)}
+    samples: list[str] | None = None
+    ind: np.ndarray | None = None
+    n_records = 0
+    try:
+        with _opener(path) as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                line = raw.rstrip("\n").rstrip("\r")
+                if lineno == 1 and not line.startswith("##fileformat=VCF"):
+                    problems.append(Problem(display, "first line must be ##fileformat=VCFv4.x", 1))
+                    return None
+                if line.startswith("##") or not line.strip():
+                    continue
+                fields = line.split("\t")
+                if line.startswith("#CHROM"):
+                    if len(fields) < 10 or fields[8] != "FORMAT":
+                        problems.append(Problem(
+                            display, "header line needs #CHROM..INFO, FORMAT and one column per "
+                            "sample", lineno,
+                        ))
+                        return None
+                    samples = [s.strip() for s in fields[9:]]
+                    dupes = sorted({s for s in samples if samples.count(s) > 1})
+                    if dupes:
+                        problems.append(Problem(
+                            display, f"duplicate sample name(s) {', '.join(dupes)}", lineno,
+                        ))
+                    ind = np.zeros((len(samples), len(mutation_genes)), dtype=np.float32)
+                    continue
+                if samples is None or ind is None:
+                    problems.append(Problem(display, "data line before the #CHROM header", lineno))
+                    return None
+                n_records += 1
+                if len(fields) != 9 + len(samples):
+                    problems.append(Problem(
+                        display, f"has {len(fields)} fields, expected {9 + len(samples)} "
+                        "(truncated line?)", lineno,
+                    ))
+                    continue
+                try:
+                    pos = int(fields[1])
+                except ValueError:
+                    problems.append(Problem(display, f"POS {fields[1]!r} is not an integer", lineno))
+                    continue
+                if fields[6] not in ("PASS", "."):
+                    continue
+                genes = [g for g in gene_of_record(fields[0], pos, fields[7]) if g in gene_index]
+                fmt = fields[8].split(":")
+                if "GT" not in fmt:
+                    problems.append(Problem(display, "FORMAT has no GT field", lineno))
+                    continue
+                gt_i = fmt.index("GT")
+                for s_i, sample_field in enumerate(fields[9:]):
+                    parts = sample_field.split(":")
+                    gt = parts[gt_i] if gt_i < len(parts) else "."
+                    alleles = [a for a in _GT_SPLIT.split(gt) if a not in (".", "")]
+                    if not all(a.isdigit() for a in alleles):
+                        problems.append(Problem(
+                            display, f"sample {samples[s_i]!r}: bad genotype {gt!r}", lineno,
+                        ))
+                        continue
+                    if any(int(a) > 0 for a in alleles):
+                        for g in genes:
+                            ind[s_i, gene_index[g]] = 1.0
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        problems.append(Problem(display, f"cannot read the file ({type(err).__name__}: {err})"))
+        return None
+    if samples is None or ind is None:
+        problems.append(Problem(display, "no #CHROM header line"))
+        return None
+    return VariantCalls(path, samples, list(mutation_genes), ind, n_records)
