@@ -81,6 +81,10 @@ class SecureAggregationDriver:
         requests = agg.receive_masked(exchange("secagg_masked", requests))
         result = agg.receive_unmask(exchange("secagg_unmask", requests))
         transport.last_secagg_bytes = (up, down)  # type: ignore[attr-defined]
+        if len(result.included) < self.cfg.federation.min_hospitals:
+            # also keeps hospital-level noise shares sound: at least min_hospitals shares summed
+            raise SecAggError(f"only {len(result.included)} hospital(s) survived secure aggregation, "
+                              f"fewer than federation.min_hospitals={self.cfg.federation.min_hospitals}")
         for note in result.notes:
             log.info("round %d secagg: %s", rnd, note)
         if result.dropped:

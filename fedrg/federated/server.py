@@ -180,6 +180,7 @@ class FederationServer:
         bytes_up = sum(r.payload.nbytes() for r in replies.values() if r.payload is not None)
         trained: dict[int, Reply] = {}
         epsilons: dict[str, float] = {}
+        lifetime: dict[str, float] = {}
         for node in sampled:
             reply = replies.get(node)
             if reply is None or not reply.ok:
@@ -191,12 +192,15 @@ class FederationServer:
             site = str(meta.get("site", node))
             if meta.get("epsilon") is not None:
                 epsilons[site] = float(meta["epsilon"])
+            if meta.get("epsilon_lifetime") is not None:
+                lifetime[site] = float(meta["epsilon_lifetime"])
             if meta.get("status") == "declined":
                 outcome.declined[site] = str(meta.get("reason", "declined"))
                 continue
             trained[node] = reply
             outcome.participants.append(site)
         outcome.metrics["epsilon"] = epsilons
+        outcome.metrics["epsilon_lifetime"] = lifetime
         outcome.metrics["train_loss"] = _mean_metric(
             [(1.0, r.payload.meta.get("train_loss")) for r in trained.values()])
         if len(trained) < self.cfg.federation.min_hospitals:
@@ -218,6 +222,8 @@ class FederationServer:
                 updates = [r.payload.array_list("update") for r in trained.values()]
                 weights = [float(r.payload.meta["weight"]) for r in trained.values()]
                 delta = weighted_mean(updates, weights)
+            if self.cfg.privacy.hospital_level:
+                delta = self._hospital_level_noise(delta, n_trained=len(trained), rnd=rnd, outcome=outcome)
         except SecAggError as err:
             outcome.reason = f"round {rnd}: secure aggregation aborted, global model unchanged: {err}"
             log.warning(outcome.reason)
@@ -225,6 +231,21 @@ class FederationServer:
         self.global_arrays = self.optimizer.apply(self.global_arrays, delta)
         outcome.aggregated = True
         return outcome, bytes_up, bytes_down
+
+    def _hospital_level_noise(self, delta: list[np.ndarray], *, n_trained: int, rnd: int,
+                              outcome: RoundOutcome) -> list[np.ndarray]:
+        """Hospital-level DP: noise on the mean (plain) or already in the shares (secure)."""
+        from fedrg.privacy.hospital_dp import add_server_noise, hospital_level_epsilon
+
+        p = self.cfg.privacy
+        if not self.cfg.secagg.enabled:
+            delta = add_server_noise(delta, hospital_noise_multiplier=p.hospital_noise_multiplier,
+                                     hospital_clip=p.hospital_clip, n_sampled=n_trained)
+        outcome.metrics["epsilon_hospital_level"] = hospital_level_epsilon(
+            hospital_noise_multiplier=p.hospital_noise_multiplier,
+            sample_rate=self.cfg.federation.fraction_train, rounds=rnd, target_delta=p.target_delta,
+            accountant=p.accountant)
+        return delta
 
     def _evaluate(self, transport: Transport, nodes: list[int], rnd: int
                   ) -> tuple[dict[str, Any], int, int]:
@@ -253,10 +274,13 @@ class FederationServer:
             "failed": outcome.failed,
             "aggregated": outcome.aggregated,
             "epsilon": outcome.metrics.get("epsilon", {}),
+            "epsilon_lifetime": outcome.metrics.get("epsilon_lifetime", {}),
             "bytes_up": int(bytes_up),
             "bytes_down": int(bytes_down),
             "seconds": round(time.perf_counter() - t0, 3),
         }
+        if "epsilon_hospital_level" in outcome.metrics:
+            row["epsilon_hospital_level"] = outcome.metrics["epsilon_hospital_level"]
         if outcome.reason:
             row["reason"] = outcome.reason
         self.metrics["rounds"].append(row)
