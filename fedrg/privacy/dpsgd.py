@@ -1,0 +1,444 @@
+"""Opacus DP-SGD for the local loop: the ``privacy`` seam of :func:`fedrg.train.loop.train_local`.
+
+The loop keeps its own model and optimizer; when it is given a :class:`DPSession` it hands
+both over once and from then on only asks the session for batches and steps::
+
+    session.attach(model, optimizer)            # wraps with Opacus, loads the history
+    try:
+        for batch in session.batches(train_dataset, steps=steps):
+            loss = session.step(batch)          # forward, clipped backward, noisy step
+    finally:
+        history = session.cleanup()             # hooks off, updated PrivacyHistory out
+
+What the session guarantees (each point is tested in ``tests/test_privacy_dpsgd*.py``):
+
+* **Poisson sampling**: every step includes each training record independently with
+  probability ``sample_rate`` (Opacus' ``UniformWithReplacementSampler``), so batch sizes
+  vary. An empty draw becomes a *noise-only* step: the optimizer adds
+  ``N(0, (noise_multiplier * max_grad_norm)^2)`` and the accountant counts the step.
+* **Per-sample clipping** to ``max_grad_norm`` and Gaussian noise by Opacus' ``DPOptimizer``,
+  with ``loss_reduction="mean"`` over the *expected* batch size (not the drawn one, which
+  would leak the batch size). Logical batches larger than ``max_physical_batch_size`` are
+  split into physical chunks whose clipped gradients are summed before one noisy step.
+* ``grad_sample_mode`` ``hooks``, ``functorch``, ``ew`` or ``ghost``. In ghost mode the
+  backward pass runs through Opacus' criterion wrapper (``DPLossFastGradientClipping``):
+  calling ``backward()`` on the plain loss would skip clipping without any error.
+* **Accounting**: the accountant's history is loaded from the dataset's persisted
+  :class:`~fedrg.privacy.accounting.PrivacyHistory` and only appended to; the updated
+  history comes back from :meth:`DPSession.cleanup` (and :attr:`DPSession.history`).
+* **Noise and sampling randomness** come from OS entropy unless a ``seed`` is given
+  explicitly (tests). The federation's ``training.seed`` is known to the server and must
+  never seed the noise: whoever can regenerate the noise can subtract it.
+* :meth:`DPSession.cleanup` removes Opacus' hooks and attributes, so a fresh session can wrap
+  the same model next round ("Trying to add hooks twice" otherwise). The caller keeps and
+  saves its own (unwrapped) model; :attr:`DPSession.module` is that module, never the wrapper.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from opacus.accountants import create_accountant
+from opacus.grad_sample import prepare_module
+from opacus.optimizers import get_optimizer_class
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from fedrg.errors import PrivacyError
+from fedrg.privacy.accounting import (
+    PrivacyHistory,
+    check_delta,
+    epsilon_of,
+    local_steps,
+    poisson_sample_rate,
+)
+
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
+
+Batch = Mapping[str, Any]
+
+
+class PerExampleLoss(nn.Module):
+    """Identity "criterion" over per-example losses, as Opacus' ghost wrapper expects.
+
+    The model already returns one loss per example (``Tensor[B]``); the wrapper switches
+    ``reduction`` to ``"none"`` for the first pass and reduces itself.
+    """
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, losses: torch.Tensor) -> torch.Tensor:
+        if self.reduction == "none":
+            return losses
+        return losses.mean() if self.reduction == "mean" else losses.sum()
+
+
+def batch_size_of(batch: Batch) -> int:
+    """Number of records in a collated batch (0 for an empty batch or ``{}``)."""
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return int(value.shape[0])
+    for value in batch.values():
+        if isinstance(value, (list, tuple)):
+            return len(value)
+    return 0
+
+
+def slice_batch(batch: Batch, start: int, stop: int) -> dict[str, Any]:
+    """Records ``start:stop`` of a collated batch (tensors and lists sliced on dim 0)."""
+    n = batch_size_of(batch)
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        batched = (isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == n) or (
+            isinstance(value, (list, tuple)) and len(value) == n
+        )
+        out[key] = value[start:stop] if batched else value
+    return out
+
+
+def _collate_for(dataset: Any) -> Callable[[list[Any]], Batch]:
+    """``collate_samples`` for fedrg cohort datasets, torch's default collation otherwise."""
+    if type(dataset).__module__.startswith("fedrg.data"):
+        from fedrg.data.dataset import collate_samples
+
+        return collate_samples
+    from torch.utils.data import default_collate
+
+    return default_collate
+
+
+def _entropy_seed() -> int:
+    return secrets.randbits(63)
+
+
+class DPSession:
+    """DP-SGD state of one hospital for one round (see the module docstring).
+
+    Parameters
+    ----------
+    noise_multiplier
+        Sigma, calibrated once for the whole planned federation
+        (:func:`fedrg.privacy.accounting.calibrate_noise_multiplier`).
+    max_grad_norm
+        Per-sample L2 clipping bound C.
+    sample_rate
+        Poisson sample rate q (expected batch size / training records).
+    expected_batch_size
+        Divisor of the summed clipped gradients (``loss_reduction="mean"``).
+    grad_sample_mode
+        Opacus mode: ``hooks``, ``functorch``, ``ew`` or ``ghost``.
+    accountant
+        Opacus accountant name (``rdp``, ``prv``, ``gdp``).
+    history
+        The dataset's history so far (never reset; ``None`` = fresh dataset).
+    max_physical_batch_size
+        Largest chunk run through forward/backward at once (``None`` = no limit).
+    n_records
+        Expected ``len(dataset)``; checked in :meth:`batches` if given.
+    steps_per_round
+        Default number of steps for :meth:`batches`.
+    seed
+        Seed for the Poisson sampler and the noise. ``None`` (the default): OS entropy.
+        Only tests and benchmarks should pass one.
+    collate_fn
+        Turns a list of dataset items into a batch (default: ``collate_samples`` for
+        fedrg cohort datasets, else ``torch.utils.data.default_collate``).
+    """
+
+    def __init__(
+        self,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        sample_rate: float,
+        expected_batch_size: float,
+        grad_sample_mode: str = "hooks",
+        accountant: str = "rdp",
+        history: PrivacyHistory | None = None,
+        max_physical_batch_size: int | None = None,
+        n_records: int | None = None,
+        steps_per_round: int | None = None,
+        seed: int | None = None,
+        collate_fn: Callable[[list[Any]], Batch] | None = None,
+    ) -> None:
+        if grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise PrivacyError(
+                f"privacy.grad_sample_mode={grad_sample_mode!r} is not supported; use one of "
+                f"{', '.join(GRAD_SAMPLE_MODES)}"
+            )
+        if noise_multiplier < 0 or max_grad_norm <= 0:
+            raise PrivacyError(
+                f"noise_multiplier={noise_multiplier} must be >= 0 and privacy.max_grad_norm="
+                f"{max_grad_norm} > 0"
+            )
+        if not (0.0 < sample_rate <= 1.0):
+            raise PrivacyError(f"sample_rate={sample_rate} must lie in (0, 1]")
+        if expected_batch_size <= 0:
+            raise PrivacyError(f"expected_batch_size={expected_batch_size} must be > 0")
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_grad_norm = float(max_grad_norm)
+        self.sample_rate = float(sample_rate)
+        self.expected_batch_size = float(expected_batch_size)
+        self.grad_sample_mode = grad_sample_mode
+        self.accountant_name = accountant
+        self.max_physical_batch_size = max_physical_batch_size
+        self.n_records = n_records
+        self.steps_per_round = steps_per_round
+        seed = _entropy_seed() if seed is None else int(seed)
+        self._sampling_generator = torch.Generator().manual_seed(seed)
+        self._noise_generator = torch.Generator().manual_seed((seed * 2654435761 + 1) % 2**63)
+        self._collate = collate_fn
+        self._initial_history = history if history is not None else PrivacyHistory()
+        self.accountant = create_accountant(mechanism=accountant)
+        if self._initial_history.total_steps:
+            self.accountant.load_state_dict(self._initial_history.to_state_dict(accountant))
+        self._model: nn.Module | None = None
+        self._gsm: nn.Module | None = None
+        self.optimizer: Any = None
+        self._criterion: DPLossFastGradientClipping | None = None
+        self._checked_params = False
+        self.noise_only_steps = 0
+        self.steps_taken = 0
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(
+        cls,
+        privacy_cfg: Any,
+        training_cfg: Any,
+        *,
+        n_records: int,
+        noise_multiplier: float,
+        history: PrivacyHistory | None = None,
+        seed: int | None = None,
+        collate_fn: Callable[[list[Any]], Batch] | None = None,
+    ) -> DPSession:
+        """Session for a hospital with ``n_records`` training records.
+
+        ``noise_multiplier`` comes from the federation-wide calibration (or
+        ``privacy_cfg.noise_multiplier`` when fixed); ``history`` from the hospital's state.
+
+        Raises
+        ------
+        PrivacyError
+            If ``privacy.target_delta >= 1 / n_records`` (see
+            :func:`fedrg.privacy.accounting.check_delta`).
+        """
+        check_delta(target_delta=privacy_cfg.target_delta, n_patients=n_records)
+        q = poisson_sample_rate(batch_size=training_cfg.batch_size, n_records=n_records)
+        return cls(
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=privacy_cfg.max_grad_norm,
+            sample_rate=q,
+            expected_batch_size=q * n_records,
+            grad_sample_mode=privacy_cfg.grad_sample_mode,
+            accountant=privacy_cfg.accountant,
+            history=history,
+            max_physical_batch_size=training_cfg.max_physical_batch_size,
+            n_records=n_records,
+            steps_per_round=local_steps(local_epochs=training_cfg.local_epochs,
+                                        batch_size=training_cfg.batch_size, n_records=n_records),
+            seed=seed,
+            collate_fn=collate_fn,
+        )
+
+    # ------------------------------------------------------------------ wiring
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Wrap ``model`` (per-sample gradients) and ``optimizer`` (clip + noise + account).
+
+        ``optimizer`` must hold exactly the model's trainable parameters. The model's
+        ``forward(**tensors)`` must return one loss per example (``Tensor[B]``); if the model
+        has ``encode_batch(batch) -> dict[str, Tensor]`` it turns a batch into those tensors.
+        """
+        if self._gsm is not None:
+            raise PrivacyError("DPSession.attach called twice; call cleanup() first")
+        errors = ModuleValidator.validate(model, strict=False)
+        if errors:
+            raise PrivacyError(
+                "the model cannot be trained with Opacus DP-SGD: "
+                + "; ".join(str(e) for e in errors)
+                + " (replace BatchNorm by GroupNorm, e.g. opacus.validators.ModuleValidator.fix)"
+            )
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if not in_opt or not in_opt <= trainable:
+            raise PrivacyError(
+                "the optimizer must hold the model's trainable parameters only "
+                f"({len(in_opt)} in the optimizer, {len(trainable)} trainable in the model)"
+            )
+        kwargs: dict[str, Any] = {"batch_first": True, "loss_reduction": "mean"}
+        if self.grad_sample_mode == "ghost":
+            kwargs["max_grad_norm"] = self.max_grad_norm
+        gsm = prepare_module(model, self.grad_sample_mode, True, **kwargs)
+        optim_cls = get_optimizer_class(clipping="flat", distributed=False,
+                                        grad_sample_mode=self.grad_sample_mode)
+        dp_opt = optim_cls(
+            optimizer=optimizer,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            expected_batch_size=self.expected_batch_size,
+            loss_reduction="mean",
+            generator=self._noise_generator,
+            secure_mode=False,
+        )
+        dp_opt.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
+        if self.grad_sample_mode == "ghost":
+            self._criterion = DPLossFastGradientClipping(gsm, dp_opt, PerExampleLoss("mean"), "mean")
+        self._model, self._gsm, self.optimizer = model, gsm, dp_opt
+
+    @property
+    def module(self) -> nn.Module:
+        """The caller's own model (never the Opacus wrapper): save this one."""
+        if self._model is None:
+            raise PrivacyError("DPSession has no model; call attach(model, optimizer) first")
+        return self._model
+
+    @property
+    def history(self) -> PrivacyHistory:
+        """The dataset's whole history, including this session's steps."""
+        return PrivacyHistory.from_opacus(self.accountant.history)
+
+    def epsilon(self, *, target_delta: float) -> float:
+        """Epsilon spent by the whole history so far."""
+        return epsilon_of(self.history, target_delta=target_delta, accountant=self.accountant_name)
+
+    def cleanup(self) -> PrivacyHistory:
+        """Remove Opacus hooks and attributes from the model; return the updated history."""
+        if self._gsm is not None:
+            if self.optimizer is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+            self._gsm._close()
+            for p in self._model.parameters():
+                for attr in ("grad_sample", "summed_grad", "_forward_counter", "_current_grad_sample"):
+                    if hasattr(p, attr):
+                        delattr(p, attr)
+            self._gsm = None
+        self._criterion = None
+        return self.history
+
+    def __enter__(self) -> DPSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+    # ------------------------------------------------------------------ data
+    def batches(self, dataset: Any, *, steps: int | None = None) -> Iterator[Batch]:
+        """Poisson batches: each record joins each step with probability ``sample_rate``.
+
+        Yields ``steps`` collated batches. An empty draw yields ``dataset.empty_batch()``
+        (or ``{}`` if the dataset has none); :meth:`step` turns it into a noise-only step.
+        """
+        n = len(dataset)
+        if self.n_records is not None and n != self.n_records:
+            raise PrivacyError(
+                f"the DP session was planned for {self.n_records} training records but the "
+                f"dataset has {n}; rebuild the session from the dataset's length"
+            )
+        steps = self.steps_per_round if steps is None else steps
+        if steps is None:
+            raise PrivacyError("DPSession.batches needs steps= (or a session from_config)")
+        sampler = UniformWithReplacementSampler(
+            num_samples=n, sample_rate=self.sample_rate, generator=self._sampling_generator,
+            steps=int(steps),
+        )
+        collate = self._collate or _collate_for(dataset)
+        for indices in sampler:
+            if len(indices) == 0:
+                empty = getattr(dataset, "empty_batch", None)
+                yield empty() if callable(empty) else {}
+            else:
+                yield collate([dataset[int(i)] for i in indices])
+
+    # ------------------------------------------------------------------ steps
+    def step(self, batch: Batch) -> float | None:
+        """One DP-SGD step on a (Poisson) batch; returns its mean loss (``None`` if empty)."""
+        if self._gsm is None:
+            raise PrivacyError("DPSession.step called before attach(model, optimizer)")
+        n = batch_size_of(batch)
+        self.steps_taken += 1
+        if n == 0:
+            self._noise_only_step()
+            return None
+        chunk = self.max_physical_batch_size or n
+        total = 0.0
+        starts = list(range(0, n, chunk))
+        for k, start in enumerate(starts):
+            part = slice_batch(batch, start, min(start + chunk, n)) if len(starts) > 1 else batch
+            total += self._backward(part) * batch_size_of(part)
+            if k < len(starts) - 1:
+                # sum this chunk's clipped gradients, no noise, no accounting yet
+                self.optimizer.signal_skip_step(do_skip=True)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / n
+
+    def _tensors(self, batch: Batch) -> dict[str, torch.Tensor]:
+        encode = getattr(self._model, "encode_batch", None)
+        if callable(encode):
+            return dict(encode(batch))
+        return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+    def _backward(self, batch: Batch) -> float:
+        tensors = self._tensors(batch)
+        if self.grad_sample_mode == "ew":
+            from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
+
+            forward = call_for_per_sample_grads(
+                self._model, batch_size=batch_size_of(batch), loss_reduction="mean"
+            )
+            losses = forward(**tensors)
+        else:
+            losses = self._gsm(**tensors)
+        if losses.dim() != 1:
+            raise PrivacyError(
+                f"the model must return one loss per example (shape [B]); got {tuple(losses.shape)}"
+            )
+        if self._criterion is not None:
+            # ghost clipping: backward MUST go through Opacus' wrapper, else no clipping
+            try:
+                self._criterion(losses).backward()
+            except AttributeError as err:
+                if "_norm_sample" not in str(err):
+                    raise
+                self._raise_unused("_norm_sample")
+        else:
+            losses.mean().backward()
+        if not self._checked_params:
+            self._check_all_params_used()
+        return float(losses.detach().mean())
+
+    def _check_all_params_used(self) -> None:
+        attr = "grad" if self.grad_sample_mode == "ghost" else "grad_sample"
+        self._raise_unused(attr)
+        self._checked_params = True
+
+    def _raise_unused(self, attr: str) -> None:
+        missing = [name for name, p in self._model.named_parameters()
+                   if p.requires_grad and getattr(p, attr, None) is None]
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise PrivacyError(
+                f"{len(missing)} trainable parameter(s) got no per-sample gradient ({shown}); "
+                "every trainable parameter must be used by every forward: freeze the unused ones"
+            )
+
+    def _noise_only_step(self) -> None:
+        """Empty Poisson draw: add noise to a zero gradient and let the accountant count it."""
+        for p in self.optimizer.params:
+            if self.grad_sample_mode == "ghost":
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.noise_only_steps += 1
