@@ -1,9 +1,372 @@
-"""Commands (placeholder: filled in by the issue that owns them)."""
+"""``fedrg certs init``, ``fedrg keys new``, ``fedrg server``, ``fedrg client``: deployment."""
 
 from __future__ import annotations
 
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
+
 import typer
+from rich.console import Console
+from rich.markup import escape
+
+from fedrg.errors import FedrgError
+
+if TYPE_CHECKING:
+    from fedrg.deploy.settings import HospitalSettings, ServerSettings
+
+err_console = Console(stderr=True, highlight=False)
+console = Console(highlight=False, markup=False)
+
+certs_app = typer.Typer(help="TLS certificates of a federation.", no_args_is_help=True)
+keys_app = typer.Typer(help="A hospital's keys.", no_args_is_help=True)
+
+INSECURE_BANNER = (
+    "[bold red]" + "!" * 78 + "\n"
+    "  WARNING: --insecure: TLS IS OFF. Model updates, metrics and run configs travel\n"
+    "  UNENCRYPTED, and the server cannot authenticate hospitals (Flower allows node\n"
+    "  authentication only with TLS). Anyone on the network can read or join.\n"
+    "  Use this only on a closed test machine; never with real patient data.\n"
+    + "!" * 78 + "[/bold red]"
+)
+
+
+def _fail(err: FedrgError, code: int = 2) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)
+    return typer.Exit(code)
+
+
+class ConnectionLostError(FedrgError):
+    """The hospital's SuperNode was connected and then lost the server (exit status 3)."""
+
+
+class _StopRequestedError(Exception):
+    """Raised by the SIGTERM handler so ``finally`` blocks stop child processes."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _StopRequestedError()
+
+
+# --------------------------------------------------------------------------- certs / keys
+
+@certs_app.command("init")
+def certs_init(
+    out: Path = typer.Option(..., "--out", help="directory for ca.crt, ca.key, server.pem, server.key"),
+    host: list[str] = typer.Option(
+        [], "--host", help="DNS name or IP address hospitals use to reach the server (repeat)"
+    ),
+    days: int = typer.Option(825, "--days", min=1, help="server certificate lifetime"),
+    force: bool = typer.Option(False, "--force", help="replace existing files"),
+) -> None:
+    """Create a federation CA and the server's TLS certificate (SANs: localhost, 127.0.0.1, ::1, --host)."""
+    from fedrg.deploy.certs import init_certs, load_certificate, subject_alt_names
+
+    try:
+        paths = init_certs(out, hosts=host, days=days, overwrite=force)
+    except FedrgError as err:
+        raise _fail(err) from None
+    cert = load_certificate(paths.server_cert)
+    console.print(f"wrote {paths.ca_cert}      (CA certificate: give a copy to every hospital)")
+    console.print(f"wrote {paths.ca_key}       (CA private key, mode 0600: keep it offline)")
+    console.print(f"wrote {paths.server_cert}  (server certificate for "
+                  f"{', '.join(subject_alt_names(cert))}; valid until "
+                  f"{cert.not_valid_after_utc:%Y-%m-%d})")
+    console.print(f"wrote {paths.server_key}   (server private key, mode 0600: stays on the server)")
+
+
+@keys_app.command("new")
+def keys_new(
+    out: Path = typer.Option(..., "--out", help="the hospital's key directory (e.g. its state_dir)"),
+    name: str = typer.Option("hospital", "--name", help="hospital name (public key comment)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing node key"),
+) -> None:
+    """Create a hospital's node-authentication key pair and its ledger-signing key."""
+    from fedrg.deploy.keys import fingerprint, load_node_public_key, new_hospital_keys
+
+    try:
+        keys = new_hospital_keys(out, name=name, overwrite=force)
+    except FedrgError as err:
+        raise _fail(err) from None
+    fp = fingerprint(load_node_public_key(keys.node_public))
+    console.print(f"wrote {keys.node_private}  (node key, mode 0600: never leaves this machine)")
+    console.print(f"wrote {keys.node_public}  (send to the federation operator; {fp})")
+    console.print(f"ledger key {keys.ledger_private} (mode 0600) and {keys.ledger_public} "
+                  "(for auditors)")
+
+
+# --------------------------------------------------------------------------- server
+
+def _default_app_dir() -> Path:
+    import server
+
+    root = Path(server.__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file() or not (root / "clients").is_dir():
+        raise FedrgError(
+            f"cannot find fedrg's Flower app next to {root}; set run.app_dir in the server "
+            "config to the fedrg source directory (the one holding pyproject.toml)"
+        )
+    return root
+
+
+def check_app_run_config(app_dir: Path, run_config: dict[str, object]) -> None:
+    """Refuse a run whose config keys the app's ``pyproject.toml`` does not declare.
+
+    Flower's deployment engine rejects undeclared run-config keys with only "Invalid run
+    configuration"; this names the keys and the fix instead.
+    """
+    import tomllib
+
+    pyproject = app_dir / "pyproject.toml"
+    if not pyproject.is_file():
+        raise FedrgError(f"{app_dir} holds no pyproject.toml; set run.app_dir to fedrg's app")
+    declared: set[str] = set()
+
+    def walk(prefix: str, table: dict) -> None:
+        for key, value in table.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(f"{name}.", value)
+            else:
+                declared.add(name)
+
+    app_cfg = tomllib.loads(pyproject.read_text()).get("tool", {}).get("flwr", {}).get("app", {})
+    walk("", app_cfg.get("config", {}))
+    missing = sorted(set(run_config) - declared)
+    if missing:
+        raise FedrgError(
+            f"{pyproject} does not declare the run-config key(s) {', '.join(missing)}, which "
+            "Flower would refuse; run `python tools/sync_run_config.py` in the fedrg source "
+            "directory (or install a fedrg release whose app matches its config)"
+        )
+
+
+def _check_server_files(s: ServerSettings, insecure: bool) -> None:
+    from fedrg.deploy.certs import check_server_certificate
+    from fedrg.deploy.files import check_private_mode
+    from fedrg.deploy.keys import fingerprint, load_node_public_key
+
+    if insecure:
+        return
+    missing = [p for p in (s.tls.ca_cert, s.tls.server_cert, s.tls.server_key) if not Path(p).is_file()]
+    if missing:
+        raise FedrgError(
+            f"refusing to start without TLS: {', '.join(missing)} not found. Create the files "
+            "with `fedrg certs init --out DIR --host <server name>` and point [tls] at them "
+            "(or pass --insecure on a closed test machine only)"
+        )
+    # the operator's own `flwr` CLI connects through this name: the certificate must hold it
+    check_server_certificate(s.tls.server_cert, s.tls.server_key, s.tls.ca_cert,
+                             host=_connect_host(s.superlink.host))
+    check_private_mode(s.tls.server_key)
+    if not s.auth.hospitals:
+        raise FedrgError(
+            "no hospitals are allowed to join: add one [[auth.hospitals]] table (name, "
+            "public_key = the hospital's node_auth.pub) per hospital to the server config"
+        )
+    seen: dict[str, str] = {}
+    for h in s.auth.hospitals:
+        fp = fingerprint(load_node_public_key(h.public_key))
+        if fp in seen:
+            raise FedrgError(
+                f"hospitals {seen[fp]} and {h.name} have the same public key ({h.public_key}); "
+                "every hospital needs its own key from `fedrg keys new`"
+            )
+        seen[fp] = h.name
+
+
+def _report_run(run_dir: Path) -> None:
+    """Print the run's per-round summary; fail when the federation stopped early."""
+    import json
+
+    metrics = run_dir / "metrics.json"
+    if not metrics.is_file():
+        raise FedrgError(f"the run finished but wrote no {metrics}; see the SuperLink log")
+    data = json.loads(metrics.read_text())
+    for r in data.get("rounds", []):
+        console.print(f"round {r.get('round')}: {r.get('participants')} hospital(s) trained, "
+                      f"loss {r.get('loss')}, epsilon {r.get('epsilon')}")
+    if data.get("stopped_early"):
+        raise FedrgError(f"the federation stopped early: {data['stopped_early']}; the hospitals' "
+                         "logs (state_dir/logs/supernode.log) say why")
+    adapter = run_dir / "adapter"
+    console.print(f"trained adapter: {adapter}" if adapter.is_dir() else f"run output: {run_dir}")
+
+
+def _connect_host(host: str) -> str:
+    return "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host == "::" else host)
+
+
+def server(
+    config: Path = typer.Option(..., "--config", help="server TOML (see configs/server.example.toml)"),
+    insecure: bool = typer.Option(False, "--insecure", help="no TLS, no node authentication (testing only)"),
+) -> None:
+    """Start the SuperLink (TLS + hospital authentication), register hospitals, run fedrg."""
+    from fedrg.config import load_config, to_run_config
+    from fedrg.deploy import processes as P
+    from fedrg.deploy.settings import load_server_settings
+
+    try:
+        s = load_server_settings(config)
+        _check_server_files(s, insecure)
+        cfg = load_config(s.run.experiment or None, s.run.overrides)
+        app_dir = Path(s.run.app_dir) if s.run.app_dir else _default_app_dir()
+        run_config = {**to_run_config(cfg), "fedrg.run_dir": s.run.run_dir}
+        check_app_run_config(app_dir, run_config)
+    except FedrgError as err:
+        raise _fail(err) from None
+    if insecure:
+        err_console.print(INSECURE_BANNER)
+    state = Path(s.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    state.chmod(0o700)
+    address = P.format_address(_connect_host(s.superlink.host), s.superlink.port)
+    tls = None if insecure else P.TlsFiles(Path(s.tls.ca_cert), Path(s.tls.server_cert),
+                                           Path(s.tls.server_key))
+    env = P.flower_env(state / "flwr-home")
+    P.write_flwr_config(state / "flwr-home", address=address,
+                        root_certificates=None if tls is None else tls.ca_cert, insecure=insecure)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous_hup = signal.signal(signal.SIGHUP, _on_sigterm)
+    group = P.ProcessGroup(state / "logs")
+    try:
+        link = group.start("superlink", P.superlink_argv(
+            host=s.superlink.host, port=s.superlink.port, tls=tls, supernode_auth=not insecure,
+            database=s.superlink.database or None), env=env)
+        P.wait_http_ready(link, address, ca_cert=None if tls is None else tls.ca_cert,
+                          timeout=s.superlink.ready_timeout_s, group=group)
+        console.print(f"SuperLink listening on {s.superlink.host}:{s.superlink.port} "
+                      f"({'PLAIN HTTP' if insecure else 'TLS, hospital authentication on'}); "
+                      f"log {link.log_path}")
+        if not insecure:
+            for h in s.auth.hospitals:
+                node_id = P.register_supernode(h.public_key, env=env, name=h.name)
+                console.print(f"registered {h.name} (node {node_id})" if node_id is not None
+                              else f"{h.name} was registered before (persistent database)")
+        staged = P.stage_app(app_dir, state / "app")  # `flwr run` edits the app it is given
+        run_id = P.submit_run(staged, env=env, run_config=run_config,
+                              config_file=state / "run-config.toml")
+        console.print(f"run {run_id} submitted: {cfg.federation.rounds} round(s), waiting for "
+                      f"{cfg.federation.min_hospitals} hospital(s); output in {s.run.run_dir}")
+        status = P.wait_run(run_id, env=env, timeout=s.run.timeout_s, watch=[link], group=group)
+        console.print(f"run {run_id}: {status}")
+        run_log = group.log_dir / f"run-{run_id}.log"
+        console.print(f"run log: {run_log}")
+        if status != "finished:completed":
+            text = run_log.read_text(errors="replace") if run_log.is_file() else ""
+            err_console.print(P.strip_ansi(text)[-3000:], markup=False)
+            raise FedrgError(f"run {run_id} ended as {status}; see the log above ({run_log}) "
+                             f"and {link.log_path}")
+        _report_run(Path(s.run.run_dir))
+        if s.run.keep_running:
+            console.print("keep_running = true: SuperLink stays up; Ctrl-C stops it")
+            while link.alive():
+                time.sleep(1)
+    except FedrgError as err:
+        raise _fail(err) from None
+    except (KeyboardInterrupt, _StopRequestedError):
+        err_console.print("stopping: interrupted")
+        raise typer.Exit(130) from None
+    finally:
+        group.close()
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGHUP, previous_hup)
+
+
+# --------------------------------------------------------------------------- client
+
+def prepare_client(settings: HospitalSettings, *, insecure: bool = False) -> None:
+    """Every check ``fedrg client`` makes before starting anything.
+
+    Validates the cohort against the federation's data settings, the CA certificate
+    (parsed, a CA, within its validity dates) and the node key (OpenSSH EC, mode 0600).
+
+    Raises
+    ------
+    FedrgError
+        ``CohortError`` listing every cohort problem, or ``DeployError`` naming the file.
+    """
+    from fedrg.config import load_config
+    from fedrg.data.cohort import load_cohort
+    from fedrg.deploy.certs import check_ca_certificate
+    from fedrg.deploy.keys import load_node_private_key
+
+    data_cfg = load_config(settings.experiment or None).data
+    load_cohort(settings.site.cohort, data_cfg)
+    if not insecure:
+        check_ca_certificate(settings.server.root_certificates)
+        load_node_private_key(settings.auth.private_key)
+
+
+def client(
+    config: Path = typer.Option(..., "--config", help="hospital TOML (see configs/hospital.example.toml)"),
+    insecure: bool = typer.Option(False, "--insecure", help="no TLS (testing only; server must be --insecure)"),
+) -> None:
+    """Validate the local cohort, then run this hospital's SuperNode until stopped."""
+    from fedrg.deploy import processes as P
+    from fedrg.deploy.settings import load_hospital_settings, node_config
+
+    try:
+        s = load_hospital_settings(config)
+        prepare_client(s, insecure=insecure)
+    except FedrgError as err:
+        raise _fail(err) from None
+    if insecure:
+        err_console.print(INSECURE_BANNER)
+    console.print(f"cohort {s.site.cohort}: valid")
+    state = Path(s.site.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    state.chmod(0o700)
+    env = P.flower_env(state / "flwr-home")
+    port = s.supernode.port or P.free_port(s.supernode.host)
+    argv = P.supernode_argv(
+        superlink=s.server.address,
+        root_cert=None if insecure else s.server.root_certificates,
+        auth_key=None if insecure else s.auth.private_key,
+        node_config=node_config(s.site), port=port, host=s.supernode.host,
+        max_wait_time=s.server.connect_timeout_s,
+    )
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous_hup = signal.signal(signal.SIGHUP, _on_sigterm)
+    group = P.ProcessGroup(state / "logs")
+    try:
+        node = group.start("supernode", argv, env=env)
+        P.wait_supernode_connected(node, superlink=s.server.address,
+                                   timeout=s.server.connect_timeout_s + 30, group=group)
+        console.print(f"{s.site.name}: connected to {s.server.address}; waiting for training "
+                      f"rounds (log {node.log_path}); Ctrl-C stops")
+        while node.alive():
+            group.refresh()
+            if P.connection_lost(node.log_text()):
+                # Flower's SuperNode logs that it gave up but keeps running: end it here
+                raise ConnectionLostError(
+                    f"lost the connection to the server at {s.server.address}: no answer for "
+                    f"{s.server.connect_timeout_s:g} s (server.connect_timeout_s). The run may "
+                    "have ended and the server stopped; start `fedrg client` again when the "
+                    f"server is back (log {node.log_path})")
+            time.sleep(1)
+        raise ConnectionLostError(
+            "the SuperNode stopped after it had connected: " + P.explain_supernode_failure(
+                node.log_text(), node.returncode(), superlink=s.server.address))
+    except ConnectionLostError as err:
+        raise _fail(err, code=3) from None
+    except FedrgError as err:
+        raise _fail(err) from None
+    except (KeyboardInterrupt, _StopRequestedError):
+        err_console.print("stopping: interrupted")
+        raise typer.Exit(130) from None
+    finally:
+        group.close()
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGHUP, previous_hup)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
+    """Add ``certs``, ``keys``, ``server`` and ``client`` to ``app``."""
+    app.add_typer(certs_app, name="certs")
+    app.add_typer(keys_app, name="keys")
+    app.command("server")(server)
+    app.command("client")(client)
+

@@ -73,12 +73,19 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
     app = ClientApp()
 
     def handle(action: str, msg: Message, context: Context) -> Message:
-        from fedrg.federated.site import get_site  # heavy imports stay out of app loading
-
         try:
-            site = get_site(resolve_site(context))
+            site_cfg = resolve_site(context)
             state = _load_state(context)
-            reply = site.handle(action, record_to_payload(msg.content), state)
+            payload = record_to_payload(msg.content)
+            if action.startswith("secagg_"):
+                # no torch / model import: in deployment each message is a fresh process
+                from fedrg.federated.secure import client_stage
+
+                reply = client_stage(action, payload, state, site_name=site_cfg.name)
+            else:
+                from fedrg.federated.site import get_site  # heavy imports stay out of app loading
+
+                reply = get_site(site_cfg).handle(action, payload, state)
             _save_state(context, state)
         except FedrgError as err:
             # full detail stays in the hospital's log; the server gets no paths or values

@@ -1,0 +1,198 @@
+"""End-to-end deployment: `fedrg server` (SuperLink with TLS + SuperNode authentication,
+registration, `flwr run` of fedrg's ServerApp) and two `fedrg client` hospitals (SuperNodes
+running fedrg's ClientApp on their own synthetic cohorts), all real processes on 127.0.0.1.
+
+Two rounds with DP-SGD and secure aggregation; afterwards the run directory holds a trained
+adapter and metrics, each hospital holds its own privacy ledger, and no process is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from fedrg.deploy.processes import free_port
+
+pytestmark = pytest.mark.slow
+
+HOSPITALS = ("hospital-1", "hospital-2")
+MARK = "FEDRG_TEST_PROCESS_MARK"
+
+EXPERIMENT = """
+[federation]
+hospitals = 2
+rounds = 2
+min_hospitals = 2
+fraction_evaluate = 0.0  # federated evaluation adds a message per round; not needed here
+[data]
+image_shape = [32, 32]
+[privacy]
+enabled = true
+target_epsilon = 8.0
+[secagg]
+enabled = true
+[training]
+local_epochs = 0.5
+batch_size = 8
+threads = 1
+"""
+
+
+def _marked(mark: str):
+    import psutil
+
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and p.environ().get(MARK) == mark and \
+                    p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+@pytest.fixture
+def procs():
+    """`python -m fedrg.cli` subprocesses, each in its own process group; all stopped at the end
+    (also on failure), and nothing they started may survive."""
+    import psutil
+
+    mark = uuid.uuid4().hex
+    env = {**os.environ, MARK: mark}
+    started: list[subprocess.Popen] = []
+
+    def start(args: list[str], log: Path) -> subprocess.Popen:
+        with open(log, "wb") as fh:
+            p = subprocess.Popen([sys.executable, "-m", "fedrg.cli", *args], env=env,
+                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:  # SIGTERM: fedrg stops its Flower processes in `finally`
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in started:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=10)
+    deadline = time.monotonic() + 20
+    left = _marked(mark)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = _marked(mark)
+    for p in left:
+        p.kill()
+    psutil.wait_procs(left, timeout=5)
+    assert not left, f"processes left running: {[(p.pid, p.name()) for p in left]}"
+
+
+def _wait_for(text: str, log: Path, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and text in log.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    raise AssertionError(f"{text!r} not seen in {log} (exit {proc.poll()}):\n"
+                         f"{log.read_text(errors='replace')[-4000:] if log.exists() else ''}")
+
+
+def test_tls_federation_two_hospitals_two_rounds_dp_secagg(tmp_path, procs):
+    from fedrg.config import load_config
+    from fedrg.data.synth import synthesize
+    from fedrg.deploy.certs import init_certs
+    from fedrg.deploy.keys import new_hospital_keys
+
+    source_pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_bytes()
+    (tmp_path / "experiment.toml").write_text(EXPERIMENT)
+    cfg = load_config(tmp_path / "experiment.toml")
+    cohorts = synthesize(tmp_path / "cohorts", hospitals=2, patients=24, seed=11, data_cfg=cfg.data)
+    certs = init_certs(tmp_path / "certs")
+    keys = {h: new_hospital_keys(tmp_path / h, name=h) for h in HOSPITALS}
+    port = free_port()
+    run_dir = tmp_path / "run"
+    allowed = "".join(f'[[auth.hospitals]]\nname = "{h}"\npublic_key = "{k.node_public}"\n'
+                      for h, k in keys.items())
+    (tmp_path / "server.toml").write_text(f"""
+state_dir = "server-state"
+[superlink]
+port = {port}
+[tls]
+ca_cert = "{certs.ca_cert}"
+server_cert = "{certs.server_cert}"
+server_key = "{certs.server_key}"
+{allowed}
+[run]
+experiment = "experiment.toml"
+run_dir = "run"
+timeout_s = 1500
+""")
+    for h, cohort in zip(HOSPITALS, cohorts, strict=True):
+        (tmp_path / f"{h}.toml").write_text(f"""
+experiment = "experiment.toml"
+[site]
+name = "{h}"
+cohort = "{cohort}"
+state_dir = "{h}"
+epsilon_budget = 20.0
+[server]
+address = "127.0.0.1:{port}"
+root_certificates = "{certs.ca_cert}"
+connect_timeout_s = 120
+[auth]
+private_key = "{keys[h].node_private}"
+""")
+
+    server_log = tmp_path / "server.out"
+    server = procs(["server", "--config", str(tmp_path / "server.toml")], server_log)
+    _wait_for("submitted", server_log, server, timeout=120)
+    clients = {}
+    for h in HOSPITALS:
+        log = tmp_path / f"{h}.out"
+        clients[h] = (procs(["client", "--config", str(tmp_path / f"{h}.toml")], log), log)
+    for proc, log in clients.values():
+        _wait_for("connected to", log, proc, timeout=180)
+
+    try:
+        rc = server.wait(timeout=1700)
+    except subprocess.TimeoutExpired:
+        rc = None
+    out = server_log.read_text(errors="replace")
+    assert rc == 0, f"server exit {rc}:\n{out[-6000:]}"
+    assert "finished:completed" in out
+    run_logs = list((tmp_path / "server-state" / "logs").glob("run-*.log"))
+    assert len(run_logs) == 1 and run_logs[0].stat().st_size > 0  # the ServerApp's log
+
+    # the trained adapter and the per-round metrics are in the run output
+    assert (run_dir / "adapter" / "adapter_config.json").is_file(), sorted(
+        str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    rounds = metrics["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["participants"] == 2 for r in rounds)
+    # every hospital kept its own signed privacy ledger: one entry per round
+    for h in HOSPITALS:
+        ledger = tmp_path / h / "ledger.jsonl"
+        assert ledger.is_file(), f"{h} has no ledger"
+        entries = [json.loads(line) for line in ledger.read_text().splitlines()]
+        assert len(entries) == 2
+        assert all("signature" in json.dumps(e) for e in entries)
+    # `flwr run` rewrites the pyproject it is given: the source tree's must be untouched
+    assert (Path(__file__).resolve().parent.parent / "pyproject.toml").read_bytes() == \
+        source_pyproject
+    # the server holds no hospital data: no cohort file, no ledger in its state or run dir
+    server_files = [p.name for d in (tmp_path / "server-state", run_dir) for p in d.rglob("*")]
+    assert "ledger.jsonl" not in server_files and "manifest.csv" not in server_files
