@@ -116,6 +116,10 @@ class ModelConfig(StrictModel):
     image_tokens: int = Field(4, ge=1, description="k prompt embeddings from the image")
     genomics_tokens: int = Field(2, ge=1, description="m prompt embeddings from the genomics")
     encoder_width: int = Field(64, ge=8)
+    image_norm: Literal["group", "none"] = Field(
+        "none", description="normalisation in the image CNN: 'none' keeps absolute intensity "
+        "levels (measured better on synthetic cohorts), 'group' = GroupNorm; never BatchNorm"
+    )
     max_report_tokens: int = Field(64, ge=8)
     report_loss_weight: float = Field(1.0, ge=0.0)
     marker_loss_weight: float = Field(1.0, ge=0.0)
@@ -137,7 +141,10 @@ class PrivacyConfig(StrictModel):
         None, ge=0.0, description="fix sigma instead of calibrating it to target_epsilon"
     )
     accountant: Literal["rdp", "prv", "gdp"] = "rdp"
-    grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = "hooks"
+    grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = Field(
+        "ew", description="Opacus per-sample gradient mode; ew was fastest in "
+        "benchmarks/dp_overhead.py (see docs/privacy.md)",
+    )
     hospital_level: bool = Field(False, description="also clip + noise each hospital's update")
     hospital_clip: float = Field(1.0, gt=0.0)
     hospital_noise_multiplier: float = Field(0.5, ge=0.0)
@@ -167,10 +174,19 @@ class TrainingConfig(StrictModel):
     local_epochs: float = Field(1.0, gt=0.0)
     batch_size: int = Field(16, ge=1, description="expected (Poisson) batch size")
     max_physical_batch_size: int = Field(32, ge=1)
-    lr: float = Field(2e-3, gt=0.0)
+    lr: float = Field(1e-3, gt=0.0, description="AdamW lr of encoders and marker head")
     weight_decay: float = Field(0.0, ge=0.0)
     seed: int = 0
     threads: int = Field(0, ge=0, description="torch threads (0 = torch default)")
+    augment: bool = Field(
+        True, description="random left-right flips and small shifts of training images"
+    )
+    lora_lr_scale: float = Field(
+        5.0, gt=0.0, description="learning-rate multiplier for LoRA and the prompt projectors"
+    )
+    train_epochs: float = Field(
+        20.0, gt=0.0, description="epochs of `fedrg train` (centralised; rounds use local_epochs)"
+    )
 
 
 class ExperimentConfig(StrictModel):

@@ -1,9 +1,183 @@
-"""Commands (placeholder: filled in by the issue that owns them)."""
+"""``fedrg train`` and ``fedrg predict``: one cohort, one adapter."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import typer
+
+from fedrg.errors import FedrgError
+
+
+def _fail(err: FedrgError) -> None:
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and obj != obj:  # NaN
+        return None
+    return obj
+
+
+def run_train(
+    cohort_dir: Path,
+    out: Path,
+    *,
+    dp: bool,
+    config: Path | None = None,
+    overrides: list[str] | None = None,
+    evaluate_before: bool = False,
+) -> dict[str, Any]:
+    """Train an adapter on one cohort, evaluate on its held-out split, write OUT.
+
+    Writes the adapter files and ``OUT/metrics.json`` (train metrics, held-out evaluation,
+    parameter counts, payload bytes, and epsilon when DP is on). Returns the metrics.
+    """
+    import torch
+
+    from fedrg.config import load_config
+    from fedrg.data.cohort import load_cohort
+    from fedrg.data.dataset import CohortDataset, split_indices
+    from fedrg.model.adapter import build_model
+    from fedrg.model.io import save_adapter
+    from fedrg.model.payload import adapter_manifest
+    from fedrg.train.evaluate import evaluate
+    from fedrg.train.loop import planned_steps, train_local
+
+    cfg = load_config(config, overrides)
+    if cfg.training.threads:
+        torch.set_num_threads(cfg.training.threads)
+    cohort = load_cohort(cohort_dir, cfg.data)
+    train_idx, val_idx = split_indices(cohort, cfg.data)
+    train_ds = CohortDataset(cohort, cfg.data, train_idx)
+    val_ds = CohortDataset(cohort, cfg.data, val_idx)
+    torch.manual_seed(cfg.training.seed)
+    model = build_model(cfg.model, cfg.data, seed=cfg.training.seed)
+    metrics: dict[str, Any] = {
+        "cohort_patients": len(cohort),
+        "train_patients": len(train_idx),
+        "val_patients": len(val_idx),
+        "parameters": model.parameter_counts(),
+        "config_hash": cfg.config_hash(),
+    }
+    if evaluate_before:
+        metrics["untrained"] = evaluate(model, val_ds)
+    privacy = None
+    # `fedrg train` is the centralised baseline: training.train_epochs (rounds: local_epochs)
+    tcfg = cfg.training.model_copy(update={"local_epochs": cfg.training.train_epochs})
+    steps = planned_steps(len(train_ds), tcfg)
+    if dp and cfg.privacy.enabled:
+        from fedrg.privacy.accounting import calibrate_noise_multiplier, poisson_sample_rate
+        from fedrg.privacy.dpsgd import DPSession
+
+        q = poisson_sample_rate(batch_size=tcfg.batch_size, n_records=len(train_ds))
+        sigma = (
+            float(cfg.privacy.noise_multiplier) if cfg.privacy.noise_multiplier is not None
+            else calibrate_noise_multiplier(
+                target_epsilon=cfg.privacy.target_epsilon, target_delta=cfg.privacy.target_delta,
+                sample_rate=q, steps=steps, accountant=cfg.privacy.accountant,
+            )
+        )
+        privacy = DPSession.from_config(cfg.privacy, tcfg, n_records=len(train_ds),
+                                        noise_multiplier=sigma)
+        metrics["privacy"] = {"noise_multiplier": sigma, "sample_rate": q, "steps": steps}
+    metrics["train"] = train_local(model, train_ds, tcfg, steps=steps, privacy=privacy)
+    if privacy is not None:
+        metrics["privacy"]["epsilon"] = privacy.epsilon(target_delta=cfg.privacy.target_delta)
+        metrics["privacy"]["target_delta"] = cfg.privacy.target_delta
+    metrics["eval"] = evaluate(model, val_ds)
+    save_adapter(model, out)
+    manifest = adapter_manifest(model)
+    metrics["payload_bytes"] = manifest["bytes"]
+    metrics["payload_sha256"] = manifest["sha256"]
+    (Path(out) / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2))
+    return metrics
+
+
+def run_predict(adapter: Path, cohort_dir: Path, *, patient: str | None = None,
+                batch_size: int = 16) -> list[dict[str, Any]]:
+    """One dict per patient: ``patient_id``, generated ``report``, marker probabilities."""
+    from fedrg.data.cohort import load_cohort
+    from fedrg.data.dataset import CohortDataset
+    from fedrg.errors import CohortError, Problem
+    from fedrg.model.io import load_adapter
+    from fedrg.train.loop import collate
+
+    model = load_adapter(adapter)
+    model.eval()
+    cohort = load_cohort(cohort_dir, model.data_cfg)
+    indices = list(range(len(cohort)))
+    if patient is not None:
+        if patient not in cohort.patient_ids:
+            raise CohortError(str(cohort_dir), [Problem("manifest.csv",
+                                                        f"patient {patient!r} not found")])
+        indices = [cohort.patient_ids.index(patient)]
+    ds = CohortDataset(cohort, model.data_cfg, indices)
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(ds), batch_size):
+        batch = collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
+        reports = model.generate_reports(batch)
+        probs = model.marker_probabilities(batch).cpu().numpy()
+        probs_img = model.marker_probabilities(batch, withhold_genomics=True).cpu().numpy()
+        for i, pid in enumerate(batch["patient_id"]):
+            rows.append({
+                "patient_id": pid,
+                "report": reports[i],
+                "markers": {m: round(float(probs[i, j]), 4)
+                            for j, m in enumerate(model.data_cfg.markers)},
+                "markers_image_only": {m: round(float(probs_img[i, j]), 4)
+                                       for j, m in enumerate(model.data_cfg.markers)},
+                "has_genomics": bool(batch["has_genomics"][i] > 0.5),
+            })
+    return rows
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
+    """Add ``train`` and ``predict`` to ``app``."""
+
+    @app.command("train")
+    def train_cmd(
+        cohort: Path = typer.Option(..., "--cohort", help="cohort directory"),
+        out: Path = typer.Option(..., "--out", help="output directory (adapter + metrics.json)"),
+        no_dp: bool = typer.Option(False, "--no-dp", help="train without differential privacy"),
+        config: Path | None = typer.Option(None, "--config", help="TOML config file"),
+        overrides: list[str] = typer.Option([], "--set", help="section.key=value override"),
+        eval_before: bool = typer.Option(
+            False, "--eval-before", help="also evaluate the untrained adapter"),
+    ) -> None:
+        """Train the adapter on one cohort; write OUT/metrics.json and the adapter."""
+        try:
+            m = run_train(cohort, out, dp=not no_dp, config=config, overrides=overrides,
+                          evaluate_before=eval_before)
+        except FedrgError as err:
+            _fail(err)
+            return
+        ev = m["eval"]
+        typer.echo(json.dumps(_json_safe({
+            "out": str(out), "val_patients": m["val_patients"], "loss": ev["loss"],
+            "auroc": ev["auroc"], "auroc_multimodal": ev["auroc_multimodal"],
+            "rouge_l": ev["rouge_l"], "findings_f1": ev["findings_f1"],
+            "epsilon": m.get("privacy", {}).get("epsilon"),
+        })))
+
+    @app.command("predict")
+    def predict_cmd(
+        adapter: Path = typer.Option(..., "--adapter", help="adapter directory (fedrg train --out)"),
+        cohort: Path = typer.Option(..., "--cohort", help="cohort directory"),
+        patient: str | None = typer.Option(None, "--patient", help="only this patient id"),
+    ) -> None:
+        """Print one JSON line per patient: generated report and marker probabilities."""
+        try:
+            rows = run_predict(adapter, cohort, patient=patient)
+        except FedrgError as err:
+            _fail(err)
+            return
+        for row in rows:
+            typer.echo(json.dumps(row))

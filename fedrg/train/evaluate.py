@@ -1,0 +1,122 @@
+"""Held-out evaluation: marker AUROC (image only and multimodal), report quality, loss."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fedrg.train.loop import collate
+
+
+def _batches(dataset: Dataset, batch_size: int) -> Iterator[dict[str, Any]]:
+    for start in range(0, len(dataset), batch_size):
+        yield collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+
+
+def auroc(labels: np.ndarray, scores: np.ndarray, mask: np.ndarray) -> float | None:
+    """ROC AUC over the known labels; ``None`` when fewer than two classes are present."""
+    from sklearn.metrics import roc_auc_score
+
+    known = mask > 0.5
+    y = labels[known]
+    if y.size == 0 or len(np.unique(y)) < 2:
+        return None
+    return float(roc_auc_score(y, scores[known]))
+
+
+def rouge_l(generated: list[str], references: list[str]) -> float | None:
+    """Mean ROUGE-L F-measure (``rouge_score``) over pairs with a non-empty reference."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    vals = [
+        scorer.score(ref, gen)["rougeL"].fmeasure
+        for gen, ref in zip(generated, references, strict=True)
+        if ref.strip()
+    ]
+    return float(np.mean(vals)) if vals else None
+
+
+@torch.no_grad()
+def predict_dataset(
+    model, dataset: Dataset, *, batch_size: int = 32, generate: bool = True
+) -> dict[str, Any]:
+    """Marker probabilities (image only and multimodal), generated reports and losses.
+
+    Returns
+    -------
+    dict
+        ``patient_id`` list, ``probs_image`` and ``probs_multimodal`` ``[N,K]`` arrays,
+        ``markers``/``marker_mask`` ``[N,K]``, ``loss`` ``[N]``, ``reports`` (references),
+        ``generated`` (list or None).
+    """
+    out: dict[str, list] = {k: [] for k in (
+        "patient_id", "probs_image", "probs_multimodal", "markers", "marker_mask", "loss",
+        "reports", "generated",
+    )}
+    for batch in _batches(dataset, batch_size):
+        out["patient_id"] += list(batch["patient_id"])
+        out["reports"] += list(batch["report"])
+        out["markers"].append(batch["markers"].numpy())
+        out["marker_mask"].append(batch["marker_mask"].numpy())
+        out["loss"].append(model.per_example_loss(batch).cpu().numpy())
+        out["probs_image"].append(
+            model.marker_probabilities(batch, withhold_genomics=True).cpu().numpy()
+        )
+        out["probs_multimodal"].append(model.marker_probabilities(batch).cpu().numpy())
+        if generate:
+            out["generated"] += model.generate_reports(batch)
+    result: dict[str, Any] = dict(out)
+    for k in ("probs_image", "probs_multimodal", "markers", "marker_mask", "loss"):
+        result[k] = np.concatenate(out[k]) if out[k] else np.zeros((0,))
+    if not generate:
+        result["generated"] = None
+    return result
+
+
+def evaluate(
+    model, dataset: Dataset, *, batch_size: int = 32, generate: bool = True
+) -> dict[str, Any]:
+    """Evaluate ``model`` on held-out patients.
+
+    Returns
+    -------
+    dict
+        ``n``; ``loss`` (mean per-example loss, genomics as given); ``auroc`` (marker -> AUROC
+        from the image alone, genomics withheld; ``None`` where undefined); ``auroc_multimodal``
+        (image + genomics); ``rouge_l`` and ``findings_f1`` of greedy reports against the
+        references (``None`` when ``generate`` is False or no reference exists).
+    """
+    from fedrg.data.findings import findings_f1
+
+    markers = list(model.data_cfg.markers)
+    if len(dataset) == 0:
+        empty = dict.fromkeys(markers)
+        return {"n": 0, "loss": None, "auroc": empty, "auroc_multimodal": dict(empty),
+                "rouge_l": None, "findings_f1": None}
+    was_training = model.training
+    model.eval()
+    try:
+        p = predict_dataset(model, dataset, batch_size=batch_size, generate=generate)
+    finally:
+        model.train(was_training)
+    res: dict[str, Any] = {"n": len(p["patient_id"]), "loss": float(np.mean(p["loss"]))}
+    for key, probs in (("auroc", p["probs_image"]), ("auroc_multimodal", p["probs_multimodal"])):
+        res[key] = {
+            m: auroc(p["markers"][:, j], probs[:, j], p["marker_mask"][:, j])
+            for j, m in enumerate(markers)
+        }
+    if generate:
+        pairs = [(g, r) for g, r in zip(p["generated"], p["reports"], strict=True) if r.strip()]
+        gens = [g for g, _ in pairs]
+        refs = [r for _, r in pairs]
+        res["rouge_l"] = rouge_l(gens, refs) if pairs else None
+        res["findings_f1"] = float(findings_f1(gens, refs)) if pairs else None
+    else:
+        res["rouge_l"] = None
+        res["findings_f1"] = None
+    return res

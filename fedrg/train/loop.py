@@ -1,0 +1,243 @@
+"""The local training loop shared by the centralised baseline and every hospital client.
+
+Differential privacy plugs in through one seam, :class:`PrivacySeam`, implemented by
+:class:`fedrg.privacy.dpsgd.DPSession`. The loop owns the model and the AdamW optimizer and
+hands both to the seam once (``attach``); from then on it only asks the seam for batches
+(e.g. Poisson sampling) and for steps on them (e.g. per-sample clipping + noise), and
+finally calls ``cleanup``. Without a seam, :class:`PlainSGD` uses shuffled fixed-size
+batches and the mean per-example loss.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from fedrg.config import TrainingConfig
+
+
+@runtime_checkable
+class PrivacySeam(Protocol):
+    """How a (privacy) mechanism plugs into :func:`train_local`.
+
+    ``attach(model, optimizer)`` is called once before the first step (a DP session wraps
+    them for per-sample gradients). ``batches(dataset, steps=...)`` yields collated batches
+    (possibly of size 0 under Poisson sampling). ``step(batch)`` runs forward
+    (``model(**model.encode_batch(batch))`` -> per-example losses ``[B]``), backward and the
+    optimizer step, and returns the batch's mean loss (``None`` for an empty batch).
+    ``cleanup()`` is called once at the end, also on error.
+    """
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
+
+    def batches(self, dataset: Dataset, *, steps: int | None = None) -> Iterator[dict[str, Any]]: ...
+
+    def step(self, batch: dict[str, Any]) -> float | None: ...
+
+    def cleanup(self) -> Any: ...
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Collate dataset items (``fedrg.data.dataset.collate_samples``)."""
+    from fedrg.data.dataset import collate_samples
+
+    return collate_samples(items)
+
+
+class PlainSGD:
+    """Non-private default seam: shuffled fixed-size batches (reshuffled each epoch), mean loss.
+
+    Parameters
+    ----------
+    batch_size
+        Examples per batch (capped at the dataset size).
+    seed
+        Seeds the shuffling.
+    """
+
+    def __init__(self, *, batch_size: int, seed: int = 0):
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def batches(self, dataset: Dataset, *, steps: int | None = None) -> Iterator[dict[str, Any]]:
+        n = len(dataset)
+        if n == 0 or not steps:
+            return
+        size = min(self.batch_size, n)
+        order: list[int] = []
+        for _ in range(steps):
+            if len(order) < size:
+                order += torch.randperm(n, generator=self.generator).tolist()
+            idx, order = order[:size], order[size:]
+            yield collate([dataset[i] for i in idx])
+
+    def step(self, batch: dict[str, Any]) -> float | None:
+        if self.model is None or self.optimizer is None:
+            raise RuntimeError("PlainSGD.step called before attach(model, optimizer)")
+        if len(batch.get("has_genomics", ())) == 0:
+            return None
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = self.model(**self.model.encode_batch(batch))
+        losses.mean().backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(losses.detach().mean())
+
+    def cleanup(self) -> None:
+        return None
+
+
+def withhold_genomics(batch: dict[str, Any], p: float, generator: torch.Generator) -> dict[str, Any]:
+    """Drop each example's genomics with probability ``p`` (zeros + ``has_genomics=0``)."""
+    if p <= 0.0 or len(batch["has_genomics"]) == 0:
+        return batch
+    keep = (torch.rand(len(batch["has_genomics"]), generator=generator) >= p).float()
+    out = dict(batch)
+    out["has_genomics"] = batch["has_genomics"] * keep
+    out["expression"] = batch["expression"] * keep[:, None]
+    out["mutations"] = batch["mutations"] * keep[:, None]
+    return out
+
+
+def augment_images(
+    batch: dict[str, Any], generator: torch.Generator, *, max_shift: int = 4
+) -> dict[str, Any]:
+    """Random left-right flip (p=0.5) and a shift of up to ``max_shift`` pixels per batch.
+
+    Works for ``[B,1,H,W]`` and ``[B,1,D,H,W]``; the last axis is left-right.
+    """
+    image = batch["image"]
+    n = image.shape[0]
+    if n == 0:
+        return batch
+    flip = torch.rand(n, generator=generator) < 0.5
+    view = (n,) + (1,) * (image.dim() - 1)
+    image = torch.where(flip.view(view), image.flip(-1), image)
+    shifts = torch.randint(-max_shift, max_shift + 1, (2,), generator=generator).tolist()
+    out = dict(batch)
+    out["image"] = torch.roll(image, shifts=shifts, dims=(-2, -1))
+    return out
+
+
+def planned_steps(n_examples: int, training_cfg: TrainingConfig) -> int:
+    """Steps for ``training.local_epochs`` passes at ``training.batch_size``."""
+    if n_examples <= 0:
+        return 0
+    return max(1, math.ceil(training_cfg.local_epochs * n_examples / training_cfg.batch_size))
+
+
+def _batch_size(batch: dict[str, Any]) -> int:
+    return len(batch.get("has_genomics", ()))
+
+
+FAST_PARTS = ("lora_", "image_proj.", "genomics_proj.")
+
+
+def param_groups(model: nn.Module, training_cfg: TrainingConfig) -> list[dict[str, Any]]:
+    """Trainable parameters in two AdamW groups: LoRA + prompt projectors at
+    ``lr * lora_lr_scale`` (they must learn to condition the LM), the rest at ``lr``."""
+    fast, slow = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (fast if any(k in name for k in FAST_PARTS) else slow).append(p)
+    groups = [{"params": slow, "lr": training_cfg.lr}]
+    if fast:
+        groups.append({"params": fast, "lr": training_cfg.lr * training_cfg.lora_lr_scale})
+    return [g for g in groups if g["params"]]
+
+
+def train_local(
+    model: nn.Module,
+    train_dataset: Dataset,
+    training_cfg: TrainingConfig,
+    *,
+    steps: int | None = None,
+    privacy: PrivacySeam | None = None,
+    seed: int | None = None,
+    genomics_dropout: float | None = None,
+) -> dict[str, Any]:
+    """Train the adapter of ``model`` on ``train_dataset`` (AdamW, in place).
+
+    Parameters
+    ----------
+    model
+        A :class:`fedrg.model.adapter.RadiogenomicsModel` (only its trainable parts change).
+    train_dataset
+        Items as described by ``fedrg.data.dataset.CohortDataset``.
+    training_cfg
+        lr, weight decay, batch size, local epochs, seed, threads.
+    steps
+        Number of optimizer steps; default from ``training.local_epochs`` and ``batch_size``.
+    privacy
+        The DP seam (see :class:`PrivacySeam`, e.g. a ``DPSession``); ``None`` =
+        non-private :class:`PlainSGD`. The loop calls its ``cleanup`` at the end.
+    seed
+        Seeds shuffling (non-private) and genomics withholding; default ``training.seed``.
+    genomics_dropout
+        Probability of withholding an example's genomics; default ``model.genomics_dropout``.
+
+    Returns
+    -------
+    dict
+        ``steps``, ``examples`` (examples seen), ``empty_steps``, ``loss_mean``,
+        ``loss_last`` (mean per-example loss of the last non-empty batch), ``seconds``.
+    """
+    if training_cfg.threads:
+        torch.set_num_threads(training_cfg.threads)
+    seed = training_cfg.seed if seed is None else int(seed)
+    seam: PrivacySeam = (
+        privacy if privacy is not None else PlainSGD(batch_size=training_cfg.batch_size, seed=seed)
+    )
+    n_steps = planned_steps(len(train_dataset), training_cfg) if steps is None else int(steps)
+    if genomics_dropout is None:
+        genomics_dropout = float(getattr(getattr(model, "model_cfg", None), "genomics_dropout", 0.0))
+    optimizer = torch.optim.AdamW(
+        param_groups(model, training_cfg), lr=training_cfg.lr, weight_decay=training_cfg.weight_decay
+    )
+    model.train()
+    drop_gen = torch.Generator().manual_seed(seed + 7919)
+    aug_gen = torch.Generator().manual_seed(seed + 104729)
+    losses: list[float] = []
+    seen = empty = 0
+    start = time.perf_counter()
+    seam.attach(model, optimizer)
+    try:
+        if n_steps > 0 and len(train_dataset) > 0:
+            for batch in seam.batches(train_dataset, steps=n_steps):
+                n = _batch_size(batch)
+                if n:
+                    batch = withhold_genomics(batch, genomics_dropout, drop_gen)
+                    if training_cfg.augment:
+                        batch = augment_images(batch, aug_gen)
+                loss = seam.step(batch)
+                if loss is None:
+                    empty += 1
+                else:
+                    losses.append(float(loss))
+                    seen += n
+    finally:
+        seam.cleanup()
+    return {
+        "steps": n_steps,
+        "examples": seen,
+        "empty_steps": empty,
+        "loss_mean": sum(losses) / len(losses) if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def subset(dataset: Dataset, indices: Sequence[int]) -> Dataset:
+    """A view of ``dataset`` restricted to ``indices``."""
+    return torch.utils.data.Subset(dataset, list(indices))
