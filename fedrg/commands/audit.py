@@ -26,8 +26,8 @@ def _span(values: list[float], fmt: str = "{:.4g}") -> str:
 
 
 def audit(
-    path: Path = typer.Argument(
-        ..., help="run directory, hospital state directory, or ledger.jsonl file"
+    path: Path | None = typer.Argument(
+        None, help="run directory, hospital state directory, or ledger.jsonl file"
     ),
     json_out: bool = typer.Option(False, "--json", help="print the result as JSON only"),
     html_out: Path | None = typer.Option(
@@ -38,15 +38,40 @@ def audit(
         help="Ed25519 public key (PEM) to verify with, instead of ledger_ed25519.pub "
         "next to each ledger",
     ),
+    empirical: bool = typer.Option(
+        False, "--empirical",
+        help="instead of PATH: train with random canary patients, once with DP-SGD and once "
+        "without, and report empirical epsilon lower bounds (docs/audit.md)",
+    ),
+    cohort: Path | None = typer.Option(
+        None, "--cohort", help="--empirical: cohort directory (default: a synthetic cohort "
+        "made in a temporary directory)",
+    ),
+    epsilon: float = typer.Option(2.0, "--epsilon", help="--empirical: target epsilon of the "
+                                  "DP run"),
+    canaries: int = typer.Option(256, "--canaries", help="--empirical: number of canaries"),
+    steps: int = typer.Option(200, "--steps", help="--empirical: training steps per run"),
 ) -> None:
     """Verify every privacy ledger under PATH: hash chain, signatures, independently
-    recomputed epsilon (dp_accounting) and budget. Exits 1 if anything fails."""
+    recomputed epsilon (dp_accounting) and budget. Exits 1 if anything fails.
+
+    With --empirical: audit the training code itself with canaries (Steinke, Nasr and
+    Jagielski 2023). Exits 1 if the DP run's empirical lower bound exceeds its accounted
+    epsilon."""
     from rich.console import Console
     from rich.table import Table
 
     from fedrg.privacy.audit import audit_path
 
     err_console = Console(stderr=True)
+    if empirical:
+        _empirical(cohort=cohort, epsilon=epsilon, canaries=canaries, steps=steps,
+                   json_out=json_out)
+        return
+    if path is None:
+        err_console.print("[red]error:[/red] give PATH (a run directory, hospital state "
+                          "directory or ledger file), or --empirical", highlight=False)
+        raise typer.Exit(2)
     try:
         result = audit_path(path, public_key=public_key)
     except FedrgError as err:
@@ -95,6 +120,69 @@ def audit(
         console.print("[green]audit passed[/green]")
     else:
         console.print("[red]audit FAILED[/red]")
+        raise typer.Exit(1)
+
+
+def _empirical(*, cohort: Path | None, epsilon: float, canaries: int, steps: int,
+               json_out: bool) -> None:
+    """``fedrg audit --empirical``: a DP run and a non-private run with canaries."""
+    import tempfile
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedrg.privacy.empirical import audit_data_config, run_empirical_pair
+
+    err_console = Console(stderr=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix="fedrg-audit-") as tmp:
+            if cohort is None:
+                from fedrg.data.synth import synthesize
+
+                cohort = synthesize(Path(tmp), hospitals=1, patients=48, seed=0,
+                                    data_cfg=audit_data_config())[0]
+                source = "synthetic cohort (48 patients on average, seed 0)"
+            else:
+                source = str(cohort)
+            pair = run_empirical_pair(cohort, target_epsilon=epsilon, canaries=canaries,
+                                      steps=steps)
+    except FedrgError as err:
+        err_console.print(f"[red]error:[/red] {err}", highlight=False)
+        if json_out:
+            typer.echo(json.dumps({"ok": False, "error": str(err)}))
+        raise typer.Exit(1) from None
+    if json_out:
+        typer.echo(json.dumps({**pair.to_json(), "cohort": source}, indent=2))
+        raise typer.Exit(0 if pair.ok else 1)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=150)
+    table = Table(title=f"Empirical privacy audit (one run each, canaries) on {source}")
+    for col in ("run", "eps accounted", "eps lower bound", "canaries", "included", "guesses",
+                "correct", "noise multiplier", "steps", "seconds"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    for name, r in (("DP-SGD", pair.dp), ("non-private", pair.non_private)):
+        table.add_row(name, _fmt(r.epsilon_accounted), _fmt(r.epsilon_lower_bound), str(r.m),
+                      str(r.included), str(r.guesses), str(r.correct),
+                      _fmt(r.noise_multiplier), str(r.steps), f"{r.seconds:.0f}")
+    console.print(table)
+    dp, np_ = pair.dp, pair.non_private
+    console.print(
+        f"Lower bounds hold with confidence {1 - dp.beta:.0%} at delta={dp.target_delta:g}. "
+        "A DP run whose bound exceeds its accounted epsilon leaks more than it accounts for.",
+        style="dim", highlight=False)
+    if not pair.powered:
+        console.print(
+            f"[yellow]inconclusive:[/yellow] the non-private run's bound "
+            f"{np_.epsilon_lower_bound:.2f} does not exceed {dp.epsilon_accounted:.2f}, so this "
+            "audit could not have caught a leak of that size; use more --canaries or --steps",
+            highlight=False)
+    if pair.ok:
+        console.print(f"[green]audit passed[/green]: DP bound {dp.epsilon_lower_bound:.2f} <= "
+                      f"accounted epsilon {dp.epsilon_accounted:.2f}", highlight=False)
+    else:
+        console.print(f"[red]audit FAILED[/red]: DP bound {dp.epsilon_lower_bound:.2f} > "
+                      f"accounted epsilon {dp.epsilon_accounted:.2f}", highlight=False)
         raise typer.Exit(1)
 
 
