@@ -122,7 +122,9 @@ class ModelConfig(StrictModel):
     )
     max_report_tokens: int = Field(64, ge=8)
     report_loss_weight: float = Field(1.0, ge=0.0)
-    marker_loss_weight: float = Field(1.0, ge=0.0)
+    marker_loss_weight: float = Field(
+        3.0, ge=0.0, description="weight of the marker loss (3: under per-sample clipping the "
+        "marker heads otherwise get little of each patient's gradient budget)")
     genomics_dropout: float = Field(
         0.5, ge=0.0, le=1.0,
         description="probability of withholding genomics from a training example "
@@ -171,10 +173,14 @@ class SecAggConfig(StrictModel):
 class TrainingConfig(StrictModel):
     """The local loop at each hospital (and the centralised baseline)."""
 
-    local_epochs: float = Field(1.0, gt=0.0)
-    batch_size: int = Field(16, ge=1, description="expected (Poisson) batch size")
+    local_epochs: float = Field(2.0, gt=0.0, description="epochs of local training per round")
+    batch_size: int = Field(32, ge=1, description="expected (Poisson) batch size")
     max_physical_batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0.0, description="AdamW lr of encoders and marker head")
+    lr: float = Field(
+        3e-3, gt=0.0, description="AdamW lr of encoders and marker head in federated rounds "
+        "(tuned for DP-SGD at epsilon 8; see docs/federation.md)")
+    train_lr: float = Field(
+        1e-3, gt=0.0, description="AdamW lr of `fedrg train` (centralised, non-private, many epochs)")
     weight_decay: float = Field(0.0, ge=0.0)
     seed: int = 0
     threads: int = Field(0, ge=0, description="torch threads (0 = torch default)")

@@ -71,7 +71,8 @@ def run_train(
         metrics["untrained"] = evaluate(model, val_ds)
     privacy = None
     # `fedrg train` is the centralised baseline: training.train_epochs (rounds: local_epochs)
-    tcfg = cfg.training.model_copy(update={"local_epochs": cfg.training.train_epochs})
+    tcfg = cfg.training.model_copy(update={"local_epochs": cfg.training.train_epochs,
+                                           "lr": cfg.training.train_lr})
     steps = planned_steps(len(train_ds), tcfg)
     if dp and cfg.privacy.enabled:
         from fedrg.privacy.accounting import calibrate_noise_multiplier, poisson_sample_rate
