@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from model_fixtures import tiny_base, tiny_cohort, tiny_data_cfg, tiny_model_cfg
+from model_fixtures import tiny_cohort, tiny_data_cfg, tiny_model_cfg
 from typer.testing import CliRunner
 
 from fedrg.cli import app
@@ -28,16 +28,6 @@ from fedrg.privacy.empirical import (
     run_canary_audit,
     score_canaries,
 )
-
-
-@pytest.fixture(scope="session")
-def fx_root(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "model-fixtures"
-
-
-@pytest.fixture(scope="session")
-def base_dir(fx_root):
-    return tiny_base(fx_root)
 
 
 @pytest.fixture(scope="session")

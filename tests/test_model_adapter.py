@@ -9,35 +9,15 @@ import pytest
 import torch
 from model_fixtures import (
     gpt2_base,
-    tiny_base,
-    tiny_cohort,
     tiny_data_cfg,
     tiny_model_cfg,
 )
 
 from fedrg.config import ModelConfig
-from fedrg.data.cohort import load_cohort
-from fedrg.data.dataset import CohortDataset
 from fedrg.errors import ModelError
 from fedrg.model.adapter import RadiogenomicsModel, build_model
 from fedrg.model.payload import adapter_manifest
 from fedrg.train.loop import collate, train_local
-
-
-@pytest.fixture(scope="session")
-def fx_root(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "model-fixtures"
-
-
-@pytest.fixture(scope="session")
-def base_dir(fx_root):
-    return tiny_base(fx_root)
-
-
-@pytest.fixture(scope="session")
-def dataset(fx_root):
-    cfg = tiny_data_cfg()
-    return CohortDataset(load_cohort(tiny_cohort(fx_root), cfg), cfg)
 
 
 @pytest.fixture()

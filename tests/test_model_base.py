@@ -18,11 +18,6 @@ from fedrg.model.base import (
 )
 
 
-@pytest.fixture(scope="session")
-def fx_root(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "model-fixtures"
-
-
 def test_builtin_build_is_cached_and_loads_offline(fx_root):
     path = tiny_base(fx_root)
     info = json.loads((path / "fedrg_base.json").read_text())

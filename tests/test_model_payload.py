@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from model_fixtures import tiny_base, tiny_cohort, tiny_data_cfg, tiny_model_cfg
+from model_fixtures import tiny_cohort, tiny_data_cfg, tiny_model_cfg
 
 from fedrg.data.cohort import load_cohort
 from fedrg.data.dataset import CohortDataset
@@ -16,16 +16,6 @@ from fedrg.model.adapter import build_model
 from fedrg.model.io import load_adapter, save_adapter
 from fedrg.model.payload import adapter_manifest, get_adapter_arrays, set_adapter_arrays
 from fedrg.train.loop import collate
-
-
-@pytest.fixture(scope="session")
-def fx_root(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "model-fixtures"
-
-
-@pytest.fixture(scope="session")
-def base_dir(fx_root):
-    return tiny_base(fx_root)
 
 
 @pytest.fixture(scope="session")

@@ -11,33 +11,16 @@ import math
 
 import pytest
 import torch
-from model_fixtures import tiny_base, tiny_cohort, tiny_data_cfg, tiny_model_cfg
+from model_fixtures import tiny_data_cfg, tiny_model_cfg
 
 from fedrg.config import TrainingConfig
-from fedrg.data.cohort import load_cohort
-from fedrg.data.dataset import CohortDataset, collate_samples
+from fedrg.data.dataset import collate_samples
 from fedrg.model.adapter import build_model
 from fedrg.privacy.accounting import PrivacyHistory, epsilon_of
 from fedrg.privacy.dpsgd import DPSession
 from fedrg.train.loop import train_local
 
 MODES = ["hooks", "functorch", "ew", "ghost"]
-
-
-@pytest.fixture(scope="session")
-def fx_root(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "model-fixtures"
-
-
-@pytest.fixture(scope="session")
-def base_dir(fx_root):
-    return tiny_base(fx_root)
-
-
-@pytest.fixture(scope="session")
-def dataset(fx_root):
-    cfg = tiny_data_cfg()
-    return CohortDataset(load_cohort(tiny_cohort(fx_root), cfg), cfg)
 
 
 def fresh_model(base_dir):

@@ -12,11 +12,6 @@ from typer.testing import CliRunner
 from fedrg.cli import app
 
 
-@pytest.fixture(scope="session")
-def fx_root(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "model-fixtures"
-
-
 @pytest.mark.slow
 def test_train_then_predict(fx_root, tmp_path):
     base = tiny_base(fx_root)

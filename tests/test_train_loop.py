@@ -5,13 +5,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytest
 import torch
-from model_fixtures import tiny_base, tiny_cohort, tiny_data_cfg, tiny_model_cfg
+from model_fixtures import tiny_data_cfg, tiny_model_cfg
 
 from fedrg.config import TrainingConfig
-from fedrg.data.cohort import load_cohort
-from fedrg.data.dataset import CohortDataset
 from fedrg.model.adapter import build_model
 from fedrg.model.payload import get_adapter_arrays
 from fedrg.train.evaluate import auroc, evaluate
@@ -24,22 +21,6 @@ from fedrg.train.loop import (
     train_local,
     withhold_genomics,
 )
-
-
-@pytest.fixture(scope="session")
-def fx_root(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "model-fixtures"
-
-
-@pytest.fixture(scope="session")
-def base_dir(fx_root):
-    return tiny_base(fx_root)
-
-
-@pytest.fixture(scope="session")
-def dataset(fx_root):
-    cfg = tiny_data_cfg()
-    return CohortDataset(load_cohort(tiny_cohort(fx_root), cfg), cfg)
 
 
 def _model(base_dir, seed=0):
