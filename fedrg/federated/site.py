@@ -98,6 +98,30 @@ class HospitalSite:
         return Ledger.open(self.site.state_dir, hospital=self.site.name,
                            signing_key_path=self.site.signing_key or None)
 
+    def _size_file(self) -> Path:
+        return Path(self.site.state_dir) / "train_size.json"
+
+    def _size_key(self, cfg: ExperimentConfig) -> str:
+        return hashlib.sha256((self.site.cohort + cfg.data.model_dump_json()).encode()).hexdigest()[:16]
+
+    def _known_train_size(self, cfg: ExperimentConfig) -> int | None:
+        try:
+            return int(json.loads(self._size_file().read_text())[self._size_key(cfg)])
+        except (OSError, KeyError, ValueError):
+            return None
+
+    def _remember_train_size(self, cfg: ExperimentConfig, n_train: int) -> None:
+        path = self._size_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            sizes = json.loads(path.read_text())
+        except (OSError, ValueError):
+            sizes = {}
+        sizes[self._size_key(cfg)] = n_train
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(sizes))
+        tmp.replace(path)
+
     # ------------------------------------------------------------------ dispatch
     def handle(self, action: str, payload: Payload, state: Payload) -> Payload:
         """Answer one server message; ``state`` persists between messages of a run."""
@@ -149,12 +173,19 @@ class HospitalSite:
         cfg = from_run_config(payload.meta["config"])
         rnd = int(payload.meta["round"])
         run_id = str(payload.meta["run_id"])
-        cache = self.cohort(cfg)
-        n_train = len(cache.train_idx)
-        plan = self.plan(cfg, n_train)
         reply = Payload(meta={"site": self.site.name, "status": "ok"})
         session = None
         ledger = None
+        # The budget check needs only the training-set size: known from an earlier round
+        # (kept in the state directory), so a hospital over budget declines before it reads
+        # any patient file. Only the very first round on a dataset loads the cohort first.
+        n_train = self._known_train_size(cfg)
+        cache = None
+        if n_train is None or not cfg.privacy.enabled:
+            cache = self.cohort(cfg)
+            n_train = len(cache.train_idx)
+            self._remember_train_size(cfg, n_train)
+        plan = self.plan(cfg, n_train)
         if cfg.privacy.enabled:
             ledger = self._ledger()
             past = ledger.history()
@@ -170,6 +201,11 @@ class HospitalSite:
                 reply.meta["epsilon"] = self._run_epsilon(ledger.read(), run_id, cfg)
                 reply.meta["epsilon_lifetime"] = float(err.epsilon_spent)
                 return reply
+            if cache is None:
+                cache = self.cohort(cfg)
+                if len(cache.train_idx) != n_train:  # the cohort changed: plan again
+                    self._remember_train_size(cfg, len(cache.train_idx))
+                    return self.train(payload, state)
             from fedrg.privacy.dpsgd import DPSession
 
             session = DPSession.from_config(

@@ -1,0 +1,86 @@
+"""Real hospital sites (tiny model, real DP-SGD, ledgers, secure aggregation) in one process.
+
+The Flower engine carries exactly these payloads (tests/test_simulation_e2e.py runs them on
+Ray); here the round logic of the hospitals is checked quickly and directly.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from model_fixtures import tiny_cohort
+
+from fedrg.config import SiteConfig, load_config
+from fedrg.federated.local import LocalTransport
+from fedrg.federated.runner import run_federation
+from fedrg.federated.site import HospitalSite
+from fedrg.privacy.accounting import PrivacyHistory, epsilon_of
+from fedrg.privacy.ledger import Ledger
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cohorts(fx_root):
+    return [tiny_cohort(fx_root, patients=24, seed=s) for s in (11, 12, 13)]
+
+
+def _cfg(base_dir, *extra):
+    return load_config(None, [
+        f"model.base={base_dir}", "model.encoder_width=16", "model.lora_rank=4",
+        "model.max_report_tokens=24", "data.image_shape=[32, 32]", "training.local_epochs=0.5",
+        "training.batch_size=8", "federation.rounds=2", "federation.min_hospitals=2", *extra])
+
+
+def test_nearly_spent_hospital_declines_and_the_run_completes(tmp_path, base_dir, cohorts):
+    cfg = _cfg(base_dir)
+    probe = HospitalSite(SiteConfig(name="probe", cohort=str(cohorts[2]), state_dir=str(tmp_path / "p")))
+    n_train = len(probe.cohort(cfg).train_idx)
+    plan = probe.plan(cfg, n_train)
+    eps_round1 = epsilon_of(PrivacyHistory([(plan["noise_multiplier"], plan["sample_rate"], plan["steps"])]),
+                            target_delta=cfg.privacy.target_delta)
+    budget = eps_round1 * 1.05  # round 1 fits, round 2 does not
+    sites = [SiteConfig(name=f"h{i}", cohort=str(c), state_dir=str(tmp_path / f"s{i}"),
+                        epsilon_budget=100.0 if i < 3 else budget) for i, c in enumerate(cohorts, 1)]
+    result = run_federation(LocalTransport(sites), cfg, tmp_path / "run")
+    r1, r2 = result.metrics["rounds"]
+    assert r1["participants"] == 3 and not r1["declined"]
+    assert r2["participants"] == 2 and r2["declined"] == {"h3": "privacy_budget_exhausted"}
+    assert not result.stopped_early
+    # each hospital's per-run epsilon stays within the target; the ledgers within the budgets
+    assert all(0 < e <= cfg.privacy.target_epsilon + 1e-6 for e in r2["epsilon"].values())
+    for site in sites:
+        entries = Ledger.open(site.state_dir, hospital=site.name).read()
+        assert entries[-1].epsilon <= site.epsilon_budget
+    h3 = Ledger.open(sites[2].state_dir, hospital="h3").read()
+    assert len(h3) == 1 and h3[0].epsilon == pytest.approx(eps_round1, rel=1e-6)
+    assert json.loads((tmp_path / "s3" / "train_size.json").read_text())  # known before reading data
+
+
+def test_updates_leave_masked_and_adapter_changes_by_bounded_amount(tmp_path, base_dir, cohorts):
+    cfg = _cfg(base_dir, "federation.rounds=1")
+    sites = [SiteConfig(name=f"h{i}", cohort=str(c), state_dir=str(tmp_path / f"s{i}"))
+             for i, c in enumerate(cohorts, 1)]
+    transport = LocalTransport(sites)
+    sent = []
+    original = transport.send
+
+    def spy(action, messages, **kw):
+        replies = original(action, messages, **kw)
+        sent.extend((action, r.payload) for r in replies.values() if r.payload is not None)
+        return replies
+
+    transport.send = spy
+    from fedrg.model.adapter import build_model
+    from fedrg.model.payload import get_adapter_arrays
+
+    before = get_adapter_arrays(build_model(cfg.model, cfg.data, seed=cfg.federation.seed))
+    result = run_federation(transport, cfg, tmp_path / "run")
+    train_replies = [p for a, p in sent if a == "train"]
+    assert train_replies and all(not p.arrays and "weight" not in p.meta for p in train_replies)
+    masked = [p.arrays["sa.masked"] for a, p in sent if a == "secagg_masked"]
+    assert len(masked) == 3 and all(m.dtype == np.uint32 for m in masked)
+    change = np.sqrt(sum(float(((a - b) ** 2).sum()) for a, b in zip(result.global_arrays, before, strict=True)))
+    assert 0 < change < 10.0
