@@ -217,7 +217,9 @@ class HospitalSite:
         model = _model_for(cfg)
         global_arrays = [np.asarray(a) for a in payload.array_list("global")]
         set_adapter_arrays(model, global_arrays)
-        seed = _round_seed(cfg.training.seed, run_id, rnd, self.site.name)
+        # from the shared seeds, round and site (not the run id), so a resumed run repeats the
+        # interrupted one; DP noise never comes from here (OS entropy, see privacy/dpsgd.py)
+        seed = _round_seed(cfg.training.seed, cfg.federation.seed, rnd, self.site.name)
         torch.manual_seed(seed)
         if cfg.training.threads:
             torch.set_num_threads(cfg.training.threads)
