@@ -106,7 +106,7 @@ def test_scores_are_the_log_likelihood_of_each_canarys_labels(cohort, base_dir) 
     # Batching does not change a canary's score.
     assert np.allclose(score_canaries(model, canaries, batch_size=64), scores, atol=1e-5)
     bce = F.binary_cross_entropy(p, y, reduction="none").mean(1).numpy()
-    assert np.allclose(-scores, bce, rtol=1e-4, atol=1e-5)
+    assert np.allclose(-scores, bce * model.model_cfg.marker_loss_weight, rtol=1e-4, atol=1e-5)
 
 
 @settings(max_examples=50, deadline=None)
