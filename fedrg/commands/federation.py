@@ -123,6 +123,8 @@ def register(app: typer.Typer) -> None:
                 cfg = load_config(resume / "config.json", overrides)
                 run_dir = resume
             else:
+                if cohorts:  # the cohorts given decide the federation's size (validated below)
+                    hospitals = len(cohorts)
                 if hospitals is not None:
                     overrides.append(f"federation.hospitals={hospitals}")
                     if hospitals < 2 and not any(o.startswith("federation.min_hospitals") for o in overrides):
@@ -135,9 +137,6 @@ def register(app: typer.Typer) -> None:
                     raise FedrgError(f"run directory {run_dir} already holds a run; use --resume "
                                      f"{run_dir} to continue it or choose another --out")
             if cohorts:
-                if len(cohorts) != cfg.federation.hospitals:
-                    cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(
-                        update={"hospitals": len(cohorts)})})
                 cohort_dirs = list(cohorts)
             else:
                 with console.status("preparing synthetic cohorts (cached after the first run)"):

@@ -20,7 +20,7 @@ from fedrg.config import ExperimentConfig, SiteConfig
 from fedrg.errors import FedrgError
 from fedrg.federated.payload import Payload
 from fedrg.flower.records import payload_to_record, record_to_payload
-from fedrg.flower.transport import GridTransport
+from fedrg.flower.transport import ACTIONS, GridTransport
 
 log = logging.getLogger("fedrg.flower")
 
@@ -97,29 +97,18 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
                                        "(details in the hospital's log)"), reply_to=msg)
         return Message(content=payload_to_record(reply), reply_to=msg)
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        return handle("train", msg, context)
+    def register(action: str) -> None:
+        # one handler per fedrg action, under the message type the server sends for it
+        category, _, name = ACTIONS[action].partition(".")
+        decorate = app.train if category == "train" else app.evaluate
 
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        return handle("evaluate", msg, context)
+        def handler(msg: Message, context: Context) -> Message:
+            return handle(action, msg, context)
 
-    @app.train("secagg_setup")
-    def secagg_setup(msg: Message, context: Context) -> Message:
-        return handle("secagg_setup", msg, context)
+        decorate(name or "default")(handler)
 
-    @app.train("secagg_share")
-    def secagg_share(msg: Message, context: Context) -> Message:
-        return handle("secagg_share", msg, context)
-
-    @app.train("secagg_masked")
-    def secagg_masked(msg: Message, context: Context) -> Message:
-        return handle("secagg_masked", msg, context)
-
-    @app.train("secagg_unmask")
-    def secagg_unmask(msg: Message, context: Context) -> Message:
-        return handle("secagg_unmask", msg, context)
+    for action in ACTIONS:
+        register(action)
 
     return app
 
