@@ -120,6 +120,9 @@ class ModelConfig(StrictModel):
         "none", description="normalisation in the image CNN: 'none' keeps absolute intensity "
         "levels (measured better on synthetic cohorts), 'group' = GroupNorm; never BatchNorm"
     )
+    radiomic_features: bool = Field(
+        True, description="feed parameter-free first-order radiomic features (histogram, "
+        "quantiles, lesion region) into the image encoder beside the CNN (fedrg.model.radiomics)")
     max_report_tokens: int = Field(64, ge=8)
     report_loss_weight: float = Field(1.0, ge=0.0)
     marker_loss_weight: float = Field(
@@ -180,7 +183,11 @@ class TrainingConfig(StrictModel):
         3e-3, gt=0.0, description="AdamW lr of encoders and marker head in federated rounds "
         "(tuned for DP-SGD at epsilon 8; see docs/federation.md)")
     train_lr: float = Field(
-        1e-3, gt=0.0, description="AdamW lr of `fedrg train` (centralised, non-private, many epochs)")
+        2e-3, gt=0.0, description="AdamW lr of encoders and heads in `fedrg train` (centralised, "
+        "non-private, many epochs)")
+    train_lora_lr: float = Field(
+        5e-3, gt=0.0, description="AdamW lr of LoRA and the prompt projectors in `fedrg train` "
+        "(higher rates measured to break the report language)")
     weight_decay: float = Field(0.0, ge=0.0)
     seed: int = 0
     threads: int = Field(0, ge=0, description="torch threads (0 = torch default)")
@@ -191,7 +198,7 @@ class TrainingConfig(StrictModel):
         5.0, gt=0.0, description="learning-rate multiplier for LoRA and the prompt projectors"
     )
     train_epochs: float = Field(
-        20.0, gt=0.0, description="epochs of `fedrg train` (centralised; rounds use local_epochs)"
+        30.0, gt=0.0, description="epochs of `fedrg train` (centralised; rounds use local_epochs)"
     )
 
 

@@ -71,8 +71,11 @@ def run_train(
         metrics["untrained"] = evaluate(model, val_ds)
     privacy = None
     # `fedrg train` is the centralised baseline: training.train_epochs (rounds: local_epochs)
-    tcfg = cfg.training.model_copy(update={"local_epochs": cfg.training.train_epochs,
-                                           "lr": cfg.training.train_lr})
+    tcfg = cfg.training.model_copy(update={
+        "local_epochs": cfg.training.train_epochs,
+        "lr": cfg.training.train_lr,
+        "lora_lr_scale": cfg.training.train_lora_lr / cfg.training.train_lr,
+    })
     steps = planned_steps(len(train_ds), tcfg)
     if dp and cfg.privacy.enabled:
         from fedrg.privacy.accounting import calibrate_noise_multiplier, poisson_sample_rate

@@ -98,30 +98,16 @@ def oracle_aurocs(seed: int = 1234, hospitals: int = 12, patients: int = 400) ->
 def image_features(image: np.ndarray) -> np.ndarray:
     """Simple hand-made features of a prepared image (``[1,H,W]`` or ``[1,D,H,W]``).
 
-    Intensity histogram and quantiles, the size and position of the bright (lesion) region,
+    The model's own first-order radiomic features (:func:`fedrg.model.radiomics.radiomic_features`):
+    intensity histogram and quantiles, the size and position of the bright (lesion) region,
     how much dark tissue lies inside it (necrosis), the bright rim, and its texture.
     """
-    x = image[0]
-    if x.ndim == 3:
-        x = x[x.shape[0] // 2]
-    h, w = x.shape
-    hist = np.histogram(x, bins=12, range=(0.0, 1.0))[0] / x.size
-    q = np.quantile(x, [0.5, 0.75, 0.9, 0.95, 0.99])
-    thr = q[1] + 0.5 * (q[4] - q[1])
-    bright = x > thr
-    rows, cols = np.nonzero(bright)
-    if rows.size:
-        cy, cx = rows.mean() / h, cols.mean() / w
-        spread = np.sqrt(rows.var() + cols.var()) / h
-        r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-        box = x[r0:r1, c0:c1]
-        dark_inside = float((box < q[0] * 0.7).mean())
-        very_bright = float((box > q[4]).mean())
-        tex = float(box.std())
-    else:
-        cy = cx = spread = dark_inside = very_bright = tex = 0.0
-    return np.asarray([*hist, *q, bright.mean(), cy, abs(cx - 0.5), spread, dark_inside,
-                       very_bright, tex], dtype=np.float64)
+    import torch
+
+    from fedrg.model.radiomics import radiomic_features
+
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+    return radiomic_features(x)[0].double().numpy()
 
 
 def baseline_aurocs(cohorts: Sequence[Cohort], data_cfg: DataConfig) -> dict[str, dict[str, float]]:

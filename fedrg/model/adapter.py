@@ -95,14 +95,15 @@ class RadiogenomicsModel(nn.Module):
         hidden = lm.get_input_embeddings().embedding_dim
         w = model_cfg.encoder_width
         self.image_encoder = ImageEncoder(
-            data_cfg.image_mode, w, list(data_cfg.image_shape), norm=model_cfg.image_norm
+            data_cfg.image_mode, w, list(data_cfg.image_shape), norm=model_cfg.image_norm,
+            radiomics=model_cfg.radiomic_features,
         )
         self.image_proj = PromptProjector(w, model_cfg.image_tokens, hidden)
         self.genomics_encoder = GenomicsEncoder(
             len(data_cfg.gene_panel), len(data_cfg.mutation_genes), w
         )
         self.genomics_proj = PromptProjector(w, model_cfg.genomics_tokens, hidden)
-        self.marker_head = MarkerHead(2 * w + 1, w, len(data_cfg.markers))
+        self.marker_head = MarkerHead(w, w + 1, w, len(data_cfg.markers))
         self.prefix_len = model_cfg.image_tokens + model_cfg.genomics_tokens
         bos = tokenizer.bos_token_id
         self.start_id = int(bos if bos is not None else tokenizer.eos_token_id)
@@ -155,14 +156,15 @@ class RadiogenomicsModel(nn.Module):
         return out
 
     def _features(self, image, expression, mutations, has_genomics):
+        """Prompt embeddings ``[B,P,hidden]``, image ``[B,w]`` and genomics-side ``[B,w+1]``
+        features (zero where genomics are withheld)."""
         g = has_genomics.view(-1, 1)
         img = self.image_encoder(image)
         gen = self.genomics_encoder(expression * g, mutations * g) * g
-        fused = torch.cat([img, gen, g], dim=-1)
         prompt = torch.cat(
             [self.image_proj(img), self.genomics_proj(gen) * g.unsqueeze(-1)], dim=1
         )
-        return prompt, fused
+        return prompt, img, torch.cat([gen, g], dim=-1)
 
     # ------------------------------------------------------------------ training
 
@@ -178,8 +180,13 @@ class RadiogenomicsModel(nn.Module):
         attention_mask: torch.Tensor,
         loss_mask: torch.Tensor,
     ) -> torch.Tensor:
-        """Per-example loss ``[B]`` = report_w * report NLL + marker_w * masked marker BCE."""
-        prompt, fused = self._features(image, expression, mutations, has_genomics)
+        """Per-example loss ``[B]`` = report_w * report NLL + marker_w * masked marker BCE.
+
+        The marker BCE is the mean over the head's two answers: fused (image + genomics when
+        present) and image-only (the radiogenomics question), so the image path learns the
+        markers from every example, genomics or not.
+        """
+        prompt, img, other = self._features(image, expression, mutations, has_genomics)
         tok = self.lm.get_input_embeddings()(input_ids)
         embeds = torch.cat([prompt.to(tok.dtype), tok], dim=1)
         B, P = prompt.shape[0], prompt.shape[1]
@@ -194,8 +201,11 @@ class RadiogenomicsModel(nn.Module):
         m = loss_mask[:, 1:]
         report_loss = (nll * m).sum(1) / m.sum(1).clamp(min=1.0)
 
-        marker_logits = self.marker_head(fused)
-        bce = F.binary_cross_entropy_with_logits(marker_logits, markers, reduction="none")
+        fused_logits, image_logits = self.marker_head(img, other)
+        bce = 0.5 * (
+            F.binary_cross_entropy_with_logits(fused_logits, markers, reduction="none")
+            + F.binary_cross_entropy_with_logits(image_logits, markers, reduction="none")
+        )
         marker_loss = (bce * marker_mask).sum(1) / marker_mask.sum(1).clamp(min=1.0)
         cfg = self.model_cfg
         return cfg.report_loss_weight * report_loss + cfg.marker_loss_weight * marker_loss
@@ -208,11 +218,19 @@ class RadiogenomicsModel(nn.Module):
 
     @torch.no_grad()
     def marker_probabilities(self, batch: dict[str, Any], *, withhold_genomics: bool = False):
-        """Marker probabilities ``[B,K]`` (optionally from the image alone)."""
+        """Marker probabilities ``[B,K]``: fused, or from the image alone when
+        ``withhold_genomics`` (the radiogenomics question: nothing from the genomics).
+
+        Logits are averaged over the image and its left-right mirror image (the side of a
+        tumour carries no marker signal; training sees both through augmentation)."""
         t = self.encode_batch(batch)
         has = torch.zeros_like(t["has_genomics"]) if withhold_genomics else t["has_genomics"]
-        _, fused = self._features(t["image"], t["expression"], t["mutations"], has)
-        return torch.sigmoid(self.marker_head(fused))
+        logits = []
+        for image in (t["image"], t["image"].flip(-1)):  # test-time left-right flip
+            _, img, other = self._features(image, t["expression"], t["mutations"], has)
+            fused_logits, image_logits = self.marker_head(img, other)
+            logits.append(image_logits if withhold_genomics else fused_logits)
+        return torch.sigmoid(0.5 * (logits[0] + logits[1]))
 
     @torch.no_grad()
     def generate_reports(
@@ -225,7 +243,7 @@ class RadiogenomicsModel(nn.Module):
         """Greedy report generation conditioned on the image + genomics prompt tokens."""
         t = self.encode_batch(batch)
         has = torch.zeros_like(t["has_genomics"]) if withhold_genomics else t["has_genomics"]
-        prompt, _ = self._features(t["image"], t["expression"], t["mutations"], has)
+        prompt, _, _ = self._features(t["image"], t["expression"], t["mutations"], has)
         B = prompt.shape[0]
         emb = self.lm.get_input_embeddings()
         start = torch.full((B, 1), self.start_id, dtype=torch.long, device=prompt.device)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fedrg.model.radiomics import FEATURE_COUNT, standardised_radiomic_features
+
 
 def _groups(channels: int) -> int:
     for g in (8, 4, 2, 1):
@@ -31,10 +33,16 @@ class ImageEncoder(nn.Module):
     norm
         ``"group"`` (GroupNorm after each conv) or ``"none"``. GroupNorm normalises each
         image on its own, which removes absolute intensity levels; ``"none"`` keeps them.
+    radiomics
+        Also feed the standardised first-order radiomic features
+        (:mod:`fedrg.model.radiomics`, parameter-free) into the output layer, beside the
+        pooled CNN features.
     """
 
-    def __init__(self, mode: str, width: int, image_shape: list[int], norm: str = "group"):
+    def __init__(self, mode: str, width: int, image_shape: list[int], norm: str = "group",
+                 radiomics: bool = False):
         super().__init__()
+        self.radiomics = radiomics
         conv = nn.Conv2d if mode == "2d" else nn.Conv3d
         self.mode = mode
         smallest = min(image_shape)
@@ -49,13 +57,16 @@ class ImageEncoder(nn.Module):
             layers.append(nn.SiLU())
             c_in = c
         self.features = nn.Sequential(*layers)
-        self.out = nn.Linear(2 * c_in, width)
+        extra = FEATURE_COUNT if radiomics else 0
+        self.out = nn.Linear(2 * c_in + extra, width)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         h = self.features(image)
         flat = h.flatten(2)
-        pooled = torch.cat([flat.mean(-1), flat.amax(-1)], dim=-1)
-        return torch.nn.functional.silu(self.out(pooled))
+        parts = [flat.mean(-1), flat.amax(-1)]
+        if self.radiomics:
+            parts.append(standardised_radiomic_features(image).to(flat.dtype))
+        return torch.nn.functional.silu(self.out(torch.cat(parts, dim=-1)))
 
 
 class GenomicsEncoder(nn.Module):
@@ -85,12 +96,24 @@ class PromptProjector(nn.Module):
 
 
 class MarkerHead(nn.Module):
-    """Fused representation -> one logit per marker."""
+    """Image features (+ the genomics side) -> one logit per marker, two ways at once.
 
-    def __init__(self, in_features: int, width: int, markers: int):
+    ``hidden = silu(image_fc(image) + other_fc(other))``: ``other`` (genomics features and
+    the has-genomics flag) enters additively without a bias, so with ``other = 0`` the same
+    head answers from the image alone. :meth:`forward` returns both the fused logits and the
+    image-only logits (``other`` withheld) from one call of each layer, which keeps every
+    layer's per-sample gradients well defined for Opacus.
+    """
+
+    def __init__(self, image_features: int, other_features: int, width: int, markers: int):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, width)
-        self.fc2 = nn.Linear(width, markers)
+        self.image_fc = nn.Linear(image_features, width)
+        self.other_fc = nn.Linear(other_features, width, bias=False)
+        self.out = nn.Linear(width, markers)
 
-    def forward(self, fused: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.nn.functional.silu(self.fc1(fused)))
+    def forward(self, image: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(fused_logits, image_only_logits)``, each ``[B, markers]``."""
+        from_image = self.image_fc(image)
+        hidden = torch.stack([from_image + self.other_fc(other), from_image], dim=1)
+        logits = self.out(torch.nn.functional.silu(hidden))
+        return logits[:, 0], logits[:, 1]
