@@ -198,7 +198,7 @@ class TrainingConfig(StrictModel):
         5.0, gt=0.0, description="learning-rate multiplier for LoRA and the prompt projectors"
     )
     train_epochs: float = Field(
-        30.0, gt=0.0, description="epochs of `fedrg train` (centralised; rounds use local_epochs)"
+        40.0, gt=0.0, description="epochs of `fedrg train` (centralised; rounds use local_epochs)"
     )
 
 
