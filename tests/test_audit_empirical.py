@@ -97,15 +97,18 @@ def test_scores_are_the_log_likelihood_of_each_canarys_labels(cohort, base_dir) 
     canaries = make_canaries(cohort.images[:4], cfg, m=23, rng=np.random.default_rng(2))
     scores = score_canaries(model, canaries, batch_size=5)
     assert scores.shape == (23,) and np.all(np.isfinite(scores)) and np.all(scores < 0)
-    # Differential: the same numbers from the model's marker probabilities.
+    # Differential: the same numbers from the model's marker probabilities (the marker loss
+    # averages the head's fused and image-only answers; no test-time flip in training).
     batch = collate_samples(canaries)
-    p = model.marker_probabilities(batch).double()
     y = batch["markers"].double()
-    ll = (y * p.log() + (1 - y) * (1 - p).log()).mean(1).numpy()
+    answers = [model.marker_probabilities(batch, withhold_genomics=w, test_time_flip=False).double()
+               for w in (False, True)]
+    ll = np.mean([(y * p.log() + (1 - y) * (1 - p).log()).mean(1).numpy() for p in answers], axis=0)
     assert np.allclose(scores, ll * model.model_cfg.marker_loss_weight, rtol=1e-4, atol=1e-5)
     # Batching does not change a canary's score.
     assert np.allclose(score_canaries(model, canaries, batch_size=64), scores, atol=1e-5)
-    bce = F.binary_cross_entropy(p, y, reduction="none").mean(1).numpy()
+    bce = np.mean([F.binary_cross_entropy(p, y, reduction="none").mean(1).numpy() for p in answers],
+                  axis=0)
     assert np.allclose(-scores, bce * model.model_cfg.marker_loss_weight, rtol=1e-4, atol=1e-5)
 
 

@@ -105,6 +105,11 @@ class FederationServer:
         self.run_dir = Path(run_dir)
         self.global_arrays = [np.asarray(a, dtype=np.float32) for a in initial_arrays]
         self.optimizer = ServerOptimizer(cfg.federation.server_optimizer, cfg.federation.server_lr)
+        if cfg.federation.server_optimizer == "fedadam" and cfg.federation.server_lr > 0.1:
+            log.warning(
+                "federation.server_lr=%g with server_optimizer='fedadam': Adam moves every "
+                "adapter weight by about server_lr per round (1.0 was measured to wreck the "
+                "model); use about 1e-2", cfg.federation.server_lr)
         self.secure_aggregate = secure_aggregate
         self.on_round = on_round or (lambda m: None)
         self.timeout = timeout

@@ -217,20 +217,23 @@ class RadiogenomicsModel(nn.Module):
     # ------------------------------------------------------------------ inference
 
     @torch.no_grad()
-    def marker_probabilities(self, batch: dict[str, Any], *, withhold_genomics: bool = False):
+    def marker_probabilities(self, batch: dict[str, Any], *, withhold_genomics: bool = False,
+                             test_time_flip: bool = True):
         """Marker probabilities ``[B,K]``: fused, or from the image alone when
         ``withhold_genomics`` (the radiogenomics question: nothing from the genomics).
 
-        Logits are averaged over the image and its left-right mirror image (the side of a
-        tumour carries no marker signal; training sees both through augmentation)."""
+        With ``test_time_flip`` (default) the logits are averaged over the image and its
+        left-right mirror image (the side of a tumour carries no marker signal; training sees
+        both through augmentation)."""
         t = self.encode_batch(batch)
         has = torch.zeros_like(t["has_genomics"]) if withhold_genomics else t["has_genomics"]
         logits = []
-        for image in (t["image"], t["image"].flip(-1)):  # test-time left-right flip
+        images = (t["image"], t["image"].flip(-1)) if test_time_flip else (t["image"],)
+        for image in images:
             _, img, other = self._features(image, t["expression"], t["mutations"], has)
             fused_logits, image_logits = self.marker_head(img, other)
             logits.append(image_logits if withhold_genomics else fused_logits)
-        return torch.sigmoid(0.5 * (logits[0] + logits[1]))
+        return torch.sigmoid(torch.stack(logits).mean(0))
 
     @torch.no_grad()
     def generate_reports(

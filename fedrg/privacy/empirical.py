@@ -262,7 +262,8 @@ def score_canaries(model: Any, canaries: Sequence[dict[str, Any]], *,
     """Minus each canary's per-example loss under ``model`` (higher = looks trained on).
 
     With an empty report the loss is the canary's marker cross-entropy, so the score is
-    the (weighted) log-likelihood of its own random labels: a black-box query.
+    the (weighted) log-likelihood of its own random labels, averaged over the marker head's
+    fused and image-only answers: a black-box query.
     """
     from fedrg.data.dataset import collate_samples
 
