@@ -109,3 +109,15 @@ def test_tampered_adapter_is_refused(base_dir, tmp_path):
     save_file(tensors, str(out / "fedrg_modules.safetensors"))
     with pytest.raises(ModelError, match="hash"):
         load_adapter(out)
+
+
+def test_adapter_of_an_older_format_is_refused_with_the_fix(base_dir, tmp_path):
+    import json
+
+    out = save_adapter(_perturbed(base_dir, seed=9), tmp_path / "adapter")
+    meta_file = out / "fedrg_adapter.json"
+    meta = json.loads(meta_file.read_text())
+    meta["format"] = 1
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="format 1 is not 2.*train it again"):
+        load_adapter(out)

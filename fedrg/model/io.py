@@ -18,7 +18,7 @@ from fedrg.errors import ModelError
 from fedrg.model.adapter import RadiogenomicsModel, build_model
 from fedrg.model.payload import adapter_manifest
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: radiomic features in the image encoder, two-answer marker head
 META_FILE = "fedrg_adapter.json"
 MODULES_FILE = "fedrg_modules.safetensors"
 MODULE_NAMES = ("image_encoder", "image_proj", "genomics_encoder", "genomics_proj", "marker_head")
@@ -65,7 +65,10 @@ def read_adapter_meta(adapter_dir: str | Path) -> dict:
         )
     meta = json.loads(path.read_text())
     if meta.get("format") != FORMAT_VERSION:
-        raise ModelError(f"{path}: adapter format {meta.get('format')!r} is not {FORMAT_VERSION}")
+        raise ModelError(
+            f"{path}: adapter format {meta.get('format')!r} is not {FORMAT_VERSION} (format 2 "
+            "changed the image encoder and marker head); train it again with this fedrg"
+        )
     return meta
 
 
