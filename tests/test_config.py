@@ -32,6 +32,14 @@ def test_shipped_simulation_config_loads():
     assert cfg.privacy.enabled and cfg.secagg.enabled
 
 
+def test_shipped_non_private_config_turns_dp_off_and_groupnorm_on():
+    cfg = load_config(ROOT / "configs" / "non-private.toml")
+    assert not cfg.privacy.enabled
+    assert cfg.model.image_norm == "group"
+    assert ExperimentConfig().model.image_norm == "none"  # the DP-tuned default differs
+    assert cfg.federation == ExperimentConfig().federation  # nothing else changed
+
+
 def test_overrides_parse_types():
     cfg = load_config(None, ["privacy.target_epsilon=4", "data.image_shape=[32, 32]",
                              "secagg.enabled=false", "model.base=/models/x"])
