@@ -9,8 +9,8 @@ Flower apps, without Ray), so the comparison is about learning, not the engine.
 
     .venv/bin/python benchmarks/federated_vs_centralised.py [--seeds 0,1,2] [--skip-dp] [--config F] [--set k=v ...]
 
-With several ``--seeds`` (model initialisation, local shuffling and DP noise; the cohorts stay
-the same) each seed is one entry of ``runs`` and ``idh_gap_federated_vs_centralised`` holds
+With several ``--seeds`` (model initialisation and local shuffling; the cohorts stay the same,
+and DP noise always comes from OS entropy) each seed is one entry of ``runs`` and ``idh_gap_federated_vs_centralised`` holds
 the per-seed gaps with their mean: on ~150 held-out patients one AUROC moves by a few
 hundredths from seed to seed, so a single seed says little about a 0.05 gap.
 
@@ -39,16 +39,19 @@ def main() -> None:
     from fedrg.federated.site import HospitalSite
     from fedrg.model.adapter import build_model
     from fedrg.model.payload import set_adapter_arrays
-    from fedrg.train.evaluate import evaluate, predict_dataset
+    from fedrg.train.evaluate import auroc, evaluate, predict_dataset
     from fedrg.train.loop import train_local
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=None, help="TOML config (e.g. configs/non-private.toml)")
     ap.add_argument("--set", action="append", default=[], dest="overrides")
     ap.add_argument("--skip-dp", action="store_true")
-    ap.add_argument("--seeds", default="0", help="comma-separated seeds (training and federation)")
+    ap.add_argument("--seeds", default="0", help="comma-separated integer seeds, e.g. 0,1,2")
     args = ap.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        ap.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. --seeds 0,1,2")
     base = load_config(args.config, [*args.overrides, "secagg.enabled=true"])
     cohorts = synthetic_cohorts(base)
     out: dict = {"config": {"hospitals": base.federation.hospitals, "rounds": base.federation.rounds,
@@ -68,20 +71,26 @@ def main() -> None:
         return ConcatDataset(train), ConcatDataset(val), per_site
 
     def hospital_mean(model, per_site):
-        """Validation-size-weighted mean of per-hospital image-only AUROCs (federated eval),
-        and per hospital: IDH AUROC, IDH prevalence and mean image-only IDH probability (a
-        model that learns each site's prior from its scanner signature ranks across sites)."""
-        got = {h: (len(ds), evaluate(model, ds, generate=False)["auroc"]) for h, ds in per_site.items()}
-        markers = next(iter(got.values()))[1]
-        by_site = {}
+        """Validation-size-weighted mean of per-hospital image-only AUROCs (what federated
+        evaluation reports), and per hospital: IDH AUROC, IDH prevalence and mean image-only
+        IDH probability (how far the model's scores shift from one scanner to the next, which
+        the pooled AUROC penalises and the per-hospital one does not)."""
+        markers = list(model.data_cfg.markers)
+        idh = markers.index("idh_mutant")
+        model.eval()
+        aurocs, sizes, by_site = {}, {}, {}
         for h, ds in per_site.items():
-            pred = predict_dataset(model, ds, generate=False)
-            idh = pred["markers"][:, 0][pred["marker_mask"][:, 0] > 0.5]
-            by_site[h] = {"idh_auroc": got[h][1]["idh_mutant"],
-                          "idh_prevalence": round(float(idh.mean()), 3),
-                          "mean_idh_probability": round(float(pred["probs_image"][:, 0].mean()), 3)}
-        return {m: sum(n * a[m] for n, a in got.values()) / sum(n for n, _ in got.values())
-                for m in markers}, by_site
+            p = predict_dataset(model, ds, generate=False)
+            aurocs[h] = {m: auroc(p["markers"][:, j], p["probs_image"][:, j], p["marker_mask"][:, j])
+                         for j, m in enumerate(markers)}
+            sizes[h] = len(ds)
+            known = p["marker_mask"][:, idh] > 0.5
+            by_site[h] = {"idh_auroc": aurocs[h]["idh_mutant"],
+                          "idh_prevalence": round(float(p["markers"][known, idh].mean()), 3),
+                          "mean_idh_probability": round(float(p["probs_image"][:, idh].mean()), 3)}
+        mean = {m: sum(sizes[h] * aurocs[h][m] for h in per_site) / sum(sizes.values())
+                for m in markers}
+        return mean, by_site
 
     def add_collate(ds):
         ds.empty_batch = ds.datasets[0].empty_batch  # ConcatDataset of CohortDatasets
