@@ -73,6 +73,27 @@ class BudgetExceededError(PrivacyError):
         return str(self)
 
 
+class PolicyViolationError(PrivacyError):
+    """A server request falls outside the hospital's own privacy policy.
+
+    ``setting`` names the requested setting, ``requested`` its value and ``allowed`` the range
+    the site's policy accepts. The message carries no patient data, so it may be sent to the
+    server as a typed refusal.
+    """
+
+    def __init__(self, *, setting: str, requested: object, allowed: str):
+        self.setting = setting
+        self.requested = requested
+        self.allowed = allowed
+        super().__init__(
+            f"request refused by the site policy: {setting}={requested!r} is outside the "
+            f"allowed range ({allowed}); change the experiment request or the site's [policy]"
+        )
+
+    def public_message(self) -> str:
+        return str(self)
+
+
 class LedgerError(PrivacyError):
     """A privacy ledger is corrupt, tampered with, or cannot be written."""
 

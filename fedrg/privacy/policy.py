@@ -1,0 +1,127 @@
+"""A hospital's own privacy policy: what it will do with its patients' data, whatever is asked.
+
+The server's experiment config is only a *request*. Every privacy-relevant value a hospital
+uses (DP on or off, delta, the accountant, the noise floor, steps, rounds, the validation
+split, secure aggregation and its peers, the base model, how metrics leave) comes from the
+:class:`SitePolicy` in the hospital's own settings, or is checked against it, before any
+patient file is read. A request outside the policy is refused with a typed
+:class:`~fedrg.errors.PolicyViolationError` that names the setting and the allowed range.
+
+The policy never leaves the site; only its hash (:meth:`SitePolicy.policy_hash`) is bound
+into every signed ledger entry, so an auditor holding the policy can check each entry's
+mechanism against it.
+
+Pure: no torch, no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+#: Name of the built-in base model in ``allowed_base_models`` (it is rebuilt locally from a
+#: fixed recipe, so it is named rather than hashed).
+BUILTIN_BASE = "builtin:tiny"
+
+
+class EvaluationPolicy(BaseModel):
+    """How evaluation results may leave the hospital."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    release: Literal["none", "dp"] = Field(
+        "dp", description="'none': no metric leaves; 'dp': metrics leave through a DP "
+        "mechanism whose cost is charged to the ledger")
+    epsilon_per_release: float = Field(
+        0.1, gt=0.0, description="epsilon charged for one released evaluation (all metrics)")
+    max_releases_per_run: int = Field(
+        20, ge=0, description="at most this many evaluation releases per run (and at most one "
+        "per trained round of the same global model)")
+
+
+class SitePolicy(BaseModel):
+    """The hospital's privacy policy (its own settings; never sent by the server).
+
+    Defaults are safe: DP required, secure aggregation required with at least two distinct
+    peers, delta ``min(1e-5, 1/(10 n))``, a noise floor, caps on steps and rounds, and only
+    the built-in base model.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- DP-SGD
+    require_dp: bool = Field(
+        True, description="refuse any round without DP-SGD; a site that opts out sets this "
+        "to false explicitly, and non-private rounds are still written to its ledger")
+    target_delta: float | None = Field(
+        None, gt=0.0, lt=1.0,
+        description="delta of this dataset (None = min(1e-5, 1/(10 n)) for n training patients)")
+    accountant: Literal["rdp", "prv", "gdp"] = Field(
+        "rdp", description="the accountant the ledger records epsilon with")
+    epsilon_budget: float = Field(
+        10.0, gt=0.0, description="lifetime epsilon budget of the dataset, across all runs")
+    epsilon_per_run: float = Field(
+        8.0, gt=0.0, description="cap on the epsilon one run may spend")
+    min_noise_multiplier: float = Field(
+        0.5, ge=0.0, description="floor on sigma; a calibrated sigma below it is refused")
+    max_grad_norm_cap: float = Field(
+        10.0, gt=0.0, description="largest per-patient clipping norm the site accepts")
+    max_sample_rate: float = Field(
+        0.5, gt=0.0, le=1.0, description="largest Poisson sample rate (batch / n) accepted")
+    max_local_steps: int = Field(200, ge=1, description="cap on DP-SGD steps per round")
+    max_rounds_per_run: int = Field(50, ge=1, description="cap on rounds of one run")
+
+    # --- secure aggregation
+    require_secagg: bool = Field(
+        True, description="refuse to send an update that is not masked in a secure sum")
+    min_secagg_peers: int = Field(
+        2, ge=1, description="fewest other distinct hospitals in the secure sum")
+    min_threshold_fraction: float = Field(
+        0.5, gt=0.0, le=1.0,
+        description="lowest Shamir threshold accepted, as a fraction of the share holders")
+
+    # --- data
+    val_fraction: float = Field(
+        0.25, gt=0.0, lt=1.0, description="held-out fraction of patients (fixed by the site)")
+    split_seed: int = Field(0, description="seed of the site's label-independent split")
+
+    # --- code and models
+    allowed_base_models: list[str] = Field(
+        default_factory=lambda: [BUILTIN_BASE],
+        description="base models that may be loaded: 'builtin:tiny' or sha256 content "
+        "hashes of local model directories")
+
+    evaluation: EvaluationPolicy = Field(default_factory=EvaluationPolicy)
+
+    @model_validator(mode="after")
+    def _check(self) -> SitePolicy:
+        if self.epsilon_per_run > self.epsilon_budget:
+            raise ValueError(
+                f"policy.epsilon_per_run={self.epsilon_per_run} exceeds policy.epsilon_budget="
+                f"{self.epsilon_budget}; lower the per-run cap or raise the lifetime budget")
+        return self
+
+    def delta_for(self, n_records: int) -> float:
+        """The delta this site uses for a dataset of ``n_records`` patients.
+
+        Parameters
+        ----------
+        n_records : int
+            Number of training patients (privacy units).
+
+        Returns
+        -------
+        float
+            ``target_delta`` if set, else ``min(1e-5, 1 / (10 n))``.
+        """
+        if self.target_delta is not None:
+            return float(self.target_delta)
+        return min(1e-5, 1.0 / (10.0 * max(int(n_records), 1)))
+
+    def policy_hash(self) -> str:
+        """SHA-256 of the canonical JSON form (bound into every ledger entry)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
