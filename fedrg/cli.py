@@ -23,6 +23,24 @@ COMMAND_MODULES = [
     "fedrg.commands.audit",  # audit
 ]
 
+
+
+def _version(value: bool) -> None:
+    if value:
+        from fedrg import __version__
+
+        typer.echo(f"fedrg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="print fedrg's version (every site must run the same one)"),
+) -> None:
+    """Privacy-preserving federated learning for radiogenomics."""
+
+
 for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(app)
 
