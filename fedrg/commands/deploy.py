@@ -159,7 +159,7 @@ def _check_server_files(s: ServerSettings, insecure: bool) -> None:
         )
     # the operator's own `flwr` CLI connects through this name: the certificate must hold it
     check_server_certificate(s.tls.server_cert, s.tls.server_key, s.tls.ca_cert,
-                             host=_connect_host(s.superlink.host))
+                             host="127.0.0.1")
     check_private_mode(s.tls.server_key)
     if not s.auth.hospitals:
         raise FedrgError(
@@ -195,10 +195,6 @@ def _report_run(run_dir: Path) -> None:
     console.print(f"trained adapter: {adapter}" if adapter.is_dir() else f"run output: {run_dir}")
 
 
-def _connect_host(host: str) -> str:
-    return "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host == "::" else host)
-
-
 def server(
     config: Path = typer.Option(..., "--config", help="server TOML (see configs/server.example.toml)"),
     insecure: bool = typer.Option(False, "--insecure", help="no TLS, no node authentication (testing only)"),
@@ -222,7 +218,14 @@ def server(
     state = Path(s.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     state.chmod(0o700)
-    address = P.format_address(_connect_host(s.superlink.host), s.superlink.port)
+    # hospitals reach the public listener (Fleet API only); the operator's own `flwr` CLI,
+    # Flower's SuperExec and the ServerApp use the loopback operator listener
+    operator_port = s.superlink.operator_port or P.free_port("127.0.0.1")
+    if operator_port == s.superlink.port:
+        raise _fail(FedrgError(
+            f"superlink.operator_port = {operator_port} equals superlink.port; the operator's "
+            "API needs its own port (set operator_port = 0 for any free one)"))
+    address = P.format_address("127.0.0.1", operator_port)
     tls = None if insecure else P.TlsFiles(Path(s.tls.ca_cert), Path(s.tls.server_cert),
                                            Path(s.tls.server_key))
     env = P.flower_env(state / "flwr-home")
@@ -233,13 +236,15 @@ def server(
     group = P.ProcessGroup(state / "logs")
     try:
         link = group.start("superlink", P.superlink_argv(
-            host=s.superlink.host, port=s.superlink.port, tls=tls, supernode_auth=not insecure,
-            database=s.superlink.database or None), env=env)
+            host="127.0.0.1", port=operator_port, tls=tls, supernode_auth=not insecure,
+            database=s.superlink.database or None,
+            public=(s.superlink.host, s.superlink.port)), env=env)
         P.wait_http_ready(link, address, ca_cert=None if tls is None else tls.ca_cert,
                           timeout=s.superlink.ready_timeout_s, group=group)
-        console.print(f"SuperLink listening on {s.superlink.host}:{s.superlink.port} "
-                      f"({'PLAIN HTTP' if insecure else 'TLS, hospital authentication on'}); "
-                      f"log {link.log_path}")
+        console.print(f"SuperLink listening for hospitals on {s.superlink.host}:"
+                      f"{s.superlink.port} (Fleet API only; "
+                      f"{'PLAIN HTTP' if insecure else 'TLS, hospital authentication on'}); "
+                      f"operator API on {address} (this machine only); log {link.log_path}")
         if not insecure:
             for h in s.auth.hospitals:
                 node_id = P.register_supernode(h.public_key, env=env, name=h.name)

@@ -341,13 +341,21 @@ def superlink_argv(
     tls: TlsFiles | None,
     supernode_auth: bool = True,
     database: str | Path | None = None,
+    public: tuple[str, int] | None = None,
 ) -> list[str]:
     """Command line of ``flower-superlink``.
 
     ``tls=None`` means plain HTTP (``--insecure``); node authentication is refused with it.
+    With ``public=(host, port)`` the SuperLink runs behind :mod:`fedrg.deploy.superlink_gate`:
+    ``host:port`` is then the operator's listener (every API; bind it to a loopback
+    address) and ``public`` the hospitals' listener, which serves only the Fleet API.
     """
-    argv = [flower_bin("flower-superlink"), "--host", host, "--port", str(port),
-            "--disable-runtime-dependency-installation"]
+    if public is None:
+        argv = [flower_bin("flower-superlink")]
+    else:
+        argv = [sys.executable, "-m", "fedrg.deploy.superlink_gate",
+                "--public-host", public[0], "--public-port", str(public[1])]
+    argv += ["--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
     if tls is None:
         if supernode_auth:
             raise DeployError(

@@ -22,10 +22,19 @@ class _Section(BaseModel):
 # --------------------------------------------------------------------------- server
 
 class SuperLinkSection(_Section):
-    """Where the SuperLink listens (one port serves hospitals and the operator's CLI)."""
+    """Where the SuperLink listens.
+
+    ``host:port`` is the hospitals' listener: it serves only Flower's Fleet API (SuperNodes).
+    The operator's API (``flwr run``, node registration, run and node listings) and the
+    ServerApp's Runtime API listen on ``127.0.0.1:operator_port`` only.
+    """
 
     host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 accepts the network")
     port: int = Field(9092, ge=1, le=65535)
+    operator_port: int = Field(
+        0, ge=0, le=65535,
+        description="loopback port of the operator's Control/Runtime API (0 = any free port)",
+    )
     database: str = Field("", description="SuperLink state file ('' = in memory)")
     ready_timeout_s: float = Field(60.0, gt=0)
 
