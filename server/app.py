@@ -20,4 +20,4 @@ def _provide(context: Context) -> tuple[ExperimentConfig, Path, bool]:
     return cfg, Path(run_dir), bool(context.run_config.get("fedrg.resume", False))
 
 
-app = build_server_app(_provide)
+app = build_server_app(_provide, ledgers=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -15,7 +16,9 @@ from rich.markup import escape
 from fedrg.errors import FedrgError
 
 if TYPE_CHECKING:
+    from fedrg.deploy.pinning import AppPin
     from fedrg.deploy.settings import HospitalSettings, ServerSettings
+    from fedrg.deploy.watch import LineFollower, MetricsFollower
 
 err_console = Console(stderr=True, highlight=False)
 console = Console(highlight=False, markup=False)
@@ -177,17 +180,28 @@ def _check_server_files(s: ServerSettings, insecure: bool) -> None:
         seen[fp] = h.name
 
 
-def _report_run(run_dir: Path) -> None:
-    """Print the run's per-round summary; fail when the federation stopped early."""
+def _print_rounds(follower: MetricsFollower, markers: list[str]) -> None:
+    from fedrg.deploy.watch import round_line
+
+    for row in follower.new_rounds():
+        console.print(round_line(row, markers))
+
+
+def _report_run(run_dir: Path, follower: MetricsFollower, markers: list[str]) -> None:
+    """Print the rounds not printed yet and the outputs; fail when the federation stopped early."""
     import json
 
     metrics = run_dir / "metrics.json"
     if not metrics.is_file():
         raise FedrgError(f"the run finished but wrote no {metrics}; see the SuperLink log")
+    follower.mtime = 0.0  # read once more: the last rewrite may share the previous mtime
+    _print_rounds(follower, markers)
     data = json.loads(metrics.read_text())
-    for r in data.get("rounds", []):
-        console.print(f"round {r.get('round')}: {r.get('participants')} hospital(s) trained, "
-                      f"loss {r.get('loss')}, epsilon {r.get('epsilon')}")
+    console.print(f"metrics: {metrics}; plots: {run_dir / 'plots'}")
+    ledgers = run_dir / "ledgers"
+    if ledgers.is_dir():
+        names = sorted(d.name for d in ledgers.iterdir() if d.is_dir())
+        console.print(f"hospital ledger copies ({', '.join(names)}): fedrg audit {run_dir}")
     if data.get("stopped_early"):
         raise FedrgError(f"the federation stopped early: {data['stopped_early']}; the hospitals' "
                          "logs (state_dir/logs/supernode.log) say why")
@@ -203,6 +217,7 @@ def server(
     from fedrg.config import load_config, to_run_config
     from fedrg.deploy import processes as P
     from fedrg.deploy.settings import load_server_settings
+    from fedrg.deploy.watch import MetricsFollower
 
     try:
         s = load_server_settings(config)
@@ -255,7 +270,9 @@ def server(
                               config_file=state / "run-config.toml")
         console.print(f"run {run_id} submitted: {cfg.federation.rounds} round(s), waiting for "
                       f"{cfg.federation.min_hospitals} hospital(s); output in {s.run.run_dir}")
-        status = P.wait_run(run_id, env=env, timeout=s.run.timeout_s, watch=[link], group=group)
+        rounds = MetricsFollower(Path(s.run.run_dir) / "metrics.json")
+        status = P.wait_run(run_id, env=env, timeout=s.run.timeout_s, watch=[link], group=group,
+                            on_tick=lambda: _print_rounds(rounds, cfg.data.markers))
         console.print(f"run {run_id}: {status}")
         run_log = group.log_dir / f"run-{run_id}.log"
         console.print(f"run log: {run_log}")
@@ -264,7 +281,7 @@ def server(
             err_console.print(P.strip_ansi(text)[-3000:], markup=False)
             raise FedrgError(f"run {run_id} ended as {status}; see the log above ({run_log}) "
                              f"and {link.log_path}")
-        _report_run(Path(s.run.run_dir))
+        _report_run(Path(s.run.run_dir), rounds, cfg.data.markers)
         if s.run.keep_running:
             console.print("keep_running = true: SuperLink stays up; Ctrl-C stops it")
             while link.alive():
@@ -305,26 +322,66 @@ def prepare_client(settings: HospitalSettings, *, insecure: bool = False) -> Non
         load_node_private_key(settings.auth.private_key)
 
 
+def approved_app(settings: HospitalSettings) -> AppPin:
+    """The app this hospital runs: its installed fedrg's app files and version.
+
+    Raises
+    ------
+    FedrgError
+        ``[app] digest`` is set and is not the installed app's digest (every bundle would
+        be refused).
+    """
+    from fedrg.deploy.pinning import installed_pin, pin_digest
+
+    pin = installed_pin(digest=settings.app.digest)
+    own = pin_digest(pin)
+    if settings.app.digest and settings.app.digest != own:
+        raise FedrgError(
+            f"[app] digest = {settings.app.digest} is not the digest of this hospital's "
+            f"installed fedrg {pin.version} app ({own}); install the release you reviewed, "
+            "or set [app] digest to the digest of the installed one")
+    return pin
+
+
+def _print_hospital_progress(ledger: LineFollower, refusals: LineFollower) -> None:
+    from fedrg.deploy.watch import ledger_lines
+
+    for line in ledger_lines(ledger):
+        console.print(line)
+    for line in refusals.new_lines():
+        err_console.print(f"[red]refused:[/red] {escape(line)}", soft_wrap=True)
+
+
 def client(
     config: Path = typer.Option(..., "--config", help="hospital TOML (see configs/hospital.example.toml)"),
     insecure: bool = typer.Option(False, "--insecure", help="no TLS (testing only; server must be --insecure)"),
 ) -> None:
     """Validate the local cohort, then run this hospital's SuperNode until stopped."""
     from fedrg.deploy import processes as P
+    from fedrg.deploy.pinned_clientapp import REFUSALS_LOG, write_launcher
+    from fedrg.deploy.pinning import pin_digest
     from fedrg.deploy.settings import load_hospital_settings, node_config
+    from fedrg.deploy.watch import LineFollower
 
     try:
         s = load_hospital_settings(config)
         prepare_client(s, insecure=insecure)
+        pin = approved_app(s)
     except FedrgError as err:
         raise _fail(err) from None
     if insecure:
         err_console.print(INSECURE_BANNER)
     console.print(f"cohort {s.site.cohort}: valid")
+    console.print(f"approved app: fedrg {pin.version}, {len(pin.files)} file(s), digest "
+                  f"{pin_digest(pin)}; any other app bundle is refused before it runs")
     state = Path(s.site.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     state.chmod(0o700)
     env = P.flower_env(state / "flwr-home")
+    # Flower's SuperExec starts `flwr-clientapp` by name: ours checks the bundle first
+    env["PATH"] = os.pathsep.join([str(write_launcher(state, pin)), env["PATH"]])
+    ledger = LineFollower(state / "ledger.jsonl")
+    refusals = LineFollower(state / "logs" / REFUSALS_LOG)
     port = s.supernode.port or P.free_port(s.supernode.host)
     argv = P.supernode_argv(
         superlink=s.server.address,
@@ -344,6 +401,7 @@ def client(
                       f"rounds (log {node.log_path}); Ctrl-C stops")
         while node.alive():
             group.refresh()
+            _print_hospital_progress(ledger, refusals)
             if P.connection_lost(node.log_text()):
                 # Flower's SuperNode logs that it gave up but keeps running: end it here
                 raise ConnectionLostError(

@@ -23,7 +23,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -598,7 +598,7 @@ def run_status(run_id: int, *, env: Mapping[str, str], connection: str = CONNECT
 def wait_run(
     run_id: int, *, env: Mapping[str, str], timeout: float, poll: float = 10.0,
     watch: Sequence[ManagedProcess] = (), connection: str = CONNECTION_NAME,
-    group: ProcessGroup | None = None,
+    group: ProcessGroup | None = None, on_tick: Callable[[], None] | None = None,
 ) -> str:
     """Wait until run ``run_id`` is finished; return its final status.
 
@@ -606,7 +606,8 @@ def wait_run(
     ``<log_dir>/run-<id>.log``; the stream ends when the run does, so the status is asked
     only then (each ``flwr`` CLI call costs seconds of CPU). Without one, or if the stream
     stops early, the status is polled every ``poll`` seconds. Fails early when a watched
-    process (the SuperLink) exits.
+    process (the SuperLink) exits. ``on_tick`` is called about twice a second (progress
+    output).
     """
     start = time.monotonic()
     status = "unknown"
@@ -624,6 +625,8 @@ def wait_run(
                 )
         if group is not None:
             group.refresh()
+        if on_tick is not None:
+            on_tick()
         streaming = stream is not None and stream.alive()
         if not streaming and time.monotonic() - last_poll >= poll:
             last_poll = time.monotonic()

@@ -115,6 +115,26 @@ class SupernodeSection(_Section):
     port: int = Field(0, ge=0, le=65535, description="0 = any free port")
 
 
+class HospitalAppSection(_Section):
+    """Which app code this hospital runs (see :mod:`fedrg.deploy.pinning`).
+
+    The hospital always refuses an app bundle whose files are not those of its own
+    installed fedrg, or that comes from another fedrg version. ``digest`` pins in addition
+    one reviewed release's app digest (``fedrg client`` prints the installed one).
+    """
+
+    digest: str = Field("", description="pinned app digest (64 hex digits; '' = no extra pin)")
+
+    @field_validator("digest")
+    @classmethod
+    def _hex64(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v and (len(v) != 64 or any(c not in "0123456789abcdef" for c in v)):
+            raise ValueError(f"app.digest={v!r} must be 64 hex digits (the digest `fedrg "
+                             "client` prints as 'approved app ... digest'), or '' for none")
+        return v
+
+
 class HospitalSettings(_Section):
     """``fedrg client --config F``."""
 
@@ -122,6 +142,7 @@ class HospitalSettings(_Section):
     server: HospitalServerSection
     auth: HospitalAuthSection = Field(default_factory=HospitalAuthSection)
     supernode: SupernodeSection = Field(default_factory=SupernodeSection)
+    app: HospitalAppSection = Field(default_factory=HospitalAppSection)
     experiment: str = Field(
         "", description="the federation's experiment TOML, for the data settings the cohort "
         "is validated against ('' = defaults)",

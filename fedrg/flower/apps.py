@@ -77,7 +77,12 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
             site_cfg = resolve_site(context)
             state = _load_state(context)
             payload = record_to_payload(msg.content)
-            if action.startswith("secagg_"):
+            if action == "ledger":
+                # only the public files an auditor needs (never the signing key)
+                from fedrg.federated.ledger_copy import public_ledger_payload
+
+                reply = public_ledger_payload(site_cfg.state_dir, site_cfg.name)
+            elif action.startswith("secagg_"):
                 # no torch / model import: in deployment each message is a fresh process
                 from fedrg.federated.secure import client_stage
 
@@ -119,11 +124,35 @@ ConfigProvider = Callable[[Context], tuple[ExperimentConfig, Path, bool]]
 """Maps the ServerApp context to (config, run directory, resume?)."""
 
 
+def collect_ledgers(transport: GridTransport, run_dir: Path, *, round_: int,
+                    timeout: float = 600.0) -> list[str]:
+    """Ask every connected hospital for its public ledger copy; write them to ``run_dir``.
+
+    Returns the names of the hospitals whose copy was written (see
+    :func:`fedrg.federated.ledger_copy.write_ledger_copies`).
+    """
+    from fedrg.federated.ledger_copy import write_ledger_copies
+
+    nodes = transport.nodes()
+    replies = transport.send("ledger", {n: Payload() for n in nodes}, round_=round_,
+                             timeout=timeout)
+    written = write_ledger_copies(run_dir, {n: r.payload for n, r in replies.items()
+                                            if r.ok and r.payload is not None})
+    log.info("public ledger copies from %d of %d hospital(s) in %s", len(written), len(nodes),
+             Path(run_dir) / "ledgers")
+    return sorted(written)
+
+
 def build_server_app(provide: ConfigProvider,
                      on_round: Callable[[dict[str, Any]], None] | None = None,
                      results: list[Any] | None = None,
-                     failures: list[BaseException] | None = None) -> ServerApp:
-    """The coordinator: runs :func:`fedrg.federated.runner.run_federation` over the Grid."""
+                     failures: list[BaseException] | None = None,
+                     *, ledgers: bool = False) -> ServerApp:
+    """The coordinator: runs :func:`fedrg.federated.runner.run_federation` over the Grid.
+
+    With ``ledgers=True`` (deployment) the hospitals' public ledger copies are collected
+    into ``run_dir/ledgers`` after the last round, through the same Flower messages.
+    """
     app = ServerApp()
 
     @app.main()
@@ -134,6 +163,8 @@ def build_server_app(provide: ConfigProvider,
             cfg, run_dir, resume = provide(context)
             transport = GridTransport(grid, min_nodes=cfg.federation.min_hospitals)
             result = run_federation(transport, cfg, run_dir, resume=resume, on_round=on_round)
+            if ledgers:
+                collect_ledgers(transport, Path(run_dir), round_=cfg.federation.rounds + 1)
         except BaseException as err:
             if failures is not None:  # the simulation runner re-raises it in the caller
                 failures.append(err)

@@ -20,6 +20,7 @@ ACTIONS = {
     "secagg_share": "train.secagg_share",
     "secagg_masked": "train.secagg_masked",
     "secagg_unmask": "train.secagg_unmask",
+    "ledger": "evaluate.ledger",  # the hospital's public ledger copy, after the last round
 }
 
 

@@ -1,0 +1,98 @@
+"""The hospital's ClientApp launcher: Flower's ``flwr-clientapp``, verifying the bundle first.
+
+Flower's SuperExec starts one ``flwr-clientapp`` process per task, by name from ``PATH``.
+``fedrg client`` puts a private directory first on its SuperNode's ``PATH`` holding a
+``flwr-clientapp`` that runs this module (:func:`write_launcher`). It runs Flower's own
+``flwr-clientapp`` with one change: before Flower installs the server's app bundle (FAB),
+the bundle is checked against the hospital's pin (:func:`fedrg.deploy.pinning.check_fab`).
+A bundle that is not the approved app is refused before any file of it is written or
+imported; Flower then answers the server with an error, and the refusal is appended to
+``<state_dir>/logs/app-refusals.log``, which ``fedrg client`` prints.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedrg.deploy.pinning import PIN_FILE, AppNotApprovedError, AppPin, check_fab
+
+REFUSALS_LOG = "app-refusals.log"
+LAUNCHER_NAME = "flwr-clientapp"
+
+
+def write_launcher(state_dir: str | Path, pin: AppPin) -> Path:
+    """Write the pin and the ``flwr-clientapp`` launcher into ``state_dir``.
+
+    Returns
+    -------
+    Path
+        The directory to put first on the SuperNode's ``PATH`` (``<state_dir>/bin``).
+    """
+    state = Path(state_dir)
+    pin_path = state / PIN_FILE
+    pin_path.write_text(pin.to_json())
+    pin_path.chmod(0o600)
+    bin_dir = state / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    launcher = bin_dir / LAUNCHER_NAME
+    launcher.write_text(
+        "#!/bin/sh\n"
+        "# written by fedrg client: Flower's flwr-clientapp, refusing unapproved app bundles\n"
+        f"exec {shlex.quote(sys.executable)} -m fedrg.deploy.pinned_clientapp "
+        f"--fedrg-state-dir {shlex.quote(str(state.resolve()))} \"$@\"\n")
+    launcher.chmod(0o700)
+    return bin_dir
+
+
+def _split(argv: Sequence[str]) -> tuple[Path, list[str]]:
+    rest, state = [], None
+    it = iter(argv)
+    for arg in it:
+        if arg == "--fedrg-state-dir":
+            state = next(it, None)
+        else:
+            rest.append(arg)
+    if not state:
+        raise SystemExit("pinned_clientapp: --fedrg-state-dir DIR is required")
+    return Path(state), rest
+
+
+def verifying_installer(install, pin: AppPin, state_dir: Path):  # noqa: ANN001, ANN201
+    """Wrap Flower's ``install_from_fab`` so the bundle is checked before it is installed."""
+
+    def install_verified(fab_file, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        content = fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes()
+        try:
+            check_fab(content, pin)
+        except AppNotApprovedError as err:
+            log_dir = state_dir / "logs"
+            log_dir.mkdir(parents=True, exist_ok=True)
+            with open(log_dir / REFUSALS_LOG, "a") as fh:
+                fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {err}\n")
+            print(f"fedrg: {err}", file=sys.stderr, flush=True)
+            raise
+        return install(fab_file, *args, **kwargs)
+
+    return install_verified
+
+
+def main(argv: Sequence[str] | None = None) -> None:  # pragma: no cover - a process
+    """Run Flower's ``flwr-clientapp`` with the bundle check in front of the install."""
+    import flwr.supernode.runtime.run_clientapp as runner
+    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+
+    state_dir, rest = _split(sys.argv[1:] if argv is None else argv)
+    pin = AppPin.from_json((state_dir / PIN_FILE).read_text())
+    runner.install_from_fab = verifying_installer(runner.install_from_fab, pin, state_dir)
+    sys.argv = [LAUNCHER_NAME, *rest]
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    flwr_clientapp()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
