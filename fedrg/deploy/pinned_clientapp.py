@@ -62,10 +62,10 @@ def _split(argv: Sequence[str]) -> tuple[Path, list[str]]:
     return Path(state), rest
 
 
-def verifying_installer(install, pin: AppPin, state_dir: Path):  # noqa: ANN001, ANN201
+def verifying_installer(install, pin: AppPin, state_dir: Path):
     """Wrap Flower's ``install_from_fab`` so the bundle is checked before it is installed."""
 
-    def install_verified(fab_file, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def install_verified(fab_file, *args, **kwargs):
         content = fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes()
         try:
             check_fab(content, pin)

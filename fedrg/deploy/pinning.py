@@ -25,11 +25,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import tomllib
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 from fedrg.errors import DeployError
 

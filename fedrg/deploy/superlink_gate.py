@@ -124,9 +124,9 @@ def main(argv: Sequence[str] | None = None) -> None:  # pragma: no cover - runs 
     import importlib
 
     import uvicorn
-    from flwr.superlink.main import create_app
     from flwr.supercore.http_logging import get_uvicorn_log_config
     from flwr.supercore.logger import console_handler
+    from flwr.superlink.main import create_app
 
     # the module, not the function of the same name that flwr.superlink.cli exports
     fs = importlib.import_module("flwr.superlink.cli.flower_superlink")
