@@ -276,16 +276,25 @@ def server(
         console.print(f"run {run_id}: {status}")
         run_log = group.log_dir / f"run-{run_id}.log"
         console.print(f"run log: {run_log}")
-        if status != "finished:completed":
-            text = run_log.read_text(errors="replace") if run_log.is_file() else ""
-            err_console.print(P.strip_ansi(text)[-3000:], markup=False)
-            raise FedrgError(f"run {run_id} ended as {status}; see the log above ({run_log}) "
-                             f"and {link.log_path}")
-        _report_run(Path(s.run.run_dir), rounds, cfg.data.markers)
+        failed: FedrgError | None = None
+        try:
+            if status != "finished:completed":
+                text = run_log.read_text(errors="replace") if run_log.is_file() else ""
+                err_console.print(P.strip_ansi(text)[-3000:], markup=False)
+                raise FedrgError(f"run {run_id} ended as {status}; see the log above "
+                                 f"({run_log}) and {link.log_path}")
+            _report_run(Path(s.run.run_dir), rounds, cfg.data.markers)
+        except FedrgError as err:
+            if not s.run.keep_running:
+                raise
+            failed = err
+            err_console.print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)
         if s.run.keep_running:
             console.print("keep_running = true: SuperLink stays up; Ctrl-C stops it")
             while link.alive():
                 time.sleep(1)
+            if failed is not None:
+                raise failed
     except FedrgError as err:
         raise _fail(err) from None
     except (KeyboardInterrupt, _StopRequestedError):
