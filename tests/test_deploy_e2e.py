@@ -2,8 +2,11 @@
 registration, `flwr run` of fedrg's ServerApp) and two `fedrg client` hospitals (SuperNodes
 running fedrg's ClientApp on their own synthetic cohorts), all real processes on 127.0.0.1.
 
-Two rounds with DP-SGD and secure aggregation; afterwards the run directory holds a trained
-adapter and metrics, each hospital holds its own privacy ledger, and no process is left.
+Two rounds with DP-SGD and secure aggregation; the server prints each round as it finishes
+and each hospital a line per trained round; afterwards the run directory holds a trained
+adapter, metrics, plots and the hospitals' public ledger copies (sent through Flower
+messages), `fedrg audit RUN` passes, each hospital holds its own privacy ledger, and no
+process is left.
 """
 
 from __future__ import annotations
@@ -165,6 +168,9 @@ private_key = "{keys[h].node_private}"
         clients[h] = (procs(["client", "--config", str(tmp_path / f"{h}.toml")], log), log)
     for proc, log in clients.values():
         _wait_for("connected to", log, proc, timeout=180)
+    # the server prints round 1 while round 2 runs (the run is still going)
+    _wait_for("2 hospital(s) trained", server_log, server, timeout=1500)
+    assert server.poll() is None
 
     try:
         rc = server.wait(timeout=1700)
@@ -190,9 +196,33 @@ private_key = "{keys[h].node_private}"
         entries = [json.loads(line) for line in ledger.read_text().splitlines()]
         assert len(entries) == 2
         assert all("signature" in json.dumps(e) for e in entries)
+    # per-round progress: the server's round lines, one line per trained round at each hospital
+    flat = " ".join(out.split())  # the server's console wraps long lines
+    for r in (1, 2):
+        assert f"round {r} 2 hospital(s) trained loss " in flat, out[-3000:]
+    assert "epsilon hospital-1 " in flat and "hospital-2 " in flat
+    assert (run_dir / "plots").is_dir() and any((run_dir / "plots").glob("*.png"))
+    for h, (_, log) in clients.items():
+        text = " ".join(log.read_text(errors="replace").split())
+        assert "approved app: fedrg" in text
+        for r in (1, 2):
+            assert f"{h}: round {r} trained, " in text and "epsilon spent " in text, text[-2000:]
+        assert "left, delta" in text
+    # the hospitals' public ledger copies came back through Flower messages: audit the run
+    for h in HOSPITALS:
+        copy = run_dir / "ledgers" / h
+        assert (copy / "ledger.jsonl").read_bytes() == (tmp_path / h / "ledger.jsonl").read_bytes()
+        assert not (copy / "ledger_ed25519.pem").exists()
+    audit = subprocess.run([sys.executable, "-m", "fedrg.cli", "audit", str(run_dir)],
+                           capture_output=True, text=True, timeout=600)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    assert "hospital-1" in audit.stdout and "hospital-2" in audit.stdout
     # `flwr run` rewrites the pyproject it is given: the source tree's must be untouched
     assert (Path(__file__).resolve().parent.parent / "pyproject.toml").read_bytes() == \
         source_pyproject
     # the server holds no hospital data: no cohort file, no ledger in its state or run dir
-    server_files = [p.name for d in (tmp_path / "server-state", run_dir) for p in d.rglob("*")]
-    assert "ledger.jsonl" not in server_files and "manifest.csv" not in server_files
+    # (the public ledger copies under run/ledgers are the only ledgers there)
+    server_files = [p for d in (tmp_path / "server-state", run_dir) for p in d.rglob("*")]
+    assert all("ledgers" in p.parts for p in server_files if p.name == "ledger.jsonl")
+    assert "manifest.csv" not in [p.name for p in server_files]
+    assert not [p for p in server_files if p.suffix == ".pem" and "ledger" in p.name]
