@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from fedrg.deploy.watch import LineFollower, MetricsFollower
 
 err_console = Console(stderr=True, highlight=False)
-console = Console(highlight=False, markup=False)
+console = Console(highlight=False, markup=False, soft_wrap=True)  # log lines stay whole
 
 certs_app = typer.Typer(help="TLS certificates of a federation.", no_args_is_help=True)
 keys_app = typer.Typer(help="A hospital's keys.", no_args_is_help=True)

@@ -133,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> None:  # pragma: no cover - runs 
     public_host, public_port, flower_args = split_args(sys.argv[1:] if argv is None else argv)
     sys.argv = ["flower-superlink", *flower_args]
     config = fs._parse_superlink_lifespan_config()  # Flower's own argument handling
+    fs.log(fs.INFO, "Starting Flower SuperLink")  # as flower-superlink does
     if config.port == public_port:
         raise SystemExit("superlink_gate: --public-port must differ from --port")
     app = create_app(config, fs.SuperLinkLifespan)
