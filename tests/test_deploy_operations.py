@@ -165,3 +165,32 @@ def test_app_digest_setting(tmp_path):
     s = load_hospital_settings(_hospital_toml(tmp_path, f'[app]\ndigest = "{"0" * 64}"'))
     with pytest.raises(Exception, match="not the digest of this hospital's installed fedrg"):
         approved_app(s)
+
+
+def test_clientapp_answers_ledger_with_the_public_copy_that_audits(hospital_state, tmp_path):
+    """fedrg's real ClientApp, called by Flower with a received `evaluate.ledger` message; the
+    reply goes through Flower's record encoding to the server's writer and `fedrg audit`."""
+    import time
+
+    from flwr.app import Context, Message, RecordDict
+    from flwr.app.metadata import Metadata
+
+    from fedrg.cli import app as cli
+    from fedrg.flower.apps import build_client_app
+    from fedrg.flower.records import payload_to_record, record_to_payload
+
+    ctx = Context(run_id=1, node_id=5, state=RecordDict(), run_config={}, node_config={
+        "cohort": str(tmp_path / "unused"), "state-dir": str(hospital_state),
+        "site-name": "hospital-1"})
+    md = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=5,
+                  reply_to_message_id="", group_id="4", created_at=time.time(), ttl=3600,
+                  message_type="evaluate.ledger")
+    reply = build_client_app()(Message(content=payload_to_record(Payload()), metadata=md), ctx)
+    assert not reply.has_error(), reply.error
+    payload = record_to_payload(reply.content)
+    assert set(payload.meta["files"]) == {"ledger.jsonl", "ledger_head.json",
+                                          "ledger_ed25519.pub"}
+    written = write_ledger_copies(tmp_path / "run", {5: payload})
+    assert list(written) == ["hospital-1"]
+    res = CliRunner().invoke(cli, ["audit", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
