@@ -160,9 +160,13 @@ def _check_server_files(s: ServerSettings, insecure: bool) -> None:
             "with `fedrg certs init --out DIR --host <server name>` and point [tls] at them "
             "(or pass --insecure on a closed test machine only)"
         )
-    # the operator's own `flwr` CLI connects through this name: the certificate must hold it
+    # the operator's `flwr` CLI connects through 127.0.0.1; hospitals through the public
+    # host when it is a specific address (for 0.0.0.0 the names come from `certs init --host`)
     check_server_certificate(s.tls.server_cert, s.tls.server_key, s.tls.ca_cert,
                              host="127.0.0.1")
+    if s.superlink.host not in ("", "0.0.0.0", "::", "127.0.0.1"):
+        check_server_certificate(s.tls.server_cert, s.tls.server_key, s.tls.ca_cert,
+                                 host=s.superlink.host)
     check_private_mode(s.tls.server_key)
     if not s.auth.hospitals:
         raise FedrgError(

@@ -216,6 +216,9 @@ def test_attack_modified_bundle(deployment):
     # nothing of the bundle ran at the hospital: no marker file, no training, no ledger entry
     assert not d["pwned"].exists()
     assert not (d["root"] / "hospital-1" / "ledger.jsonl").exists()
+    # the server got an error instead of an update: the round trained no hospital
+    srv = _wait_for("0 hospital(s) trained", d["server_log"], d["server"], timeout=300)
+    assert "1 failed" in srv
     # the hospital stays connected, ready for an approved run
     assert d["client"].poll() is None
 
