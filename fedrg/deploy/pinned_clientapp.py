@@ -16,8 +16,9 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from fedrg.deploy.pinning import PIN_FILE, AppNotApprovedError, AppPin, check_fab
 
@@ -62,10 +63,28 @@ def _split(argv: Sequence[str]) -> tuple[Path, list[str]]:
     return Path(state), rest
 
 
-def verifying_installer(install, pin: AppPin, state_dir: Path):
-    """Wrap Flower's ``install_from_fab`` so the bundle is checked before it is installed."""
+def verifying_installer(
+    install: Callable[..., Path], pin: AppPin, state_dir: Path
+) -> Callable[..., Path]:
+    """Wrap Flower's ``install_from_fab`` so the bundle is checked before it is installed.
 
-    def install_verified(fab_file, *args, **kwargs):
+    Parameters
+    ----------
+    install : callable
+        Flower's ``install_from_fab(fab_file, install_dir=None, skip_prompt=False)``.
+    pin : AppPin
+        What the hospital approved.
+    state_dir : Path
+        The hospital's state directory (refusals go to ``logs/app-refusals.log``).
+
+    Returns
+    -------
+    callable
+        Same signature as ``install``; raises :class:`AppNotApprovedError` (and never calls
+        ``install``) for a bundle that is not the approved app.
+    """
+
+    def install_verified(fab_file: Path | bytes, *args: Any, **kwargs: Any) -> Path:
         content = fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes()
         try:
             check_fab(content, pin)
