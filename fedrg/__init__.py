@@ -1,12 +1,10 @@
-"""fedrg: privacy-preserving federated learning for radiogenomics."""
+"""fedrg: privacy-preserving federated learning for radiogenomics.
 
-import os as _os
-
-# No telemetry, no update checks, no hub downloads: set before flwr/transformers import.
-_os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-_os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-_os.environ.setdefault("HF_HUB_OFFLINE", "1")
-_os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-_os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+Importing fedrg (or any of its modules) has no side effects on the host process: it sets
+no environment variables and leaves torch's thread count alone. The ``fedrg`` command and
+the Flower app modules switch to offline mode themselves (:mod:`fedrg.runtime`).
+"""
 
 __version__ = "0.1.0"
+
+__all__ = ["__version__"]

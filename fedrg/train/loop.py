@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fedrg.config import TrainingConfig
+from fedrg.runtime import torch_threads
 
 
 @runtime_checkable
@@ -193,8 +194,21 @@ def train_local(
         ``steps``, ``examples`` (examples seen), ``empty_steps``, ``loss_mean``,
         ``loss_last`` (mean per-example loss of the last non-empty batch), ``seconds``.
     """
-    if training_cfg.threads:
-        torch.set_num_threads(training_cfg.threads)
+    with torch_threads(training_cfg.threads):
+        return _train_local(model, train_dataset, training_cfg, steps=steps, privacy=privacy,
+                            seed=seed, genomics_dropout=genomics_dropout)
+
+
+def _train_local(
+    model: nn.Module,
+    train_dataset: Dataset,
+    training_cfg: TrainingConfig,
+    *,
+    steps: int | None,
+    privacy: PrivacySeam | None,
+    seed: int | None,
+    genomics_dropout: float | None,
+) -> dict[str, Any]:
     seed = training_cfg.seed if seed is None else int(seed)
     seam: PrivacySeam = (
         privacy if privacy is not None else PlainSGD(batch_size=training_cfg.batch_size, seed=seed)

@@ -1,0 +1,86 @@
+"""Importing fedrg must not change the host process (issue 17, item 1).
+
+Each check runs in a fresh interpreter started without fedrg's offline variables, so the
+parent test process (whose conftest sets them) cannot hide a module that sets them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedrg.runtime import OFFLINE_ENV
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PROBE = r"""
+import importlib, json, os, pkgutil, sys
+import torch
+# flwr's own import sets GRPC_VERBOSITY (flwr/supercore/grpc.py): a side effect of the
+# dependency, not of fedrg, so it is taken before the snapshot.
+import flwr.supercore.grpc
+torch.set_num_threads(%(threads)d)
+before_env = dict(os.environ)
+before_threads = torch.get_num_threads()
+import fedrg
+names = []
+for info in pkgutil.walk_packages(fedrg.__path__, "fedrg."):
+    importlib.import_module(info.name)
+    names.append(info.name)
+for extra in ("fedrg.cli",):
+    importlib.import_module(extra)
+changed = {k: [before_env.get(k), os.environ.get(k)]
+           for k in set(before_env) | set(os.environ) if before_env.get(k) != os.environ.get(k)}
+print(json.dumps({"modules": names, "changed": changed,
+                  "threads": [before_threads, torch.get_num_threads()]}))
+"""
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_ENV}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_importing_every_fedrg_module_leaves_environ_and_threads_alone():
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE % {"threads": 1}], env=_clean_env(), cwd=ROOT,
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(report["modules"]) > 40  # the walk really imported the package tree
+    assert "fedrg.train.loop" in report["modules"] and "fedrg.model.base" in report["modules"]
+    assert report["changed"] == {}, report["changed"]
+    assert report["threads"] == [1, 1]
+
+
+def test_train_local_restores_the_thread_count():
+    import torch
+
+    from fedrg.runtime import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(1 if before != 1 else 2):
+        assert torch.get_num_threads() != before
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("preset", [False, True])
+def test_offline_env_restores_previous_values(monkeypatch, preset):
+    from fedrg.runtime import offline_env
+
+    for key in OFFLINE_ENV:
+        monkeypatch.delenv(key, raising=False)
+    if preset:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    before = dict(os.environ)
+    with offline_env():
+        assert os.environ["FLWR_TELEMETRY_ENABLED"] == "0"
+        assert os.environ["HF_HUB_OFFLINE"] == ("0" if preset else "1")  # a user's choice wins
+    assert dict(os.environ) == before
