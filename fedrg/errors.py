@@ -111,3 +111,7 @@ class ModelError(FedrgError):
 
 class DeployError(FedrgError):
     """A deployment step failed: certificates, keys, or a Flower process."""
+
+
+class RecordSchemaError(FedrgError):
+    """A training record (dataset item or batch) lacks a field its schema requires."""

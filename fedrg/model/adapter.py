@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedrg.config import DataConfig, ModelConfig
+from fedrg.data.schema import RADIOGENOMICS_RECORD
 from fedrg.errors import ModelError
 from fedrg.model.base import load_base
 from fedrg.model.encoders import GenomicsEncoder, ImageEncoder, MarkerHead, PromptProjector
@@ -77,6 +78,9 @@ class RadiogenomicsModel(nn.Module):
 
     Build it with :func:`build_model`.
     """
+
+    #: Fields every training record must carry (checked by ``train_local``).
+    record_schema = RADIOGENOMICS_RECORD
 
     def __init__(
         self,

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fedrg.config import TrainingConfig
+from fedrg.data.schema import RADIOGENOMICS_RECORD, RecordSchema, batch_size
 from fedrg.runtime import torch_threads
 
 
@@ -86,7 +87,7 @@ class PlainSGD:
     def step(self, batch: dict[str, Any]) -> float | None:
         if self.model is None or self.optimizer is None:
             raise RuntimeError("PlainSGD.step called before attach(model, optimizer)")
-        if len(batch.get("has_genomics", ())) == 0:
+        if not batch or all(len(v) == 0 for v in batch.values() if hasattr(v, "__len__")):
             return None
         self.optimizer.zero_grad(set_to_none=True)
         losses = self.model(**self.model.encode_batch(batch))
@@ -138,10 +139,6 @@ def planned_steps(n_examples: int, training_cfg: TrainingConfig) -> int:
     return max(1, math.ceil(training_cfg.local_epochs * n_examples / training_cfg.batch_size))
 
 
-def _batch_size(batch: dict[str, Any]) -> int:
-    return len(batch.get("has_genomics", ()))
-
-
 FAST_PARTS = ("lora_", "image_proj.", "genomics_proj.")
 
 
@@ -167,6 +164,7 @@ def train_local(
     privacy: PrivacySeam | None = None,
     seed: int | None = None,
     genomics_dropout: float | None = None,
+    schema: RecordSchema | None = None,
 ) -> dict[str, Any]:
     """Train the adapter of ``model`` on ``train_dataset`` (AdamW, in place).
 
@@ -187,6 +185,15 @@ def train_local(
         Seeds shuffling (non-private) and genomics withholding; default ``training.seed``.
     genomics_dropout
         Probability of withholding an example's genomics; default ``model.genomics_dropout``.
+    schema
+        Required record fields; default ``model.record_schema``, else
+        :data:`fedrg.data.schema.RADIOGENOMICS_RECORD`. ``train_dataset[0]`` and every
+        non-empty batch are checked before use.
+
+    Raises
+    ------
+    RecordSchemaError
+        A record or batch lacks a required field (the message names it).
 
     Returns
     -------
@@ -196,7 +203,7 @@ def train_local(
     """
     with torch_threads(training_cfg.threads):
         return _train_local(model, train_dataset, training_cfg, steps=steps, privacy=privacy,
-                            seed=seed, genomics_dropout=genomics_dropout)
+                            seed=seed, genomics_dropout=genomics_dropout, schema=schema)
 
 
 def _train_local(
@@ -208,7 +215,12 @@ def _train_local(
     privacy: PrivacySeam | None,
     seed: int | None,
     genomics_dropout: float | None,
+    schema: RecordSchema | None,
 ) -> dict[str, Any]:
+    if schema is None:
+        schema = getattr(model, "record_schema", None) or RADIOGENOMICS_RECORD
+    if len(train_dataset) > 0:
+        schema.check(train_dataset[0], where="train_dataset[0]")
     seed = training_cfg.seed if seed is None else int(seed)
     seam: PrivacySeam = (
         privacy if privacy is not None else PlainSGD(batch_size=training_cfg.batch_size, seed=seed)
@@ -229,10 +241,11 @@ def _train_local(
     try:
         if n_steps > 0 and len(train_dataset) > 0:
             for batch in seam.batches(train_dataset, steps=n_steps):
-                n = _batch_size(batch)
+                n = batch_size(batch, schema)
                 if n:
-                    batch = withhold_genomics(batch, genomics_dropout, drop_gen)
-                    if training_cfg.augment:
+                    if genomics_dropout > 0:
+                        batch = withhold_genomics(batch, genomics_dropout, drop_gen)
+                    if training_cfg.augment and "image" in schema.fields:
                         batch = augment_images(batch, aug_gen)
                 loss = seam.step(batch)
                 if loss is None:
