@@ -56,7 +56,9 @@ class FederationConfig(StrictModel):
     fraction_train: float = Field(1.0, gt=0.0, le=1.0, description="fraction sampled per round")
     min_hospitals: int = Field(2, ge=1, description="minimum hospitals needed for a round")
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
-    server_optimizer: Literal["fedavg", "fedadam"] = "fedavg"
+    server_optimizer: Literal["fedavg", "fedadam", "fedyogi", "fedadagrad"] = Field(
+        "fedavg", description="server update rule (fedrg.federated.aggregate.AGGREGATORS)"
+    )
     server_lr: float = Field(1.0, gt=0.0, description="server learning rate applied to the mean delta")
     seed: int = 0
 
