@@ -29,6 +29,7 @@ def _fedrg_process() -> None:
 # One module per command group; each owns its commands via register(app).
 COMMAND_MODULES = [
     "fedrg.commands.data",  # synth, validate
+    "fedrg.commands.importing",  # import (GDC + DICOM)
     "fedrg.commands.model",  # train, predict
     "fedrg.commands.federation",  # simulate
     "fedrg.commands.deploy",  # certs, keys, server, client
