@@ -19,6 +19,7 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedrg.errors import ConfigError
+from fedrg.pydantic_errors import format_validation_error
 
 DEFAULT_MARKERS = ["idh_mutant", "codeletion_1p19q", "mgmt_methylated"]
 
@@ -239,30 +240,6 @@ class SiteConfig(StrictModel):
 
 # --------------------------------------------------------------------------- loading
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            section = _section_of(e["loc"][:-1])
-            allowed = ", ".join(sorted(section.model_fields)) if section else "?"
-            lines.append(f"unknown key '{loc}'; allowed keys here: {allowed}")
-        else:
-            value = e.get("input")
-            lines.append(f"'{loc}' = {value!r}: {e['msg']}")
-    return f"invalid configuration ({source}):\n  " + "\n  ".join(lines)
-
-
-def _section_of(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    model: type[BaseModel] = ExperimentConfig
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            return None
-        model = field.annotation
-    return model
-
-
 def _parse_scalar(text: str) -> Any:
     """Parse an override value as TOML (numbers, booleans, lists), else keep the string."""
     try:
@@ -294,7 +271,7 @@ def build_config(data: dict[str, Any], source: str = "config") -> ExperimentConf
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, f"configuration ({source})", root=ExperimentConfig)) from None
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -328,8 +305,8 @@ def load_site_config(path: str | Path, overrides: dict[str, Any] | None = None) 
     try:
         return SiteConfig.model_validate(site)
     except ValidationError as err:
-        msgs = "; ".join(f"site.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise ConfigError(f"invalid site config {path}: {msgs}") from None
+        raise ConfigError(format_validation_error(err, f"site config {path}", root=SiteConfig,
+                                                  prefix=("site",))) from None
 
 
 # --------------------------------------------------------------------------- Flower glue
