@@ -205,6 +205,13 @@ class TrainingConfig(StrictModel):
     )
 
 
+class TrackingConfig(StrictModel):
+    """Opt-in experiment tracking of the per-round rows of metrics.json (server side only)."""
+
+    tensorboard: bool = Field(False, description="write per-round scalars as TensorBoard event files")
+    dir: str = Field("", description="where tracking files go ('' = RUN_DIR/tracking)")
+
+
 class ExperimentConfig(StrictModel):
     """The whole experiment."""
 
@@ -214,10 +221,15 @@ class ExperimentConfig(StrictModel):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = Field(default_factory=SecAggConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def config_hash(self) -> str:
-        """SHA-256 of the canonical JSON form (recorded in ledgers and checkpoints)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """SHA-256 of the canonical JSON form (recorded in ledgers and checkpoints).
+
+        ``tracking`` is left out: where metrics are mirrored does not change the experiment.
+        """
+        blob = json.dumps(self.model_dump(mode="json", exclude={"tracking"}), sort_keys=True,
+                          separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
