@@ -108,14 +108,14 @@ class RadiogenomicsModel(nn.Module):
 
     def __init__(
         self,
-        lm: nn.Module,
+        lm: Any,  # a peft-wrapped Hugging Face causal LM (nn.Module)
         tokenizer: Any,
         model_cfg: ModelConfig,
         data_cfg: DataConfig,
         target_modules: list[str] | str,
     ):
         super().__init__()
-        self.lm = lm
+        self.lm: Any = lm
         self.tokenizer = tokenizer
         self.model_cfg = model_cfg
         self.data_cfg = data_cfg

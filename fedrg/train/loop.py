@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 from torch import nn
@@ -22,6 +22,15 @@ from torch.utils.data import Dataset
 from fedrg.config import TrainingConfig
 from fedrg.data.schema import RADIOGENOMICS_RECORD, RecordSchema, batch_size
 from fedrg.runtime import torch_threads
+
+
+class SizedDataset(Protocol):
+    """What the loop needs of a dataset: ``len()`` and integer indexing to dict records
+    (a ``torch.utils.data.Dataset`` with ``__len__``, or a list)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
 
 
 @runtime_checkable
@@ -38,9 +47,9 @@ class PrivacySeam(Protocol):
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
 
-    def batches(self, dataset: Dataset, *, steps: int | None = None) -> Iterator[dict[str, Any]]: ...
+    def batches(self, dataset: SizedDataset, *, steps: int | None = None) -> Iterator[Mapping[str, Any]]: ...
 
-    def step(self, batch: dict[str, Any]) -> float | None: ...
+    def step(self, batch: Mapping[str, Any]) -> float | None: ...
 
     def cleanup(self) -> Any: ...
 
@@ -72,7 +81,7 @@ class PlainSGD:
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model, self.optimizer = model, optimizer
 
-    def batches(self, dataset: Dataset, *, steps: int | None = None) -> Iterator[dict[str, Any]]:
+    def batches(self, dataset: SizedDataset, *, steps: int | None = None) -> Iterator[dict[str, Any]]:
         n = len(dataset)
         if n == 0 or not steps:
             return
@@ -84,13 +93,14 @@ class PlainSGD:
             idx, order = order[:size], order[size:]
             yield collate([dataset[i] for i in idx])
 
-    def step(self, batch: dict[str, Any]) -> float | None:
+    def step(self, batch: Mapping[str, Any]) -> float | None:
         if self.model is None or self.optimizer is None:
             raise RuntimeError("PlainSGD.step called before attach(model, optimizer)")
         if not batch or all(len(v) == 0 for v in batch.values() if hasattr(v, "__len__")):
             return None
         self.optimizer.zero_grad(set_to_none=True)
-        losses = self.model(**self.model.encode_batch(batch))
+        model = cast(Any, self.model)  # any module with encode_batch (see PrivacySeam)
+        losses = model(**model.encode_batch(batch))
         losses.mean().backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -100,7 +110,7 @@ class PlainSGD:
         return None
 
 
-def withhold_genomics(batch: dict[str, Any], p: float, generator: torch.Generator) -> dict[str, Any]:
+def withhold_genomics(batch: Mapping[str, Any], p: float, generator: torch.Generator) -> Mapping[str, Any]:
     """Drop each example's genomics with probability ``p`` (zeros + ``has_genomics=0``)."""
     if p <= 0.0 or len(batch["has_genomics"]) == 0:
         return batch
@@ -113,8 +123,8 @@ def withhold_genomics(batch: dict[str, Any], p: float, generator: torch.Generato
 
 
 def augment_images(
-    batch: dict[str, Any], generator: torch.Generator, *, max_shift: int = 4
-) -> dict[str, Any]:
+    batch: Mapping[str, Any], generator: torch.Generator, *, max_shift: int = 4
+) -> Mapping[str, Any]:
     """Random left-right flip (p=0.5) and a shift of up to ``max_shift`` pixels per batch.
 
     Works for ``[B,1,H,W]`` and ``[B,1,D,H,W]``; the last axis is left-right.
@@ -145,7 +155,8 @@ FAST_PARTS = ("lora_", "image_proj.", "genomics_proj.")
 def param_groups(model: nn.Module, training_cfg: TrainingConfig) -> list[dict[str, Any]]:
     """Trainable parameters in two AdamW groups: LoRA + prompt projectors at
     ``lr * lora_lr_scale`` (they must learn to condition the LM), the rest at ``lr``."""
-    fast, slow = [], []
+    fast: list[nn.Parameter] = []
+    slow: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (fast if any(k in name for k in FAST_PARTS) else slow).append(p)
@@ -157,7 +168,7 @@ def param_groups(model: nn.Module, training_cfg: TrainingConfig) -> list[dict[st
 
 def train_local(
     model: nn.Module,
-    train_dataset: Dataset,
+    train_dataset: SizedDataset,
     training_cfg: TrainingConfig,
     *,
     steps: int | None = None,
@@ -208,7 +219,7 @@ def train_local(
 
 def _train_local(
     model: nn.Module,
-    train_dataset: Dataset,
+    train_dataset: SizedDataset,
     training_cfg: TrainingConfig,
     *,
     steps: int | None,
@@ -265,6 +276,6 @@ def _train_local(
     }
 
 
-def subset(dataset: Dataset, indices: Sequence[int]) -> Dataset:
+def subset(dataset: SizedDataset, indices: Sequence[int]) -> SizedDataset:
     """A view of ``dataset`` restricted to ``indices``."""
-    return torch.utils.data.Subset(dataset, list(indices))
+    return torch.utils.data.Subset(cast(Dataset, dataset), list(indices))
