@@ -84,3 +84,29 @@ def test_offline_env_restores_previous_values(monkeypatch, preset):
         assert os.environ["FLWR_TELEMETRY_ENABLED"] == "0"
         assert os.environ["HF_HUB_OFFLINE"] == ("0" if preset else "1")  # a user's choice wins
     assert dict(os.environ) == before
+
+
+def test_every_public_name_resolves_lazily():
+    import importlib
+
+    for package in ("fedrg", "fedrg.data", "fedrg.model", "fedrg.train", "fedrg.data.importers",
+                    "fedrg.secagg"):
+        mod = importlib.import_module(package)
+        assert mod.__all__, package
+        for name in mod.__all__:
+            value = getattr(mod, name)
+            assert value is not None, f"{package}.{name}"
+            assert name in dir(mod)
+        with pytest.raises(AttributeError, match="no attribute 'nope'"):
+            _ = mod.nope
+    import fedrg
+    from fedrg.train.loop import train_local
+
+    assert fedrg.train_local is train_local
+
+
+def test_importing_fedrg_does_not_import_torch():
+    out = subprocess.run([sys.executable, "-c", "import sys, fedrg; print('torch' in sys.modules)"],
+                         env=_clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
