@@ -13,8 +13,6 @@ import contextlib
 import os
 from collections.abc import Iterator, MutableMapping
 
-import torch
-
 __all__ = ["OFFLINE_ENV", "apply_offline_env", "offline_env", "torch_threads"]
 
 #: No Flower telemetry or update checks, no Hugging Face hub access or telemetry.
@@ -58,6 +56,8 @@ def torch_threads(threads: int | None) -> Iterator[None]:
     if not threads:
         yield
         return
+    import torch  # here, so that the CLI and deploy helpers importing this module stay light
+
     saved = torch.get_num_threads()
     torch.set_num_threads(int(threads))
     try:
