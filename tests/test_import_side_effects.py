@@ -110,3 +110,14 @@ def test_importing_fedrg_does_not_import_torch():
                          env=_clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"
+
+
+def test_the_fedrg_command_switches_its_own_process_offline(tmp_path):
+    probe = ("import os; from typer.testing import CliRunner; from fedrg.cli import app; "
+             "before = os.environ.get('HF_HUB_OFFLINE'); "
+             f"CliRunner().invoke(app, ['validate', {str(tmp_path / 'none')!r}]); "
+             "print(before, os.environ.get('HF_HUB_OFFLINE'), os.environ.get('FLWR_TELEMETRY_ENABLED'))")
+    out = subprocess.run([sys.executable, "-c", probe], env=_clean_env(), cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["None", "1", "0"]
