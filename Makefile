@@ -28,6 +28,7 @@ demo: venv
 
 lint: venv
 	$(BIN)/ruff check fedrg server clients tests benchmarks
+	$(BIN)/mypy
 
 test: venv lint
 	$(BIN)/python -m pytest tests -q

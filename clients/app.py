@@ -6,6 +6,10 @@ The SuperNode's ``--node-config`` names the cohort, state directory and budget
 
 from __future__ import annotations
 
-from fedrg.flower.apps import build_client_app, site_from_node_config
+from fedrg.runtime import apply_offline_env
+
+apply_offline_env()  # a Flower app module is fedrg's own process
+
+from fedrg.flower.apps import build_client_app, site_from_node_config  # noqa: E402
 
 app = build_client_app(site_from_node_config)

@@ -6,6 +6,8 @@ import importlib
 
 import typer
 
+from fedrg.runtime import apply_offline_env
+
 app = typer.Typer(
     name="fedrg",
     help="Privacy-preserving federated learning for radiogenomics.",
@@ -14,9 +16,20 @@ app = typer.Typer(
     add_completion=False,
 )
 
+
+
+@app.callback()
+def _fedrg_process() -> None:
+    """Privacy-preserving federated learning for radiogenomics."""
+    # The fedrg command owns its process: offline, no telemetry, set before any command
+    # imports flwr/transformers (importing fedrg.cli itself changes nothing).
+    apply_offline_env()
+
+
 # One module per command group; each owns its commands via register(app).
 COMMAND_MODULES = [
     "fedrg.commands.data",  # synth, validate
+    "fedrg.commands.importing",  # import (GDC + DICOM)
     "fedrg.commands.model",  # train, predict
     "fedrg.commands.federation",  # simulate
     "fedrg.commands.deploy",  # certs, keys, server, client

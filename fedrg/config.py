@@ -19,6 +19,7 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedrg.errors import ConfigError
+from fedrg.pydantic_errors import format_validation_error
 
 DEFAULT_MARKERS = ["idh_mutant", "codeletion_1p19q", "mgmt_methylated"]
 
@@ -56,7 +57,9 @@ class FederationConfig(StrictModel):
     fraction_train: float = Field(1.0, gt=0.0, le=1.0, description="fraction sampled per round")
     min_hospitals: int = Field(2, ge=1, description="minimum hospitals needed for a round")
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
-    server_optimizer: Literal["fedavg", "fedadam"] = "fedavg"
+    server_optimizer: Literal["fedavg", "fedadam", "fedyogi", "fedadagrad"] = Field(
+        "fedavg", description="server update rule (fedrg.federated.aggregate.AGGREGATORS)"
+    )
     server_lr: float = Field(1.0, gt=0.0, description="server learning rate applied to the mean delta")
     seed: int = 0
 
@@ -202,6 +205,13 @@ class TrainingConfig(StrictModel):
     )
 
 
+class TrackingConfig(StrictModel):
+    """Opt-in experiment tracking of the per-round rows of metrics.json (server side only)."""
+
+    tensorboard: bool = Field(False, description="write per-round scalars as TensorBoard event files")
+    dir: str = Field("", description="where tracking files go ('' = RUN_DIR/tracking)")
+
+
 class ExperimentConfig(StrictModel):
     """The whole experiment."""
 
@@ -211,10 +221,15 @@ class ExperimentConfig(StrictModel):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = Field(default_factory=SecAggConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def config_hash(self) -> str:
-        """SHA-256 of the canonical JSON form (recorded in ledgers and checkpoints)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """SHA-256 of the canonical JSON form (recorded in ledgers and checkpoints).
+
+        ``tracking`` is left out: where metrics are mirrored does not change the experiment.
+        """
+        blob = json.dumps(self.model_dump(mode="json", exclude={"tracking"}), sort_keys=True,
+                          separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -236,30 +251,6 @@ class SiteConfig(StrictModel):
 
 
 # --------------------------------------------------------------------------- loading
-
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            section = _section_of(e["loc"][:-1])
-            allowed = ", ".join(sorted(section.model_fields)) if section else "?"
-            lines.append(f"unknown key '{loc}'; allowed keys here: {allowed}")
-        else:
-            value = e.get("input")
-            lines.append(f"'{loc}' = {value!r}: {e['msg']}")
-    return f"invalid configuration ({source}):\n  " + "\n  ".join(lines)
-
-
-def _section_of(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    model: type[BaseModel] = ExperimentConfig
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            return None
-        model = field.annotation
-    return model
-
 
 def _parse_scalar(text: str) -> Any:
     """Parse an override value as TOML (numbers, booleans, lists), else keep the string."""
@@ -292,7 +283,7 @@ def build_config(data: dict[str, Any], source: str = "config") -> ExperimentConf
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, f"configuration ({source})", root=ExperimentConfig)) from None
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -326,8 +317,8 @@ def load_site_config(path: str | Path, overrides: dict[str, Any] | None = None) 
     try:
         return SiteConfig.model_validate(site)
     except ValidationError as err:
-        msgs = "; ".join(f"site.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise ConfigError(f"invalid site config {path}: {msgs}") from None
+        raise ConfigError(format_validation_error(err, f"site config {path}", root=SiteConfig,
+                                                  prefix=("site",))) from None
 
 
 # --------------------------------------------------------------------------- Flower glue

@@ -111,3 +111,20 @@ class ModelError(FedrgError):
 
 class DeployError(FedrgError):
     """A deployment step failed: certificates, keys, or a Flower process."""
+
+
+class RecordSchemaError(FedrgError):
+    """A training record (dataset item or batch) lacks a field its schema requires."""
+
+
+class DataImportError(FedrgError):
+    """An input of ``fedrg import`` (a GDC file or a DICOM folder) is unusable.
+
+    ``problems`` lists every problem found, each naming the file, row/column and the fix.
+    """
+
+    def __init__(self, source: str, problems: list[Problem]):
+        self.source = source
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"cannot import {source}: {len(self.problems)} problem(s):\n{lines}")

@@ -6,12 +6,16 @@ The experiment config arrives as Flower's flat run config (declared in pyproject
 
 from __future__ import annotations
 
-from pathlib import Path
+from fedrg.runtime import apply_offline_env
 
-from flwr.app import Context
+apply_offline_env()  # a Flower app module is fedrg's own process
 
-from fedrg.config import ExperimentConfig, from_run_config
-from fedrg.flower.apps import build_server_app
+from pathlib import Path  # noqa: E402
+
+from flwr.app import Context  # noqa: E402
+
+from fedrg.config import ExperimentConfig, from_run_config  # noqa: E402
+from fedrg.flower.apps import build_server_app  # noqa: E402
 
 
 def _provide(context: Context) -> tuple[ExperimentConfig, Path, bool]:

@@ -198,7 +198,7 @@ def test_3d_image_variant(base_dir):
 def test_gpt2_base_trains(fx_root, base_dir, dataset):
     gdir = gpt2_base(fx_root, base_dir)
     model = build_model(tiny_model_cfg(gdir), tiny_data_cfg())
-    assert model.target_modules == "all-linear"
+    assert model.target_modules == ["c_attn", "c_proj", "c_fc"]  # follows config.model_type
     lora = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
     assert any("c_attn" in n for n in lora) and any("c_fc" in n for n in lora)
     before = [p.detach().clone() for n, p in model.named_parameters() if p.requires_grad]

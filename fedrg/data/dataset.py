@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fedrg.config import DataConfig
-from fedrg.data.cohort import Cohort
+from fedrg.data.manifest import Cohort
 
 TENSOR_KEYS = ("image", "expression", "mutations", "has_genomics", "markers", "marker_mask")
 LIST_KEYS = ("report", "patient_id")

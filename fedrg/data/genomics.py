@@ -115,11 +115,11 @@ def read_expression(
             continue
         row_vals = []
         for gene in gene_panel:
-            j = col.get(gene)
-            if j is None:
+            at = col.get(gene)
+            if at is None:
                 row_vals.append(math.nan)
                 continue
-            raw = fields[j].strip()
+            raw = fields[at].strip()
             try:
                 v = float(raw)
             except ValueError:

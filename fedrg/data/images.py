@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -108,7 +109,7 @@ def read_nifti(path: Path) -> np.ndarray:
     """NIfTI-1/2 (.nii, .nii.gz) via nibabel; 4D series give their first volume."""
     import nibabel as nib
 
-    img = nib.load(str(path))
+    img: Any = nib.load(str(path))  # a Nifti1/2Image (nibabel's stubs say FileBasedImage)
     if len(img.shape) == 4:
         img = img.slicer[..., 0]
     img = nib.as_closest_canonical(img)  # RAS: i left->right, j post->ant, k inf->sup
@@ -185,8 +186,9 @@ def read_png(path: Path) -> np.ndarray:
     """PNG via Pillow (colour images are converted to grey)."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        im.load()
+    with Image.open(path) as opened:
+        opened.load()
+        im: Image.Image = opened
         if im.mode not in ("L", "I", "I;16", "F"):
             im = im.convert("L")
         return np.asarray(im, dtype=np.float32)

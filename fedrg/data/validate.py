@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from fedrg.config import DataConfig
-from fedrg.data.cohort import EXPRESSION, MANIFEST, VARIANTS, Cohort, read_manifest
 from fedrg.data.genomics import read_expression, read_variants, standardise_expression
 from fedrg.data.images import prepare_image, read_image
+from fedrg.data.manifest import EXPRESSION, MANIFEST, VARIANTS, Cohort, read_manifest
 from fedrg.errors import ImageReadError, Problem
 
 

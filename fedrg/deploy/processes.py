@@ -30,12 +30,11 @@ from pathlib import Path
 import psutil
 
 from fedrg.errors import DeployError
+from fedrg.runtime import OFFLINE_ENV
 
-TELEMETRY_OFF = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-}
+# fedrg's offline environment (fedrg.runtime, the one place it is defined) plus: never let
+# Flower install an app's dependencies.
+TELEMETRY_OFF = {**OFFLINE_ENV, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 CONNECTION_NAME = "fedrg"
 
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedrg.config import SiteConfig, read_toml
 from fedrg.errors import ConfigError
+from fedrg.pydantic_errors import format_validation_error
 
 
 class _Section(BaseModel):
@@ -158,24 +159,11 @@ def _resolve(base: Path, value: str) -> str:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
-def _format(err: ValidationError, path: Path) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{loc}' (check the spelling against configs/*.example.toml)")
-        elif e["type"] == "missing":
-            lines.append(f"missing key '{loc}'")
-        else:
-            lines.append(f"'{loc}' = {e.get('input')!r}: {e['msg']}")
-    return f"invalid settings file {path}:\n  " + "\n  ".join(lines)
-
-
 def _validate(model: type[BaseModel], data: dict[str, Any], path: Path) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format(err, path)) from None
+        raise ConfigError(format_validation_error(err, f"settings file {path}", root=model)) from None
 
 
 def load_server_settings(path: str | Path) -> ServerSettings:

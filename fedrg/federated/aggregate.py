@@ -1,8 +1,14 @@
-"""Server-side aggregation of adapter deltas and the server optimiser (pure numpy)."""
+"""Server-side aggregation of adapter deltas and the server optimiser (pure numpy).
+
+:class:`Aggregator` is the seam: the rule that turns the round's (securely aggregated) mean
+delta into the next global adapter. FedAvg, FedAdam, FedYogi and FedAdagrad implement it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -56,40 +62,84 @@ def unflatten(vector: np.ndarray, like: list[np.ndarray]) -> list[np.ndarray]:
     return out
 
 
-@dataclass
-class ServerOptimizer:
-    """Applies the aggregated mean delta to the global adapter.
+@runtime_checkable
+class Aggregator(Protocol):
+    """The server-side update rule: how the aggregated mean delta moves the global adapter.
 
-    ``fedavg``: ``x <- x + lr * delta``. ``fedadam`` (Reddi et al. 2021): Adam moments over
-    the pseudo-gradient ``delta``.
+    An aggregator sees only the weighted mean of the hospitals' deltas, after secure
+    aggregation unmasked it (never one hospital's update), and each delta is already
+    DP-noised at its site: whatever is plugged in here cannot weaken either. Built-in users:
+    :class:`FedAvg`, :class:`FedAdam`, :class:`FedYogi`, :class:`FedAdagrad`.
     """
 
-    kind: str = "fedavg"
+    name: str
+
+    def apply(self, global_arrays: list[np.ndarray], delta: list[np.ndarray]) -> list[np.ndarray]:
+        """Return the new global arrays given the round's mean ``delta``."""
+        ...
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """State to checkpoint (empty for stateless rules)."""
+        ...
+
+    def load_state_arrays(self, state: dict[str, np.ndarray]) -> None:
+        """Restore state written by :meth:`state_arrays`."""
+        ...
+
+
+@dataclass
+class FedAvg:
+    """``x <- x + lr * delta`` (McMahan et al. 2017; ``lr=1`` is plain averaging)."""
+
+    lr: float = 1.0
+    name: str = "fedavg"
+
+    def apply(self, global_arrays: list[np.ndarray], delta: list[np.ndarray]) -> list[np.ndarray]:
+        """Return ``global + lr * delta`` per array."""
+        return [(g + self.lr * d).astype(g.dtype) for g, d in zip(global_arrays, delta, strict=True)]
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """FedAvg is stateless."""
+        return {}
+
+    def load_state_arrays(self, state: dict[str, np.ndarray]) -> None:
+        """Nothing to restore."""
+        return None
+
+
+@dataclass
+class _Adaptive:
+    """Adaptive server optimisers of Reddi et al. 2021 ("Adaptive Federated Optimization").
+
+    The pseudo-gradient is the mean delta: ``m <- b1 m + (1 - b1) d``, a second moment ``v``
+    per subclass (initialised to ``tau**2``), ``x <- x + lr * m / (sqrt(v) + tau)``.
+    """
+
     lr: float = 1.0
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
     m: list[np.ndarray] | None = field(default=None, repr=False)
     v: list[np.ndarray] | None = field(default=None, repr=False)
+    name: str = "adaptive"
+
+    def _second_moment(self, v: np.ndarray, d: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
 
     def apply(self, global_arrays: list[np.ndarray], delta: list[np.ndarray]) -> list[np.ndarray]:
-        """Return the new global arrays."""
-        if self.kind == "fedavg":
-            return [(g + self.lr * d).astype(g.dtype) for g, d in zip(global_arrays, delta, strict=True)]
-        if self.kind != "fedadam":
-            raise FedrgError(f"federation.server_optimizer={self.kind!r}; use 'fedavg' or 'fedadam'")
+        """Return the new global arrays (moments updated in place)."""
         if self.m is None or self.v is None:
             self.m = [np.zeros_like(d) for d in delta]
             self.v = [np.full_like(d, self.tau**2) for d in delta]
         new = []
         for i, (g, d) in enumerate(zip(global_arrays, delta, strict=True)):
             self.m[i] = self.beta1 * self.m[i] + (1 - self.beta1) * d
-            self.v[i] = self.beta2 * self.v[i] + (1 - self.beta2) * d * d
+            self.v[i] = self._second_moment(self.v[i], d)
             new.append((g + self.lr * self.m[i] / (np.sqrt(self.v[i]) + self.tau)).astype(g.dtype))
         return new
 
     def state_arrays(self) -> dict[str, np.ndarray]:
-        """Optimiser state for checkpoints."""
+        """Optimiser state for checkpoints (``m.i``, ``v.i``)."""
         out: dict[str, np.ndarray] = {}
         for name, arrs in (("m", self.m), ("v", self.v)):
             for i, a in enumerate(arrs or []):
@@ -102,3 +152,78 @@ class ServerOptimizer:
         vs = sorted((k for k in state if k.startswith("v.")), key=lambda k: int(k[2:]))
         self.m = [state[k] for k in ms] or None
         self.v = [state[k] for k in vs] or None
+
+
+@dataclass
+class FedAdam(_Adaptive):
+    """FedAdam: ``v <- b2 v + (1 - b2) d**2``."""
+
+    name: str = "fedadam"
+
+    def _second_moment(self, v: np.ndarray, d: np.ndarray) -> np.ndarray:
+        return self.beta2 * v + (1 - self.beta2) * d * d
+
+
+@dataclass
+class FedYogi(_Adaptive):
+    """FedYogi: ``v <- v - (1 - b2) d**2 sign(v - d**2)`` (``v`` grows additively, slower than Adam's)."""
+
+    name: str = "fedyogi"
+
+    def _second_moment(self, v: np.ndarray, d: np.ndarray) -> np.ndarray:
+        d2 = d * d
+        return v - (1 - self.beta2) * d2 * np.sign(v - d2)
+
+
+@dataclass
+class FedAdagrad(_Adaptive):
+    """FedAdagrad: ``v <- v + d**2``."""
+
+    name: str = "fedadagrad"
+
+    def _second_moment(self, v: np.ndarray, d: np.ndarray) -> np.ndarray:
+        return v + d * d
+
+
+#: ``federation.server_optimizer`` name -> aggregator class (kept equal to the config's choices).
+AGGREGATORS: dict[str, Callable[..., Aggregator]] = {
+    "fedavg": FedAvg,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedadagrad": FedAdagrad,
+}
+
+
+def make_aggregator(kind: str, lr: float = 1.0) -> Aggregator:
+    """The aggregator named by ``federation.server_optimizer`` with server learning rate ``lr``.
+
+    Raises
+    ------
+    FedrgError
+        If ``kind`` is not a known aggregator.
+    """
+    try:
+        factory = AGGREGATORS[kind]
+    except KeyError:
+        raise FedrgError(
+            f"federation.server_optimizer={kind!r}; use one of {', '.join(AGGREGATORS)}"
+        ) from None
+    return factory(lr=lr)
+
+
+# The name the round loop (fedrg/federated/server.py) constructs: ServerOptimizer(kind, lr).
+ServerOptimizer = make_aggregator
+
+__all__ = [
+    "AGGREGATORS",
+    "Aggregator",
+    "FedAdagrad",
+    "FedAdam",
+    "FedAvg",
+    "FedYogi",
+    "ServerOptimizer",
+    "flatten",
+    "make_aggregator",
+    "unflatten",
+    "weighted_mean",
+]

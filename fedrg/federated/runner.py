@@ -19,11 +19,13 @@ def run_federation(transport: Transport, cfg: ExperimentConfig, run_dir: str | P
                    on_round: Callable[[dict[str, Any]], None] | None = None) -> ServerResult:
     """Run (or resume) a federation and write its outputs into ``run_dir``.
 
-    Writes ``metrics.json`` after every round, the final adapter to ``run_dir/adapter`` and
+    Writes ``metrics.json`` after every round (and hands the row to the trackers of
+    ``[tracking]``), the final adapter to ``run_dir/adapter`` and
     PNG plots to ``run_dir/plots``.
     """
     from fedrg.federated.report import write_plots
     from fedrg.federated.secure import SecureAggregationDriver
+    from fedrg.federated.tracking import open_trackers
     from fedrg.model.adapter import build_model
     from fedrg.model.io import save_adapter
     from fedrg.model.payload import get_adapter_arrays, set_adapter_arrays
@@ -32,9 +34,12 @@ def run_federation(transport: Transport, cfg: ExperimentConfig, run_dir: str | P
     run_dir.mkdir(parents=True, exist_ok=True)
     model = build_model(cfg.model, cfg.data, seed=cfg.federation.seed)
     driver = SecureAggregationDriver(cfg) if cfg.secagg.enabled else None
+    trackers = open_trackers(cfg.tracking, run_dir)  # opt-in, local files only
 
     def record(row: dict[str, Any]) -> None:
         write_metrics(run_dir, server.metrics)
+        for tracker in trackers:
+            tracker.log_round(row)
         if on_round is not None:
             on_round(row)
 
@@ -42,7 +47,11 @@ def run_federation(transport: Transport, cfg: ExperimentConfig, run_dir: str | P
                               secure_aggregate=driver, on_round=record)
     if resume:
         server.resume()
-    result = server.run(transport)
+    try:
+        result = server.run(transport)
+    finally:
+        for tracker in trackers:
+            tracker.close()
     set_adapter_arrays(model, result.global_arrays)
     save_adapter(model, run_dir / "adapter")
     write_metrics(run_dir, result.metrics)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedrg.config import DataConfig, ModelConfig
+from fedrg.data.schema import RADIOGENOMICS_RECORD
 from fedrg.errors import ModelError
 from fedrg.model.base import load_base
 from fedrg.model.encoders import GenomicsEncoder, ImageEncoder, MarkerHead, PromptProjector
@@ -45,22 +46,46 @@ def _linear_leaf_names(model: nn.Module) -> set[str]:
     return names
 
 
+#: Default LoRA targets per ``config.model_type`` (attention and MLP projections), used when
+#: ``model.target_modules`` is left at its default (the Llama names).
+ARCHITECTURE_TARGETS: dict[str, list[str]] = {
+    "llama": list(DEFAULT_TARGETS),
+    "mistral": list(DEFAULT_TARGETS),
+    "qwen2": list(DEFAULT_TARGETS),
+    "qwen3": list(DEFAULT_TARGETS),
+    "gemma": list(DEFAULT_TARGETS),
+    "gemma2": list(DEFAULT_TARGETS),
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "gpt_neo": ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+
+
 def resolve_target_modules(base: nn.Module, wanted: list[str]) -> list[str] | str:
     """Map ``model.target_modules`` onto the base LM's layer names.
 
-    ``["all-linear"]`` is passed to peft as is. The default (Llama names) keeps the names
-    the base has and falls back to every linear layer of the blocks (peft ``"all-linear"``,
-    e.g. GPT-2's ``c_attn``/``c_proj``/``c_fc``) when it has none of them. A user-given list
-    must match exactly.
+    ``["all-linear"]`` is passed to peft as is. The default (Llama names) follows the
+    architecture: the names of :data:`ARCHITECTURE_TARGETS` for the base's
+    ``config.model_type`` that the base has (GPT-2: ``c_attn``/``c_proj``/``c_fc``), else the
+    Llama names it has, else every linear layer of the blocks (peft ``"all-linear"``). A
+    user-given list must match exactly.
     """
     if wanted == ["all-linear"]:
         return "all-linear"
     have = _linear_leaf_names(base)
     present = [t for t in wanted if t in have]
     if list(wanted) == list(DEFAULT_TARGETS):
+        model_type = str(getattr(getattr(base, "config", None), "model_type", ""))
+        known = [t for t in ARCHITECTURE_TARGETS.get(model_type, []) if t in have]
+        if known:
+            return known
         if present:
             return present
-        log.info("base has none of the Llama projection names; LoRA on all linear layers")
+        log.info("base %r has none of the known projection names; LoRA on all linear layers",
+                 model_type)
         return "all-linear"
     missing = [t for t in wanted if t not in have]
     if missing:
@@ -78,16 +103,19 @@ class RadiogenomicsModel(nn.Module):
     Build it with :func:`build_model`.
     """
 
+    #: Fields every training record must carry (checked by ``train_local``).
+    record_schema = RADIOGENOMICS_RECORD
+
     def __init__(
         self,
-        lm: nn.Module,
+        lm: Any,  # a peft-wrapped Hugging Face causal LM (nn.Module)
         tokenizer: Any,
         model_cfg: ModelConfig,
         data_cfg: DataConfig,
         target_modules: list[str] | str,
     ):
         super().__init__()
-        self.lm = lm
+        self.lm: Any = lm
         self.tokenizer = tokenizer
         self.model_cfg = model_cfg
         self.data_cfg = data_cfg

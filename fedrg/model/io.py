@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from fedrg.config import DataConfig, ModelConfig
 from fedrg.errors import ModelError
@@ -97,7 +98,7 @@ def load_adapter(adapter_dir: str | Path, *, base: str | None = None) -> Radioge
     for f in (lora_file, modules_file):
         if not f.is_file():
             raise ModelError(f"{f} is missing; re-save the adapter with save_adapter")
-    result = set_peft_model_state_dict(model.lm, load_file(str(lora_file)))
+    result: Any = set_peft_model_state_dict(model.lm, load_file(str(lora_file)))
     if getattr(result, "unexpected_keys", None):
         raise ModelError(f"{lora_file}: unexpected LoRA keys {result.unexpected_keys[:5]}")
     tensors = load_file(str(modules_file))

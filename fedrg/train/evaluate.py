@@ -7,12 +7,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from fedrg.train.loop import collate
+from fedrg.train.loop import SizedDataset, collate
 
 
-def _batches(dataset: Dataset, batch_size: int) -> Iterator[dict[str, Any]]:
+def _batches(dataset: SizedDataset, batch_size: int) -> Iterator[dict[str, Any]]:
     for start in range(0, len(dataset), batch_size):
         yield collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
 
@@ -43,7 +42,7 @@ def rouge_l(generated: list[str], references: list[str]) -> float | None:
 
 @torch.no_grad()
 def predict_dataset(
-    model, dataset: Dataset, *, batch_size: int = 32, generate: bool = True
+    model, dataset: SizedDataset, *, batch_size: int = 32, generate: bool = True
 ) -> dict[str, Any]:
     """Marker probabilities (image only and multimodal), generated reports and losses.
 
@@ -79,7 +78,7 @@ def predict_dataset(
 
 
 def evaluate(
-    model, dataset: Dataset, *, batch_size: int = 32, generate: bool = True
+    model, dataset: SizedDataset, *, batch_size: int = 32, generate: bool = True
 ) -> dict[str, Any]:
     """Evaluate ``model`` on held-out patients.
 

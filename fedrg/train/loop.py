@@ -12,14 +12,25 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from fedrg.config import TrainingConfig
+from fedrg.data.schema import RADIOGENOMICS_RECORD, RecordSchema, batch_size
+from fedrg.runtime import torch_threads
+
+
+class SizedDataset(Protocol):
+    """What the loop needs of a dataset: ``len()`` and integer indexing to dict records
+    (a ``torch.utils.data.Dataset`` with ``__len__``, or a list)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
 
 
 @runtime_checkable
@@ -36,9 +47,9 @@ class PrivacySeam(Protocol):
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
 
-    def batches(self, dataset: Dataset, *, steps: int | None = None) -> Iterator[dict[str, Any]]: ...
+    def batches(self, dataset: SizedDataset, *, steps: int | None = None) -> Iterator[Mapping[str, Any]]: ...
 
-    def step(self, batch: dict[str, Any]) -> float | None: ...
+    def step(self, batch: Mapping[str, Any]) -> float | None: ...
 
     def cleanup(self) -> Any: ...
 
@@ -70,7 +81,7 @@ class PlainSGD:
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model, self.optimizer = model, optimizer
 
-    def batches(self, dataset: Dataset, *, steps: int | None = None) -> Iterator[dict[str, Any]]:
+    def batches(self, dataset: SizedDataset, *, steps: int | None = None) -> Iterator[dict[str, Any]]:
         n = len(dataset)
         if n == 0 or not steps:
             return
@@ -82,13 +93,14 @@ class PlainSGD:
             idx, order = order[:size], order[size:]
             yield collate([dataset[i] for i in idx])
 
-    def step(self, batch: dict[str, Any]) -> float | None:
+    def step(self, batch: Mapping[str, Any]) -> float | None:
         if self.model is None or self.optimizer is None:
             raise RuntimeError("PlainSGD.step called before attach(model, optimizer)")
-        if len(batch.get("has_genomics", ())) == 0:
+        if not batch or all(len(v) == 0 for v in batch.values() if hasattr(v, "__len__")):
             return None
         self.optimizer.zero_grad(set_to_none=True)
-        losses = self.model(**self.model.encode_batch(batch))
+        model = cast(Any, self.model)  # any module with encode_batch (see PrivacySeam)
+        losses = model(**model.encode_batch(batch))
         losses.mean().backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -98,7 +110,7 @@ class PlainSGD:
         return None
 
 
-def withhold_genomics(batch: dict[str, Any], p: float, generator: torch.Generator) -> dict[str, Any]:
+def withhold_genomics(batch: Mapping[str, Any], p: float, generator: torch.Generator) -> Mapping[str, Any]:
     """Drop each example's genomics with probability ``p`` (zeros + ``has_genomics=0``)."""
     if p <= 0.0 or len(batch["has_genomics"]) == 0:
         return batch
@@ -111,8 +123,8 @@ def withhold_genomics(batch: dict[str, Any], p: float, generator: torch.Generato
 
 
 def augment_images(
-    batch: dict[str, Any], generator: torch.Generator, *, max_shift: int = 4
-) -> dict[str, Any]:
+    batch: Mapping[str, Any], generator: torch.Generator, *, max_shift: int = 4
+) -> Mapping[str, Any]:
     """Random left-right flip (p=0.5) and a shift of up to ``max_shift`` pixels per batch.
 
     Works for ``[B,1,H,W]`` and ``[B,1,D,H,W]``; the last axis is left-right.
@@ -137,17 +149,14 @@ def planned_steps(n_examples: int, training_cfg: TrainingConfig) -> int:
     return max(1, math.ceil(training_cfg.local_epochs * n_examples / training_cfg.batch_size))
 
 
-def _batch_size(batch: dict[str, Any]) -> int:
-    return len(batch.get("has_genomics", ()))
-
-
 FAST_PARTS = ("lora_", "image_proj.", "genomics_proj.")
 
 
 def param_groups(model: nn.Module, training_cfg: TrainingConfig) -> list[dict[str, Any]]:
     """Trainable parameters in two AdamW groups: LoRA + prompt projectors at
     ``lr * lora_lr_scale`` (they must learn to condition the LM), the rest at ``lr``."""
-    fast, slow = [], []
+    fast: list[nn.Parameter] = []
+    slow: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (fast if any(k in name for k in FAST_PARTS) else slow).append(p)
@@ -159,13 +168,14 @@ def param_groups(model: nn.Module, training_cfg: TrainingConfig) -> list[dict[st
 
 def train_local(
     model: nn.Module,
-    train_dataset: Dataset,
+    train_dataset: SizedDataset,
     training_cfg: TrainingConfig,
     *,
     steps: int | None = None,
     privacy: PrivacySeam | None = None,
     seed: int | None = None,
     genomics_dropout: float | None = None,
+    schema: RecordSchema | None = None,
 ) -> dict[str, Any]:
     """Train the adapter of ``model`` on ``train_dataset`` (AdamW, in place).
 
@@ -186,6 +196,15 @@ def train_local(
         Seeds shuffling (non-private) and genomics withholding; default ``training.seed``.
     genomics_dropout
         Probability of withholding an example's genomics; default ``model.genomics_dropout``.
+    schema
+        Required record fields; default ``model.record_schema``, else
+        :data:`fedrg.data.schema.RADIOGENOMICS_RECORD`. ``train_dataset[0]`` and every
+        non-empty batch are checked before use.
+
+    Raises
+    ------
+    RecordSchemaError
+        A record or batch lacks a required field (the message names it).
 
     Returns
     -------
@@ -193,8 +212,26 @@ def train_local(
         ``steps``, ``examples`` (examples seen), ``empty_steps``, ``loss_mean``,
         ``loss_last`` (mean per-example loss of the last non-empty batch), ``seconds``.
     """
-    if training_cfg.threads:
-        torch.set_num_threads(training_cfg.threads)
+    with torch_threads(training_cfg.threads):
+        return _train_local(model, train_dataset, training_cfg, steps=steps, privacy=privacy,
+                            seed=seed, genomics_dropout=genomics_dropout, schema=schema)
+
+
+def _train_local(
+    model: nn.Module,
+    train_dataset: SizedDataset,
+    training_cfg: TrainingConfig,
+    *,
+    steps: int | None,
+    privacy: PrivacySeam | None,
+    seed: int | None,
+    genomics_dropout: float | None,
+    schema: RecordSchema | None,
+) -> dict[str, Any]:
+    if schema is None:
+        schema = getattr(model, "record_schema", None) or RADIOGENOMICS_RECORD
+    if len(train_dataset) > 0:
+        schema.check(train_dataset[0], where="train_dataset[0]")
     seed = training_cfg.seed if seed is None else int(seed)
     seam: PrivacySeam = (
         privacy if privacy is not None else PlainSGD(batch_size=training_cfg.batch_size, seed=seed)
@@ -215,10 +252,11 @@ def train_local(
     try:
         if n_steps > 0 and len(train_dataset) > 0:
             for batch in seam.batches(train_dataset, steps=n_steps):
-                n = _batch_size(batch)
+                n = batch_size(batch, schema)
                 if n:
-                    batch = withhold_genomics(batch, genomics_dropout, drop_gen)
-                    if training_cfg.augment:
+                    if genomics_dropout > 0:
+                        batch = withhold_genomics(batch, genomics_dropout, drop_gen)
+                    if training_cfg.augment and "image" in schema.fields:
                         batch = augment_images(batch, aug_gen)
                 loss = seam.step(batch)
                 if loss is None:
@@ -238,6 +276,6 @@ def train_local(
     }
 
 
-def subset(dataset: Dataset, indices: Sequence[int]) -> Dataset:
+def subset(dataset: SizedDataset, indices: Sequence[int]) -> SizedDataset:
     """A view of ``dataset`` restricted to ``indices``."""
-    return torch.utils.data.Subset(dataset, list(indices))
+    return torch.utils.data.Subset(cast(Dataset, dataset), list(indices))
