@@ -340,6 +340,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def site_table(data: dict[str, Any], source: str) -> dict[str, Any]:
     """The ``[site]`` table of a hospital TOML with its ``[policy]`` table as ``site.policy``."""
     site = dict(data.get("site", {}))
+    if "epsilon_budget" in site:
+        raise ConfigError(f"{source}: site.epsilon_budget={site['epsilon_budget']!r} has moved into "
+                          "the site policy; write it as epsilon_budget in the [policy] table")
     if "policy" in data:
         if "policy" in site:
             raise ConfigError(f"{source}: give the site policy once, as a [policy] table "

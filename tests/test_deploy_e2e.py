@@ -147,13 +147,15 @@ experiment = "experiment.toml"
 name = "{h}"
 cohort = "{cohort}"
 state_dir = "{h}"
-epsilon_budget = 20.0
 [server]
 address = "127.0.0.1:{port}"
 root_certificates = "{certs.ca_cert}"
 connect_timeout_s = 120
 [auth]
 private_key = "{keys[h].node_private}"
+[policy]
+epsilon_budget = 20.0
+min_secagg_peers = 1   # a two-hospital federation: one other hospital in each secure sum
 """)
 
     server_log = tmp_path / "server.out"

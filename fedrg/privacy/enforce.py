@@ -94,7 +94,7 @@ def check_base_model(base: str, policy: SitePolicy) -> None:
     if not ok:
         shown = ", ".join(policy.allowed_base_models) or "none"
         raise _refuse("model.base", base, f"a model in policy.allowed_base_models ({shown}); "
-                      "`fedrg model hash DIR` prints a directory's content hash")
+                      "`fedrg model-hash DIR` prints a directory's content hash")
 
 
 def check_request(cfg: ExperimentConfig, policy: SitePolicy, *, round_: int,
