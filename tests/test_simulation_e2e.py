@@ -14,7 +14,8 @@ import pytest
 pytestmark = pytest.mark.slow
 
 SMALL = ["--set", "data.synthetic_patients=32", "--set", "data.image_shape=[32, 32]",
-         "--set", "training.local_epochs=0.5"]
+         "--set", "training.local_epochs=0.5",
+         "--set", "training.batch_size=8"]  # q = 8/24: within the sites' max_sample_rate
 
 
 def _ray_processes() -> list[psutil.Process]:
@@ -84,7 +85,11 @@ def test_bad_config_fails_before_anything_starts(tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
-    common = ["--hospitals", "2", "--rounds", "2", "--set", "privacy.enabled=false"]
+    # the two simulated sites opt out of DP (and accept one peer) in their own policy file
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[policy]\nrequire_dp = false\nmin_secagg_peers = 1\n")
+    common = ["--hospitals", "2", "--rounds", "2", "--set", "privacy.enabled=false",
+              "--site-policy", str(policy)]
     _simulate(tmp_path, *common, "--out", str(tmp_path / "full"))
     crashed = _simulate(tmp_path, *common, "--out", str(tmp_path / "cut"),
                         env_extra={"FEDRG_CRASH_AFTER_ROUND": "1"}, check=False)

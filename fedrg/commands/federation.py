@@ -233,6 +233,10 @@ def register(app: typer.Typer) -> None:
             if site_policy is not None:
                 policy_table, policy_source = read_site_policy_file(site_policy), str(site_policy)
             policy = simulated_policy(policy_table, source=policy_source, budget=budget)
+            for cohort in cohorts or []:  # named cohorts must exist before anything else
+                if not (cohort / "manifest.csv").is_file():
+                    raise FedrgError(f"cohort {cohort} has no manifest.csv; point --cohort at "
+                                     "cohort directories (see docs/cohort-format.md)")
             check_simulation_policy(cfg, policy)
             if cohorts:
                 cohort_dirs = list(cohorts)
