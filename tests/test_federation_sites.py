@@ -50,13 +50,24 @@ def test_nearly_spent_hospital_declines_and_the_run_completes(tmp_path, base_dir
     eff = check_request(cfg, policy, round_=1, hospitals_in_round=3)
     n_train = len(probe.cohort(eff).train_idx)
     plan = plan_under_policy(eff, policy, n_train=n_train, round_=1)
-    eps_round1 = epsilon_of(PrivacyHistory([(plan.noise_multiplier, plan.sample_rate, plan.steps)]),
-                            target_delta=plan.target_delta)
-    budget = eps_round1 * 1.05  # round 1 fits, round 2 does not
+    seg = (plan.noise_multiplier, plan.sample_rate, plan.steps)
+
+    def eps(segs):
+        return epsilon_of(PrivacyHistory(segs), target_delta=plan.target_delta)
+
+    # h3 already spent an earlier run of two such rounds; its budget fits one more round only
+    prior = [seg, seg]
+    eps_round1 = eps([*prior, seg])
+    budget = (eps_round1 + eps([*prior, seg, seg])) / 2
     sites = [SiteConfig(name=f"h{i}", cohort=str(c), state_dir=str(tmp_path / f"s{i}"),
-                        policy=_policy(base_dir, epsilon_budget=100.0 if i < 3 else budget,
-                                       epsilon_per_run=8.0 if i < 3 else budget))
+                        policy=_policy(base_dir, epsilon_budget=100.0 if i < 3 else budget))
              for i, c in enumerate(cohorts, 1)]
+    earlier = Ledger.open(sites[2].state_dir, hospital="h3")
+    for rnd, _ in enumerate(prior, 1):
+        earlier.append(run_id="earlier", round=rnd, noise_multiplier=seg[0], sample_rate=seg[1],
+                       steps=seg[2], max_grad_norm=1.0, accountant="rdp",
+                       target_delta=plan.target_delta, epsilon=eps(prior[:rnd]), budget=budget,
+                       config_hash="x", dataset_fingerprint="y")
     result = run_federation(LocalTransport(sites), cfg, tmp_path / "run")
     r1, r2 = result.metrics["rounds"]
     assert r1["participants"] == 3 and not r1["declined"]
@@ -68,7 +79,7 @@ def test_nearly_spent_hospital_declines_and_the_run_completes(tmp_path, base_dir
         entries = Ledger.open(site.state_dir, hospital=site.name).read()
         assert entries[-1].epsilon <= site.policy.epsilon_budget
     h3 = Ledger.open(sites[2].state_dir, hospital="h3").read()
-    assert len(h3) == 1 and h3[0].epsilon == pytest.approx(eps_round1, rel=1e-6)
+    assert len(h3) == 3 and h3[-1].epsilon == pytest.approx(eps_round1, rel=1e-6)
     assert json.loads((tmp_path / "s3" / "train_size.json").read_text())  # known before reading data
 
 
