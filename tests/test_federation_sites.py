@@ -33,7 +33,7 @@ def _cfg(base_dir, *extra):
     return load_config(None, [
         f"model.base={base_dir}", "model.encoder_width=16", "model.lora_rank=4",
         "model.max_report_tokens=24", "data.image_shape=[32, 32]", "training.local_epochs=0.5",
-        "training.batch_size=8", "federation.rounds=2", "federation.min_hospitals=2", *extra])
+        "training.batch_size=6", "federation.rounds=2", "federation.min_hospitals=2", *extra])
 
 
 def _policy(base_dir, **kw):
@@ -60,7 +60,9 @@ def test_nearly_spent_hospital_declines_and_the_run_completes(tmp_path, base_dir
     eps_round1 = eps([*prior, seg])
     budget = (eps_round1 + eps([*prior, seg, seg])) / 2
     sites = [SiteConfig(name=f"h{i}", cohort=str(c), state_dir=str(tmp_path / f"s{i}"),
-                        policy=_policy(base_dir, epsilon_budget=100.0 if i < 3 else budget))
+                        # round 2 aggregates the two others: each accepts one peer in the sum
+                        policy=_policy(base_dir, epsilon_budget=100.0 if i < 3 else budget,
+                                       min_secagg_peers=1))
              for i, c in enumerate(cohorts, 1)]
     earlier = Ledger.open(sites[2].state_dir, hospital="h3")
     for rnd, _ in enumerate(prior, 1):
