@@ -102,3 +102,19 @@ def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
     keys = ("loss", "auroc", "auroc_multimodal", "findings_f1", "participants")
     assert [{k: r[k] for k in keys} for r in resumed["rounds"]] == \
         [{k: r[k] for k in keys} for r in full["rounds"]]
+
+
+def test_run_in_which_every_hospital_refuses_exits_non_zero(tmp_path):
+    """A request the up-front check cannot judge (the sample rate needs each hospital's own n):
+    every hospital refuses in its own ClientApp, nothing is spent, and the run fails saying why."""
+    proc = _simulate(tmp_path, "--hospitals", "3", "--rounds", "1", "--out", str(tmp_path / "run"),
+                     "--set", "training.batch_size=1000", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 3, out[-3000:]
+    assert "no round was aggregated" in out and "declined" in out
+    row = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"][0]
+    assert set(row["declined"]) == {"hospital-1", "hospital-2", "hospital-3"}
+    assert all("training.batch_size=1000" in r for r in row["declined"].values())
+    for h in ("hospital-1", "hospital-2", "hospital-3"):
+        ledger = tmp_path / "sites" / h / "ledger.jsonl"
+        assert not ledger.exists() or ledger.read_text() == ""
