@@ -2,9 +2,11 @@
 
 ``HospitalSite.handle(action, payload, state)`` answers one server message:
 
-* ``train``: plan the round against the privacy budget (decline before touching data if it
-  would pass it), train with DP-SGD, append the signed ledger entry, compute the update
-  (delta from the global adapter). With secure aggregation the update stays in ``state``
+* ``train``: check the server's request against the site's own policy
+  (:mod:`fedrg.privacy.enforce`; refuse before touching data if it is outside it), plan the
+  round against the privacy budget (decline before touching data if it would pass it),
+  train with DP-SGD, append the signed ledger entry, compute the update (delta from the
+  global adapter). With secure aggregation the update stays in ``state``
   until the masked upload; without, it is returned with its weight.
 * ``secagg_*``: the four secure-aggregation stages (the update only leaves masked).
 * ``evaluate``: aggregate validation metrics of the global adapter.
