@@ -41,7 +41,7 @@ target_epsilon = 8.0
 enabled = true
 [training]
 local_epochs = 0.5
-batch_size = 8
+batch_size = 6   # within each hospital's policy max_sample_rate (0.5) for ~15 training patients
 threads = 1
 """
 
