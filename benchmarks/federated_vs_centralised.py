@@ -31,7 +31,7 @@ from torch.utils.data import ConcatDataset
 
 
 def main() -> None:
-    from fedrg.commands.federation import simulated_sites, synthetic_cohorts
+    from fedrg.commands.federation import simulated_policy, simulated_sites, synthetic_cohorts
     from fedrg.config import load_config
     from fedrg.data.dataset import CohortDataset
     from fedrg.federated.local import LocalTransport
@@ -62,7 +62,7 @@ def main() -> None:
 
     def pooled_sets(cfg):
         train, val, per_site = [], [], {}
-        for site in simulated_sites(cohorts, work / "unused", 1e9):
+        for site in simulated_sites(cohorts, work / "unused"):
             cache = HospitalSite(site).cohort(cfg)
             train.append(CohortDataset(cache.cohort, cfg.data, cache.train_idx))
             v = CohortDataset(cache.cohort, cfg.data, cache.val_idx)
@@ -123,7 +123,9 @@ def main() -> None:
             runs.append(("federated_dp", ["privacy.enabled=true"]))
         for name, extra in runs:
             cfg = load_config(args.config, [*args.overrides, *seed_set, *extra])
-            sites = simulated_sites(cohorts, work / f"{name}-{seed}" / "sites", 1e9)
+            # the simulated sites opt out of DP explicitly for the non-private baseline
+            policy = simulated_policy({"require_dp": cfg.privacy.enabled}, budget=1e9)
+            sites = simulated_sites(cohorts, work / f"{name}-{seed}" / "sites", policy)
             t0 = time.perf_counter()
             result = run_federation(LocalTransport(sites), cfg, work / f"{name}-{seed}" / "run")
             fed_model = build_model(cfg.model, cfg.data, seed=cfg.federation.seed)

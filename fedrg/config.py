@@ -4,8 +4,8 @@ A TOML file (see ``configs/``) overrides them; ``section.key=value`` strings (th
 ``--set``) override the file. Flower's flat run-config is converted here and only here
 (:func:`to_run_config` / :func:`from_run_config`).
 
-Site-only settings (cohort path, state directory, keys, lifetime budget) live in
-:class:`SiteConfig` and never leave the hospital.
+Site-only settings (cohort path, state directory, keys and the site's privacy policy,
+lifetime budget included) live in :class:`SiteConfig` and never leave the hospital.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedrg.errors import ConfigError
+from fedrg.privacy.policy import SitePolicy
 from fedrg.pydantic_errors import format_validation_error
 
 DEFAULT_MARKERS = ["idh_mutant", "codeletion_1p19q", "mgmt_methylated"]
@@ -239,8 +240,10 @@ class SiteConfig(StrictModel):
     name: str = Field("hospital", min_length=1)
     cohort: str = Field(..., description="path to the local cohort directory")
     state_dir: str = Field(..., description="where the privacy ledger and keys live (outside runs)")
-    epsilon_budget: float = Field(10.0, gt=0.0, description="lifetime epsilon budget of the dataset")
     signing_key: str = Field("", description="Ed25519 PEM key ('' = state_dir/ledger_ed25519.pem)")
+    policy: SitePolicy = Field(
+        default_factory=SitePolicy, description="the site's privacy policy (the [policy] "
+        "table of the hospital TOML; lifetime budget in policy.epsilon_budget)")
 
     @field_validator("name")
     @classmethod
@@ -302,23 +305,57 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {p} is not valid TOML: {err}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load defaults, then a TOML file (optional), then ``section.key=value`` overrides."""
+#: Table of a simulation TOML that holds the simulated hospitals' own policy (not part of
+#: the experiment request; read by ``fedrg simulate``, ignored by everything else).
+SITE_POLICY_TABLE = "site_policy"
+
+
+def read_experiment_toml(path: str | Path | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """An experiment TOML split into (the experiment's tables, its ``[site_policy]`` or None)."""
     data: dict[str, Any] = read_toml(path) if path else {}
+    policy = data.pop(SITE_POLICY_TABLE, None)
+    return data, policy
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load defaults, then a TOML file (optional), then ``section.key=value`` overrides.
+
+    A ``[site_policy]`` table in the file belongs to the simulated hospitals, not to the
+    experiment, and is left out here (see :func:`read_experiment_toml`).
+    """
+    data, _ = read_experiment_toml(path)
     data = apply_overrides(data, overrides or [])
     return build_config(data, source=str(path) if path else "defaults + overrides")
 
 
-def load_site_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SiteConfig:
-    """Load a hospital's site config (``[site]`` table of a TOML file)."""
-    data = read_toml(path)
+def site_table(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """The ``[site]`` table of a hospital TOML with its ``[policy]`` table as ``site.policy``."""
     site = dict(data.get("site", {}))
+    if "epsilon_budget" in site:
+        raise ConfigError(f"{source}: site.epsilon_budget={site['epsilon_budget']!r} has moved into "
+                          "the site policy; write it as epsilon_budget in the [policy] table")
+    if "policy" in data:
+        if "policy" in site:
+            raise ConfigError(f"{source}: give the site policy once, as a [policy] table "
+                              "(not also as [site.policy])")
+        site["policy"] = data["policy"]
+    return site
+
+
+def policy_table_key(loc: str) -> str:
+    """``site.policy.x`` -> ``policy.x``: the policy is written as a ``[policy]`` table."""
+    return loc.removeprefix("site.") if loc.startswith("site.policy.") else loc
+
+
+def load_site_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SiteConfig:
+    """Load a hospital's site config (``[site]`` and ``[policy]`` tables of a TOML file)."""
+    site = site_table(read_toml(path), str(path))
     site.update(overrides or {})
     try:
         return SiteConfig.model_validate(site)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, f"site config {path}", root=SiteConfig,
-                                                  prefix=("site",))) from None
+                                                  prefix=("site",), locate=policy_table_key)) from None
 
 
 # --------------------------------------------------------------------------- Flower glue

@@ -6,6 +6,7 @@ unknown key lists the keys allowed at that place, so a typo shows its fix.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -24,7 +25,8 @@ def _section_of(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] 
 
 
 def format_validation_error(err: ValidationError, what: str, *, root: type[BaseModel] | None = None,
-                            prefix: tuple[str, ...] = ()) -> str:
+                            prefix: tuple[str, ...] = (),
+                            locate: Callable[[str], str] | None = None) -> str:
     """A readable, multi-line message for ``err``.
 
     Parameters
@@ -37,6 +39,9 @@ def format_validation_error(err: ValidationError, what: str, *, root: type[BaseM
         The validated model; an unknown key then lists the keys allowed in its section.
     prefix
         Leading key parts to show (e.g. ``("site",)`` for a ``[site]`` table).
+    locate
+        Maps the dotted key to the name the user wrote (e.g. ``site.policy.x`` -> ``policy.x``
+        when the policy is a ``[policy]`` table of its own).
 
     Returns
     -------
@@ -47,6 +52,8 @@ def format_validation_error(err: ValidationError, what: str, *, root: type[BaseM
     for e in err.errors():
         loc_t = tuple(e["loc"])
         loc = ".".join(str(p) for p in (*prefix, *loc_t))
+        if locate is not None:
+            loc = locate(loc)
         if e["type"] == "extra_forbidden":
             section = _section_of(root, loc_t[:-1]) if root is not None else None
             allowed = ", ".join(sorted(section.model_fields)) if section else "see the documented keys"

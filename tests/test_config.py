@@ -114,9 +114,21 @@ def test_pyproject_flower_run_config_matches_defaults():
 
 def test_site_config(tmp_path):
     f = tmp_path / "site.toml"
-    f.write_text('[site]\nname = "h1"\ncohort = "/data/c"\nstate_dir = "/var/fedrg"\nepsilon_budget = 5\n')
+    f.write_text('[site]\nname = "h1"\ncohort = "/data/c"\nstate_dir = "/var/fedrg"\n'
+                 '[policy]\nepsilon_budget = 5\nepsilon_per_run = 4\n')
     site = load_site_config(f)
-    assert site.name == "h1" and site.epsilon_budget == 5
+    assert site.name == "h1" and site.policy.epsilon_budget == 5 and site.policy.require_dp
+    # the lifetime budget moved into the policy: the old key gets the fix
+    f.write_text('[site]\ncohort = "c"\nstate_dir = "s"\nepsilon_budget = 5\n')
+    with pytest.raises(ConfigError, match=r"epsilon_budget=5 has moved .* \[policy\] table"):
+        load_site_config(f)
+    # unknown policy keys are refused, naming the key and what is allowed
+    f.write_text('[site]\ncohort = "c"\nstate_dir = "s"\n[policy]\nrequire_pd = false\n')
+    with pytest.raises(ConfigError, match=r"unknown key 'policy.require_pd'; allowed keys here: .*require_dp"):
+        load_site_config(f)
+    f.write_text('[site]\ncohort = "c"\nstate_dir = "s"\n[policy]\nmax_sample_rate = 2\n')
+    with pytest.raises(ConfigError, match=r"'policy.max_sample_rate' = 2"):
+        load_site_config(f)
     f.write_text('[site]\nname = "h 1/x"\ncohort = "c"\nstate_dir = "s"\n')
     with pytest.raises(ConfigError, match="site"):
         load_site_config(f)

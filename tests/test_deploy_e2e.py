@@ -44,7 +44,7 @@ target_epsilon = 8.0
 enabled = true
 [training]
 local_epochs = 0.5
-batch_size = 8
+batch_size = 6   # within each hospital's policy max_sample_rate (0.5) for ~15 training patients
 threads = 1
 """
 
@@ -150,13 +150,15 @@ experiment = "experiment.toml"
 name = "{h}"
 cohort = "{cohort}"
 state_dir = "{h}"
-epsilon_budget = 20.0
 [server]
 address = "127.0.0.1:{port}"
 root_certificates = "{certs.ca_cert}"
 connect_timeout_s = 120
 [auth]
 private_key = "{keys[h].node_private}"
+[policy]
+epsilon_budget = 20.0
+min_secagg_peers = 1   # a two-hospital federation: one other hospital in each secure sum
 """)
 
     server_log = tmp_path / "server.out"

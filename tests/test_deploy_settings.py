@@ -14,6 +14,7 @@ from fedrg.deploy.certs import init_certs, make_ca, write_cert
 from fedrg.deploy.keys import new_hospital_keys
 from fedrg.deploy.settings import load_hospital_settings, load_server_settings, node_config
 from fedrg.errors import ConfigError, FedrgError
+from fedrg.privacy.policy import SitePolicy
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -35,13 +36,15 @@ def _hospital_toml(path: Path, *, cohort: Path, state: Path, ca: Path, key: Path
 name = "hospital-1"
 cohort = "{cohort}"
 state_dir = "{state}"
-epsilon_budget = 4.0
 [server]
 address = "{address}"
 root_certificates = "{ca}"
 connect_timeout_s = 5
 [auth]
 private_key = "{key}"
+[policy]
+epsilon_budget = 4.0
+epsilon_per_run = 4.0
 """)
     return path
 
@@ -69,6 +72,15 @@ def test_unknown_keys_and_bad_addresses_are_refused(tmp_path):
     hosp.write_text('[site]\ncohort="c"\nstate_dir="s"\n')
     with pytest.raises(ConfigError, match="missing key 'server'"):
         load_hospital_settings(hosp)
+    hosp.write_text('[site]\ncohort="c"\nstate_dir="s"\n[server]\naddress="x:1"\n'
+                    '[policy]\nrequire_dp = false\nmin_peers = 1\n')
+    with pytest.raises(ConfigError, match=r"unknown key 'policy.min_peers'"):
+        load_hospital_settings(hosp)
+
+
+def test_example_hospital_policy_is_the_safe_default_but_for_its_two_hospitals():
+    h = load_hospital_settings(ROOT / "configs/hospital.example.toml")
+    assert h.site.policy == SitePolicy(min_secagg_peers=1)
 
 
 def test_node_config_is_what_the_client_app_reads(tmp_path):
@@ -79,7 +91,8 @@ def test_node_config_is_what_the_client_app_reads(tmp_path):
     from fedrg.flower.apps import site_from_node_config
 
     site = SiteConfig(name="h-1", cohort=str(tmp_path / "my cohort"), state_dir=str(tmp_path),
-                      epsilon_budget=3.5, signing_key="")
+                      signing_key="", policy=SitePolicy(epsilon_budget=3.5, epsilon_per_run=3.0,
+                                                        require_secagg=False))
     # parse the rendered flag with Flower's own parser, as the SuperNode does
     from flwr.common.config import parse_config_args
 

@@ -17,7 +17,9 @@ from fedrg.federated.local import LocalTransport
 from fedrg.federated.runner import run_federation
 from fedrg.federated.site import HospitalSite
 from fedrg.privacy.accounting import PrivacyHistory, epsilon_of
+from fedrg.privacy.enforce import check_request, plan_under_policy
 from fedrg.privacy.ledger import Ledger
+from fedrg.privacy.policy import SitePolicy
 
 pytestmark = pytest.mark.slow
 
@@ -31,19 +33,43 @@ def _cfg(base_dir, *extra):
     return load_config(None, [
         f"model.base={base_dir}", "model.encoder_width=16", "model.lora_rank=4",
         "model.max_report_tokens=24", "data.image_shape=[32, 32]", "training.local_epochs=0.5",
-        "training.batch_size=8", "federation.rounds=2", "federation.min_hospitals=2", *extra])
+        "training.batch_size=6", "federation.rounds=2", "federation.min_hospitals=2", *extra])
+
+
+def _policy(base_dir, **kw):
+    from fedrg.model.fingerprint import model_content_hash
+
+    return SitePolicy(allowed_base_models=[model_content_hash(base_dir)], **kw)
 
 
 def test_nearly_spent_hospital_declines_and_the_run_completes(tmp_path, base_dir, cohorts):
     cfg = _cfg(base_dir)
-    probe = HospitalSite(SiteConfig(name="probe", cohort=str(cohorts[2]), state_dir=str(tmp_path / "p")))
-    n_train = len(probe.cohort(cfg).train_idx)
-    plan = probe.plan(cfg, n_train)
-    eps_round1 = epsilon_of(PrivacyHistory([(plan["noise_multiplier"], plan["sample_rate"], plan["steps"])]),
-                            target_delta=cfg.privacy.target_delta)
-    budget = eps_round1 * 1.05  # round 1 fits, round 2 does not
+    policy = _policy(base_dir)
+    probe = HospitalSite(SiteConfig(name="probe", cohort=str(cohorts[2]), state_dir=str(tmp_path / "p"),
+                                    policy=policy))
+    eff = check_request(cfg, policy, round_=1, hospitals_in_round=3)
+    n_train = len(probe.cohort(eff).train_idx)
+    plan = plan_under_policy(eff, policy, n_train=n_train, round_=1)
+    seg = (plan.noise_multiplier, plan.sample_rate, plan.steps)
+
+    def eps(segs):
+        return epsilon_of(PrivacyHistory(segs), target_delta=plan.target_delta)
+
+    # h3 already spent an earlier run of two such rounds; its budget fits one more round only
+    prior = [seg, seg]
+    eps_round1 = eps([*prior, seg])
+    budget = (eps_round1 + eps([*prior, seg, seg])) / 2
     sites = [SiteConfig(name=f"h{i}", cohort=str(c), state_dir=str(tmp_path / f"s{i}"),
-                        epsilon_budget=100.0 if i < 3 else budget) for i, c in enumerate(cohorts, 1)]
+                        # round 2 aggregates the two others: each accepts one peer in the sum
+                        policy=_policy(base_dir, epsilon_budget=100.0 if i < 3 else budget,
+                                       min_secagg_peers=1))
+             for i, c in enumerate(cohorts, 1)]
+    earlier = Ledger.open(sites[2].state_dir, hospital="h3")
+    for rnd, _ in enumerate(prior, 1):
+        earlier.append(run_id="earlier", round=rnd, noise_multiplier=seg[0], sample_rate=seg[1],
+                       steps=seg[2], max_grad_norm=1.0, accountant="rdp",
+                       target_delta=plan.target_delta, epsilon=eps(prior[:rnd]), budget=budget,
+                       config_hash="x", dataset_fingerprint="y")
     result = run_federation(LocalTransport(sites), cfg, tmp_path / "run")
     r1, r2 = result.metrics["rounds"]
     assert r1["participants"] == 3 and not r1["declined"]
@@ -53,16 +79,16 @@ def test_nearly_spent_hospital_declines_and_the_run_completes(tmp_path, base_dir
     assert all(0 < e <= cfg.privacy.target_epsilon + 1e-6 for e in r2["epsilon"].values())
     for site in sites:
         entries = Ledger.open(site.state_dir, hospital=site.name).read()
-        assert entries[-1].epsilon <= site.epsilon_budget
+        assert entries[-1].epsilon <= site.policy.epsilon_budget
     h3 = Ledger.open(sites[2].state_dir, hospital="h3").read()
-    assert len(h3) == 1 and h3[0].epsilon == pytest.approx(eps_round1, rel=1e-6)
+    assert len(h3) == 3 and h3[-1].epsilon == pytest.approx(eps_round1, rel=1e-6)
     assert json.loads((tmp_path / "s3" / "train_size.json").read_text())  # known before reading data
 
 
 def test_updates_leave_masked_and_adapter_changes_by_bounded_amount(tmp_path, base_dir, cohorts):
     cfg = _cfg(base_dir, "federation.rounds=1")
-    sites = [SiteConfig(name=f"h{i}", cohort=str(c), state_dir=str(tmp_path / f"s{i}"))
-             for i, c in enumerate(cohorts, 1)]
+    sites = [SiteConfig(name=f"h{i}", cohort=str(c), state_dir=str(tmp_path / f"s{i}"),
+                        policy=_policy(base_dir)) for i, c in enumerate(cohorts, 1)]
     transport = LocalTransport(sites)
     sent = []
     original = transport.send

@@ -10,13 +10,14 @@ from fedrg.errors import ConfigError
 
 def test_site_config_errors_name_key_value_and_allowed_keys(tmp_path):
     path = tmp_path / "site.toml"
-    path.write_text('[site]\ncohort = "c"\nstate_dir = "s"\nepsilon_budget = -1\nbudgett = 3\n')
+    path.write_text('[site]\ncohort = "c"\nstate_dir = "s"\nbudgett = 3\n[policy]\nepsilon_budget = -1\n')
     with pytest.raises(ConfigError) as err:
         load_site_config(path)
     msg = str(err.value)
     assert msg.startswith(f"invalid site config {path}:\n  ")
-    assert "'site.epsilon_budget' = -1: Input should be greater than 0" in msg
-    assert "unknown key 'site.budgett'; allowed keys here: cohort, epsilon_budget, name, signing_key, state_dir" in msg
+    # the policy is written as its own [policy] table, and named so
+    assert "'policy.epsilon_budget' = -1: Input should be greater than 0" in msg
+    assert "unknown key 'site.budgett'; allowed keys here: cohort, name, policy, signing_key, state_dir" in msg
     path.write_text('[site]\ncohort = "c"\n')
     with pytest.raises(ConfigError, match="missing key 'site.state_dir'"):
         load_site_config(path)

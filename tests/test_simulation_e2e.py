@@ -14,7 +14,8 @@ import pytest
 pytestmark = pytest.mark.slow
 
 SMALL = ["--set", "data.synthetic_patients=32", "--set", "data.image_shape=[32, 32]",
-         "--set", "training.local_epochs=0.5"]
+         "--set", "training.local_epochs=0.5",
+         "--set", "training.batch_size=8"]  # q = 8/24: within the sites' max_sample_rate
 
 
 def _ray_processes() -> list[psutil.Process]:
@@ -84,7 +85,11 @@ def test_bad_config_fails_before_anything_starts(tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
-    common = ["--hospitals", "2", "--rounds", "2", "--set", "privacy.enabled=false"]
+    # the two simulated sites opt out of DP (and accept one peer) in their own policy file
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[policy]\nrequire_dp = false\nmin_secagg_peers = 1\n")
+    common = ["--hospitals", "2", "--rounds", "2", "--set", "privacy.enabled=false",
+              "--site-policy", str(policy)]
     _simulate(tmp_path, *common, "--out", str(tmp_path / "full"))
     crashed = _simulate(tmp_path, *common, "--out", str(tmp_path / "cut"),
                         env_extra={"FEDRG_CRASH_AFTER_ROUND": "1"}, check=False)
@@ -97,3 +102,19 @@ def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
     keys = ("loss", "auroc", "auroc_multimodal", "findings_f1", "participants")
     assert [{k: r[k] for k in keys} for r in resumed["rounds"]] == \
         [{k: r[k] for k in keys} for r in full["rounds"]]
+
+
+def test_run_in_which_every_hospital_refuses_exits_non_zero(tmp_path):
+    """A request the up-front check cannot judge (the sample rate needs each hospital's own n):
+    every hospital refuses in its own ClientApp, nothing is spent, and the run fails saying why."""
+    proc = _simulate(tmp_path, "--hospitals", "3", "--rounds", "1", "--out", str(tmp_path / "run"),
+                     "--set", "training.batch_size=1000", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 3, out[-3000:]
+    assert "no round was aggregated" in out and "declined" in out
+    row = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"][0]
+    assert set(row["declined"]) == {"hospital-1", "hospital-2", "hospital-3"}
+    assert all("training.batch_size=1000" in r for r in row["declined"].values())
+    for h in ("hospital-1", "hospital-2", "hospital-3"):
+        ledger = tmp_path / "sites" / h / "ledger.jsonl"
+        assert not ledger.exists() or ledger.read_text() == ""

@@ -13,9 +13,17 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from fedrg.config import ExperimentConfig, SiteConfig, load_config
-from fedrg.errors import FedrgError
+from fedrg.config import (
+    ExperimentConfig,
+    SiteConfig,
+    apply_overrides,
+    build_config,
+    read_experiment_toml,
+    read_toml,
+)
+from fedrg.errors import ConfigError, FedrgError, PolicyViolationError
 from fedrg.paths import cache_dir
+from fedrg.privacy.policy import SitePolicy
 
 console = Console()
 
@@ -47,16 +55,87 @@ def synthetic_cohorts(cfg: ExperimentConfig) -> list[Path]:
     return dirs
 
 
-def simulated_sites(cohorts: list[Path], state_root: Path, budget: float) -> list[SiteConfig]:
-    """One site config per cohort; each hospital's ledger lives in ``state_root/<name>``."""
+def simulated_sites(cohorts: list[Path], state_root: Path,
+                    policy: SitePolicy | None = None) -> list[SiteConfig]:
+    """One site config per cohort; each hospital's ledger lives in ``state_root/<name>``.
+
+    Every simulated hospital holds ``policy`` (default: :func:`simulated_policy` of nothing).
+    """
+    policy = policy or simulated_policy(None)
     sites = []
     for cohort in cohorts:
         if not (cohort / "manifest.csv").is_file():
             raise FedrgError(f"cohort {cohort} has no manifest.csv; point --cohorts at cohort "
                              "directories (see docs/cohort-format.md) or omit it to use synthetic data")
         sites.append(SiteConfig(name=cohort.name, cohort=str(cohort),
-                                state_dir=str(state_root / cohort.name), epsilon_budget=budget))
+                                state_dir=str(state_root / cohort.name), policy=policy))
     return sites
+
+
+def simulated_policy(table: dict[str, Any] | None, *, source: str = "[site_policy]",
+                     budget: float | None = None) -> SitePolicy:
+    """The simulated hospitals' policy: the ``[site_policy]`` table (or a policy file).
+
+    Unset ``epsilon_budget`` defaults to :data:`DEFAULT_SIMULATED_BUDGET` (simulations reuse
+    their synthetic hospitals' ledgers across runs); ``budget`` (``--budget``) overrides it.
+    """
+    from pydantic import ValidationError
+
+    data = dict(table or {})
+    if budget is not None:
+        data["epsilon_budget"] = budget
+    data.setdefault("epsilon_budget", DEFAULT_SIMULATED_BUDGET)
+    if "epsilon_per_run" not in data:  # a small --budget also caps the run
+        data["epsilon_per_run"] = min(SitePolicy.model_fields["epsilon_per_run"].default,
+                                      float(data["epsilon_budget"]))
+    try:
+        return SitePolicy.model_validate(data)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            loc = ".".join(map(str, e["loc"]))
+            if e["type"] == "extra_forbidden":
+                lines.append(f"unknown key '{loc}'; allowed keys: {', '.join(sorted(SitePolicy.model_fields))}")
+            else:
+                lines.append(f"'{loc}' = {e.get('input')!r}: {e['msg']}")
+        raise ConfigError(f"invalid simulated site policy ({source}):\n  " + "\n  ".join(lines)) from None
+
+
+def read_site_policy_file(path: Path) -> dict[str, Any]:
+    """A policy file: a TOML (or JSON) with a ``[policy]`` or ``[site_policy]`` table, or bare keys."""
+    data = read_toml(path)
+    for key in ("policy", "site_policy"):
+        if key in data:
+            return dict(data[key])
+    return data
+
+
+def hospitals_per_round(cfg: ExperimentConfig) -> int:
+    """How many hospitals the server samples per round (as :mod:`fedrg.federated.server`)."""
+    fed = cfg.federation
+    return min(fed.hospitals, max(fed.min_hospitals, round(fed.fraction_train * fed.hospitals)))
+
+
+def check_simulation_policy(cfg: ExperimentConfig, policy: SitePolicy) -> None:
+    """Fail up front when every simulated hospital would refuse the request (nothing spent).
+
+    Raises
+    ------
+    FedrgError
+        Naming the refused setting, the allowed range and how to change either side.
+    """
+    from fedrg.privacy.enforce import check_request
+
+    per_round = hospitals_per_round(cfg)
+    try:
+        check_request(cfg, policy, round_=1, hospitals_in_round=per_round)
+    except PolicyViolationError as err:
+        raise FedrgError(
+            f"no simulated hospital would accept this experiment, so nothing was trained: "
+            f"{err.setting}={err.requested!r} is outside their policy (allowed: {err.allowed}). "
+            f"{cfg.federation.hospitals} hospital(s), {per_round} per round. Change the "
+            "experiment (--set / --hospitals) or the simulated sites' own policy ([site_policy] "
+            "in the simulation TOML or --site-policy FILE; see configs/non-private.toml)") from None
 
 
 def export_ledgers(sites: list[SiteConfig], run_dir: Path) -> Path:
@@ -107,7 +186,11 @@ def register(app: typer.Typer) -> None:
         resume: Path | None = typer.Option(None, "--resume", help="continue this interrupted run"),
         cohorts: list[Path] | None = typer.Option(None, "--cohort", help="use these cohorts instead of synthetic ones"),
         state_dir: Path | None = typer.Option(None, help="root of the simulated hospitals' state (ledgers)"),
-        budget: float = typer.Option(DEFAULT_SIMULATED_BUDGET, help="lifetime epsilon budget of each simulated hospital"),
+        budget: float | None = typer.Option(None, help="lifetime epsilon budget of each simulated "
+                                            f"hospital (default: the site policy's, else {DEFAULT_SIMULATED_BUDGET:g})"),
+        site_policy: Path | None = typer.Option(
+            None, "--site-policy", help="the simulated hospitals' own policy (TOML with a [policy] "
+            "table); default: [site_policy] of --config, else the safe defaults"),
         set_: list[str] | None = typer.Option(None, "--set", help="override: section.key=value"),
     ) -> None:
         """Run a simulated federation of hospitals (synthetic cohorts by default)."""
@@ -116,12 +199,18 @@ def register(app: typer.Typer) -> None:
 
         try:
             overrides = list(set_ or [])
+            policy_table: dict[str, Any] | None = None
+            policy_source = "defaults"
             if resume is not None:
                 if not (resume / "config.json").is_file():
                     raise FedrgError(f"--resume {resume}: no config.json there; pass a run directory "
                                      "written by fedrg simulate")
-                cfg = load_config(resume / "config.json", overrides)
+                cfg = build_config(apply_overrides(read_toml(resume / "config.json"), overrides),
+                                   source=str(resume / "config.json"))
                 run_dir = resume
+                if (resume / "site_policy.json").is_file():
+                    policy_table = read_toml(resume / "site_policy.json")
+                    policy_source = str(resume / "site_policy.json")
             else:
                 if cohorts:  # the cohorts given decide the federation's size (validated below)
                     hospitals = len(cohorts)
@@ -131,11 +220,24 @@ def register(app: typer.Typer) -> None:
                         overrides.append(f"federation.min_hospitals={hospitals}")
                 if rounds is not None:
                     overrides.append(f"federation.rounds={rounds}")
-                cfg = load_config(config, overrides)
+                # the sites' policy is theirs, not part of the experiment request
+                data, policy_table = read_experiment_toml(config)
+                if policy_table is not None:
+                    policy_source = f"{config} [site_policy]"
+                cfg = build_config(apply_overrides(data, overrides),
+                                   source=str(config) if config else "defaults + overrides")
                 run_dir = out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
                 if (run_dir / "checkpoint").exists():
                     raise FedrgError(f"run directory {run_dir} already holds a run; use --resume "
                                      f"{run_dir} to continue it or choose another --out")
+            if site_policy is not None:
+                policy_table, policy_source = read_site_policy_file(site_policy), str(site_policy)
+            policy = simulated_policy(policy_table, source=policy_source, budget=budget)
+            for cohort in cohorts or []:  # named cohorts must exist before anything else
+                if not (cohort / "manifest.csv").is_file():
+                    raise FedrgError(f"cohort {cohort} has no manifest.csv; point --cohort at "
+                                     "cohort directories (see docs/cohort-format.md)")
+            check_simulation_policy(cfg, policy)
             if cohorts:
                 cohort_dirs = list(cohorts)
             else:
@@ -143,9 +245,11 @@ def register(app: typer.Typer) -> None:
                     cohort_dirs = synthetic_cohorts(cfg)
             state_root = state_dir or cache_dir() / "sites" / hashlib.sha256(
                 str(sorted(map(str, cohort_dirs))).encode()).hexdigest()[:16]
-            sites = simulated_sites(cohort_dirs, state_root, budget)
+            sites = simulated_sites(cohort_dirs, state_root, policy)
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+            # the simulated sites' policy, for --resume (never sent to the hospitals' server)
+            (run_dir / "site_policy.json").write_text(policy.model_dump_json(indent=2))
             with console.status("preparing the base model (built once, then cached)"):
                 from fedrg.model.base import load_base
 
@@ -153,7 +257,8 @@ def register(app: typer.Typer) -> None:
             console.print(f"[bold]fedrg simulate[/bold]: {cfg.federation.hospitals} hospitals, "
                           f"{cfg.federation.rounds} rounds, DP {'on' if cfg.privacy.enabled else 'OFF'}"
                           f" (target epsilon {cfg.privacy.target_epsilon}), secure aggregation "
-                          f"{'on' if cfg.secagg.enabled else 'OFF'}; run directory {run_dir}")
+                          f"{'on' if cfg.secagg.enabled else 'OFF'}; site policy from "
+                          f"{policy_source}; run directory {run_dir}")
             t0 = time.perf_counter()
             result = run_simulated_federation(
                 cfg, run_dir, sites, resume=resume is not None,
@@ -171,6 +276,11 @@ def register(app: typer.Typer) -> None:
                 + f" (target {cfg.privacy.target_epsilon})")
         if result.stopped_early:
             console.print(f"[yellow]stopped early:[/yellow] {result.stopped_early}")
+            if not any(r.get("aggregated") for r in rounds_rows):
+                console.print("[red]error:[/red] no round was aggregated: no hospital (or too "
+                              "few) accepted the request; the reasons are above and in "
+                              f"{run_dir}/metrics.json ('declined')")
+                raise typer.Exit(3)
         console.print(f"done in {time.perf_counter() - t0:.0f}s: {run_dir}/metrics.json, "
                       f"{run_dir}/adapter (fedrg predict --adapter {run_dir}/adapter ...), "
                       f"{run_dir}/plots/*.png; hospital ledgers in {state_root} "

@@ -1,4 +1,4 @@
-"""``fedrg train`` and ``fedrg predict``: one cohort, one adapter."""
+"""``fedrg train``, ``fedrg predict`` and ``fedrg model-hash``: one cohort, one adapter, one base."""
 
 from __future__ import annotations
 
@@ -185,3 +185,15 @@ def register(app: typer.Typer) -> None:
             return
         for row in rows:
             typer.echo(json.dumps(row))
+
+    @app.command("model-hash")
+    def model_hash_cmd(
+        directory: Path = typer.Argument(..., help="a local base-model directory"),
+    ) -> None:
+        """Print a base-model directory's content hash (for a site's policy.allowed_base_models)."""
+        from fedrg.model.fingerprint import model_content_hash
+
+        try:
+            typer.echo(f"sha256:{model_content_hash(directory)}")
+        except FedrgError as err:
+            _fail(err)

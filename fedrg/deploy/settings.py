@@ -6,13 +6,15 @@ command works the same from any working directory.
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fedrg.config import SiteConfig, read_toml
+from fedrg.config import SiteConfig, policy_table_key, read_toml, site_table
 from fedrg.errors import ConfigError
+from fedrg.privacy.policy import SitePolicy
 from fedrg.pydantic_errors import format_validation_error
 
 
@@ -163,7 +165,8 @@ def _validate(model: type[BaseModel], data: dict[str, Any], path: Path) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, f"settings file {path}", root=model)) from None
+        raise ConfigError(format_validation_error(err, f"settings file {path}", root=model,
+                                                  locate=policy_table_key)) from None
 
 
 def load_server_settings(path: str | Path) -> ServerSettings:
@@ -189,7 +192,10 @@ def load_server_settings(path: str | Path) -> ServerSettings:
 def load_hospital_settings(path: str | Path) -> HospitalSettings:
     """Read ``fedrg client``'s TOML; relative paths become absolute (relative to the file)."""
     p = Path(path)
-    s: HospitalSettings = _validate(HospitalSettings, read_toml(p), p)
+    data = read_toml(p)
+    data["site"] = site_table(data, str(p))
+    data.pop("policy", None)
+    s: HospitalSettings = _validate(HospitalSettings, data, p)
     base = p.resolve().parent
     site = s.site.model_dump()
     for key in ("cohort", "state_dir", "signing_key"):
@@ -201,17 +207,31 @@ def load_hospital_settings(path: str | Path) -> HospitalSettings:
     return s
 
 
+def encode_policy(policy: SitePolicy) -> str:
+    """The policy as one node-config value: base64url of its JSON (no quotes to escape)."""
+    return base64.urlsafe_b64encode(policy.model_dump_json().encode()).decode()
+
+
+def decode_policy(value: str) -> SitePolicy:
+    """Inverse of :func:`encode_policy` (raises :class:`ConfigError` naming the key)."""
+    try:
+        return SitePolicy.model_validate_json(base64.urlsafe_b64decode(value.encode()))
+    except (ValueError, ValidationError) as err:
+        raise ConfigError(f"node-config key 'policy' does not hold a valid site policy ({err}); "
+                          "start the hospital with `fedrg client --config FILE`") from None
+
+
 def node_config(site: SiteConfig) -> dict[str, str | float]:
     """The SuperNode's ``--node-config`` for a site, in the keys the ClientApp reads.
 
     Keys (read by :func:`fedrg.flower.apps.site_from_node_config`): ``site-name``,
-    ``cohort``, ``state-dir``, ``epsilon-budget``, ``signing-key``. These stay on the
-    hospital's machine: the SuperNode never sends its node config to the server.
+    ``cohort``, ``state-dir``, ``signing-key`` and ``policy`` (:func:`encode_policy`). These
+    stay on the hospital's machine: the SuperNode never sends its node config to the server.
     """
     return {
         "site-name": site.name,
         "cohort": site.cohort,
         "state-dir": site.state_dir,
-        "epsilon-budget": float(site.epsilon_budget),
         "signing-key": site.signing_key,
+        "policy": encode_policy(site.policy),
     }

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 
 from fedrg.config import ExperimentConfig
-from fedrg.errors import SecAggError
+from fedrg.errors import PolicyViolationError, SecAggError
 from fedrg.federated.payload import Payload, Transport
+from fedrg.privacy.policy import SitePolicy
 
 log = logging.getLogger("fedrg.secagg")
 
@@ -93,14 +94,52 @@ class SecureAggregationDriver:
         return np.asarray(result.mean, dtype=np.float32), float(result.total_weight)
 
 
-def client_stage(action: str, payload: Payload, state: Payload, *, site_name: str) -> Payload:
-    """Answer one secure-aggregation message at a hospital."""
+def check_setup_policy(request: dict[str, Any], policy: SitePolicy) -> None:
+    """Refuse a secure sum with too few peers or too low a Shamir threshold for the policy.
+
+    Raises
+    ------
+    PolicyViolationError
+        Naming the number of clients or the threshold and what the policy allows.
+    """
+    import math
+
+    from fedrg.secagg.params import RoundParams, holders_count
+
+    params = RoundParams.from_message(request)
+    if params.num_clients - 1 < policy.min_secagg_peers:
+        raise PolicyViolationError(
+            setting="secure-sum clients", requested=params.num_clients,
+            allowed=f">= {policy.min_secagg_peers + 1} (policy.min_secagg_peers)")
+    holders = holders_count(params.num_clients, params.neighbours)
+    need = math.ceil(policy.min_threshold_fraction * holders - 1e-9)
+    if params.threshold < need:
+        raise PolicyViolationError(
+            setting="secure-sum threshold", requested=params.threshold,
+            allowed=f">= {need} of {holders} share holders (policy.min_threshold_fraction="
+            f"{policy.min_threshold_fraction})")
+
+
+def client_stage(action: str, payload: Payload, state: Payload, *, site_name: str,
+                 policy: SitePolicy | None = None) -> Payload:
+    """Answer one secure-aggregation message at a hospital.
+
+    ``policy`` (the site's; default: the safe defaults) is checked at setup: the update
+    never enters a sum with fewer peers or a lower threshold than it allows.
+    """
     from fedrg.secagg.client import ClientSession
 
     request = from_payload(payload)
     if action == "secagg_setup":
         if "pending_weight" not in state.meta:
             raise SecAggError("secure aggregation setup before local training: no pending update")
+        try:
+            check_setup_policy(request, policy or SitePolicy())
+        except PolicyViolationError as err:
+            log.warning("%s refuses the secure sum: %s", site_name, err)
+            state.arrays = {}  # the update is dropped, never sent
+            state.meta.pop("pending_weight", None)
+            raise
         session = ClientSession()
         reply = session.setup(request)
     else:

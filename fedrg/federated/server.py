@@ -137,8 +137,10 @@ class FederationServer:
         log.info("resuming run %s after round %d", self.run_id, ckpt.round)
 
     # ----------------------------------------------------------------- rounds
-    def _train_payload(self, rnd: int) -> Payload:
+    def _train_payload(self, rnd: int, hospitals_in_round: int | None = None) -> Payload:
         p = Payload(meta={"config": to_run_config(self.cfg), "round": rnd, "run_id": self.run_id})
+        if hospitals_in_round is not None:  # each hospital checks it against its policy
+            p.meta["hospitals_in_round"] = int(hospitals_in_round)
         p.put_array_list("global", self.global_arrays)
         return p
 
@@ -178,7 +180,7 @@ class FederationServer:
     def _train_round(self, transport: Transport, sampled: list[int], rnd: int
                      ) -> tuple[RoundOutcome, int, int]:
         outcome = RoundOutcome(round=rnd)
-        payload = self._train_payload(rnd)
+        payload = self._train_payload(rnd, hospitals_in_round=len(sampled))
         replies = transport.send("train", dict.fromkeys(sampled, payload), round_=rnd,
                                  timeout=self.timeout)
         bytes_down = payload.nbytes() * len(sampled)
@@ -200,7 +202,11 @@ class FederationServer:
             if meta.get("epsilon_lifetime") is not None:
                 lifetime[site] = float(meta["epsilon_lifetime"])
             if meta.get("status") == "declined":
-                outcome.declined[site] = str(meta.get("reason", "declined"))
+                reason = str(meta.get("reason", "declined"))
+                if meta.get("setting"):  # a policy refusal: which setting, what is allowed
+                    reason += f": {meta['setting']}={meta.get('requested')} (allowed: {meta.get('allowed')})"
+                outcome.declined[site] = reason
+                log.warning("round %d: %s declined: %s", rnd, site, reason)
                 continue
             trained[node] = reply
             outcome.participants.append(site)

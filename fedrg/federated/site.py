@@ -2,9 +2,11 @@
 
 ``HospitalSite.handle(action, payload, state)`` answers one server message:
 
-* ``train``: plan the round against the privacy budget (decline before touching data if it
-  would pass it), train with DP-SGD, append the signed ledger entry, compute the update
-  (delta from the global adapter). With secure aggregation the update stays in ``state``
+* ``train``: check the server's request against the site's own policy
+  (:mod:`fedrg.privacy.enforce`; refuse before touching data if it is outside it), plan the
+  round against the privacy budget (decline before touching data if it would pass it),
+  train with DP-SGD, append the signed ledger entry, compute the update (delta from the
+  global adapter). With secure aggregation the update stays in ``state``
   until the masked upload; without, it is returned with its weight.
 * ``secagg_*``: the four secure-aggregation stages (the update only leaves masked).
 * ``evaluate``: aggregate validation metrics of the global adapter.
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 from fedrg.config import ExperimentConfig, SiteConfig, from_run_config
-from fedrg.errors import BudgetExceededError, FedrgError
+from fedrg.errors import BudgetExceededError, FedrgError, PolicyViolationError
 from fedrg.federated.payload import Payload
 
 log = logging.getLogger("fedrg.site")
@@ -132,90 +134,128 @@ class HospitalSite:
         if action.startswith("secagg_"):
             from fedrg.federated.secure import client_stage
 
-            return client_stage(action, payload, state, site_name=self.site.name)
+            return client_stage(action, payload, state, site_name=self.site.name,
+                                policy=self.site.policy)
         raise FedrgError(f"unknown action {action!r}")
 
     # ------------------------------------------------------------------ train
-    def plan(self, cfg: ExperimentConfig, n_train: int) -> dict[str, Any]:
-        """Privacy plan of one round: sample rate, steps, calibrated noise (no data touched)."""
-        from fedrg.privacy.accounting import (
-            calibrate_noise_multiplier,
-            check_delta,
-            local_steps,
-            poisson_sample_rate,
-        )
+    def _global_arrays(self, cfg: ExperimentConfig, payload: Payload) -> tuple[Any, list[np.ndarray]]:
+        """The model for ``cfg`` and the server's global adapter arrays, checked.
 
-        q = poisson_sample_rate(batch_size=cfg.training.batch_size, n_records=n_train)
-        steps = local_steps(local_epochs=cfg.training.local_epochs, batch_size=cfg.training.batch_size,
-                            n_records=n_train)
-        plan: dict[str, Any] = {"sample_rate": q, "steps": steps}
-        if cfg.privacy.enabled:
-            check_delta(target_delta=cfg.privacy.target_delta, n_patients=n_train)
-            if cfg.privacy.noise_multiplier is not None:
-                sigma = float(cfg.privacy.noise_multiplier)
-            else:
-                # calibrated once for the whole planned federation (rounds x local steps)
-                sigma = calibrate_noise_multiplier(
-                    target_epsilon=cfg.privacy.target_epsilon, target_delta=cfg.privacy.target_delta,
-                    sample_rate=q, steps=steps * cfg.federation.rounds,
-                    accountant=cfg.privacy.accountant)
-            plan["noise_multiplier"] = sigma
-        return plan
+        Refuses (before any ledger entry) a wrong count of arrays, a wrong shape or dtype
+        kind, and NaN/Inf values.
+        """
+        from fedrg.model.payload import get_adapter_arrays
+
+        model = _model_for(cfg)
+        expected = get_adapter_arrays(model)
+        try:
+            got = [np.asarray(a) for a in payload.array_list("global")]
+        except (KeyError, ValueError) as err:
+            raise PolicyViolationError(setting="global adapter", requested="unreadable",
+                                       allowed=f"{len(expected)} float arrays ({err})") from None
+        if len(got) != len(expected):
+            raise PolicyViolationError(setting="global adapter", requested=f"{len(got)} arrays",
+                                       allowed=f"exactly {len(expected)} arrays for this model")
+        for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+            if g.shape != e.shape or g.dtype.kind != "f":
+                raise PolicyViolationError(
+                    setting=f"global adapter array {i}", requested=f"{g.dtype}{list(g.shape)}",
+                    allowed=f"float{list(e.shape)}")
+            if not np.isfinite(g).all():
+                raise PolicyViolationError(setting=f"global adapter array {i}",
+                                           requested="NaN/Inf values", allowed="finite values")
+        return model, got
+
+    def _refuse(self, reply: Payload, rnd: int, err: PolicyViolationError) -> Payload:
+        from fedrg.privacy.enforce import refusal_reply
+
+        log.warning("%s refuses round %d (nothing spent, no data sent): %s", self.site.name, rnd, err)
+        reply.meta.update(refusal_reply(err))
+        return reply
 
     def train(self, payload: Payload, state: Payload) -> Payload:
-        """Train one round locally and prepare the update."""
+        """Train one round locally and prepare the update.
+
+        The server's config is a request: it is checked against the site's policy
+        (:mod:`fedrg.privacy.enforce`) before any patient file is read, and every privacy
+        value used comes from the policy or from the hospital's own plan. A request outside
+        the policy gets a typed refusal (``status: declined``, ``reason: policy_violation``).
+        """
         from fedrg.data.dataset import CohortDataset
         from fedrg.model.payload import get_adapter_arrays, set_adapter_arrays
         from fedrg.privacy.accounting import PrivacyHistory, epsilon_of
         from fedrg.privacy.budget import decline_reply, plan_round
+        from fedrg.privacy.enforce import check_request, plan_under_policy
+        from fedrg.privacy.ledger import NON_PRIVATE
         from fedrg.train.loop import train_local
 
-        cfg = from_run_config(payload.meta["config"])
+        policy = self.site.policy
         rnd = int(payload.meta["round"])
         run_id = str(payload.meta["run_id"])
         reply = Payload(meta={"site": self.site.name, "status": "ok"})
         session = None
-        ledger = None
-        # The budget check needs only the training-set size: known from an earlier round
-        # (kept in the state directory), so a hospital over budget declines before it reads
-        # any patient file. Only the very first round on a dataset loads the cohort first.
-        n_train = self._known_train_size(cfg)
-        cache = None
-        if n_train is None or not cfg.privacy.enabled:
-            cache = self.cohort(cfg)
-            n_train = len(cache.train_idx)
-            self._remember_train_size(cfg, n_train)
-        plan = self.plan(cfg, n_train)
-        if cfg.privacy.enabled:
+        try:
+            # 1. no data needed: the request against the policy, then the server's arrays
+            peers = payload.meta.get("hospitals_in_round")
+            cfg = check_request(from_run_config(payload.meta["config"]), policy, round_=rnd,
+                                hospitals_in_round=None if peers is None else int(peers))
+            model, global_arrays = self._global_arrays(cfg, payload)
+            # 2. the plan needs only the training-set size: known from an earlier round (kept
+            # in the state directory), so a refusal or decline reads no patient file. Only the
+            # very first round on a dataset loads the cohort first.
+            n_train = self._known_train_size(cfg)
+            cache = None
+            if n_train is None:
+                cache = self.cohort(cfg)
+                n_train = len(cache.train_idx)
+                self._remember_train_size(cfg, n_train)
             ledger = self._ledger()
-            past = ledger.history()
+            entries = ledger.read()
+            run_segments = [e.segment for e in entries if e.run_id == run_id and e.private and e.steps > 0]
+            plan = plan_under_policy(cfg, policy, n_train=n_train, round_=rnd,
+                                     run_history=run_segments)
+        except PolicyViolationError as err:
+            return self._refuse(reply, rnd, err)
+        past = [e.segment for e in entries if e.private and e.steps > 0]
+        if plan.replanned:
+            log.warning("%s round %d: this run already spent epsilon %.3f of its cap %.3f; "
+                        "sigma re-planned to %.4f for the %d round(s) left", self.site.name, rnd,
+                        plan.epsilon_run_spent, plan.epsilon_run_cap, plan.noise_multiplier,
+                        cfg.federation.rounds - rnd + 1)
+        if plan.private:
             try:
-                round_plan = plan_round(past, noise_multiplier=plan["noise_multiplier"],
-                                        sample_rate=plan["sample_rate"], steps=plan["steps"],
-                                        target_delta=cfg.privacy.target_delta,
-                                        budget=self.site.epsilon_budget,
-                                        accountant=cfg.privacy.accountant)
+                round_plan = plan_round(past, noise_multiplier=plan.noise_multiplier,
+                                        sample_rate=plan.sample_rate, steps=plan.steps,
+                                        target_delta=plan.target_delta,
+                                        budget=policy.epsilon_budget, accountant=plan.accountant)
             except BudgetExceededError as err:
                 log.warning("%s declines round %d: %s", self.site.name, rnd, err)
                 reply.meta.update(decline_reply(err))
-                reply.meta["epsilon"] = self._run_epsilon(ledger.read(), run_id, cfg)
+                reply.meta["epsilon"] = self._run_epsilon(entries, run_id, plan.target_delta,
+                                                          plan.accountant)
                 reply.meta["epsilon_lifetime"] = float(err.epsilon_spent)
                 return reply
-            if cache is None:
-                cache = self.cohort(cfg)
-                if len(cache.train_idx) != n_train:  # the cohort changed: plan again
-                    self._remember_train_size(cfg, len(cache.train_idx))
-                    return self.train(payload, state)
+        if cache is None:
+            cache = self.cohort(cfg)
+            if len(cache.train_idx) != n_train:  # the cohort changed: plan again
+                self._remember_train_size(cfg, len(cache.train_idx))
+                return self.train(payload, state)
+        if plan.private:
             from fedrg.privacy.dpsgd import DPSession
 
             session = DPSession.from_config(
-                cfg.privacy, cfg.training, n_records=n_train,
-                noise_multiplier=plan["noise_multiplier"],
+                cfg.privacy.model_copy(update={"target_delta": plan.target_delta}), cfg.training,
+                n_records=n_train,
+                noise_multiplier=plan.noise_multiplier,
                 history=PrivacyHistory([tuple(s) for s in past]))
-            log.info("%s round %d: eps %.3f -> %.3f of budget %.3f", self.site.name, rnd,
-                     round_plan.epsilon_spent, round_plan.epsilon_after, self.site.epsilon_budget)
-        model = _model_for(cfg)
-        global_arrays = [np.asarray(a) for a in payload.array_list("global")]
+            log.info("%s round %d: sigma %.4f, q %.4f, %d steps, delta %.2g (%s); eps %.3f -> "
+                     "%.3f of budget %.3f", self.site.name, rnd, plan.noise_multiplier,
+                     plan.sample_rate, plan.steps, plan.target_delta, plan.accountant,
+                     round_plan.epsilon_spent, round_plan.epsilon_after, policy.epsilon_budget)
+        else:
+            log.warning("%s round %d: training WITHOUT DP-SGD (policy.require_dp = false); "
+                        "recorded in the ledger as a non-private round", self.site.name, rnd)
         set_adapter_arrays(model, global_arrays)
         # from the shared seeds, round and site (not the run id), so a resumed run repeats the
         # interrupted one; DP noise never comes from here (OS entropy, see privacy/dpsgd.py)
@@ -224,23 +264,31 @@ class HospitalSite:
         if cfg.training.threads:
             torch.set_num_threads(cfg.training.threads)
         train_ds = CohortDataset(cache.cohort, cfg.data, cache.train_idx)
-        metrics = train_local(model, train_ds, cfg.training, steps=plan["steps"], privacy=session,
+        metrics = train_local(model, train_ds, cfg.training, steps=plan.steps, privacy=session,
                               seed=seed)
         new_arrays = get_adapter_arrays(model)
         update = [(n - g).astype(np.float32) for n, g in zip(new_arrays, global_arrays, strict=True)]
-        if cfg.privacy.enabled and session is not None and ledger is not None:
-            history = session.history
-            eps_lifetime = epsilon_of(history, target_delta=cfg.privacy.target_delta,
-                                      accountant=cfg.privacy.accountant)
-            # the signed entry is on disk before the update can leave the hospital
-            ledger.append(run_id=run_id, round=rnd, noise_multiplier=plan["noise_multiplier"],
-                          sample_rate=plan["sample_rate"], steps=plan["steps"],
-                          max_grad_norm=cfg.privacy.max_grad_norm,
-                          accountant=cfg.privacy.accountant, target_delta=cfg.privacy.target_delta,
-                          epsilon=eps_lifetime, budget=self.site.epsilon_budget,
-                          config_hash=cfg.config_hash(), dataset_fingerprint=cache.fingerprint)
-            reply.meta["epsilon"] = self._run_epsilon(ledger.read(), run_id, cfg)
-            reply.meta["epsilon_lifetime"] = eps_lifetime
+        # the signed entry is on disk before the update can leave the hospital; a
+        # non-private round is recorded too (accountant 'none', sigma 0, DP epsilon unchanged)
+        if session is not None:
+            eps_lifetime = epsilon_of(session.history, target_delta=plan.target_delta,
+                                      accountant=plan.accountant)
+        else:
+            eps_lifetime = epsilon_of(PrivacyHistory([tuple(s) for s in past]),
+                                      target_delta=plan.target_delta,
+                                      accountant=plan.accountant) if past else 0.0
+        ledger.append(run_id=run_id, round=rnd,
+                      noise_multiplier=plan.noise_multiplier if plan.private else 0.0,
+                      sample_rate=plan.sample_rate, steps=plan.steps,
+                      max_grad_norm=plan.max_grad_norm,
+                      accountant=plan.accountant if plan.private else NON_PRIVATE,
+                      target_delta=plan.target_delta, epsilon=eps_lifetime,
+                      budget=policy.epsilon_budget, config_hash=cfg.config_hash(),
+                      dataset_fingerprint=cache.fingerprint)
+        reply.meta["epsilon"] = self._run_epsilon(ledger.read(), run_id, plan.target_delta,
+                                                  plan.accountant)
+        reply.meta["epsilon_lifetime"] = eps_lifetime
+        reply.meta["private"] = plan.private
         weight = float(n_train)
         if cfg.privacy.hospital_level:
             # hospital-level DP: clip the whole update; equal weights (sensitivity C per hospital)
@@ -266,22 +314,30 @@ class HospitalSite:
         return reply
 
     @staticmethod
-    def _run_epsilon(entries: list[Any], run_id: str, cfg: ExperimentConfig) -> float:
-        """Epsilon of this run's segments alone (the per-run target applies to this)."""
+    def _run_epsilon(entries: list[Any], run_id: str, target_delta: float, accountant: str) -> float:
+        """Epsilon of this run's DP segments alone (the per-run cap applies to this)."""
         from fedrg.privacy.accounting import PrivacyHistory, epsilon_of
 
-        segs = [e.segment for e in entries if e.run_id == run_id and e.steps > 0]
+        segs = [e.segment for e in entries if e.run_id == run_id and e.steps > 0 and e.private]
+        if not segs:
+            return 0.0
         return epsilon_of(PrivacyHistory([tuple(s) for s in segs]),
-                          target_delta=cfg.privacy.target_delta, accountant=cfg.privacy.accountant)
+                          target_delta=target_delta, accountant=accountant)
 
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, payload: Payload) -> Payload:
         """Aggregate metrics of the global adapter on this hospital's validation split."""
         from fedrg.data.dataset import CohortDataset
         from fedrg.model.payload import set_adapter_arrays
+        from fedrg.privacy.enforce import check_base_model, check_sizes
         from fedrg.train.evaluate import evaluate
 
         cfg = from_run_config(payload.meta["config"])
+        check_sizes(cfg)
+        check_base_model(cfg.model.base, self.site.policy)
+        # the site's own split (never the server's val_fraction / split_seed)
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
+            "val_fraction": self.site.policy.val_fraction, "split_seed": self.site.policy.split_seed})})
         cache = self.cohort(cfg)
         model = _model_for(cfg)
         set_adapter_arrays(model, [np.asarray(a) for a in payload.array_list("global")])

@@ -51,20 +51,25 @@ def _save_state(context: Context, state: Payload) -> None:
 
 
 def site_from_node_config(context: Context) -> SiteConfig:
-    """Deployment: a SuperNode's ``--node-config`` names its cohort, state dir and budget."""
+    """Deployment: a SuperNode's ``--node-config`` names its cohort, state dir and site policy."""
     nc = context.node_config
     missing = [k for k in ("cohort", "state-dir") if k not in nc]
     if missing:
         raise FedrgError(
             f"SuperNode node config lacks {missing}; start it with "
-            "--node-config 'cohort=\"/path\" state-dir=\"/path\" epsilon-budget=10 site-name=\"h1\"' "
-            "(fedrg client does this from configs/hospital.example.toml)")
+            "--node-config 'cohort=\"/path\" state-dir=\"/path\" site-name=\"h1\"' "
+            "(fedrg client does this from configs/hospital.example.toml, policy included)")
+    from fedrg.deploy.settings import decode_policy
+    from fedrg.privacy.policy import SitePolicy
+
+    # no policy key: the safe defaults (DP and secure aggregation required)
+    policy = decode_policy(str(nc["policy"])) if "policy" in nc else SitePolicy()
     return SiteConfig(
         name=str(nc.get("site-name", f"node-{context.node_id}")),
         cohort=str(nc["cohort"]),
         state_dir=str(nc["state-dir"]),
-        epsilon_budget=float(nc.get("epsilon-budget", 10.0)),
         signing_key=str(nc.get("signing-key", "")),
+        policy=policy,
     )
 
 
@@ -86,7 +91,8 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
                 # no torch / model import: in deployment each message is a fresh process
                 from fedrg.federated.secure import client_stage
 
-                reply = client_stage(action, payload, state, site_name=site_cfg.name)
+                reply = client_stage(action, payload, state, site_name=site_cfg.name,
+                                     policy=site_cfg.policy)
             else:
                 from fedrg.federated.site import get_site  # heavy imports stay out of app loading
 

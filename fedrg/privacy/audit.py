@@ -91,7 +91,8 @@ def rdp_epsilons(entries: Sequence[LedgerEntry]) -> list[float]:
     """
     from dp_accounting.rdp import rdp_privacy_accountant as rdp
 
-    active = [e for e in entries if e.steps > 0 and e.noise_multiplier > 0.0]
+    entries = list(entries)
+    active = [e for e in entries if e.steps > 0 and e.noise_multiplier > 0.0 and e.private]
     curves = {(e.noise_multiplier, e.sample_rate): None for e in active}
     for key in curves:
         curves[key] = _one_step_rdp(*key)
@@ -101,7 +102,7 @@ def rdp_epsilons(entries: Sequence[LedgerEntry]) -> list[float]:
     out: list[float] = []
     noiseless = composed = False
     for e in entries:
-        if e.steps > 0:
+        if e.steps > 0 and e.private:  # non-private rounds are reported apart, not composed
             if e.noise_multiplier == 0.0:
                 noiseless = True
             elif fast:
@@ -380,7 +381,13 @@ def audit_ledger(
     result.budget = last.budget
 
     rdp = rdp_epsilons(entries)
-    pld = pld_epsilon([e.segment for e in entries], target_delta=last.delta)
+    pld = pld_epsilon([e.segment for e in entries if e.private], target_delta=last.delta)
+    non_private = [e for e in entries if not e.private]
+    if non_private:
+        result.warnings.append(
+            f"{len(non_private)} round(s) were trained WITHOUT DP-SGD (the site's policy allowed "
+            "it: require_dp = false); no DP guarantee covers them, and the epsilon shown is "
+            "that of the DP rounds only")
     result.epsilon_recomputed_rdp, result.epsilon_recomputed_pld = rdp[-1], pld
     result.entries = [
         EntryAudit(e.seq, e.run_id, e.round, e.steps, e.epsilon, r, e.budget, e.accountant)
@@ -396,11 +403,13 @@ def audit_ledger(
                 f"{e.epsilon:.4f} but dp_accounting RDP gives {r:.4f} "
                 f"({relative_gap(e.epsilon, r):.1%} apart, tolerance {rel_tol:.0%})"
             )
-    if last.accountant == "rdp":
+    # a non-private last entry repeats the DP epsilon of the site's accountant
+    acct = next((e.accountant for e in reversed(entries) if e.private), "rdp")
+    if acct == "rdp":
         result.epsilon_recomputed, result.recompute_method = rdp[-1], "dp_accounting RDP"
         gap = relative_gap(last.epsilon, rdp[-1])
         bad = gap > rel_tol
-    elif last.accountant == "prv":
+    elif acct == "prv":
         result.epsilon_recomputed, result.recompute_method = pld, "dp_accounting PLD"
         gap = relative_gap(last.epsilon, pld)
         bad = gap > rel_tol

@@ -16,7 +16,13 @@ Each line is the canonical JSON (sorted keys, no spaces, ASCII) of an entry::
      "timestamp", "version"}
 
 ``epsilon`` is the cumulative epsilon of the dataset at ``delta`` after this entry's steps
-(all earlier entries included). ``prev_hash`` is the sha256 of the previous line's bytes
+(all earlier entries included).
+
+A round a site took part in *without* DP-SGD (only possible when its policy says
+``require_dp = false`` and the request turned DP off) is still recorded: its mechanism has
+``accountant = "none"`` (:data:`NON_PRIVATE`) and ``noise_multiplier = 0``; it adds nothing
+to the DP accounting of the other entries (its ``epsilon`` repeats the cumulative DP epsilon
+so far) and the audit lists it as a non-private round, for which no DP guarantee holds. ``prev_hash`` is the sha256 of the previous line's bytes
 (64 zeros for the first entry); ``signature`` is Ed25519 over the canonical JSON of the
 entry without ``signature`` (so it covers ``prev_hash``). Appends rewrite the whole file
 into a temporary file in the same directory, fsync it and ``os.replace`` it, under an
@@ -51,6 +57,8 @@ HEAD_NAME = "ledger_head.json"
 GENESIS_HASH = "0" * 64
 ENTRY_VERSION = 1
 ACCOUNTANTS = ("rdp", "prv", "gdp")
+#: ``mechanism.accountant`` of a non-private round (no DP-SGD; see the module docstring).
+NON_PRIVATE = "none"
 # Slack for float comparisons of epsilon against the budget / the previous entry.
 EPS_TOL = 1e-9
 
@@ -111,6 +119,11 @@ class LedgerEntry:
     prev_hash: str
     key_id: str
     signature: str
+
+    @property
+    def private(self) -> bool:
+        """False for a round recorded without DP-SGD (:data:`NON_PRIVATE`)."""
+        return self.accountant != NON_PRIVATE
 
     @property
     def segment(self) -> MechanismSegment:
@@ -195,8 +208,11 @@ def _check_schema(obj: Any) -> None:
         raise ValueError(f"sample_rate must be in (0, 1], got {m['sample_rate']!r}")
     if not _is_num(m["max_grad_norm"]) or m["max_grad_norm"] <= 0:
         raise ValueError(f"max_grad_norm must be > 0, got {m['max_grad_norm']!r}")
-    if m["accountant"] not in ACCOUNTANTS:
-        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {m['accountant']!r}")
+    if m["accountant"] not in (*ACCOUNTANTS, NON_PRIVATE):
+        raise ValueError(f"accountant must be one of {(*ACCOUNTANTS, NON_PRIVATE)}, "
+                         f"got {m['accountant']!r}")
+    if m["accountant"] == NON_PRIVATE and m["noise_multiplier"] != 0:
+        raise ValueError("a non-private entry (accountant 'none') must have noise_multiplier 0")
     if not _is_num(obj["delta"]) or not 0 < obj["delta"] < 1:
         raise ValueError(f"delta must be in (0, 1), got {obj['delta']!r}")
     for name in ("epsilon", "budget"):
@@ -550,8 +566,11 @@ class Ledger:
         return report.entries
 
     def history(self) -> list[MechanismSegment]:
-        """Every mechanism segment ever recorded (all runs), in order, for the accountant."""
-        return [e.segment for e in self.read() if e.steps > 0]
+        """Every DP mechanism segment ever recorded (all runs), in order, for the accountant.
+
+        Non-private rounds (:data:`NON_PRIVATE`) are not DP mechanisms and are left out.
+        """
+        return [e.segment for e in self.read() if e.steps > 0 and e.private]
 
     def epsilon_spent(self) -> float:
         """Cumulative epsilon recorded so far (0 for an empty ledger)."""

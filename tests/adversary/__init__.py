@@ -1,0 +1,1 @@
+"""Attacks by a hostile server against the real hospital code (``HospitalSite.handle``)."""

@@ -1,0 +1,234 @@
+"""The site policy at the hospital: accepted rounds use the site's own parameters, the
+hospital re-plans a run that already spent part of its cap, non-private rounds are ledgered,
+and `fedrg simulate` refuses up front what no simulated hospital would accept.
+(Hostile requests: tests/adversary/.)"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from fedrg.cli import app
+from fedrg.config import load_config
+from fedrg.errors import PolicyViolationError
+from fedrg.privacy.enforce import check_request, plan_under_policy
+from fedrg.privacy.policy import BUILTIN_BASE, SitePolicy
+
+SETTINGS_REFUSED = {"privacy.enabled", "secagg.enabled", "secagg.threshold_fraction",
+                    "hospitals in the round", "federation.rounds", "round",
+                    "privacy.noise_multiplier"}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(dp=st.booleans(), secagg=st.booleans(), thr=st.floats(0.05, 1.0),
+       rounds=st.integers(1, 80), rnd=st.integers(0, 90), peers=st.one_of(st.none(), st.integers(0, 6)),
+       sigma=st.one_of(st.none(), st.floats(0.0, 3.0)), clip=st.floats(0.01, 100.0),
+       eps=st.floats(0.1, 1e4), val=st.floats(0.01, 0.99), acct=st.sampled_from(["rdp", "prv", "gdp"]),
+       require_dp=st.booleans(), require_secagg=st.booleans())
+def test_check_request_never_returns_a_config_outside_the_policy(
+        dp, secagg, thr, rounds, rnd, peers, sigma, clip, eps, val, acct, require_dp, require_secagg):
+    policy = SitePolicy(require_dp=require_dp, require_secagg=require_secagg, accountant="rdp",
+                        allowed_base_models=[BUILTIN_BASE])
+    cfg = load_config(None, [f"privacy.enabled={str(dp).lower()}", f"secagg.enabled={str(secagg).lower()}",
+                             f"secagg.threshold_fraction={thr}", f"federation.rounds={rounds}",
+                             f"privacy.max_grad_norm={clip}", f"privacy.target_epsilon={eps}",
+                             f"data.val_fraction={val}", f"privacy.accountant='{acct}'",
+                             *([f"privacy.noise_multiplier={sigma}"] if sigma is not None else [])])
+    try:
+        eff = check_request(cfg, policy, round_=rnd, hospitals_in_round=peers)
+    except PolicyViolationError as err:
+        assert err.setting in SETTINGS_REFUSED and err.allowed
+        return
+    assert eff.privacy.enabled or not policy.require_dp
+    assert eff.secagg.enabled or not policy.require_secagg
+    if eff.secagg.enabled:
+        assert eff.secagg.threshold_fraction >= policy.min_threshold_fraction
+        assert peers is not None and peers - 1 >= policy.min_secagg_peers
+    assert 1 <= rnd <= eff.federation.rounds <= policy.max_rounds_per_run
+    assert eff.privacy.accountant == policy.accountant
+    assert eff.privacy.max_grad_norm <= policy.max_grad_norm_cap
+    assert eff.privacy.target_epsilon <= policy.epsilon_per_run
+    assert (eff.data.val_fraction, eff.data.split_seed) == (policy.val_fraction, policy.split_seed)
+    if eff.privacy.enabled and eff.privacy.noise_multiplier is not None:
+        assert eff.privacy.noise_multiplier >= policy.min_noise_multiplier
+
+
+def test_honest_plan_is_the_federation_wide_calibration():
+    """Differential: with no history the hospital's sigma is the one calibration of the run."""
+    from fedrg.privacy.accounting import calibrate_noise_multiplier, local_steps, poisson_sample_rate
+
+    policy = SitePolicy()
+    cfg = check_request(load_config(None, ["federation.rounds=3"]), policy, round_=1, hospitals_in_round=3)
+    n = 120
+    plan = plan_under_policy(cfg, policy, n_train=n, round_=1)
+    q = poisson_sample_rate(batch_size=32, n_records=n)
+    steps = local_steps(local_epochs=2.0, batch_size=32, n_records=n)
+    want = calibrate_noise_multiplier(target_epsilon=8.0, target_delta=policy.delta_for(n),
+                                      sample_rate=q, steps=3 * steps, accountant="rdp")
+    assert plan.private and not plan.replanned
+    assert (plan.noise_multiplier, plan.sample_rate, plan.steps) == (want, q, steps)
+    assert plan.target_delta == 1e-5 and plan.accountant == "rdp"
+
+
+def test_repeated_round_is_replanned_within_the_run_cap():
+    """A resumed run re-sends a round the hospital already trained: sigma goes up so the run
+    still ends within its cap (it used to end at 9.17 against 8.0)."""
+    from fedrg.privacy.accounting import epsilon_of
+
+    policy = SitePolicy()
+    cfg = check_request(load_config(None, ["federation.rounds=3"]), policy, round_=1, hospitals_in_round=3)
+    first = plan_under_policy(cfg, policy, n_train=120, round_=1)
+    seg = (first.noise_multiplier, first.sample_rate, first.steps)
+    # round 1 was trained, the server crashed before its checkpoint and sends round 1 again
+    again = plan_under_policy(cfg, policy, n_train=120, round_=1, run_history=[seg])
+    assert again.replanned and again.noise_multiplier > first.noise_multiplier
+    run = [seg] + [(again.noise_multiplier, again.sample_rate, again.steps)] * 3
+    assert epsilon_of(run, target_delta=1e-5, accountant="rdp") <= 8.0 * (1 + 1e-6)
+    # the honest continuation (round 2 after round 1) is not re-planned
+    nxt = plan_under_policy(cfg, policy, n_train=120, round_=2, run_history=[seg])
+    assert not nxt.replanned and nxt.noise_multiplier == first.noise_multiplier
+    # a run that has spent its whole cap is refused
+    with pytest.raises(PolicyViolationError, match="target_epsilon"):
+        plan_under_policy(cfg, policy, n_train=120, round_=3, run_history=[(0.3, 0.5, 400)])
+
+
+def test_fixed_sigma_beyond_the_run_cap_is_refused():
+    policy = SitePolicy()
+    cfg = check_request(load_config(None, ["privacy.noise_multiplier=0.6", "federation.rounds=50"]),
+                        policy, round_=1, hospitals_in_round=3)
+    with pytest.raises(PolicyViolationError, match="privacy.noise_multiplier"):
+        plan_under_policy(cfg, policy, n_train=120, round_=40, run_history=[(0.6, 0.27, 8)] * 39)
+
+
+# ------------------------------------------------------------------ fedrg simulate up front
+
+def _simulate(tmp_path, *args):
+    return CliRunner().invoke(app, ["simulate", "--state-dir", str(tmp_path / "st"),
+                                    "--out", str(tmp_path / "run"), *args])
+
+
+def test_simulate_with_one_hospital_fails_before_training(tmp_path):
+    res = _simulate(tmp_path, "--hospitals", "1")
+    assert res.exit_code != 0
+    assert "no simulated hospital would accept" in res.output and "min_secagg_peers" in res.output
+    assert not (tmp_path / "st").exists() and not (tmp_path / "run").exists()
+
+
+def test_simulate_dp_off_alone_is_refused_by_the_default_policy(tmp_path):
+    res = _simulate(tmp_path, "--set", "privacy.enabled=false")
+    assert res.exit_code != 0 and "privacy.enabled=False" in res.output
+    assert "configs/non-private.toml" in res.output
+    # the experiment request cannot set the sites' policy
+    res = _simulate(tmp_path, "--set", "site_policy.require_dp=false")
+    assert res.exit_code != 0 and "site_policy" in res.output
+
+
+def test_non_private_config_opts_the_simulated_sites_out_explicitly():
+    from pathlib import Path
+
+    from fedrg.commands.federation import check_simulation_policy, simulated_policy
+    from fedrg.config import read_experiment_toml
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "non-private.toml"
+    cfg = load_config(path)
+    _, table = read_experiment_toml(path)
+    policy = simulated_policy(table)
+    assert not cfg.privacy.enabled and not policy.require_dp and policy.require_secagg
+    check_simulation_policy(cfg, policy)  # accepted
+    with pytest.raises(Exception, match="privacy.enabled"):
+        check_simulation_policy(cfg, simulated_policy(None))
+
+
+def test_site_policy_file_unknown_key(tmp_path):
+    f = tmp_path / "p.toml"
+    f.write_text("[policy]\nrequire_dp = false\nmin_peers = 1\n")
+    res = _simulate(tmp_path, "--site-policy", str(f))
+    assert res.exit_code != 0 and "unknown key 'min_peers'" in res.output
+
+
+# ------------------------------------------------------------------ real rounds (tiny model)
+
+@pytest.fixture
+def tiny_site(tmp_path, base_dir, fx_root):
+    from model_fixtures import tiny_cohort
+
+    from fedrg.config import SiteConfig
+    from fedrg.federated.site import HospitalSite
+    from fedrg.model.fingerprint import model_content_hash
+
+    def make(**policy):
+        pol = SitePolicy(allowed_base_models=[model_content_hash(base_dir)], **policy)
+        return HospitalSite(SiteConfig(name="h1", cohort=str(tiny_cohort(fx_root, patients=24, seed=21)),
+                                       state_dir=str(tmp_path / "state"), policy=pol))
+    return make
+
+
+def _cfg(base_dir, *extra):
+    return load_config(None, [
+        f"model.base={base_dir}", "model.encoder_width=16", "model.lora_rank=4",
+        "model.max_report_tokens=24", "data.image_shape=[32, 32]", "training.local_epochs=0.5",
+        "training.batch_size=8", "federation.rounds=2", *extra])
+
+
+def _request(cfg, rnd=1, run_id="r1"):
+    from fedrg.config import to_run_config
+    from fedrg.federated.payload import Payload
+    from fedrg.federated.site import _model_for
+    from fedrg.model.payload import get_adapter_arrays
+
+    p = Payload(meta={"config": to_run_config(cfg), "round": rnd, "run_id": run_id,
+                      "hospitals_in_round": 3})
+    p.put_array_list("global", get_adapter_arrays(_model_for(cfg)))
+    return p
+
+
+def test_accepted_round_uses_the_sites_parameters_and_keeps_the_update(tiny_site, base_dir):
+    from fedrg.federated.payload import Payload
+    from fedrg.privacy.audit import LedgerLocation, audit_ledger
+    from fedrg.privacy.ledger import Ledger
+
+    site = tiny_site()
+    state = Payload()
+    reply = site.handle("train", _request(_cfg(base_dir)), state)
+    assert reply.meta["status"] == "ok" and reply.meta["private"] is True
+    assert not reply.arrays and state.array_list("pending")  # leaves only in the secure sum
+    (entry,) = Ledger.open(site.site.state_dir, hospital="h1").read()
+    assert entry.accountant == "rdp" and entry.delta == 1e-5 and entry.max_grad_norm == 1.0
+    assert entry.noise_multiplier >= site.site.policy.min_noise_multiplier
+    assert 0 < reply.meta["epsilon"] < 8.0
+    led = Ledger.open(site.site.state_dir, hospital="h1")
+    assert audit_ledger(LedgerLocation(led.path, led.path.parent / "ledger_ed25519.pub", "h1")).ok
+
+
+def test_non_private_round_is_ledgered_when_the_site_opted_out(tiny_site, base_dir, caplog):
+    from fedrg.federated.payload import Payload
+    from fedrg.privacy.audit import LedgerLocation, audit_ledger
+    from fedrg.privacy.ledger import NON_PRIVATE, Ledger
+
+    site = tiny_site(require_dp=False, require_secagg=False)
+    caplog.set_level(logging.WARNING, logger="fedrg.site")
+    reply = site.handle("train", _request(_cfg(base_dir, "privacy.enabled=false", "secagg.enabled=false")),
+                        Payload())
+    assert reply.meta["status"] == "ok" and reply.meta["private"] is False
+    assert reply.array_list("update")  # the site allowed clear updates
+    led = Ledger.open(site.site.state_dir, hospital="h1")
+    (entry,) = led.read()
+    assert entry.accountant == NON_PRIVATE and entry.noise_multiplier == 0.0 and entry.epsilon == 0.0
+    assert entry.steps > 0 and led.history() == []
+    assert any("WITHOUT DP-SGD" in r.getMessage() for r in caplog.records)
+    audit = audit_ledger(LedgerLocation(led.path, led.path.parent / "ledger_ed25519.pub", "h1"))
+    assert audit.ok and any("WITHOUT DP-SGD" in w for w in audit.warnings)
+
+
+def test_evaluation_uses_the_sites_split(tiny_site, base_dir):
+    from fedrg.federated.payload import Payload
+
+    site = tiny_site()
+    honest = site.handle("evaluate", _request(_cfg(base_dir)), Payload())
+    greedy = site.handle("evaluate", _request(_cfg(base_dir, "data.val_fraction=0.99", "data.split_seed=7")),
+                         Payload())
+    assert greedy.meta["n"] == honest.meta["n"] < 12
