@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -69,15 +70,36 @@ def public_from_secret(secret: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(secret).public_key().public_bytes_raw()
 
 
-def agree(secret: bytes, peer_public: bytes, *, salt: bytes, info: bytes) -> bytes:
+def private_key(secret: bytes) -> X25519PrivateKey:
+    """An X25519 private-key object from raw bytes (build it once, reuse it for many peers)."""
+    return X25519PrivateKey.from_private_bytes(secret)
+
+
+def public_key(peer_public: bytes) -> X25519PublicKey:
+    """An X25519 public-key object from raw bytes.
+
+    Raises
+    ------
+    SecAggError
+        If the bytes are not a 32-byte X25519 public key.
+    """
+    try:
+        return X25519PublicKey.from_public_bytes(peer_public)
+    except ValueError as err:
+        raise SecAggError(f"invalid X25519 public key: {err}") from None
+
+
+def agree(secret: bytes | X25519PrivateKey, peer_public: bytes | X25519PublicKey, *,
+          salt: bytes, info: bytes) -> bytes:
     """X25519 key agreement followed by HKDF-SHA256 to a 32-byte key.
 
     Parameters
     ----------
-    secret : bytes
-        Own raw X25519 secret key.
-    peer_public : bytes
-        The peer's raw X25519 public key.
+    secret : bytes or X25519PrivateKey
+        Own X25519 secret key (raw bytes, or a key object from :func:`private_key` to
+        avoid rebuilding it for every peer).
+    peer_public : bytes or X25519PublicKey
+        The peer's X25519 public key (raw bytes or key object).
     salt : bytes
         HKDF salt (the round context).
     info : bytes
@@ -88,10 +110,10 @@ def agree(secret: bytes, peer_public: bytes, *, salt: bytes, info: bytes) -> byt
     SecAggError
         If the peer key is invalid (e.g. a low-order point giving an all-zero secret).
     """
+    sk = secret if isinstance(secret, X25519PrivateKey) else private_key(secret)
+    pk = peer_public if isinstance(peer_public, X25519PublicKey) else public_key(peer_public)
     try:
-        shared = X25519PrivateKey.from_private_bytes(secret).exchange(
-            X25519PublicKey.from_public_bytes(peer_public)
-        )
+        shared = sk.exchange(pk)
     except ValueError as err:
         raise SecAggError(f"invalid peer public key in key agreement: {err}") from None
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=salt, info=info).derive(shared)
@@ -103,8 +125,14 @@ def pair_info(purpose: bytes, a: int, b: int) -> bytes:
     return b"fedrg-secagg/" + purpose + struct.pack(">QQ", lo, hi)
 
 
-def expand_mask(seed: bytes, length: int) -> np.ndarray:
-    """Expand a 256-bit seed into ``length`` uniform uint32 words with ChaCha20.
+def _keystream(seed: bytes) -> Any:
+    if len(seed) != SEED_BYTES:
+        raise SecAggError(f"mask seed must be {SEED_BYTES} bytes, got {len(seed)}")
+    return Cipher(algorithms.ChaCha20(seed, _ZERO_NONCE), mode=None).encryptor()
+
+
+def expand_mask(seed: bytes, length: int, dtype: Any = np.uint32) -> np.ndarray:
+    """Expand a 256-bit seed into ``length`` uniform ring elements with ChaCha20.
 
     Parameters
     ----------
@@ -112,18 +140,66 @@ def expand_mask(seed: bytes, length: int) -> np.ndarray:
         32-byte seed (the ChaCha20 key; the nonce is fixed, every seed is used once).
     length : int
         Number of words.
+    dtype : numpy dtype
+        ``uint32`` (ring Z_{2^32}) or ``uint64`` (ring Z_{2^64}).
 
     Returns
     -------
     numpy.ndarray
-        ``uint32`` array of shape ``(length,)`` (the ChaCha20 keystream, little-endian).
+        Array of shape ``(length,)`` (the ChaCha20 keystream, little-endian words).
     """
-    if len(seed) != SEED_BYTES:
-        raise SecAggError(f"mask seed must be {SEED_BYTES} bytes, got {len(seed)}")
-    enc = Cipher(algorithms.ChaCha20(seed, _ZERO_NONCE), mode=None).encryptor()
-    out = np.empty(length, dtype="<u4")
-    enc.update_into(_zeros(4 * length), memoryview(out).cast("B"))
+    enc = _keystream(seed)
+    out = np.empty(length, dtype=np.dtype(dtype).newbyteorder("<"))
+    view = memoryview(out).cast("B")
+    enc.update_into(_zeros(len(view)), view)
     return out
+
+
+MASK_CHUNK_BYTES = 1 << 17
+"""Masks are expanded and added in blocks of this many bytes (they stay in the CPU cache)."""
+
+
+def apply_masks(target: np.ndarray, plus: Sequence[bytes], minus: Sequence[bytes]) -> np.ndarray:
+    """``target += sum(expand(s) for s in plus) - sum(expand(s) for s in minus)``, in place.
+
+    Equal to adding and subtracting :func:`expand_mask` of each seed (same keystreams), but
+    block by block, so that each block of ``target`` and of the keystream stays in the CPU
+    cache while every mask is applied to it, and no full-length mask is ever allocated.
+
+    Parameters
+    ----------
+    target : numpy.ndarray
+        1-D ``uint32`` or ``uint64`` array (the ring), modified in place (wraps modulo
+        ``2**bits``).
+    plus, minus : sequence of bytes
+        32-byte seeds of the masks to add and to subtract.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``target``.
+    """
+    if target.ndim != 1 or target.dtype not in (np.uint32, np.uint64):
+        raise SecAggError("masks apply to a 1-D uint32 or uint64 ring vector")
+    streams = [(_keystream(s), True) for s in plus] + [(_keystream(s), False) for s in minus]
+    if not streams:
+        return target
+    item = target.dtype.itemsize
+    block = max(1, MASK_CHUNK_BYTES // item)
+    scratch = np.empty(block, dtype=target.dtype.newbyteorder("<"))
+    for start in range(0, target.size, block):
+        stop = min(start + block, target.size)
+        part = target[start:stop]
+        buf = scratch[: stop - start]
+        raw = memoryview(buf).cast("B")
+        zeros = _zeros(len(raw))
+        for enc, add in streams:
+            enc.update_into(zeros, raw)
+            if add:
+                np.add(part, buf, out=part, casting="unsafe")
+            else:
+                np.subtract(part, buf, out=part, casting="unsafe")
+    return target
 
 
 _ZERO_BUFFER = bytes(0)
