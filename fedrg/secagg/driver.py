@@ -119,7 +119,9 @@ def run_secure_aggregation(
     Raises
     ------
     SecAggError
-        When the round aborts (fewer than ``threshold`` survivors at some stage).
+        When the round aborts (fewer than ``threshold`` survivors at some stage). A client
+        that refuses a request (its checks fail) counts as dropped, as over the network; the
+        reason is in the result's ``notes``.
     """
     n = len(updates)
     if len(weights) != n:
@@ -160,7 +162,13 @@ def run_secure_aggregation(
             sess = state[cid]
             if serialize_state and isinstance(sess, bytes):
                 sess = ClientSession.from_bytes(sess, trusts[cid], entropy(cid))
-            reply = act(cid, sess, req)
+            try:
+                reply = act(cid, sess, req)
+            except SecAggError as err:
+                # a refusing client answers with an error: to the server it dropped out
+                agg.notes.append(f"{stage}: client {cid!r} refused: {err}")
+                gone.add(cid)
+                continue
             up[cid] += message_nbytes(reply)
             state[cid] = sess.to_bytes() if serialize_state else sess
             replies[cid] = reply
