@@ -15,6 +15,7 @@ from model_fixtures import tiny_cohort
 from fedrg.config import SiteConfig, load_config
 from fedrg.federated.local import LocalTransport
 from fedrg.federated.runner import run_federation
+from fedrg.federated.secure import provision_roster
 from fedrg.federated.site import HospitalSite
 from fedrg.privacy.accounting import PrivacyHistory, epsilon_of
 from fedrg.privacy.ledger import Ledger
@@ -42,8 +43,9 @@ def test_nearly_spent_hospital_declines_and_the_run_completes(tmp_path, base_dir
     eps_round1 = epsilon_of(PrivacyHistory([(plan["noise_multiplier"], plan["sample_rate"], plan["steps"])]),
                             target_delta=cfg.privacy.target_delta)
     budget = eps_round1 * 1.05  # round 1 fits, round 2 does not
-    sites = [SiteConfig(name=f"h{i}", cohort=str(c), state_dir=str(tmp_path / f"s{i}"),
-                        epsilon_budget=100.0 if i < 3 else budget) for i, c in enumerate(cohorts, 1)]
+    sites = provision_roster([SiteConfig(name=f"h{i}", cohort=str(c), state_dir=str(tmp_path / f"s{i}"),
+                                         epsilon_budget=100.0 if i < 3 else budget)
+                              for i, c in enumerate(cohorts, 1)], tmp_path / "roster.toml")
     result = run_federation(LocalTransport(sites), cfg, tmp_path / "run")
     r1, r2 = result.metrics["rounds"]
     assert r1["participants"] == 3 and not r1["declined"]
@@ -61,8 +63,8 @@ def test_nearly_spent_hospital_declines_and_the_run_completes(tmp_path, base_dir
 
 def test_updates_leave_masked_and_adapter_changes_by_bounded_amount(tmp_path, base_dir, cohorts):
     cfg = _cfg(base_dir, "federation.rounds=1")
-    sites = [SiteConfig(name=f"h{i}", cohort=str(c), state_dir=str(tmp_path / f"s{i}"))
-             for i, c in enumerate(cohorts, 1)]
+    sites = provision_roster([SiteConfig(name=f"h{i}", cohort=str(c), state_dir=str(tmp_path / f"s{i}"))
+                              for i, c in enumerate(cohorts, 1)], tmp_path / "roster.toml")
     transport = LocalTransport(sites)
     sent = []
     original = transport.send

@@ -48,7 +48,13 @@ def synthetic_cohorts(cfg: ExperimentConfig) -> list[Path]:
 
 
 def simulated_sites(cohorts: list[Path], state_root: Path, budget: float) -> list[SiteConfig]:
-    """One site config per cohort; each hospital's ledger lives in ``state_root/<name>``."""
+    """One site config per cohort; each hospital's ledger lives in ``state_root/<name>``.
+
+    Every simulated hospital gets its long-term key and pins one roster listing them all
+    (``state_root/roster.toml``), so secure aggregation runs the same checks as deployed.
+    """
+    from fedrg.federated.secure import ROSTER_FILE, provision_roster
+
     sites = []
     for cohort in cohorts:
         if not (cohort / "manifest.csv").is_file():
@@ -56,7 +62,7 @@ def simulated_sites(cohorts: list[Path], state_root: Path, budget: float) -> lis
                              "directories (see docs/cohort-format.md) or omit it to use synthetic data")
         sites.append(SiteConfig(name=cohort.name, cohort=str(cohort),
                                 state_dir=str(state_root / cohort.name), epsilon_budget=budget))
-    return sites
+    return provision_roster(sites, state_root / ROSTER_FILE)
 
 
 def export_ledgers(sites: list[SiteConfig], run_dir: Path) -> Path:

@@ -174,7 +174,7 @@ def load_hospital_settings(path: str | Path) -> HospitalSettings:
     s: HospitalSettings = _validate(HospitalSettings, read_toml(p), p)
     base = p.resolve().parent
     site = s.site.model_dump()
-    for key in ("cohort", "state_dir", "signing_key"):
+    for key in ("cohort", "state_dir", "signing_key", "roster"):
         site[key] = _resolve(base, site[key])
     s.site = SiteConfig.model_validate(site)
     s.server.root_certificates = _resolve(base, s.server.root_certificates)
@@ -187,7 +187,7 @@ def node_config(site: SiteConfig) -> dict[str, str | float]:
     """The SuperNode's ``--node-config`` for a site, in the keys the ClientApp reads.
 
     Keys (read by :func:`fedrg.flower.apps.site_from_node_config`): ``site-name``,
-    ``cohort``, ``state-dir``, ``epsilon-budget``, ``signing-key``. These stay on the
+    ``cohort``, ``state-dir``, ``epsilon-budget``, ``signing-key``, ``roster``. These stay on the
     hospital's machine: the SuperNode never sends its node config to the server.
     """
     return {
@@ -196,4 +196,5 @@ def node_config(site: SiteConfig) -> dict[str, str | float]:
         "state-dir": site.state_dir,
         "epsilon-budget": float(site.epsilon_budget),
         "signing-key": site.signing_key,
+        "roster": site.roster,
     }

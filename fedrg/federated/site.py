@@ -132,7 +132,7 @@ class HospitalSite:
         if action.startswith("secagg_"):
             from fedrg.federated.secure import client_stage
 
-            return client_stage(action, payload, state, site_name=self.site.name)
+            return client_stage(action, payload, state, site=self.site)
         raise FedrgError(f"unknown action {action!r}")
 
     # ------------------------------------------------------------------ train
