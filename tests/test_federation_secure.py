@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedrg.errors import SecAggError
-
 from fedrg.config import SiteConfig, load_config
+from fedrg.errors import SecAggError
 from fedrg.federated.payload import Payload, Reply
 from fedrg.federated.secure import SecureAggregationDriver, client_stage, provision_roster
 from fedrg.federated.server import FederationServer
