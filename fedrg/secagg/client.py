@@ -41,7 +41,7 @@ import numpy as np
 
 from fedrg.errors import SecAggError
 from fedrg.secagg import crypto, shamir
-from fedrg.secagg.params import RoundParams, holders_count, neighbour_graph
+from fedrg.secagg.params import RoundParams, holders_count, neighbours_of
 from fedrg.secagg.quantize import encode
 from fedrg.secagg.roster import Roster, SigningIdentity
 
@@ -101,22 +101,30 @@ def key_message(context: bytes, index: int, name: str, enc_pk: bytes, mask_pk: b
 
 def survivors_digest(survivors: list[int]) -> bytes:
     """SHA-256 of a sorted survivor list."""
-    return hashlib.sha256(b"".join(struct.pack(">Q", i) for i in sorted(survivors))).digest()
+    return hashlib.sha256(np.array(sorted(survivors), dtype=">u8").tobytes()).digest()
 
 
-def consistency_message(transcript: bytes, index: int, name: str, survivors: list[int]) -> bytes:
-    """What a hospital signs in the consistency check: the survivor set it was shown."""
+def consistency_message(transcript: bytes, index: int, name: str, survivors: list[int] | bytes) -> bytes:
+    """What a hospital signs in the consistency check: the survivor set it was shown.
+
+    ``survivors`` is the list, or its :func:`survivors_digest` (computed once per round).
+    """
+    digest = survivors if isinstance(survivors, bytes) else survivors_digest(survivors)
     return (b"fedrg-secagg-v2/survivors" + transcript + struct.pack(">Q", index)
-            + _name_bytes(name) + survivors_digest(survivors))
+            + _name_bytes(name) + digest)
 
 
 def transcript_hash(context: bytes, indices: list[int], enc_pks: list[bytes], mask_pks: list[bytes],
                     names: list[str]) -> bytes:
     """SHA-256 over the round context and the full signed key list (sorted by index)."""
-    h = hashlib.sha256(b"fedrg-secagg-v2/transcript" + context)
-    for i, e, m, n in sorted(zip(indices, enc_pks, mask_pks, names, strict=True)):
-        h.update(struct.pack(">Q", i) + e + m + _name_bytes(n))
-    return h.digest()
+    if not len(indices) == len(enc_pks) == len(mask_pks) == len(names):
+        raise SecAggError("secagg key list: indices, keys and names differ in length")
+    order = sorted(range(len(indices)), key=indices.__getitem__)
+    packed = np.array(indices, dtype=">u8").tobytes()
+    parts = [b"fedrg-secagg-v2/transcript", context]
+    for k in order:
+        parts += (packed[8 * k: 8 * k + 8], enc_pks[k], mask_pks[k], _name_bytes(names[k]))
+    return hashlib.sha256(b"".join(parts)).digest()
 
 
 def share_associated_data(transcript: bytes, sender: int, recipient: int) -> bytes:
@@ -192,6 +200,7 @@ class ClientSession:
         self.names: dict[int, str] = {}
         self.enc_pks: dict[int, bytes] = {}
         self.mask_pks: dict[int, bytes] = {}
+        self.share_keys: dict[int, bytes] = {}
         self.shares: dict[int, tuple[int, int]] = {}
         self.partners: list[int] = []
         self.survivors: list[int] = []
@@ -316,8 +325,7 @@ class ClientSession:
             raise SecAggError(
                 f"only {len(indices)} clients completed setup, fewer than threshold {p.threshold}"
             )
-        graph = neighbour_graph(sorted(indices), p.neighbours, p.round_id)
-        neighbours = graph[self.index]
+        neighbours = neighbours_of(self.index, sorted(indices), p.neighbours, p.round_id)
         context = p.context()
         for v in neighbours:
             e, m, n, sg = table[v]
@@ -357,7 +365,8 @@ class ClientSession:
         enc_sk = crypto.private_key(self.enc_sk)
         ciphertexts = []
         for v in neighbours:
-            key = crypto.agree(
+            # one key per pair and direction-independent: it also opens v's shares to us
+            key = self.share_keys[v] = crypto.agree(
                 enc_sk, self.enc_pks[v], salt=self.transcript,
                 info=crypto.pair_info(b"share-encryption", self.index, v),
             )
@@ -366,6 +375,7 @@ class ClientSession:
                 crypto.seal(key, plaintext, share_associated_data(self.transcript, self.index, v),
                             self._entropy)
             )
+        self.enc_sk = None  # the share keys are derived: the secret is no longer needed
         self.stage = "shared"
         return {
             "index": self.index,
@@ -409,15 +419,10 @@ class ClientSession:
         unknown = set(senders) - set(self.neighbours)
         if unknown:
             raise SecAggError(f"secagg shares from non-neighbours {sorted(unknown)}; refusing")
-        assert self.enc_sk is not None and self.mask_sk is not None and self.seed is not None
-        enc_sk = crypto.private_key(self.enc_sk)
+        assert self.mask_sk is not None and self.seed is not None
         received: dict[int, tuple[int, int]] = {}
         for u, ct in zip(senders, ciphertexts, strict=True):
-            key = crypto.agree(
-                enc_sk, self.enc_pks[u], salt=self.transcript,
-                info=crypto.pair_info(b"share-encryption", u, self.index),
-            )
-            plain = crypto.open_sealed(key, ct, share_associated_data(self.transcript, u, self.index))
+            plain = crypto.open_sealed(self.share_keys[u], ct, share_associated_data(self.transcript, u, self.index))
             if len(plain) != 2 * shamir.SHARE_BYTES:
                 raise SecAggError(f"share from client {u} has the wrong length")
             received[u] = (
@@ -448,6 +453,7 @@ class ClientSession:
         self.partners = sorted(received)
         # The secrets are shared and used: forget them.
         self.seed = self.mask_sk = self.enc_sk = None
+        self.share_keys = {}
         self.stage = "masked"
         return {"index": self.index, "masked": y}
 
@@ -543,22 +549,25 @@ class ClientSession:
         if len(signers) != len(signatures) or len(set(signers)) != len(signers):
             raise SecAggError("consistency signatures: signers and signatures do not match")
         holders = set(self.names)
-        for u, sg in zip(signers, signatures, strict=True):
-            if u not in holders:
-                raise SecAggError(f"consistency signature from client {u}, not one of this client's "
-                                  "shareholders; refusing")
-            name = self.names[u]
-            if not self.trust.roster.verify(
-                    name, consistency_message(self.transcript, u, name, survivors), sg):
-                raise SecAggError(
-                    f"client {u} ({name!r}) did not sign this survivor set: the server showed "
-                    "clients different survivor sets (or forged a signature); refusing to unmask"
-                )
+        outside = [u for u in signers if u not in holders]
+        if outside:
+            raise SecAggError(f"consistency signature from client {outside[0]}, not one of this "
+                              "client's shareholders; refusing")
         if len(signers) < p.threshold:
             raise SecAggError(
                 f"only {len(signers)} of this client's shareholders confirmed the survivor set, "
                 f"fewer than threshold {p.threshold}; refusing to unmask"
             )
+        # threshold valid signatures suffice; any invalid one seen means two stories: refuse
+        digest = survivors_digest(survivors)
+        for u, sg in list(zip(signers, signatures, strict=True))[: p.threshold]:
+            name = self.names[u]
+            if not self.trust.roster.verify(
+                    name, consistency_message(self.transcript, u, name, digest), sg):
+                raise SecAggError(
+                    f"client {u} ({name!r}) did not sign this survivor set: the server showed "
+                    "clients different survivor sets (or forged a signature); refusing to unmask"
+                )
         alive = set(survivors)
         mine = set(self.shares)  # itself and its partners: never anyone else
         seed_owners = sorted(o for o in alive if o in mine)
@@ -607,6 +616,7 @@ class ClientSession:
             "names": {str(k): v for k, v in self.names.items()},
             "enc_pks": {str(k): b64(v) for k, v in self.enc_pks.items()},
             "mask_pks": {str(k): b64(v) for k, v in self.mask_pks.items()},
+            "share_keys": {str(k): b64(v) for k, v in self.share_keys.items()},
             "shares": {str(k): [hex(a), hex(b)] for k, (a, b) in self.shares.items()},
             "partners": self.partners,
             "survivors": self.survivors,
@@ -645,6 +655,7 @@ class ClientSession:
         self.names = {int(k): str(v) for k, v in s["names"].items()}
         self.enc_pks = {int(k): unb64(v) or b"" for k, v in s["enc_pks"].items()}
         self.mask_pks = {int(k): unb64(v) or b"" for k, v in s["mask_pks"].items()}
+        self.share_keys = {int(k): unb64(v) or b"" for k, v in s["share_keys"].items()}
         self.shares = {int(k): (int(a, 16), int(b, 16)) for k, (a, b) in s["shares"].items()}
         self.partners = [int(v) for v in s["partners"]]
         self.survivors = [int(v) for v in s["survivors"]]

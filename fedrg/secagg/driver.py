@@ -156,7 +156,8 @@ def run_secure_aggregation(
         gone.update(drops.get(stage, ()))
         replies = {}
         for cid, req in requests.items():
-            down[cid] += message_nbytes(req)
+            if traffic is not None:
+                down[cid] += message_nbytes(req)
             if cid in gone:
                 continue
             sess = state[cid]
@@ -169,7 +170,8 @@ def run_secure_aggregation(
                 agg.notes.append(f"{stage}: client {cid!r} refused: {err}")
                 gone.add(cid)
                 continue
-            up[cid] += message_nbytes(reply)
+            if traffic is not None:
+                up[cid] += message_nbytes(reply)
             state[cid] = sess.to_bytes() if serialize_state else sess
             replies[cid] = reply
         return replies

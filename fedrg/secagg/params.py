@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -89,6 +90,12 @@ def validate_threshold(threshold: int, holders: int) -> None:
         )
 
 
+@functools.lru_cache(maxsize=16)
+def _ring_order(members: tuple[int, ...], seed: bytes) -> list[int]:
+    """Members ordered by ``SHA-256(seed || index)``: the public random ring of the graph."""
+    return sorted(members, key=lambda m: hashlib.sha256(seed + m.to_bytes(8, "big")).digest())
+
+
 def neighbour_graph(members: list[int], neighbours: int, seed: bytes) -> dict[int, list[int]]:
     """A symmetric k-regular neighbour graph over ``members`` (SecAgg+ style).
 
@@ -105,7 +112,7 @@ def neighbour_graph(members: list[int], neighbours: int, seed: bytes) -> dict[in
     if neighbours <= 0 or neighbours >= n - 1:
         return {m: sorted(x for x in members if x != m) for m in members}
     half = (neighbours + 1) // 2
-    ring = sorted(members, key=lambda m: hashlib.sha256(seed + m.to_bytes(8, "big")).digest())
+    ring = _ring_order(tuple(members), seed)
     graph: dict[int, set[int]] = {m: set() for m in members}
     for pos, m in enumerate(ring):
         for j in range(1, half + 1):
@@ -114,6 +121,26 @@ def neighbour_graph(members: list[int], neighbours: int, seed: bytes) -> dict[in
                 graph[m].add(other)
                 graph[other].add(m)
     return {m: sorted(v) for m, v in graph.items()}
+
+
+def neighbours_of(member: int, members: list[int], neighbours: int, seed: bytes) -> list[int]:
+    """``neighbour_graph(members, neighbours, seed)[member]``, without building the whole graph.
+
+    A client needs only its own neighbours: one sort of the members (``O(n log n)``) and
+    ``O(k)`` work, instead of ``O(n k)`` for the graph.
+    """
+    n = len(members)
+    if member not in members:
+        raise SecAggError(f"client {member} is not among the round's members")
+    if neighbours <= 0 or neighbours >= n - 1:
+        return sorted(x for x in members if x != member)
+    half = (neighbours + 1) // 2
+    ring = _ring_order(tuple(members), seed)
+    pos = ring.index(member)
+    out = {ring[(pos + j) % n] for j in range(1, half + 1)} | {ring[(pos - j) % n]
+                                                              for j in range(1, half + 1)}
+    out.discard(member)
+    return sorted(out)
 
 
 @dataclass(frozen=True)
