@@ -87,9 +87,10 @@ def test_sum_of_n_extreme_encodings_never_wraps_and_decodes(n, bits, seed):
 @given(
     length=st.integers(1, 3 * crypto.MASK_CHUNK_BYTES // 4 + 5),
     n_plus=st.integers(0, 4), n_minus=st.integers(0, 4),
-    wide=st.booleans(), seed=st.integers(0, 2**32 - 1),
+    wide=st.booleans(), seed=st.integers(0, 2**32 - 1), threads=st.sampled_from([None, 1, 2, 3, 5]),
 )
-def test_blockwise_masks_equal_full_expansion(length, n_plus, n_minus, wide, seed):
+def test_blockwise_masks_equal_full_expansion(length, n_plus, n_minus, wide, seed, threads):
+    """Any number of threads (each starting the keystream at its slice) gives the same sum."""
     rand = crypto.seeded_entropy(seed)
     dtype = np.uint64 if wide else np.uint32
     seeds = [rand(32) for _ in range(n_plus + n_minus)]
@@ -102,11 +103,22 @@ def test_blockwise_masks_equal_full_expansion(length, n_plus, n_minus, wide, see
             expected += m
         else:
             expected -= m
-    got = crypto.apply_masks(base, seeds[:n_plus], seeds[n_plus:])
+    got = crypto.apply_masks(base, seeds[:n_plus], seeds[n_plus:], threads=threads)
     assert got is base and np.array_equal(got, expected)
     # and masks cancel: adding then subtracting the same seeds gives the input back
-    crypto.apply_masks(got, seeds[n_plus:], seeds[:n_plus])
+    crypto.apply_masks(got, seeds[n_plus:], seeds[:n_plus], threads=threads)
     assert np.array_equal(got, original)
+
+
+def test_threaded_masks_on_a_large_vector_equal_full_expansion():
+    rand = crypto.seeded_entropy(b"large")
+    seeds = [rand(32) for _ in range(3)]
+    length = (1 << 20) // 4 + 77  # over 1 MiB: the automatic setting uses threads
+    target = np.zeros(length, np.uint32)
+    crypto.apply_masks(target, seeds[:2], seeds[2:])
+    expected = crypto.expand_mask(seeds[0], length) + crypto.expand_mask(seeds[1], length)
+    expected -= crypto.expand_mask(seeds[2], length)
+    assert np.array_equal(target, expected)
 
 
 def naive_interpolate(points, at, prime):

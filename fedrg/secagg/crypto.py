@@ -1,8 +1,8 @@
 """Cryptographic building blocks: key agreement, key derivation, mask expansion, AEAD.
 
 - X25519 key agreement and HKDF-SHA256 key derivation (``cryptography``).
-- Masks: a 256-bit seed is expanded with the ChaCha20 stream cipher (keystream of an
-  all-zero plaintext) into uint32 words, i.e. uniform elements of Z_{2^32}.
+- Masks: a 256-bit seed is expanded with AES-128 in counter mode (keystream of an
+  all-zero plaintext) into uint32 or uint64 words, i.e. uniform elements of the ring.
 - Shares travel encrypted and authenticated with ChaCha20-Poly1305; the associated data
   binds the round, the sender, the recipient and the public-key transcript.
 """
@@ -13,13 +13,14 @@ import hashlib
 import os
 import struct
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -125,19 +126,30 @@ def pair_info(purpose: bytes, a: int, b: int) -> bytes:
     return b"fedrg-secagg/" + purpose + struct.pack(">QQ", lo, hi)
 
 
-def _keystream(seed: bytes) -> Any:
+_PRG_BLOCK = 16
+_SLACK = _PRG_BLOCK - 1  # ``update_into`` wants this much room past the input
+
+
+def _keystream(seed: bytes, block: int = 0) -> Any:
+    """The mask PRG: AES-128-CTR keyed by ``seed[:16]``, counter ``seed[16:] + block``.
+
+    AES-128-CTR (as in Bonawitz et al. 2017) runs about a third faster than ChaCha20 on
+    CPUs with AES instructions; a 128-bit key and a random initial counter per seed, and
+    far fewer than 2**64 blocks per seed, keep it a secure PRG.
+    """
     if len(seed) != SEED_BYTES:
         raise SecAggError(f"mask seed must be {SEED_BYTES} bytes, got {len(seed)}")
-    return Cipher(algorithms.ChaCha20(seed, _ZERO_NONCE), mode=None).encryptor()
+    counter = (int.from_bytes(seed[16:], "big") + block) % (1 << 128)
+    return Cipher(algorithms.AES(seed[:16]), modes.CTR(counter.to_bytes(16, "big"))).encryptor()
 
 
 def expand_mask(seed: bytes, length: int, dtype: Any = np.uint32) -> np.ndarray:
-    """Expand a 256-bit seed into ``length`` uniform ring elements with ChaCha20.
+    """Expand a 256-bit seed into ``length`` uniform ring elements (the mask PRG).
 
     Parameters
     ----------
     seed : bytes
-        32-byte seed (the ChaCha20 key; the nonce is fixed, every seed is used once).
+        32-byte seed (AES-128 key and initial counter; every seed is used once).
     length : int
         Number of words.
     dtype : numpy dtype
@@ -146,25 +158,66 @@ def expand_mask(seed: bytes, length: int, dtype: Any = np.uint32) -> np.ndarray:
     Returns
     -------
     numpy.ndarray
-        Array of shape ``(length,)`` (the ChaCha20 keystream, little-endian words).
+        Array of shape ``(length,)`` (the keystream as little-endian words).
     """
-    enc = _keystream(seed)
-    out = np.empty(length, dtype=np.dtype(dtype).newbyteorder("<"))
-    view = memoryview(out).cast("B")
-    enc.update_into(_zeros(len(view)), view)
-    return out
+    dt = np.dtype(dtype).newbyteorder("<")
+    raw = bytearray(length * dt.itemsize + _SLACK)
+    _keystream(seed).update_into(_zeros(length * dt.itemsize), raw)
+    return np.frombuffer(raw, dtype=dt, count=length).copy()
 
 
 MASK_CHUNK_BYTES = 1 << 17
 """Masks are expanded and added in blocks of this many bytes (they stay in the CPU cache)."""
+MASK_THREADS: int | None = None
+"""Threads that expand masks of vectors over 1 MiB (``None``: up to 4, one per CPU).
+
+The cipher runs outside the GIL and every thread owns a slice of the vector (the keystream
+counter starts at the slice), so the result is identical for any number of threads."""
+_POOL: ThreadPoolExecutor | None = None
 
 
-def apply_masks(target: np.ndarray, plus: Sequence[bytes], minus: Sequence[bytes]) -> np.ndarray:
+def _threads_for(nbytes: int) -> int:
+    if MASK_THREADS is not None:
+        return max(1, int(MASK_THREADS))
+    if nbytes < (1 << 20):
+        return 1
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _apply_range(target: np.ndarray, lo: int, hi: int, plus: Sequence[bytes],
+                 minus: Sequence[bytes]) -> None:
+    item = target.dtype.itemsize
+    first = lo * item // _PRG_BLOCK
+    streams = ([(_keystream(s, first), True) for s in plus]
+               + [(_keystream(s, first), False) for s in minus])
+    block = max(_PRG_BLOCK // item, MASK_CHUNK_BYTES // item)
+    words = min(block, hi - lo)
+    room = bytearray(words * item + _SLACK)
+    scratch = np.frombuffer(room, dtype=target.dtype.newbyteorder("<"), count=words)
+    zeros = _zeros(words * item)
+    for start in range(lo, hi, block):
+        stop = min(start + block, hi)
+        part = target[start:stop]
+        buf = scratch[: stop - start]
+        nbytes = (stop - start) * item
+        out = memoryview(room)[: nbytes + _SLACK]
+        for enc, add in streams:
+            enc.update_into(zeros[:nbytes], out)
+            if add:
+                np.add(part, buf, out=part, casting="unsafe")
+            else:
+                np.subtract(part, buf, out=part, casting="unsafe")
+
+
+def apply_masks(target: np.ndarray, plus: Sequence[bytes], minus: Sequence[bytes], *,
+                threads: int | None = None) -> np.ndarray:
     """``target += sum(expand(s) for s in plus) - sum(expand(s) for s in minus)``, in place.
 
     Equal to adding and subtracting :func:`expand_mask` of each seed (same keystreams), but
     block by block, so that each block of ``target`` and of the keystream stays in the CPU
-    cache while every mask is applied to it, and no full-length mask is ever allocated.
+    cache while every mask is applied to it, no full-length mask is ever allocated, and
+    large vectors are split between threads (each slice starts its keystreams at the
+    slice's block counter).
 
     Parameters
     ----------
@@ -173,32 +226,33 @@ def apply_masks(target: np.ndarray, plus: Sequence[bytes], minus: Sequence[bytes
         ``2**bits``).
     plus, minus : sequence of bytes
         32-byte seeds of the masks to add and to subtract.
+    threads : int, optional
+        Threads to use (default :data:`MASK_THREADS`, or automatic).
 
     Returns
     -------
     numpy.ndarray
         ``target``.
     """
+    global _POOL
     if target.ndim != 1 or target.dtype not in (np.uint32, np.uint64):
         raise SecAggError("masks apply to a 1-D uint32 or uint64 ring vector")
-    streams = [(_keystream(s), True) for s in plus] + [(_keystream(s), False) for s in minus]
-    if not streams:
+    if not plus and not minus:
         return target
-    item = target.dtype.itemsize
-    block = max(1, MASK_CHUNK_BYTES // item)
-    scratch = np.empty(block, dtype=target.dtype.newbyteorder("<"))
-    for start in range(0, target.size, block):
-        stop = min(start + block, target.size)
-        part = target[start:stop]
-        buf = scratch[: stop - start]
-        raw = memoryview(buf).cast("B")
-        zeros = _zeros(len(raw))
-        for enc, add in streams:
-            enc.update_into(zeros, raw)
-            if add:
-                np.add(part, buf, out=part, casting="unsafe")
-            else:
-                np.subtract(part, buf, out=part, casting="unsafe")
+    n = target.size
+    workers = threads if threads is not None else _threads_for(target.nbytes)
+    per_block = _PRG_BLOCK // target.dtype.itemsize
+    # slice bounds on cipher block boundaries
+    bounds = sorted({min(n, (n * k // workers) // per_block * per_block) for k in range(workers)} | {n})
+    if len(bounds) <= 2:
+        _apply_range(target, 0, n, plus, minus)
+        return target
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fedrg-secagg-mask")
+    futures = [_POOL.submit(_apply_range, target, lo, hi, plus, minus)
+               for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
+    for f in futures:
+        f.result()
     return target
 
 
