@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import struct
 from collections.abc import Callable, Sequence
@@ -250,7 +251,7 @@ def apply_masks(target: np.ndarray, plus: Sequence[bytes], minus: Sequence[bytes
     if _POOL is None:
         _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fedrg-secagg-mask")
     futures = [_POOL.submit(_apply_range, target, lo, hi, plus, minus)
-               for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
+               for lo, hi in itertools.pairwise(bounds) if hi > lo]
     for f in futures:
         f.result()
     return target
