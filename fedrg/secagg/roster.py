@@ -230,6 +230,41 @@ def write_roster(path: str | os.PathLike[str], roster: Roster) -> Path:
     return path
 
 
+def entry_from_files(name: str, signing_public: str | os.PathLike[str],
+                     node_public: str | os.PathLike[str] | None = None) -> RosterEntry:
+    """A hospital's roster entry from the public files ``fedrg keys new`` wrote.
+
+    Parameters
+    ----------
+    name : str
+        The hospital's name.
+    signing_public : path
+        Its ``ledger_ed25519.pub`` (Ed25519 SubjectPublicKeyInfo PEM).
+    node_public : path, optional
+        Its ``node_auth.pub`` (OpenSSH line).
+
+    Raises
+    ------
+    SecAggError
+        If a file cannot be read or holds the wrong kind of key.
+    """
+    from fedrg.errors import LedgerError
+    from fedrg.privacy import signing
+
+    try:
+        key = signing.load_public_key(signing_public)
+    except LedgerError as err:
+        raise SecAggError(f"roster entry {name!r}: {err}") from None
+    node = ""
+    if node_public:
+        try:
+            node = Path(node_public).read_text().strip()
+        except OSError as err:
+            raise SecAggError(f"roster entry {name!r}: cannot read {node_public}: "
+                              f"{err.strerror}") from None
+    return RosterEntry(_check_name(name, "roster entry"), key.public_bytes_raw(), node)
+
+
 @dataclass(frozen=True)
 class SigningIdentity:
     """A hospital's own name and long-term signing key (never leaves the hospital).
