@@ -122,6 +122,10 @@ def test_tls_federation_two_hospitals_two_rounds_dp_secagg(tmp_path, procs):
     cohorts = synthesize(tmp_path / "cohorts", hospitals=2, patients=24, seed=11, data_cfg=cfg.data)
     certs = init_certs(tmp_path / "certs")
     keys = {h: new_hospital_keys(tmp_path / h, name=h) for h in HOSPITALS}
+    from fedrg.secagg.roster import Roster, entry_from_files, write_roster
+
+    roster = write_roster(tmp_path / "roster.toml", Roster(
+        [entry_from_files(h, k.ledger_public, k.node_public) for h, k in keys.items()]))
     port = free_port()
     run_dir = tmp_path / "run"
     allowed = "".join(f'[[auth.hospitals]]\nname = "{h}"\npublic_key = "{k.node_public}"\n'
@@ -148,6 +152,7 @@ name = "{h}"
 cohort = "{cohort}"
 state_dir = "{h}"
 epsilon_budget = 20.0
+roster = "{roster}"
 [server]
 address = "127.0.0.1:{port}"
 root_certificates = "{certs.ca_cert}"
