@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -211,7 +212,12 @@ def main(argv: list[str] | None = None) -> dict:
                     help="client counts for the Shamir reconstruction timing ('' = skip)")
     ap.add_argument("--server-round-clients", type=int, default=100,
                     help="hospitals in the whole-round server timing (0 = skip)")
+    ap.add_argument("--mask-threads", type=int, default=0,
+                    help="threads for mask expansion (0 = automatic: up to 4 for vectors over 1 MiB)")
     args = ap.parse_args(argv)
+    from fedrg.secagg import crypto
+
+    crypto.MASK_THREADS = args.mask_threads or None
 
     rng = np.random.default_rng(0)
     updates = [rng.normal(scale=0.01, size=args.params).astype(np.float32)
@@ -240,6 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
     plain = summary(runs["plain"])
     report: dict = {
         "clients": args.clients, "params": args.params, "reps": args.reps,
+        "mask_threads": args.mask_threads or f"auto ({crypto._threads_for(4 * args.params)})",
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "python": sys.version.split()[0], "machine": platform.machine(),
         "plain": plain, "secure": {},
     }

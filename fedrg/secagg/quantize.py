@@ -240,9 +240,14 @@ def decode_sum(
     if weight_units == 0:
         raise SecAggError("total weight of the surviving clients is zero; nothing to average")
     s = weight_units / weight_levels(num_clients, ring)
-    # mean = (step * sum(q) - n c) / s, in two passes
-    mean = np.multiply(total[:-1], step / s, dtype=np.float64)
-    mean -= count * clip_range / s
+    # mean = (step * sum(q) - n c) / s, block by block (the block stays in the CPU cache)
+    scale, offset = step / s, count * clip_range / s
+    codes = total[:-1]
+    mean = np.empty(codes.size, dtype=np.float64)
+    for start in range(0, codes.size, _BLOCK):
+        out = mean[start:start + _BLOCK]
+        np.multiply(codes[start:start + _BLOCK], scale, out=out, dtype=np.float64)
+        out -= offset
     return mean, s * max_weight
 
 

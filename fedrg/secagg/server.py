@@ -44,6 +44,19 @@ from fedrg.secagg.params import (
 )
 from fedrg.secagg.quantize import decode_sum, ring_dtype
 
+_SUM_BLOCK = 1 << 15
+
+
+def ring_sum(vectors: Sequence[np.ndarray], dtype: np.dtype) -> np.ndarray:
+    """Sum equal-length ring vectors (wrapping), block by block so each block of the total
+    stays in the CPU cache while every vector is added to it."""
+    total = np.zeros(vectors[0].size if vectors else 0, dtype=dtype)
+    for start in range(0, total.size, _SUM_BLOCK):
+        part = total[start:start + _SUM_BLOCK]
+        for y in vectors:
+            np.add(part, y[start:start + _SUM_BLOCK], out=part)
+    return total
+
 
 @dataclass
 class AggregateResult:
@@ -273,18 +286,18 @@ class ServerAggregator:
         got = self._valid_replies(replies, self.u2, "masked")
         n = self.params.vector_length + 1
         dtype = ring_dtype(self.params.ring_bits)
-        total = np.zeros(n, dtype=dtype)
+        vectors = []
         included = []
         for idx in sorted(got):
             y = np.asarray(got[idx].get("masked", np.empty(0)))
             if y.dtype != dtype or y.shape != (n,):
                 self.notes.append(f"masked: client {self.id_of[idx]!r} sent a malformed vector; dropped")
                 continue
-            total += y
+            vectors.append(y)
             included.append(idx)
         self.u3 = included
         self._need(len(self.u3), "uploaded masked inputs")
-        self.total = total
+        self.total = ring_sum(vectors, dtype)
         self.stage = "consistency"
         msg = {"survivors": list(self.u3)}
         return {self.id_of[v]: dict(msg) for v in self.u3}
