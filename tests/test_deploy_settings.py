@@ -54,6 +54,7 @@ def test_example_configs_load_and_resolve_paths_next_to_the_file():
     h = load_hospital_settings(ROOT / "configs/hospital.example.toml")
     assert h.site.cohort == str(ROOT / "deploy/cohorts/hospital-1")
     assert h.auth.private_key == str(ROOT / "deploy/hospital-1/node_auth")
+    assert h.site.roster == str(ROOT / "deploy/roster.toml")
     assert h.server.address == "127.0.0.1:9092"
 
 
@@ -79,7 +80,7 @@ def test_node_config_is_what_the_client_app_reads(tmp_path):
     from fedrg.flower.apps import site_from_node_config
 
     site = SiteConfig(name="h-1", cohort=str(tmp_path / "my cohort"), state_dir=str(tmp_path),
-                      epsilon_budget=3.5, signing_key="")
+                      epsilon_budget=3.5, signing_key="", roster=str(tmp_path / "roster.toml"))
     # parse the rendered flag with Flower's own parser, as the SuperNode does
     from flwr.common.config import parse_config_args
 
