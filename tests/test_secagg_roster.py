@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from fedrg.cli import app
 from fedrg.config import SiteConfig
 from fedrg.deploy.keys import new_hospital_keys
-from fedrg.errors import SecAggError
+from fedrg.errors import ConfigError, SecAggError
 from fedrg.federated.payload import Payload
 from fedrg.federated.secure import client_stage, client_trust, provision_roster, to_payload
 from fedrg.privacy.policy import SitePolicy
@@ -48,33 +48,33 @@ def test_bad_roster_files_are_refused_with_the_file_named(tmp_path, edit, match)
     path = tmp_path / "roster.toml"
     _sites(tmp_path)
     path.write_text(edit(path.read_text()))
-    with pytest.raises(SecAggError, match=match) as info:
+    with pytest.raises(ConfigError, match=match) as info:
         load_roster(path)
     assert str(path) in str(info.value)
 
 
 def test_shared_signing_key_is_refused():
     key = bytes(range(32))
-    with pytest.raises(SecAggError, match="share one signing key"):
+    with pytest.raises(ConfigError, match="share one signing key"):
         Roster([RosterEntry("a", key), RosterEntry("b", key)])
 
 
 def test_trust_needs_a_roster_that_lists_this_hospital_with_its_own_key(tmp_path):
     sites = _sites(tmp_path)
-    with pytest.raises(SecAggError, match="no federation roster"):
+    with pytest.raises(ConfigError, match="no federation roster"):
         client_trust(sites[0].model_copy(update={"roster": ""}))
-    with pytest.raises(SecAggError, match="cannot read the federation roster"):
+    with pytest.raises(ConfigError, match="cannot read the federation roster"):
         client_trust(sites[0].model_copy(update={"roster": str(tmp_path / "missing.toml")}))
     stranger = SiteConfig(name="h9", cohort="c", state_dir=str(tmp_path / "h9"), roster=sites[0].roster)
     provision_roster([stranger], tmp_path / "other.toml")  # creates h9's key
-    with pytest.raises(SecAggError, match="not in the roster"):
+    with pytest.raises(ConfigError, match="not in the roster"):
         client_trust(stranger)
     # h0's roster entry replaced by another key: the hospital notices before any round
     roster = load_roster(sites[0].roster)
     other = load_roster(tmp_path / "other.toml").entries["h9"]
     entries = [e for e in roster.entries.values() if e.name != "h0"]
     write_roster(tmp_path / "swapped.toml", Roster([*entries, RosterEntry("h0", other.signing_key)]))
-    with pytest.raises(SecAggError, match="another signing key"):
+    with pytest.raises(ConfigError, match="another signing key"):
         client_trust(sites[0].model_copy(update={"roster": str(tmp_path / "swapped.toml")}))
 
 

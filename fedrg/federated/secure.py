@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedrg.config import ExperimentConfig, SiteConfig
-from fedrg.errors import SecAggError
+from fedrg.errors import ConfigError, SecAggError
 from fedrg.federated.payload import Payload, Transport
 
 if TYPE_CHECKING:
@@ -50,9 +50,9 @@ def client_trust(site: SiteConfig, *, min_peers: int | None = None,
 
     Raises
     ------
-    SecAggError
+    ConfigError
         If no roster is configured, it cannot be read, or it does not list this hospital
-        with its own key.
+        with its own key (the message names the file; only the class name leaves the site).
     """
     from fedrg.privacy.policy import SitePolicy
     from fedrg.privacy.signing import default_key_paths
@@ -62,7 +62,7 @@ def client_trust(site: SiteConfig, *, min_peers: int | None = None,
     policy = getattr(site, "policy", None) or SitePolicy()
     roster_path = getattr(site, "roster", "")
     if not roster_path:
-        raise SecAggError(
+        raise ConfigError(
             f"hospital {site.name!r} has no federation roster: secure aggregation refuses peers it "
             "cannot verify. Set roster = \"/path/roster.toml\" in the [site] section of the "
             "hospital's TOML (the file the operator published; check its digest with "

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from fedrg.errors import SecAggError
+from fedrg.errors import ConfigError, SecAggError
 from fedrg.secagg import crypto, shamir
 from fedrg.secagg.params import RoundParams, holders_count, neighbours_of
 from fedrg.secagg.quantize import encode
@@ -74,16 +74,16 @@ class ClientTrust:
 
     def __post_init__(self) -> None:
         if self.min_peers < 1:
-            raise SecAggError(f"min_peers={self.min_peers} must be >= 1")
+            raise ConfigError(f"min_peers={self.min_peers} must be >= 1")
         if not 0 < self.min_threshold_fraction <= 1:
-            raise SecAggError(f"min_threshold_fraction={self.min_threshold_fraction} must lie in (0, 1]")
+            raise ConfigError(f"min_threshold_fraction={self.min_threshold_fraction} must lie in (0, 1]")
         entry = self.roster.entries.get(self.identity.name)
         own = self.identity.key.public_key().public_bytes_raw()
         if entry is None:
-            raise SecAggError(f"this hospital ({self.identity.name!r}) is not in the roster "
+            raise ConfigError(f"this hospital ({self.identity.name!r}) is not in the roster "
                               f"{self.roster.source}; ask the operator to add it, or fix 'name'")
         if entry.signing_key != own:
-            raise SecAggError(f"the roster {self.roster.source} lists another signing key for "
+            raise ConfigError(f"the roster {self.roster.source} lists another signing key for "
                               f"{self.identity.name!r} than this hospital's own; ask the operator "
                               "for a current roster or check the signing key path")
 

@@ -17,7 +17,9 @@ File format (TOML)::
     node_public_key = "ecdsa-sha2-nistp384 AAAA..."   # may be "" (simulation)
     signing_key = "9f1c...e2"                         # 64 hex digits: raw Ed25519 public key
 
-Pure apart from :func:`load_roster` / :func:`write_roster` / :func:`load_identity`.
+Pure apart from :func:`load_roster` / :func:`write_roster` / :func:`load_identity`. Problems
+with the file raise :class:`~fedrg.errors.ConfigError` naming the file and the entry (its
+public message, which may reach the server, is only the class name).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import tomllib
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedrg.errors import SecAggError
+from fedrg.errors import ConfigError
 
 ROSTER_VERSION = 1
 SIGNATURE_BYTES = 64
@@ -42,7 +44,7 @@ _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012345678
 
 def _check_name(name: str, where: str) -> str:
     if not name or not set(name) <= _NAME_CHARS:
-        raise SecAggError(
+        raise ConfigError(
             f"{where}: hospital name {name!r} may only hold letters, digits, '-', '_' and '.' "
             "(and may not be empty); fix the name in the roster"
         )
@@ -84,7 +86,7 @@ class Roster:
 
     Raises
     ------
-    SecAggError
+    ConfigError
         On a duplicated name or signing key, or a malformed key.
     """
 
@@ -97,15 +99,15 @@ class Roster:
         for e in entries:
             _check_name(e.name, source)
             if e.name in self.entries:
-                raise SecAggError(f"{source}: hospital {e.name!r} is listed twice; each hospital "
+                raise ConfigError(f"{source}: hospital {e.name!r} is listed twice; each hospital "
                                   "must appear once")
             if e.signing_key in keys:
-                raise SecAggError(f"{source}: hospitals {keys[e.signing_key]!r} and {e.name!r} share "
+                raise ConfigError(f"{source}: hospitals {keys[e.signing_key]!r} and {e.name!r} share "
                                   "one signing key; every hospital needs its own")
             try:
                 self._keys[e.name] = e.public_key()
             except ValueError:
-                raise SecAggError(f"{source}: signing_key of {e.name!r} is not an Ed25519 public "
+                raise ConfigError(f"{source}: signing_key of {e.name!r} is not an Ed25519 public "
                                   f"key (need 32 bytes, got {len(e.signing_key)})") from None
             keys[e.signing_key] = e.name
             self.entries[e.name] = e
@@ -165,37 +167,37 @@ class Roster:
 
         Raises
         ------
-        SecAggError
+        ConfigError
             Naming the file and the faulty entry.
         """
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
-            raise SecAggError(f"{source} is not valid TOML: {err}") from None
+            raise ConfigError(f"{source} is not valid TOML: {err}") from None
         if data.get("version") != ROSTER_VERSION:
-            raise SecAggError(f"{source}: version = {data.get('version')!r}; this fedrg reads "
+            raise ConfigError(f"{source}: version = {data.get('version')!r}; this fedrg reads "
                               f"roster version {ROSTER_VERSION} (ask the operator for a current roster)")
         unknown = set(data) - {"version", "hospital"}
         if unknown:
-            raise SecAggError(f"{source}: unknown top-level keys {sorted(unknown)}")
+            raise ConfigError(f"{source}: unknown top-level keys {sorted(unknown)}")
         hospitals = data.get("hospital", [])
         if not isinstance(hospitals, list) or not hospitals:
-            raise SecAggError(f"{source} lists no [[hospital]] entries")
+            raise ConfigError(f"{source} lists no [[hospital]] entries")
         entries = []
         for i, h in enumerate(hospitals, 1):
             where = f"{source}, hospital #{i}"
             if not isinstance(h, dict):
-                raise SecAggError(f"{where} is not a table")
+                raise ConfigError(f"{where} is not a table")
             extra = set(h) - {"name", "signing_key", "node_public_key"}
             if extra or "name" not in h or "signing_key" not in h:
-                raise SecAggError(f"{where}: needs name and signing_key (and optionally "
+                raise ConfigError(f"{where}: needs name and signing_key (and optionally "
                                   f"node_public_key), got keys {sorted(h)}")
             try:
                 key = bytes.fromhex(str(h["signing_key"]))
             except ValueError:
                 key = b""
             if len(key) != 32:
-                raise SecAggError(f"{where} ({h['name']!r}): signing_key must be 64 hex digits "
+                raise ConfigError(f"{where} ({h['name']!r}): signing_key must be 64 hex digits "
                                   f"(a raw Ed25519 public key), got {str(h['signing_key'])[:80]!r}")
             entries.append(RosterEntry(name=_check_name(str(h["name"]), where), signing_key=key,
                                        node_public_key=str(h.get("node_public_key", ""))))
@@ -207,14 +209,14 @@ def load_roster(path: str | os.PathLike[str]) -> Roster:
 
     Raises
     ------
-    SecAggError
+    ConfigError
         If the file cannot be read or is malformed (the message names the file).
     """
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as err:
-        raise SecAggError(f"cannot read the federation roster {path}: {err.strerror}; set "
+        raise ConfigError(f"cannot read the federation roster {path}: {err.strerror}; set "
                           "'roster' in the hospital's TOML to the file the operator published") from None
     return Roster.from_toml(text, source=str(path))
 
@@ -245,7 +247,7 @@ def entry_from_files(name: str, signing_public: str | os.PathLike[str],
 
     Raises
     ------
-    SecAggError
+    ConfigError
         If a file cannot be read or holds the wrong kind of key.
     """
     from fedrg.errors import LedgerError
@@ -254,13 +256,13 @@ def entry_from_files(name: str, signing_public: str | os.PathLike[str],
     try:
         key = signing.load_public_key(signing_public)
     except LedgerError as err:
-        raise SecAggError(f"roster entry {name!r}: {err}") from None
+        raise ConfigError(f"roster entry {name!r}: {err}") from None
     node = ""
     if node_public:
         try:
             node = Path(node_public).read_text().strip()
         except OSError as err:
-            raise SecAggError(f"roster entry {name!r}: cannot read {node_public}: "
+            raise ConfigError(f"roster entry {name!r}: cannot read {node_public}: "
                               f"{err.strerror}") from None
     return RosterEntry(_check_name(name, "roster entry"), key.public_bytes_raw(), node)
 
