@@ -212,12 +212,13 @@ def main(argv: list[str] | None = None) -> dict:
                     help="client counts for the Shamir reconstruction timing ('' = skip)")
     ap.add_argument("--server-round-clients", type=int, default=100,
                     help="hospitals in the whole-round server timing (0 = skip)")
-    ap.add_argument("--mask-threads", type=int, default=0,
-                    help="threads for mask expansion (0 = automatic: up to 4 for vectors over 1 MiB)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads per party for masks, encoding, sums and decoding "
+                    "(0 = automatic: one per CPU, at most 4, for vectors over 1 MiB)")
     args = ap.parse_args(argv)
-    from fedrg.secagg import crypto
+    from fedrg.secagg import parallel
 
-    crypto.MASK_THREADS = args.mask_threads or None
+    parallel.THREADS = args.threads or None
 
     rng = np.random.default_rng(0)
     updates = [rng.normal(scale=0.01, size=args.params).astype(np.float32)
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
     plain = summary(runs["plain"])
     report: dict = {
         "clients": args.clients, "params": args.params, "reps": args.reps,
-        "mask_threads": args.mask_threads or f"auto ({crypto._threads_for(4 * args.params)})",
+        "threads": args.threads or f"auto ({parallel.threads_for(4 * args.params)})",
         "load_average_1min": round(os.getloadavg()[0], 2),
         "python": sys.version.split()[0], "machine": platform.machine(),
         "plain": plain, "secure": {},

@@ -14,7 +14,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedrg.secagg import crypto, shamir
+from fedrg.secagg import crypto, parallel, shamir
 from fedrg.secagg.params import auto_neighbours, default_threshold, holders_count
 from fedrg.secagg.quantize import (
     _BLOCK,
@@ -26,6 +26,7 @@ from fedrg.secagg.quantize import (
     ring_dtype,
     weight_levels,
 )
+from fedrg.secagg.server import ring_sum
 
 
 def reference_encode(x, weight, *, clip_range, bits, max_weight, n):
@@ -170,3 +171,41 @@ def test_auto_graph_is_complete_when_small_and_logarithmic_when_large(n):
         assert holders_count(n, k) == k + 1
     t = default_threshold(n, neighbours=-1)
     assert 2 * t > holders_count(n, k) >= t
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(0, 5000), align=st.sampled_from([1, 4, 16, 1000]),
+       threads=st.integers(1, 6))
+def test_slices_cover_the_vector_once_on_aligned_bounds(n, align, threads):
+    seen = np.zeros(n, np.int64)
+    starts = []
+
+    def mark(lo, hi):
+        seen[lo:hi] += 1
+        starts.append(lo)
+
+    parallel.run_slices(n, mark, nbytes=n, align=align, threads=threads)
+    assert (seen == 1).all()
+    assert all(lo % align == 0 for lo in starts)
+
+
+def test_threaded_encode_sum_and_decode_equal_single_threaded(monkeypatch):
+    rng = np.random.default_rng(4)
+    x = rng.normal(scale=0.5, size=300_001).astype(np.float32)  # over 1 MiB encoded
+    results = []
+    for threads in (1, 3):
+        monkeypatch.setattr(parallel, "THREADS", threads)
+        enc = [encode(x * (i + 1), 10.0 * (i + 1), clip_range=8.0, quantization_bits=24,
+                      max_weight=100.0, num_clients=5) for i in range(5)]
+        total = ring_sum(enc, enc[0].dtype)
+        mean, weight = decode_sum(total, 5, clip_range=8.0, quantization_bits=24,
+                                  max_weight=100.0, num_clients=5)
+        results.append((enc, total, mean, weight))
+    (e1, t1, m1, w1), (e3, t3, m3, w3) = results
+    assert all(np.array_equal(a, b) for a, b in zip(e1, e3, strict=True))
+    assert np.array_equal(t1, t3) and np.array_equal(m1, m3) and w1 == w3
+    # and the sum is the plain wrapping sum
+    plain = np.zeros_like(t1)
+    for e in e1:
+        plain += e
+    assert np.array_equal(t1, plain)

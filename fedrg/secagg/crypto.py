@@ -10,11 +10,9 @@
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
 import struct
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -26,6 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedrg.errors import SecAggError
+from fedrg.secagg import parallel
 
 Entropy = Callable[[int], bytes]
 """A source of random bytes: ``entropy(n) -> n bytes``."""
@@ -169,22 +168,6 @@ def expand_mask(seed: bytes, length: int, dtype: Any = np.uint32) -> np.ndarray:
 
 MASK_CHUNK_BYTES = 1 << 17
 """Masks are expanded and added in blocks of this many bytes (they stay in the CPU cache)."""
-MASK_THREADS: int | None = None
-"""Threads that expand masks of vectors over 1 MiB (``None``: up to 4, one per CPU).
-
-The cipher runs outside the GIL and every thread owns a slice of the vector (the keystream
-counter starts at the slice), so the result is identical for any number of threads."""
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _threads_for(nbytes: int) -> int:
-    if MASK_THREADS is not None:
-        return max(1, int(MASK_THREADS))
-    if nbytes < (1 << 20):
-        return 1
-    return max(1, min(4, os.cpu_count() or 1))
-
-
 def _apply_range(target: np.ndarray, lo: int, hi: int, plus: Sequence[bytes],
                  minus: Sequence[bytes]) -> None:
     item = target.dtype.itemsize
@@ -228,32 +211,21 @@ def apply_masks(target: np.ndarray, plus: Sequence[bytes], minus: Sequence[bytes
     plus, minus : sequence of bytes
         32-byte seeds of the masks to add and to subtract.
     threads : int, optional
-        Threads to use (default :data:`MASK_THREADS`, or automatic).
+        Threads to use (default :func:`fedrg.secagg.parallel.threads_for`).
 
     Returns
     -------
     numpy.ndarray
         ``target``.
     """
-    global _POOL
     if target.ndim != 1 or target.dtype not in (np.uint32, np.uint64):
         raise SecAggError("masks apply to a 1-D uint32 or uint64 ring vector")
     if not plus and not minus:
         return target
-    n = target.size
-    workers = threads if threads is not None else _threads_for(target.nbytes)
-    per_block = _PRG_BLOCK // target.dtype.itemsize
-    # slice bounds on cipher block boundaries
-    bounds = sorted({min(n, (n * k // workers) // per_block * per_block) for k in range(workers)} | {n})
-    if len(bounds) <= 2:
-        _apply_range(target, 0, n, plus, minus)
-        return target
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fedrg-secagg-mask")
-    futures = [_POOL.submit(_apply_range, target, lo, hi, plus, minus)
-               for lo, hi in itertools.pairwise(bounds) if hi > lo]
-    for f in futures:
-        f.result()
+    # slice bounds on cipher block boundaries: each slice starts its keystreams there
+    parallel.run_slices(target.size, lambda lo, hi: _apply_range(target, lo, hi, plus, minus),
+                        nbytes=target.nbytes, align=_PRG_BLOCK // target.dtype.itemsize,
+                        threads=threads)
     return target
 
 

@@ -27,6 +27,7 @@ from typing import Literal
 import numpy as np
 
 from fedrg.errors import SecAggError
+from fedrg.secagg import parallel
 
 RING_BITS = 32
 """The narrow ring Z_{2^32}; :func:`ring_bits` widens it to Z_{2^64} when needed."""
@@ -138,7 +139,9 @@ def encode(
 
     Works block by block (clip, scale, shift, round, cast while the block is in the CPU
     cache): float32 input is read as is, the arithmetic is float64 (float32 would add up to
-    a whole quantisation unit at 24 bits), one pass over the input and one over the output.
+    a whole quantisation unit at 24 bits), one pass over the input and one over the output;
+    long vectors with nearest rounding are split between threads
+    (:mod:`fedrg.secagg.parallel`).
 
     Parameters
     ----------
@@ -189,20 +192,26 @@ def encode(
     else:
         shift += 0.5  # round half up: floor(v + 0.5)
     out = np.empty(x.size + 1, dtype=ring_dtype(ring))
-    buf = np.empty(min(_BLOCK, max(x.size, 1)), dtype=np.float64)
-    noise = np.empty_like(buf) if gen is not None else None
-    for start in range(0, x.size, _BLOCK):
-        stop = min(start + _BLOCK, x.size)
-        v = buf[: stop - start]
-        np.clip(x[start:stop], -clip_range, clip_range, out=v)
-        v *= scale
-        v += shift
-        if gen is not None and noise is not None:
-            u = noise[: stop - start]
-            gen.random(out=u)
-            v += u
-        np.clip(v, 0, L, out=v)
-        out[start:stop] = v  # truncation = floor for v >= 0
+
+    def encode_slice(lo: int, hi: int) -> None:
+        buf = np.empty(min(_BLOCK, hi - lo), dtype=np.float64)
+        noise = np.empty_like(buf) if gen is not None else None
+        for start in range(lo, hi, _BLOCK):
+            stop = min(start + _BLOCK, hi)
+            v = buf[: stop - start]
+            np.clip(x[start:stop], -clip_range, clip_range, out=v)
+            v *= scale
+            v += shift
+            if gen is not None and noise is not None:
+                u = noise[: stop - start]
+                gen.random(out=u)
+                v += u
+            np.clip(v, 0, L, out=v)
+            out[start:stop] = v  # truncation = floor for v >= 0
+
+    # stochastic rounding draws its randomness in order: one thread keeps it reproducible
+    parallel.run_slices(x.size, encode_slice, nbytes=out.nbytes, align=_BLOCK,
+                        threads=1 if gen is not None else None)
     out[-1] = wq
     return out
 
@@ -244,10 +253,14 @@ def decode_sum(
     scale, offset = step / s, count * clip_range / s
     codes = total[:-1]
     mean = np.empty(codes.size, dtype=np.float64)
-    for start in range(0, codes.size, _BLOCK):
-        out = mean[start:start + _BLOCK]
-        np.multiply(codes[start:start + _BLOCK], scale, out=out, dtype=np.float64)
-        out -= offset
+
+    def decode_slice(lo: int, hi: int) -> None:
+        for start in range(lo, hi, _BLOCK):
+            out = mean[start:min(start + _BLOCK, hi)]
+            np.multiply(codes[start:start + out.size], scale, out=out, dtype=np.float64)
+            out -= offset
+
+    parallel.run_slices(codes.size, decode_slice, nbytes=mean.nbytes, align=_BLOCK)
     return mean, s * max_weight
 
 

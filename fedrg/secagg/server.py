@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from fedrg.errors import SecAggError
-from fedrg.secagg import crypto, shamir
+from fedrg.secagg import crypto, parallel, shamir
 from fedrg.secagg.client import pairwise_seed, seed_commitment, transcript_hash
 from fedrg.secagg.params import (
     AUTO_NEIGHBOURS,
@@ -51,10 +51,14 @@ def ring_sum(vectors: Sequence[np.ndarray], dtype: np.dtype) -> np.ndarray:
     """Sum equal-length ring vectors (wrapping), block by block so each block of the total
     stays in the CPU cache while every vector is added to it."""
     total = np.zeros(vectors[0].size if vectors else 0, dtype=dtype)
-    for start in range(0, total.size, _SUM_BLOCK):
-        part = total[start:start + _SUM_BLOCK]
-        for y in vectors:
-            np.add(part, y[start:start + _SUM_BLOCK], out=part)
+
+    def sum_slice(lo: int, hi: int) -> None:
+        for start in range(lo, hi, _SUM_BLOCK):
+            part = total[start:min(start + _SUM_BLOCK, hi)]
+            for y in vectors:
+                np.add(part, y[start:start + part.size], out=part)
+
+    parallel.run_slices(total.size, sum_slice, nbytes=total.nbytes, align=_SUM_BLOCK)
     return total
 
 
