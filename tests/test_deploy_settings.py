@@ -49,7 +49,7 @@ private_key = "{key}"
 def test_example_configs_load_and_resolve_paths_next_to_the_file():
     s = load_server_settings(ROOT / "configs/server.example.toml")
     assert s.tls.ca_cert == str(ROOT / "deploy/certs/ca.crt")
-    assert [h.name for h in s.auth.hospitals] == ["hospital-1", "hospital-2"]
+    assert [h.name for h in s.auth.hospitals] == ["hospital-1", "hospital-2", "hospital-3"]
     assert s.run.experiment == str(ROOT / "configs/simulation.toml")
     h = load_hospital_settings(ROOT / "configs/hospital.example.toml")
     assert h.site.cohort == str(ROOT / "deploy/cohorts/hospital-1")
