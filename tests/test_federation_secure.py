@@ -111,3 +111,12 @@ def test_below_threshold_aborts_cleanly_and_keeps_global(tmp_path):
     assert "secure aggregation aborted" in result.stopped_early
     np.testing.assert_array_equal(result.global_arrays[0], 0)
     assert result.metrics["rounds"][0]["aggregated"] is False
+
+
+def test_policy_refusals_are_named_when_the_round_aborts(tmp_path):
+    # two hospitals: each one's default policy wants two other hospitals in the sum
+    updates, weights = _data(n=2, seed=3)
+    result = _run(tmp_path, SecureHospitals(updates, weights, tmp_path), n=2)
+    assert "secure aggregation aborted" in result.stopped_early
+    assert "min_secagg_peers" in result.stopped_early
+    np.testing.assert_array_equal(result.global_arrays[0], 0)

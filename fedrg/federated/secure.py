@@ -125,6 +125,7 @@ class SecureAggregationDriver:
 
         agg = ServerAggregator.from_config(self.cfg.secagg, participants, vector_length=n_params)
         up = down = 0
+        refusals: list[str] = []
 
         def exchange(action: str, requests: dict[Any, dict[str, Any]]) -> dict[Any, dict[str, Any]]:
             nonlocal up, down
@@ -138,14 +139,22 @@ class SecureAggregationDriver:
                     ok[node] = from_payload(reply.payload)
                 else:
                     log.warning("round %d %s: node %s dropped: %s", rnd, action, node, reply.error)
+                    if reply.error and len(refusals) < 3:
+                        refusals.append(f"{action}: {reply.error}")
             return ok
 
-        requests = agg.setup_requests()
-        requests = agg.receive_setup(exchange("secagg_setup", requests))
-        requests = agg.receive_shares(exchange("secagg_share", requests))
-        requests = agg.receive_masked(exchange("secagg_masked", requests))
-        requests = agg.receive_consistency(exchange("secagg_consistency", requests))
-        result = agg.receive_unmask(exchange("secagg_unmask", requests))
+        try:
+            requests = agg.setup_requests()
+            requests = agg.receive_setup(exchange("secagg_setup", requests))
+            requests = agg.receive_shares(exchange("secagg_share", requests))
+            requests = agg.receive_masked(exchange("secagg_masked", requests))
+            requests = agg.receive_consistency(exchange("secagg_consistency", requests))
+            result = agg.receive_unmask(exchange("secagg_unmask", requests))
+        except SecAggError as err:
+            if not refusals:
+                raise
+            # say why hospitals refused (e.g. their policy wants more peers than the round has)
+            raise SecAggError(f"{err} (hospitals answered: {'; '.join(refusals)})") from None
         transport.last_secagg_bytes = (up, down)  # type: ignore[attr-defined]
         if len(result.included) < self.cfg.federation.min_hospitals:
             # also keeps hospital-level noise shares sound: at least min_hospitals shares summed
