@@ -34,6 +34,7 @@ COMMAND_MODULES = [
     "fedrg.commands.federation",  # simulate
     "fedrg.commands.deploy",  # certs, keys, server, client
     "fedrg.commands.audit",  # audit
+    "fedrg.commands.roster",  # roster (secure aggregation peers)
 ]
 
 

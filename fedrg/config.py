@@ -166,9 +166,13 @@ class SecAggConfig(StrictModel):
     threshold_fraction: float = Field(
         0.66, gt=0.0, le=1.0, description="Shamir threshold t as a fraction of neighbours"
     )
-    neighbours: int = Field(0, ge=0, description="k neighbours per client (0 = everyone)")
+    neighbours: int = Field(
+        -1, ge=-1, description="k neighbours per client (0 = everyone; -1 = everyone up to 32 "
+        "clients, else SecAgg+ with 4*ceil(log2 n))")
     clip_range: float = Field(8.0, gt=0.0, description="update values are clipped to +-range")
-    quantization_bits: int = Field(24, ge=8, le=30)
+    quantization_bits: int = Field(
+        24, ge=8, le=30, description="bits per coordinate; the ring is 32 bits when "
+        "bits + ceil(log2 n) <= 32, else 64")
     max_weight: float = Field(
         10000.0, gt=0.0, description="public upper bound on a client's weight (its example count)"
     )
@@ -244,6 +248,8 @@ class SiteConfig(StrictModel):
     policy: SitePolicy = Field(
         default_factory=SitePolicy, description="the site's privacy policy (the [policy] "
         "table of the hospital TOML; lifetime budget in policy.epsilon_budget)")
+    roster: str = Field("", description="the federation roster this hospital pins (TOML from the "
+                        "operator); secure aggregation refuses to run without it")
 
     @field_validator("name")
     @classmethod

@@ -1,5 +1,5 @@
 """End-to-end deployment: `fedrg server` (SuperLink with TLS + SuperNode authentication,
-registration, `flwr run` of fedrg's ServerApp) and two `fedrg client` hospitals (SuperNodes
+registration, `flwr run` of fedrg's ServerApp) and three `fedrg client` hospitals (SuperNodes
 running fedrg's ClientApp on their own synthetic cohorts), all real processes on 127.0.0.1.
 
 Two rounds with DP-SGD and secure aggregation; the server prints each round as it finishes
@@ -26,12 +26,14 @@ from fedrg.deploy.processes import free_port
 
 pytestmark = pytest.mark.slow
 
-HOSPITALS = ("hospital-1", "hospital-2")
+# three hospitals: each one's default policy (min_secagg_peers=2) wants two other hospitals
+# in every secure sum
+HOSPITALS = ("hospital-1", "hospital-2", "hospital-3")
 MARK = "FEDRG_TEST_PROCESS_MARK"
 
 EXPERIMENT = """
 [federation]
-hospitals = 2
+hospitals = 3
 rounds = 2
 min_hospitals = 2
 fraction_evaluate = 0.0  # federated evaluation adds a message per round; not needed here
@@ -113,7 +115,7 @@ def _wait_for(text: str, log: Path, proc: subprocess.Popen, timeout: float) -> N
                          f"{log.read_text(errors='replace')[-4000:] if log.exists() else ''}")
 
 
-def test_tls_federation_two_hospitals_two_rounds_dp_secagg(tmp_path, procs):
+def test_tls_federation_three_hospitals_two_rounds_dp_secagg(tmp_path, procs):
     from fedrg.config import load_config
     from fedrg.data.synth import synthesize
     from fedrg.deploy.certs import init_certs
@@ -122,9 +124,13 @@ def test_tls_federation_two_hospitals_two_rounds_dp_secagg(tmp_path, procs):
     source_pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_bytes()
     (tmp_path / "experiment.toml").write_text(EXPERIMENT)
     cfg = load_config(tmp_path / "experiment.toml")
-    cohorts = synthesize(tmp_path / "cohorts", hospitals=2, patients=24, seed=11, data_cfg=cfg.data)
+    cohorts = synthesize(tmp_path / "cohorts", hospitals=len(HOSPITALS), patients=24, seed=11, data_cfg=cfg.data)
     certs = init_certs(tmp_path / "certs")
     keys = {h: new_hospital_keys(tmp_path / h, name=h) for h in HOSPITALS}
+    from fedrg.secagg.roster import Roster, entry_from_files, write_roster
+
+    roster = write_roster(tmp_path / "roster.toml", Roster(
+        [entry_from_files(h, k.ledger_public, k.node_public) for h, k in keys.items()]))
     port = free_port()
     run_dir = tmp_path / "run"
     allowed = "".join(f'[[auth.hospitals]]\nname = "{h}"\npublic_key = "{k.node_public}"\n'
@@ -150,6 +156,7 @@ experiment = "experiment.toml"
 name = "{h}"
 cohort = "{cohort}"
 state_dir = "{h}"
+roster = "{roster}"
 [server]
 address = "127.0.0.1:{port}"
 root_certificates = "{certs.ca_cert}"
@@ -158,7 +165,6 @@ connect_timeout_s = 120
 private_key = "{keys[h].node_private}"
 [policy]
 epsilon_budget = 20.0
-min_secagg_peers = 1   # a two-hospital federation: one other hospital in each secure sum
 """)
 
     server_log = tmp_path / "server.out"
@@ -190,7 +196,7 @@ min_secagg_peers = 1   # a two-hospital federation: one other hospital in each s
     metrics = json.loads((run_dir / "metrics.json").read_text())
     rounds = metrics["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
-    assert all(r["participants"] == 2 for r in rounds)
+    assert all(r["participants"] == len(HOSPITALS) for r in rounds)
     # every hospital kept its own signed privacy ledger: one entry per round
     for h in HOSPITALS:
         ledger = tmp_path / h / "ledger.jsonl"

@@ -52,11 +52,12 @@ epsilon_per_run = 4.0
 def test_example_configs_load_and_resolve_paths_next_to_the_file():
     s = load_server_settings(ROOT / "configs/server.example.toml")
     assert s.tls.ca_cert == str(ROOT / "deploy/certs/ca.crt")
-    assert [h.name for h in s.auth.hospitals] == ["hospital-1", "hospital-2"]
+    assert [h.name for h in s.auth.hospitals] == ["hospital-1", "hospital-2", "hospital-3"]
     assert s.run.experiment == str(ROOT / "configs/simulation.toml")
     h = load_hospital_settings(ROOT / "configs/hospital.example.toml")
     assert h.site.cohort == str(ROOT / "deploy/cohorts/hospital-1")
     assert h.auth.private_key == str(ROOT / "deploy/hospital-1/node_auth")
+    assert h.site.roster == str(ROOT / "deploy/roster.toml")
     assert h.server.address == "127.0.0.1:9092"
 
 
@@ -91,8 +92,8 @@ def test_node_config_is_what_the_client_app_reads(tmp_path):
     from fedrg.flower.apps import site_from_node_config
 
     site = SiteConfig(name="h-1", cohort=str(tmp_path / "my cohort"), state_dir=str(tmp_path),
-                      signing_key="", policy=SitePolicy(epsilon_budget=3.5, epsilon_per_run=3.0,
-                                                        require_secagg=False))
+                      signing_key="", roster=str(tmp_path / "roster.toml"),
+                      policy=SitePolicy(epsilon_budget=3.5, epsilon_per_run=3.0, require_secagg=False))
     # parse the rendered flag with Flower's own parser, as the SuperNode does
     from flwr.common.config import parse_config_args
 

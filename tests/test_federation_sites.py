@@ -15,6 +15,7 @@ from model_fixtures import tiny_cohort
 from fedrg.config import SiteConfig, load_config
 from fedrg.federated.local import LocalTransport
 from fedrg.federated.runner import run_federation
+from fedrg.federated.secure import provision_roster
 from fedrg.federated.site import HospitalSite
 from fedrg.privacy.accounting import PrivacyHistory, epsilon_of
 from fedrg.privacy.enforce import check_request, plan_under_policy
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cohorts(fx_root):
-    return [tiny_cohort(fx_root, patients=24, seed=s) for s in (11, 12, 13)]
+    return [tiny_cohort(fx_root, patients=24, seed=s) for s in (11, 12, 13, 14)]
 
 
 def _cfg(base_dir, *extra):
@@ -59,11 +60,11 @@ def test_nearly_spent_hospital_declines_and_the_run_completes(tmp_path, base_dir
     prior = [seg, seg]
     eps_round1 = eps([*prior, seg])
     budget = (eps_round1 + eps([*prior, seg, seg])) / 2
-    sites = [SiteConfig(name=f"h{i}", cohort=str(c), state_dir=str(tmp_path / f"s{i}"),
-                        # round 2 aggregates the two others: each accepts one peer in the sum
-                        policy=_policy(base_dir, epsilon_budget=100.0 if i < 3 else budget,
-                                       min_secagg_peers=1))
-             for i, c in enumerate(cohorts, 1)]
+    # four hospitals: after h3 declines, each of the three left still has two other peers
+    sites = provision_roster(
+        [SiteConfig(name=f"h{i}", cohort=str(c), state_dir=str(tmp_path / f"s{i}"),
+                    policy=_policy(base_dir, epsilon_budget=budget if i == 3 else 100.0))
+         for i, c in enumerate(cohorts, 1)], tmp_path / "roster.toml")
     earlier = Ledger.open(sites[2].state_dir, hospital="h3")
     for rnd, _ in enumerate(prior, 1):
         earlier.append(run_id="earlier", round=rnd, noise_multiplier=seg[0], sample_rate=seg[1],
@@ -72,8 +73,8 @@ def test_nearly_spent_hospital_declines_and_the_run_completes(tmp_path, base_dir
                        config_hash="x", dataset_fingerprint="y")
     result = run_federation(LocalTransport(sites), cfg, tmp_path / "run")
     r1, r2 = result.metrics["rounds"]
-    assert r1["participants"] == 3 and not r1["declined"]
-    assert r2["participants"] == 2 and r2["declined"] == {"h3": "privacy_budget_exhausted"}
+    assert r1["participants"] == 4 and not r1["declined"]
+    assert r2["participants"] == 3 and r2["declined"] == {"h3": "privacy_budget_exhausted"}
     assert not result.stopped_early
     # each hospital's per-run epsilon stays within the target; the ledgers within the budgets
     assert all(0 < e <= cfg.privacy.target_epsilon + 1e-6 for e in r2["epsilon"].values())
@@ -87,8 +88,9 @@ def test_nearly_spent_hospital_declines_and_the_run_completes(tmp_path, base_dir
 
 def test_updates_leave_masked_and_adapter_changes_by_bounded_amount(tmp_path, base_dir, cohorts):
     cfg = _cfg(base_dir, "federation.rounds=1")
-    sites = [SiteConfig(name=f"h{i}", cohort=str(c), state_dir=str(tmp_path / f"s{i}"),
-                        policy=_policy(base_dir)) for i, c in enumerate(cohorts, 1)]
+    sites = provision_roster([SiteConfig(name=f"h{i}", cohort=str(c), state_dir=str(tmp_path / f"s{i}"),
+                                         policy=_policy(base_dir))
+                              for i, c in enumerate(cohorts[:3], 1)], tmp_path / "roster.toml")
     transport = LocalTransport(sites)
     sent = []
     original = transport.send

@@ -15,7 +15,8 @@ def test_benchmark_small_run_reports_ratios(tmp_path, capsys):
     spec.loader.exec_module(module)
     out = tmp_path / "bench.json"
     report = module.main(["--clients", "4", "--params", "2000", "--reps", "2",
-                          "--neighbours", "0,2", "--out", str(out)])
+                          "--neighbours", "0,2", "--scale", "10,40", "--server-round-clients", "40",
+                          "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(capsys.readouterr().out)
     assert set(report["secure"]) == {"neighbours=all", "neighbours=2"}
     for s in report["secure"].values():
@@ -25,3 +26,14 @@ def test_benchmark_small_run_reports_ratios(tmp_path, capsys):
         assert s["bytes_up_per_client"] > 4 * 2000
         assert s["bytes_down_per_client"] > 0
     assert report["plain"]["bytes_up_per_client"] == 4 * 2000 + 8
+    assert all(s["message_round_trips"] == 5 for s in report["secure"].values())
+    # Shamir reconstruction timing per holder count, and a whole round's server time
+    assert set(report["shamir_reconstruction"]) == {"10", "40"}
+    for row in report["shamir_reconstruction"].values():
+        assert row["per_secret_ms"] > 0 and row["first_ms"] > 0 and row["threshold"] >= 2
+    server = report["server_round_40"]
+    assert server["hospitals"] == 40 and server["included"] == 39  # one dropped at upload
+    assert 0 < server["server_s"] <= server["all_parties_s"]
+    assert set(server["server_s_per_stage"]) == {
+        "setup_requests", "receive_setup", "receive_shares", "receive_masked",
+        "receive_consistency", "receive_unmask"}

@@ -16,10 +16,11 @@ from fedrg.secagg import (
     error_bound,
     neighbour_graph,
     run_secure_aggregation,
+    simulated_trusts,
 )
 from fedrg.secagg.crypto import seeded_entropy
 from fedrg.secagg.params import holders_count
-from fedrg.secagg.quantize import encode, weight_levels
+from fedrg.secagg.quantize import check_ring, encode, weight_levels
 
 
 def fedavg(updates, weights, clip_range, ids=None):
@@ -99,12 +100,12 @@ def _updates(n, length=64, seed=0):
     return [rng.normal(scale=0.5, size=length) for _ in range(n)], list(rng.integers(1, 100, n))
 
 
-@pytest.mark.parametrize("stage", ["setup", "share", "masked", "unmask"])
+@pytest.mark.parametrize("stage", ["setup", "share", "masked", "consistency", "unmask"])
 def test_dropout_at_each_stage_gives_fedavg_of_survivors(stage):
     updates, weights = _updates(7)
     result = run_secure_aggregation(updates, weights, threshold=4, drop_at={stage: [1, 4]},
                                     max_weight=100.0, seed=11)
-    survivors = list(range(7)) if stage == "unmask" else [0, 2, 3, 5, 6]
+    survivors = list(range(7)) if stage in ("consistency", "unmask") else [0, 2, 3, 5, 6]
     assert result.included == survivors
     bound = error_bound([weights[i] for i in survivors], clip_range=8.0, quantization_bits=24,
                         max_weight=100.0, num_clients=7)
@@ -124,7 +125,7 @@ def test_dropouts_at_several_stages_with_neighbour_graph():
     assert np.max(np.abs(result.mean - fedavg(updates, weights, 8.0, survivors))) <= bound
 
 
-@pytest.mark.parametrize("stage", ["setup", "share", "masked", "unmask"])
+@pytest.mark.parametrize("stage", ["setup", "share", "masked", "consistency", "unmask"])
 def test_below_threshold_aborts_cleanly(stage):
     updates, weights = _updates(5)
     with pytest.raises(SecAggError, match="aborted") as info:
@@ -154,7 +155,9 @@ class Round:
         self.server = ServerAggregator(list(range(n)), vector_length=length, threshold=threshold,
                                        neighbours=neighbours, max_weight=10.0,
                                        round_id=seeded_entropy(f"r{seed}".encode())(16))
-        self.clients = [ClientSession(seeded_entropy(f"{seed}/{i}".encode())) for i in range(n)]
+        self.trusts = simulated_trusts(n, seed=seed)
+        self.clients = [ClientSession(self.trusts[i], seeded_entropy(f"{seed}/{i}".encode()))
+                        for i in range(n)]
         self.updates = updates or [np.zeros(length) for _ in range(n)]
 
     def setup(self):
@@ -167,8 +170,23 @@ class Round:
     def masked(self, req):
         return {i: self.clients[i].masked_input(r, self.updates[i], 1.0) for i, r in req.items()}
 
+    def consistency(self, req):
+        return {i: self.clients[i].consistency(r) for i, r in req.items()}
+
     def unmask(self, req):
         return {i: self.clients[i].unmask(r) for i, r in req.items()}
+
+    def to_unmask(self, req):
+        """From the consistency request to the unmask request (all sign)."""
+        return self.server.receive_consistency(self.consistency(req))
+
+    def finish(self, req):
+        """From the consistency request to the result."""
+        return self.server.receive_unmask(self.unmask(self.to_unmask(req)))
+
+    def restore(self):
+        self.clients = [ClientSession.from_bytes(c.to_bytes(), t)
+                        for c, t in zip(self.clients, self.trusts, strict=True)]
 
 
 def test_masked_input_seen_by_server_is_uniform():
@@ -190,7 +208,7 @@ def test_masked_input_seen_by_server_is_uniform():
         else:
             assert max(p_top, p_ks) < 1e-10
     # and the protocol still recovers the (zero) mean
-    result = rnd.server.receive_unmask(rnd.unmask(rnd.server.receive_masked(masked)))
+    result = rnd.finish(rnd.server.receive_masked(masked))
     assert np.max(np.abs(result.mean)) < 1e-5
 
 
@@ -235,24 +253,37 @@ def test_ciphertext_from_another_round_is_rejected():
 def test_client_never_reveals_both_kinds_of_share():
     rnd = Round(n=4, threshold=3)
     masked = rnd.masked(rnd.server.receive_shares(rnd.share(rnd.setup())))
-    req = rnd.server.receive_masked(masked)
+    req = rnd.to_unmask(rnd.server.receive_masked(masked))
     client = rnd.clients[0]
-    with pytest.raises(SecAggError, match="both"):
-        client.unmask({"survivors": [1, 2, 3, 4], "dropped": [4]})
     first = client.unmask(req[0])
     assert first["seed_owners"] == [1, 2, 3, 4] and first["key_owners"] == []
     # A lying server now claims client index 4 dropped: refuse its key share.
+    lie = {**req[0], "survivors": [1, 2, 3]}
+    with pytest.raises(SecAggError, match="differs"):
+        client.unmask(lie)
+    # Even with valid signatures of the new set (all holders' keys stolen) and its own signed
+    # set changed under it, the record of revealed kinds refuses the key share.
+    from fedrg.secagg.client import consistency_message
+
+    client.survivors = [1, 2, 3]
+    lie["signers"] = [1, 2, 3, 4]
+    lie["signatures"] = [rnd.trusts[i - 1].identity.sign(consistency_message(
+        client.transcript, i, rnd.trusts[i - 1].identity.name, [1, 2, 3])) for i in lie["signers"]]
     with pytest.raises(SecAggError, match="revealed"):
-        client.unmask({"survivors": [1, 2, 3], "dropped": [4]})
-    # Refuse when listed as dropped itself.
+        client.unmask(lie)
+
+
+def test_client_refuses_to_sign_a_set_without_itself():
+    rnd = Round(n=4, threshold=3)
+    rnd.server.receive_masked(rnd.masked(rnd.server.receive_shares(rnd.share(rnd.setup()))))
     with pytest.raises(SecAggError, match="dropped"):
-        rnd.clients[1].unmask({"survivors": [1, 3, 4], "dropped": [2]})
+        rnd.clients[1].consistency({"survivors": [1, 3, 4]})
 
 
 def test_forged_share_is_detected_by_the_server():
     rnd = Round(n=4, threshold=3)
     req = rnd.server.receive_masked(rnd.masked(rnd.server.receive_shares(rnd.share(rnd.setup()))))
-    replies = rnd.unmask(req)
+    replies = rnd.unmask(rnd.to_unmask(req))
     share = bytearray(replies[1]["seed_shares"][0])
     share[-1] ^= 1
     replies[1]["seed_shares"][0] = bytes(share)
@@ -263,7 +294,7 @@ def test_forged_share_is_detected_by_the_server():
 def test_forged_share_detected_with_exactly_threshold_shares():
     rnd = Round(n=4, threshold=3)
     req = rnd.server.receive_masked(rnd.masked(rnd.server.receive_shares(rnd.share(rnd.setup()))))
-    replies = rnd.unmask(req)
+    replies = rnd.unmask(rnd.to_unmask(req))
     del replies[3]
     share = bytearray(replies[0]["seed_shares"][1])
     share[-1] ^= 1
@@ -282,31 +313,54 @@ def test_server_key_list_must_hold_own_keys_and_no_repeats():
 
 
 def test_out_of_order_messages_are_refused():
-    c = ClientSession()
+    c = ClientSession(simulated_trusts(3, seed=0)[0])
     with pytest.raises(SecAggError, match="stage"):
-        c.unmask({"survivors": [1], "dropped": []})
+        c.unmask({"survivors": [1], "signers": [], "signatures": []})
+    with pytest.raises(SecAggError, match="stage"):
+        c.consistency({"survivors": [1]})
 
 
 def test_session_state_roundtrip_mid_round():
     rnd = Round(n=3, threshold=2, length=16)
     req = rnd.server.receive_shares(rnd.share(rnd.setup()))
-    rnd.clients = [ClientSession.from_bytes(c.to_bytes()) for c in rnd.clients]
+    rnd.restore()
     req = rnd.server.receive_masked(rnd.masked(req))
-    rnd.clients = [ClientSession.from_bytes(c.to_bytes()) for c in rnd.clients]
+    rnd.restore()
+    req = rnd.to_unmask(req)
+    rnd.restore()
     result = rnd.server.receive_unmask(rnd.unmask(req))
     assert result.included == [0, 1, 2] and result.total_weight == pytest.approx(3.0, abs=1e-5)
     # Secrets are erased once used.
     assert rnd.clients[0].seed is None and rnd.clients[0].mask_sk is None
     with pytest.raises(SecAggError, match="state"):
-        ClientSession.from_bytes(b"not json")
+        ClientSession.from_bytes(b"not json", rnd.trusts[0])
+    with pytest.raises(SecAggError, match="another hospital"):
+        ClientSession.from_bytes(rnd.clients[0].to_bytes(), rnd.trusts[1])
 
 
 # ---------------------------------------------------------------- settings
 
-def test_ring_overflow_is_refused():
+def test_ring_is_widened_for_many_clients_and_refused_only_when_impossible():
+    assert ServerAggregator(list(range(8)), vector_length=4, threshold=6,
+                            quantization_bits=29).params.ring_bits == 32
+    assert ServerAggregator(list(range(9)), vector_length=4, threshold=6,
+                            quantization_bits=29).params.ring_bits == 64
+    # 24 bits: 32-bit ring up to 256 clients, 64-bit above (issue 16: 257+ used to be refused)
+    assert ServerAggregator(list(range(257)), vector_length=4,
+                            quantization_bits=24).params.ring_bits == 64
     with pytest.raises(SecAggError, match="quantization_bits"):
-        ServerAggregator(list(range(9)), vector_length=4, threshold=6, quantization_bits=29)
-    ServerAggregator(list(range(8)), vector_length=4, threshold=6, quantization_bits=29)
+        check_ring(2**34, 31)
+
+
+def test_wide_ring_round_with_dropouts_equals_fedavg():
+    # 29 bits with 9 clients needs the 64-bit ring; masks, sums and decoding run in it.
+    updates, weights = _updates(9, length=33, seed=9)
+    result = run_secure_aggregation(updates, weights, quantization_bits=29, max_weight=100.0,
+                                    seed=6, drop_at={"masked": [2], "unmask": [5]})
+    survivors = [i for i in range(9) if i != 2]
+    bound = error_bound([weights[i] for i in survivors], clip_range=8.0, quantization_bits=29,
+                        max_weight=100.0, num_clients=9)
+    assert np.max(np.abs(result.mean - fedavg(updates, weights, 8.0, survivors))) <= bound
 
 
 @pytest.mark.parametrize(("n", "t"), [(4, 2), (4, 5), (4, 1)])
@@ -351,8 +405,8 @@ def test_malformed_and_uninvited_replies_count_as_dropouts():
     replies[2]["masked"] = replies[2]["masked"].astype(np.int64)  # wrong dtype
     replies[99] = {"index": 1, "masked": replies[0]["masked"]}  # not invited
     req = rnd.server.receive_masked(replies)
-    assert req[0]["survivors"] == [1, 4, 5] and req[0]["dropped"] == [2, 3]
-    result = rnd.server.receive_unmask(rnd.unmask(req))
+    assert req[0]["survivors"] == [1, 4, 5]
+    result = rnd.finish(req)
     assert result.included == [0, 3, 4] and result.dropped == [1, 2]
     assert any("malformed" in note for note in result.notes)
     assert any("uninvited" in note for note in result.notes)

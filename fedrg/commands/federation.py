@@ -59,8 +59,12 @@ def simulated_sites(cohorts: list[Path], state_root: Path,
                     policy: SitePolicy | None = None) -> list[SiteConfig]:
     """One site config per cohort; each hospital's ledger lives in ``state_root/<name>``.
 
-    Every simulated hospital holds ``policy`` (default: :func:`simulated_policy` of nothing).
+    Every simulated hospital holds ``policy`` (default: :func:`simulated_policy` of nothing),
+    gets its long-term key and pins one roster listing them all (``state_root/roster.toml``),
+    so secure aggregation runs the same checks as deployed.
     """
+    from fedrg.federated.secure import ROSTER_FILE, provision_roster
+
     policy = policy or simulated_policy(None)
     sites = []
     for cohort in cohorts:
@@ -69,7 +73,7 @@ def simulated_sites(cohorts: list[Path], state_root: Path,
                              "directories (see docs/cohort-format.md) or omit it to use synthetic data")
         sites.append(SiteConfig(name=cohort.name, cohort=str(cohort),
                                 state_dir=str(state_root / cohort.name), policy=policy))
-    return sites
+    return provision_roster(sites, state_root / ROSTER_FILE)
 
 
 def simulated_policy(table: dict[str, Any] | None, *, source: str = "[site_policy]",

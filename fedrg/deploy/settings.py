@@ -198,7 +198,7 @@ def load_hospital_settings(path: str | Path) -> HospitalSettings:
     s: HospitalSettings = _validate(HospitalSettings, data, p)
     base = p.resolve().parent
     site = s.site.model_dump()
-    for key in ("cohort", "state_dir", "signing_key"):
+    for key in ("cohort", "state_dir", "signing_key", "roster"):
         site[key] = _resolve(base, site[key])
     s.site = SiteConfig.model_validate(site)
     s.server.root_certificates = _resolve(base, s.server.root_certificates)
@@ -225,13 +225,14 @@ def node_config(site: SiteConfig) -> dict[str, str | float]:
     """The SuperNode's ``--node-config`` for a site, in the keys the ClientApp reads.
 
     Keys (read by :func:`fedrg.flower.apps.site_from_node_config`): ``site-name``,
-    ``cohort``, ``state-dir``, ``signing-key`` and ``policy`` (:func:`encode_policy`). These
-    stay on the hospital's machine: the SuperNode never sends its node config to the server.
+    ``cohort``, ``state-dir``, ``signing-key``, ``roster`` and ``policy`` (:func:`encode_policy`).
+    These stay on the hospital's machine: the SuperNode never sends its node config to the server.
     """
     return {
         "site-name": site.name,
         "cohort": site.cohort,
         "state-dir": site.state_dir,
         "signing-key": site.signing_key,
+        "roster": site.roster,
         "policy": encode_policy(site.policy),
     }

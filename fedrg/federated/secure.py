@@ -1,30 +1,93 @@
-"""Secure aggregation over the federation's transport: four message stages.
+"""Secure aggregation over the federation's transport: five message stages.
 
 Server: :class:`SecureAggregationDriver` runs :class:`fedrg.secagg.server.ServerAggregator`
 over the trained hospitals (``secagg_setup`` -> ``secagg_share`` -> ``secagg_masked`` ->
-``secagg_unmask``). A hospital that misses a stage counts as dropped; below the threshold
-the round aborts with :class:`~fedrg.errors.SecAggError` and the global model stays as it was.
+``secagg_consistency`` -> ``secagg_unmask``). A hospital that misses a stage (or refuses it)
+counts as dropped; below the threshold the round aborts with
+:class:`~fedrg.errors.SecAggError` and the global model stays as it was.
 
 Hospital: :func:`client_stage` keeps its :class:`fedrg.secagg.client.ClientSession` (secret
 keys included) in the node's state between messages; the update itself only ever leaves
-masked.
+masked. It trusts only its pinned roster (``SiteConfig.roster``), its own long-term key and
+its policy (:func:`client_trust`), and refuses a round id it has seen before.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedrg.config import ExperimentConfig
-from fedrg.errors import PolicyViolationError, SecAggError
+from fedrg.config import ExperimentConfig, SiteConfig
+from fedrg.errors import ConfigError, PolicyViolationError, SecAggError
 from fedrg.federated.payload import Payload, Transport
 from fedrg.privacy.policy import SitePolicy
+
+if TYPE_CHECKING:
+    from fedrg.secagg.client import ClientTrust
 
 log = logging.getLogger("fedrg.secagg")
 
 SESSION_KEY = "secagg_session"
+SEEN_ROUNDS_KEY = "secagg_seen_rounds"
+SEEN_ROUNDS_KEPT = 1000
+ROSTER_FILE = "roster.toml"
+
+
+def client_trust(site: SiteConfig, *, min_peers: int | None = None,
+                 min_threshold_fraction: float | None = None) -> ClientTrust:
+    """What this hospital trusts in secure aggregation: roster, own key, policy minimums.
+
+    Parameters
+    ----------
+    site : SiteConfig
+        The hospital's settings: ``roster`` (the pinned roster file), ``name``, and its
+        long-term key (``signing_key``, default ``state_dir/ledger_ed25519.pem``).
+    min_peers, min_threshold_fraction : optional
+        Override the policy; by default from ``site.policy``.
+
+    Raises
+    ------
+    ConfigError
+        If no roster is configured, it cannot be read, or it does not list this hospital
+        with its own key (the message names the file; only the class name leaves the site).
+    """
+    from fedrg.privacy.signing import default_key_paths
+    from fedrg.secagg.client import ClientTrust
+    from fedrg.secagg.roster import load_identity, load_roster
+
+    policy = site.policy
+    roster_path = site.roster
+    if not roster_path:
+        raise ConfigError(
+            f"hospital {site.name!r} has no federation roster: secure aggregation refuses peers it "
+            "cannot verify. Set roster = \"/path/roster.toml\" in the [site] section of the "
+            "hospital's TOML (the file the operator published; check its digest with "
+            "`fedrg roster show`)")
+    key_path = site.signing_key or str(default_key_paths(site.state_dir)[0])
+    return ClientTrust(
+        load_identity(site.name, key_path), load_roster(roster_path),
+        min_peers=policy.min_secagg_peers if min_peers is None else min_peers,
+        min_threshold_fraction=(policy.min_threshold_fraction if min_threshold_fraction is None
+                                else min_threshold_fraction))
+
+
+def provision_roster(sites: list[SiteConfig], roster_path: str | Path) -> list[SiteConfig]:
+    """Simulation: give every site a long-term key and one shared roster listing them all.
+
+    Each site's key is its ledger key (created in its state directory when missing); the
+    roster is written to ``roster_path``. Returns the sites with ``roster`` set, so a
+    simulated hospital runs exactly the checks a deployed one does.
+    """
+    from fedrg.privacy.signing import default_key_paths
+    from fedrg.secagg.roster import Roster, load_identity, write_roster
+
+    identities = [load_identity(site.name, site.signing_key or default_key_paths(site.state_dir)[0],
+                                create=True) for site in sites]
+    write_roster(roster_path, Roster([i.entry() for i in identities], source=str(roster_path)))
+    return [site.model_copy(update={"roster": str(roster_path)}) for site in sites]
 
 
 def to_payload(message: dict[str, Any]) -> Payload:
@@ -61,6 +124,7 @@ class SecureAggregationDriver:
 
         agg = ServerAggregator.from_config(self.cfg.secagg, participants, vector_length=n_params)
         up = down = 0
+        refusals: list[str] = []
 
         def exchange(action: str, requests: dict[Any, dict[str, Any]]) -> dict[Any, dict[str, Any]]:
             nonlocal up, down
@@ -74,13 +138,22 @@ class SecureAggregationDriver:
                     ok[node] = from_payload(reply.payload)
                 else:
                     log.warning("round %d %s: node %s dropped: %s", rnd, action, node, reply.error)
+                    if reply.error and len(refusals) < 3:
+                        refusals.append(f"{action}: {reply.error}")
             return ok
 
-        requests = agg.setup_requests()
-        requests = agg.receive_setup(exchange("secagg_setup", requests))
-        requests = agg.receive_shares(exchange("secagg_share", requests))
-        requests = agg.receive_masked(exchange("secagg_masked", requests))
-        result = agg.receive_unmask(exchange("secagg_unmask", requests))
+        try:
+            requests = agg.setup_requests()
+            requests = agg.receive_setup(exchange("secagg_setup", requests))
+            requests = agg.receive_shares(exchange("secagg_share", requests))
+            requests = agg.receive_masked(exchange("secagg_masked", requests))
+            requests = agg.receive_consistency(exchange("secagg_consistency", requests))
+            result = agg.receive_unmask(exchange("secagg_unmask", requests))
+        except SecAggError as err:
+            if not refusals:
+                raise
+            # say why hospitals refused (e.g. their policy wants more peers than the round has)
+            raise SecAggError(f"{err} (hospitals answered: {'; '.join(refusals)})") from None
         transport.last_secagg_bytes = (up, down)  # type: ignore[attr-defined]
         if len(result.included) < self.cfg.federation.min_hospitals:
             # also keeps hospital-level noise shares sound: at least min_hospitals shares summed
@@ -120,12 +193,30 @@ def check_setup_policy(request: dict[str, Any], policy: SitePolicy) -> None:
             f"{policy.min_threshold_fraction})")
 
 
-def client_stage(action: str, payload: Payload, state: Payload, *, site_name: str,
-                 policy: SitePolicy | None = None) -> Payload:
+def client_stage(action: str, payload: Payload, state: Payload, *, site: SiteConfig,
+                 min_peers: int | None = None, min_threshold_fraction: float | None = None) -> Payload:
     """Answer one secure-aggregation message at a hospital.
 
-    ``policy`` (the site's; default: the safe defaults) is checked at setup: the update
-    never enters a sum with fewer peers or a lower threshold than it allows.
+    Parameters
+    ----------
+    action : str
+        ``secagg_setup``, ``secagg_share``, ``secagg_masked``, ``secagg_consistency`` or
+        ``secagg_unmask``.
+    payload : Payload
+        The server's request.
+    state : Payload
+        The node's persistent state (pending update, session, round ids seen).
+    site : SiteConfig
+        This hospital's settings (roster, name, key; see :func:`client_trust`).
+    min_peers, min_threshold_fraction : optional
+        Policy overrides (default: the site's policy). The site's policy is also checked at
+        setup (:func:`check_setup_policy`): the update never enters a sum with fewer peers
+        or a lower threshold than it allows, and is dropped if the setup is refused.
+
+    Raises
+    ------
+    SecAggError
+        When a check fails; nothing is revealed for the round.
     """
     from fedrg.secagg.client import ClientSession
 
@@ -133,27 +224,37 @@ def client_stage(action: str, payload: Payload, state: Payload, *, site_name: st
     if action == "secagg_setup":
         if "pending_weight" not in state.meta:
             raise SecAggError("secure aggregation setup before local training: no pending update")
-        try:
-            check_setup_policy(request, policy or SitePolicy())
+        try:  # the site's own policy first: it needs nothing but the request
+            check_setup_policy(request, site.policy)
         except PolicyViolationError as err:
-            log.warning("%s refuses the secure sum: %s", site_name, err)
+            log.warning("%s refuses the secure sum: %s", site.name, err)
             state.arrays = {}  # the update is dropped, never sent
             state.meta.pop("pending_weight", None)
             raise
-        session = ClientSession()
+    trust = client_trust(site, min_peers=min_peers, min_threshold_fraction=min_threshold_fraction)
+    if action == "secagg_setup":
+        round_id = bytes(request.get("round_id", b"")).hex()
+        seen = list(state.meta.get(SEEN_ROUNDS_KEY, []))
+        if round_id in seen:
+            raise SecAggError("the server reuses a secure-aggregation round id this hospital has "
+                              "already answered (replay); refusing")
+        session = ClientSession(trust)
         reply = session.setup(request)
+        state.meta[SEEN_ROUNDS_KEY] = [*seen, round_id][-SEEN_ROUNDS_KEPT:]
     else:
         if SESSION_KEY not in state.meta:
             raise SecAggError(f"{action} without a secure-aggregation session (setup missing)")
-        session = ClientSession.from_bytes(bytes(state.meta[SESSION_KEY]))
+        session = ClientSession.from_bytes(bytes(state.meta[SESSION_KEY]), trust)
         if action == "secagg_share":
             reply = session.share(request)
         elif action == "secagg_masked":
-            update = np.concatenate([a.ravel() for a in state.array_list("pending")]).astype(np.float64)
+            update = np.concatenate([a.ravel() for a in state.array_list("pending")])
             reply = session.masked_input(request, update, float(state.meta["pending_weight"]))
             # the plain update is no longer needed on the node
             state.arrays = {}
             state.meta.pop("pending_weight", None)
+        elif action == "secagg_consistency":
+            reply = session.consistency(request)
         elif action == "secagg_unmask":
             reply = session.unmask(request)
         else:

@@ -134,8 +134,7 @@ class HospitalSite:
         if action.startswith("secagg_"):
             from fedrg.federated.secure import client_stage
 
-            return client_stage(action, payload, state, site_name=self.site.name,
-                                policy=self.site.policy)
+            return client_stage(action, payload, state, site=self.site)
         raise FedrgError(f"unknown action {action!r}")
 
     # ------------------------------------------------------------------ train

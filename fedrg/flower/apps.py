@@ -70,6 +70,7 @@ def site_from_node_config(context: Context) -> SiteConfig:
         state_dir=str(nc["state-dir"]),
         signing_key=str(nc.get("signing-key", "")),
         policy=policy,
+        roster=str(nc.get("roster", "")),
     )
 
 
@@ -91,8 +92,7 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
                 # no torch / model import: in deployment each message is a fresh process
                 from fedrg.federated.secure import client_stage
 
-                reply = client_stage(action, payload, state, site_name=site_cfg.name,
-                                     policy=site_cfg.policy)
+                reply = client_stage(action, payload, state, site=site_cfg)
             else:
                 from fedrg.federated.site import get_site  # heavy imports stay out of app loading
 

@@ -19,6 +19,7 @@ ACTIONS = {
     "secagg_setup": "train.secagg_setup",
     "secagg_share": "train.secagg_share",
     "secagg_masked": "train.secagg_masked",
+    "secagg_consistency": "train.secagg_consistency",
     "secagg_unmask": "train.secagg_unmask",
     "ledger": "evaluate.ledger",  # the hospital's public ledger copy, after the last round
 }

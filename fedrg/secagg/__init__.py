@@ -1,24 +1,33 @@
 """Secure aggregation (SecAgg+-style): masked, dropout-tolerant sums of client updates.
 
 Pure Python + numpy + ``cryptography``; no torch, no Flower, no I/O. The Flower glue in
-:mod:`fedrg.flower` calls the four message-shaped stages of :class:`ClientSession` and
+:mod:`fedrg.federated.secure` calls the five message-shaped stages of :class:`ClientSession` and
 :class:`ServerAggregator`. See ``docs/secure-aggregation.md``.
 """
 
-from fedrg.secagg.client import ClientSession
-from fedrg.secagg.driver import message_nbytes, run_secure_aggregation
-from fedrg.secagg.params import RoundParams, default_threshold, neighbour_graph
+from fedrg.secagg.client import ClientSession, ClientTrust
+from fedrg.secagg.driver import message_nbytes, run_secure_aggregation, simulated_trusts
+from fedrg.secagg.params import RoundParams, auto_neighbours, default_threshold, neighbour_graph
 from fedrg.secagg.quantize import error_bound
+from fedrg.secagg.roster import Roster, RosterEntry, SigningIdentity, load_roster, write_roster
 from fedrg.secagg.server import AggregateResult, ServerAggregator
 
 __all__ = [
     "AggregateResult",
     "ClientSession",
+    "ClientTrust",
+    "Roster",
+    "RosterEntry",
     "RoundParams",
     "ServerAggregator",
+    "SigningIdentity",
+    "auto_neighbours",
     "default_threshold",
     "error_bound",
+    "load_roster",
     "message_nbytes",
     "neighbour_graph",
     "run_secure_aggregation",
+    "simulated_trusts",
+    "write_roster",
 ]

@@ -1,8 +1,8 @@
 """Cryptographic building blocks: key agreement, key derivation, mask expansion, AEAD.
 
 - X25519 key agreement and HKDF-SHA256 key derivation (``cryptography``).
-- Masks: a 256-bit seed is expanded with the ChaCha20 stream cipher (keystream of an
-  all-zero plaintext) into uint32 words, i.e. uniform elements of Z_{2^32}.
+- Masks: a 256-bit seed is expanded with AES-128 in counter mode (keystream of an
+  all-zero plaintext) into uint32 or uint64 words, i.e. uniform elements of the ring.
 - Shares travel encrypted and authenticated with ChaCha20-Poly1305; the associated data
   binds the round, the sender, the recipient and the public-key transcript.
 """
@@ -12,17 +12,19 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedrg.errors import SecAggError
+from fedrg.secagg import parallel
 
 Entropy = Callable[[int], bytes]
 """A source of random bytes: ``entropy(n) -> n bytes``."""
@@ -69,15 +71,36 @@ def public_from_secret(secret: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(secret).public_key().public_bytes_raw()
 
 
-def agree(secret: bytes, peer_public: bytes, *, salt: bytes, info: bytes) -> bytes:
+def private_key(secret: bytes) -> X25519PrivateKey:
+    """An X25519 private-key object from raw bytes (build it once, reuse it for many peers)."""
+    return X25519PrivateKey.from_private_bytes(secret)
+
+
+def public_key(peer_public: bytes) -> X25519PublicKey:
+    """An X25519 public-key object from raw bytes.
+
+    Raises
+    ------
+    SecAggError
+        If the bytes are not a 32-byte X25519 public key.
+    """
+    try:
+        return X25519PublicKey.from_public_bytes(peer_public)
+    except ValueError as err:
+        raise SecAggError(f"invalid X25519 public key: {err}") from None
+
+
+def agree(secret: bytes | X25519PrivateKey, peer_public: bytes | X25519PublicKey, *,
+          salt: bytes, info: bytes) -> bytes:
     """X25519 key agreement followed by HKDF-SHA256 to a 32-byte key.
 
     Parameters
     ----------
-    secret : bytes
-        Own raw X25519 secret key.
-    peer_public : bytes
-        The peer's raw X25519 public key.
+    secret : bytes or X25519PrivateKey
+        Own X25519 secret key (raw bytes, or a key object from :func:`private_key` to
+        avoid rebuilding it for every peer).
+    peer_public : bytes or X25519PublicKey
+        The peer's X25519 public key (raw bytes or key object).
     salt : bytes
         HKDF salt (the round context).
     info : bytes
@@ -88,10 +111,10 @@ def agree(secret: bytes, peer_public: bytes, *, salt: bytes, info: bytes) -> byt
     SecAggError
         If the peer key is invalid (e.g. a low-order point giving an all-zero secret).
     """
+    sk = secret if isinstance(secret, X25519PrivateKey) else private_key(secret)
+    pk = peer_public if isinstance(peer_public, X25519PublicKey) else public_key(peer_public)
     try:
-        shared = X25519PrivateKey.from_private_bytes(secret).exchange(
-            X25519PublicKey.from_public_bytes(peer_public)
-        )
+        shared = sk.exchange(pk)
     except ValueError as err:
         raise SecAggError(f"invalid peer public key in key agreement: {err}") from None
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=salt, info=info).derive(shared)
@@ -103,27 +126,107 @@ def pair_info(purpose: bytes, a: int, b: int) -> bytes:
     return b"fedrg-secagg/" + purpose + struct.pack(">QQ", lo, hi)
 
 
-def expand_mask(seed: bytes, length: int) -> np.ndarray:
-    """Expand a 256-bit seed into ``length`` uniform uint32 words with ChaCha20.
+_PRG_BLOCK = 16
+_SLACK = _PRG_BLOCK - 1  # ``update_into`` wants this much room past the input
+
+
+def _keystream(seed: bytes, block: int = 0) -> Any:
+    """The mask PRG: AES-128-CTR keyed by ``seed[:16]``, counter ``seed[16:] + block``.
+
+    AES-128-CTR (as in Bonawitz et al. 2017) runs about a third faster than ChaCha20 on
+    CPUs with AES instructions; a 128-bit key and a random initial counter per seed, and
+    far fewer than 2**64 blocks per seed, keep it a secure PRG.
+    """
+    if len(seed) != SEED_BYTES:
+        raise SecAggError(f"mask seed must be {SEED_BYTES} bytes, got {len(seed)}")
+    counter = (int.from_bytes(seed[16:], "big") + block) % (1 << 128)
+    return Cipher(algorithms.AES(seed[:16]), modes.CTR(counter.to_bytes(16, "big"))).encryptor()
+
+
+def expand_mask(seed: bytes, length: int, dtype: Any = np.uint32) -> np.ndarray:
+    """Expand a 256-bit seed into ``length`` uniform ring elements (the mask PRG).
 
     Parameters
     ----------
     seed : bytes
-        32-byte seed (the ChaCha20 key; the nonce is fixed, every seed is used once).
+        32-byte seed (AES-128 key and initial counter; every seed is used once).
     length : int
         Number of words.
+    dtype : numpy dtype
+        ``uint32`` (ring Z_{2^32}) or ``uint64`` (ring Z_{2^64}).
 
     Returns
     -------
     numpy.ndarray
-        ``uint32`` array of shape ``(length,)`` (the ChaCha20 keystream, little-endian).
+        Array of shape ``(length,)`` (the keystream as little-endian words).
     """
-    if len(seed) != SEED_BYTES:
-        raise SecAggError(f"mask seed must be {SEED_BYTES} bytes, got {len(seed)}")
-    enc = Cipher(algorithms.ChaCha20(seed, _ZERO_NONCE), mode=None).encryptor()
-    out = np.empty(length, dtype="<u4")
-    enc.update_into(_zeros(4 * length), memoryview(out).cast("B"))
-    return out
+    dt = np.dtype(dtype).newbyteorder("<")
+    raw = bytearray(length * dt.itemsize + _SLACK)
+    _keystream(seed).update_into(_zeros(length * dt.itemsize), raw)
+    return np.frombuffer(raw, dtype=dt, count=length).copy()
+
+
+MASK_CHUNK_BYTES = 1 << 17
+"""Masks are expanded and added in blocks of this many bytes (they stay in the CPU cache)."""
+def _apply_range(target: np.ndarray, lo: int, hi: int, plus: Sequence[bytes],
+                 minus: Sequence[bytes]) -> None:
+    item = target.dtype.itemsize
+    first = lo * item // _PRG_BLOCK
+    streams = ([(_keystream(s, first), True) for s in plus]
+               + [(_keystream(s, first), False) for s in minus])
+    block = max(_PRG_BLOCK // item, MASK_CHUNK_BYTES // item)
+    words = min(block, hi - lo)
+    room = bytearray(words * item + _SLACK)
+    scratch = np.frombuffer(room, dtype=target.dtype.newbyteorder("<"), count=words)
+    zeros = _zeros(words * item)
+    for start in range(lo, hi, block):
+        stop = min(start + block, hi)
+        part = target[start:stop]
+        buf = scratch[: stop - start]
+        nbytes = (stop - start) * item
+        out = memoryview(room)[: nbytes + _SLACK]
+        for enc, add in streams:
+            enc.update_into(zeros[:nbytes], out)
+            if add:
+                np.add(part, buf, out=part, casting="unsafe")
+            else:
+                np.subtract(part, buf, out=part, casting="unsafe")
+
+
+def apply_masks(target: np.ndarray, plus: Sequence[bytes], minus: Sequence[bytes], *,
+                threads: int | None = None) -> np.ndarray:
+    """``target += sum(expand(s) for s in plus) - sum(expand(s) for s in minus)``, in place.
+
+    Equal to adding and subtracting :func:`expand_mask` of each seed (same keystreams), but
+    block by block, so that each block of ``target`` and of the keystream stays in the CPU
+    cache while every mask is applied to it, no full-length mask is ever allocated, and
+    large vectors are split between threads (each slice starts its keystreams at the
+    slice's block counter).
+
+    Parameters
+    ----------
+    target : numpy.ndarray
+        1-D ``uint32`` or ``uint64`` array (the ring), modified in place (wraps modulo
+        ``2**bits``).
+    plus, minus : sequence of bytes
+        32-byte seeds of the masks to add and to subtract.
+    threads : int, optional
+        Threads to use (default :func:`fedrg.secagg.parallel.threads_for`).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``target``.
+    """
+    if target.ndim != 1 or target.dtype not in (np.uint32, np.uint64):
+        raise SecAggError("masks apply to a 1-D uint32 or uint64 ring vector")
+    if not plus and not minus:
+        return target
+    # slice bounds on cipher block boundaries: each slice starts its keystreams there
+    parallel.run_slices(target.size, lambda lo, hi: _apply_range(target, lo, hi, plus, minus),
+                        nbytes=target.nbytes, align=_PRG_BLOCK // target.dtype.itemsize,
+                        threads=threads)
+    return target
 
 
 _ZERO_BUFFER = bytes(0)

@@ -2,21 +2,53 @@
 
 For tests and benchmarks. Each client's session is serialised between messages (as the
 Flower glue keeps it in ``context.state``), and dropouts are injected by withholding replies.
+Every simulated client gets its own Ed25519 identity, all listed in one roster
+(:func:`simulated_trusts`), so the full active-server checks run.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedrg.errors import SecAggError
-from fedrg.secagg.client import ClientSession
+from fedrg.secagg.client import ClientSession, ClientTrust
 from fedrg.secagg.crypto import Entropy, seeded_entropy
+from fedrg.secagg.params import AUTO_NEIGHBOURS
+from fedrg.secagg.roster import Roster, SigningIdentity
 from fedrg.secagg.server import AggregateResult, ServerAggregator
 
-DROP_STAGES = ("setup", "share", "masked", "unmask")
+DROP_STAGES = ("setup", "share", "masked", "consistency", "unmask")
+
+
+def simulated_trusts(n: int, *, seed: int | None = None, min_peers: int = 1,
+                     min_threshold_fraction: float = 0.5, prefix: str = "client") -> list[ClientTrust]:
+    """Identities ``{prefix}-{i}`` for ``n`` simulated clients, all in one roster.
+
+    Parameters
+    ----------
+    n : int
+        Number of clients.
+    seed : int, optional
+        Deterministic keys (**tests only**); default OS randomness.
+    min_peers, min_threshold_fraction
+        Each client's policy minimums.
+
+    Returns
+    -------
+    list of ClientTrust
+        One per client, sharing the roster.
+    """
+    rand = seeded_entropy(f"{seed}/identities".encode()) if seed is not None else os.urandom
+    ids = [SigningIdentity(f"{prefix}-{i}", Ed25519PrivateKey.from_private_bytes(rand(32)))
+           for i in range(n)]
+    roster = Roster([i.entry() for i in ids], source="simulated roster")
+    return [ClientTrust(i, roster, min_peers=min_peers,
+                        min_threshold_fraction=min_threshold_fraction) for i in ids]
 
 
 def message_nbytes(msg: Mapping[str, Any]) -> int:
@@ -41,7 +73,7 @@ def run_secure_aggregation(
     weights: Sequence[float],
     *,
     threshold: int | None = None,
-    neighbours: int = 0,
+    neighbours: int = AUTO_NEIGHBOURS,
     drop_at: Mapping[str, Iterable[int]] | None = None,
     clip_range: float = 8.0,
     quantization_bits: int = 24,
@@ -50,6 +82,7 @@ def run_secure_aggregation(
     seed: int | None = None,
     serialize_state: bool = True,
     traffic: dict[str, dict[int, int]] | None = None,
+    trusts: Sequence[ClientTrust] | None = None,
 ) -> AggregateResult:
     """Run one secure-aggregation round in this process.
 
@@ -60,9 +93,10 @@ def run_secure_aggregation(
     weights : sequence of float
         One weight per client.
     threshold, neighbours
-        Shamir threshold (default from a fraction of 0.66) and neighbours per client.
+        Shamir threshold (default from a fraction of 0.66) and neighbours per client
+        (default -1: chosen from the number of clients).
     drop_at : mapping, optional
-        ``{stage: client ids}`` with stage in ``("setup", "share", "masked", "unmask")``:
+        ``{stage: client ids}`` with stage in :data:`DROP_STAGES`:
         those clients send no reply to that stage's request (and none afterwards).
     clip_range, quantization_bits, rounding
         Encoding settings.
@@ -74,6 +108,8 @@ def run_secure_aggregation(
         Round-trip each client session through ``to_bytes``/``from_bytes`` between stages.
     traffic : dict, optional
         If given, filled with ``{"up": {id: bytes}, "down": {id: bytes}}``.
+    trusts : sequence of ClientTrust, optional
+        Each client's identity, roster and policy (default :func:`simulated_trusts`).
 
     Returns
     -------
@@ -83,7 +119,9 @@ def run_secure_aggregation(
     Raises
     ------
     SecAggError
-        When the round aborts (fewer than ``threshold`` survivors at some stage).
+        When the round aborts (fewer than ``threshold`` survivors at some stage). A client
+        that refuses a request (its checks fail) counts as dropped, as over the network; the
+        reason is in the result's ``notes``.
     """
     n = len(updates)
     if len(weights) != n:
@@ -99,6 +137,10 @@ def run_secure_aggregation(
     def entropy(i: int) -> Entropy | None:
         return None if seed is None else seeded_entropy(f"{seed}/{i}".encode())
 
+    if trusts is None:
+        trusts = simulated_trusts(n, seed=seed)
+    if len(trusts) != n:
+        raise SecAggError(f"{n} updates but {len(trusts)} client identities")
     server_entropy = entropy(-1)
     agg = ServerAggregator(
         list(range(n)), vector_length=length, threshold=threshold, neighbours=neighbours,
@@ -107,21 +149,29 @@ def run_secure_aggregation(
     )
     up = dict.fromkeys(range(n), 0)
     down = dict.fromkeys(range(n), 0)
-    state: dict[int, Any] = {i: ClientSession(entropy(i)) for i in range(n)}
+    state: dict[int, Any] = {i: ClientSession(trusts[i], entropy(i)) for i in range(n)}
     gone: set[int] = set()
 
     def step(stage: str, requests: dict[Any, dict[str, Any]], act: Any) -> dict[Any, dict[str, Any]]:
         gone.update(drops.get(stage, ()))
         replies = {}
         for cid, req in requests.items():
-            down[cid] += message_nbytes(req)
+            if traffic is not None:
+                down[cid] += message_nbytes(req)
             if cid in gone:
                 continue
             sess = state[cid]
-            if serialize_state:
-                sess = ClientSession.from_bytes(sess, entropy(cid)) if isinstance(sess, bytes) else sess
-            reply = act(cid, sess, req)
-            up[cid] += message_nbytes(reply)
+            if serialize_state and isinstance(sess, bytes):
+                sess = ClientSession.from_bytes(sess, trusts[cid], entropy(cid))
+            try:
+                reply = act(cid, sess, req)
+            except SecAggError as err:
+                # a refusing client answers with an error: to the server it dropped out
+                agg.notes.append(f"{stage}: client {cid!r} refused: {err}")
+                gone.add(cid)
+                continue
+            if traffic is not None:
+                up[cid] += message_nbytes(reply)
             state[cid] = sess.to_bytes() if serialize_state else sess
             replies[cid] = reply
         return replies
@@ -133,6 +183,7 @@ def run_secure_aggregation(
         req = agg.receive_masked(step(
             "masked", req, lambda c, s, r: s.masked_input(r, updates[c], float(weights[c]))
         ))
+        req = agg.receive_consistency(step("consistency", req, lambda c, s, r: s.consistency(r)))
         return agg.receive_unmask(step("unmask", req, lambda c, s, r: s.unmask(r)))
     finally:
         if traffic is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -9,7 +10,46 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from fedrg.errors import SecAggError
-from fedrg.secagg.quantize import check_ring
+from fedrg.secagg.quantize import check_ring, ring_bits
+
+AUTO_NEIGHBOURS = -1
+"""``neighbours = -1``: choose the graph from the number of clients (:func:`auto_neighbours`)."""
+COMPLETE_GRAPH_UP_TO = 32
+"""With ``neighbours = -1``, rounds of at most this many clients use the complete graph."""
+
+
+def auto_neighbours(num_clients: int) -> int:
+    """Neighbours per client for ``neighbours = -1``: everyone up to 32 clients, else SecAgg+.
+
+    Above :data:`COMPLETE_GRAPH_UP_TO` clients each client gets ``4 * ceil(log2 n)``
+    neighbours (Bell et al. 2020: ``k = O(log n)`` keeps the sum private and dropout-robust
+    with high probability), so per-client cost (key agreements, shares, mask expansions)
+    grows with ``log n`` instead of ``n``.
+
+    Returns
+    -------
+    int
+        ``0`` (complete graph) or an even ``k``.
+    """
+    if num_clients <= COMPLETE_GRAPH_UP_TO:
+        return 0
+    k = 4 * math.ceil(math.log2(num_clients))
+    return 0 if k >= num_clients - 1 else k
+
+
+def resolve_neighbours(neighbours: int, num_clients: int) -> int:
+    """``neighbours`` itself, or :func:`auto_neighbours` for ``-1``.
+
+    Raises
+    ------
+    SecAggError
+        For values below -1.
+    """
+    if neighbours == AUTO_NEIGHBOURS:
+        return auto_neighbours(num_clients)
+    if neighbours < 0:
+        raise SecAggError(f"secagg.neighbours={neighbours} must be -1 (auto), 0 (everyone) or k > 0")
+    return neighbours
 
 
 def holders_count(num_members: int, neighbours: int) -> int:
@@ -28,11 +68,13 @@ def holders_count(num_members: int, neighbours: int) -> int:
 def default_threshold(num_clients: int, *, neighbours: int = 0, threshold_fraction: float = 0.66) -> int:
     """Shamir threshold for ``secagg.threshold_fraction`` of a client's shareholders.
 
+    ``neighbours = -1`` is resolved with :func:`auto_neighbours`.
+
     The result is at least 2 and strictly more than half of the shareholders (so a server
     cannot obtain both kinds of share for one client by telling two halves different
     stories), and at most the number of shareholders.
     """
-    holders = holders_count(num_clients, neighbours)
+    holders = holders_count(num_clients, resolve_neighbours(neighbours, num_clients))
     t = max(math.ceil(threshold_fraction * holders), holders // 2 + 1, 2)
     return min(t, holders)
 
@@ -46,6 +88,12 @@ def validate_threshold(threshold: int, holders: int) -> None:
             f"(e.g. {max(holders // 2 + 1, 2)}..{holders}); adjust secagg.threshold_fraction "
             f"or secagg.neighbours"
         )
+
+
+@functools.lru_cache(maxsize=16)
+def _ring_order(members: tuple[int, ...], seed: bytes) -> list[int]:
+    """Members ordered by ``SHA-256(seed || index)``: the public random ring of the graph."""
+    return sorted(members, key=lambda m: hashlib.sha256(seed + m.to_bytes(8, "big")).digest())
 
 
 def neighbour_graph(members: list[int], neighbours: int, seed: bytes) -> dict[int, list[int]]:
@@ -64,7 +112,7 @@ def neighbour_graph(members: list[int], neighbours: int, seed: bytes) -> dict[in
     if neighbours <= 0 or neighbours >= n - 1:
         return {m: sorted(x for x in members if x != m) for m in members}
     half = (neighbours + 1) // 2
-    ring = sorted(members, key=lambda m: hashlib.sha256(seed + m.to_bytes(8, "big")).digest())
+    ring = _ring_order(tuple(members), seed)
     graph: dict[int, set[int]] = {m: set() for m in members}
     for pos, m in enumerate(ring):
         for j in range(1, half + 1):
@@ -73,6 +121,26 @@ def neighbour_graph(members: list[int], neighbours: int, seed: bytes) -> dict[in
                 graph[m].add(other)
                 graph[other].add(m)
     return {m: sorted(v) for m, v in graph.items()}
+
+
+def neighbours_of(member: int, members: list[int], neighbours: int, seed: bytes) -> list[int]:
+    """``neighbour_graph(members, neighbours, seed)[member]``, without building the whole graph.
+
+    A client needs only its own neighbours: one sort of the members (``O(n log n)``) and
+    ``O(k)`` work, instead of ``O(n k)`` for the graph.
+    """
+    n = len(members)
+    if member not in members:
+        raise SecAggError(f"client {member} is not among the round's members")
+    if neighbours <= 0 or neighbours >= n - 1:
+        return sorted(x for x in members if x != member)
+    half = (neighbours + 1) // 2
+    ring = _ring_order(tuple(members), seed)
+    pos = ring.index(member)
+    out = {ring[(pos + j) % n] for j in range(1, half + 1)} | {ring[(pos - j) % n]
+                                                              for j in range(1, half + 1)}
+    out.discard(member)
+    return sorted(out)
 
 
 @dataclass(frozen=True)
@@ -131,6 +199,11 @@ class RoundParams:
             raise SecAggError(f"secagg.neighbours={self.neighbours} must be >= 0")
         check_ring(self.num_clients, self.quantization_bits)
         validate_threshold(self.threshold, holders_count(self.num_clients, self.neighbours))
+
+    @property
+    def ring_bits(self) -> int:
+        """Bits of the ring (32 or 64), from the client count and quantisation bits."""
+        return ring_bits(self.num_clients, self.quantization_bits)
 
     def context(self) -> bytes:
         """SHA-256 of the canonical parameters (bound into every key and ciphertext)."""

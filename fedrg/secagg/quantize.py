@@ -1,16 +1,18 @@
-"""Fixed-point encoding of a weighted update into the ring Z_{2^32}.
+"""Fixed-point encoding of a weighted update into the ring Z_{2^32} (or Z_{2^64}).
 
 A client with update ``x`` (clipped to ``[-c, c]``) and weight ``w`` first quantises its
 *relative weight* ``s = w / max_weight`` (``0 <= s <= 1``) to ``s_q = round(s * W) / W`` with
-``W = 2**(32 - ceil(log2 n)) - 1`` (all the headroom the ring leaves for ``n`` clients), then
-encodes each coordinate of ``s_q * x`` (still in ``[-c, c]``) with ``L = 2**bits - 1`` as
+``W = 2**min(R - ceil(log2 n), 40) - 1`` (the headroom the R-bit ring leaves for ``n``
+clients), then encodes each coordinate of ``s_q * x`` (still in ``[-c, c]``) with
+``L = 2**bits - 1`` as
 
     q = round((s_q * x + c) / step),    step = 2 c / L,    q in {0, ..., L}
 
-and appends the integer ``s_q * W`` as the last word. Summing ``n`` such vectors in
-Z_{2^32} cannot wrap when ``bits + ceil(log2 n) <= 32``: every sum is at most
-``n * max(L, W) < 2**32``. The server decodes ``sum(s_q x) = step * sum(q) - n c`` and the
-total relative weight ``S = sum(q_w) / W``; the weighted mean is their ratio.
+and appends the integer ``s_q * W`` as the last word. The ring is chosen from the count:
+``R = 32`` when ``bits + ceil(log2 n) <= 32``, else ``R = 64`` (:func:`ring_bits`), so the
+sum of ``n`` such vectors cannot wrap: every sum is at most ``n * max(L, W) < 2**R``. The
+server decodes ``sum(s_q x) = step * sum(q) - n c`` and the total relative weight
+``S = sum(q_w) / W``; the weighted mean is their ratio.
 
 Rounding is either ``"nearest"`` (deterministic, error <= step/2 per coordinate) or
 ``"stochastic"`` (unbiased: E[q] is exact; error < step).
@@ -25,9 +27,15 @@ from typing import Literal
 import numpy as np
 
 from fedrg.errors import SecAggError
+from fedrg.secagg import parallel
 
 RING_BITS = 32
+"""The narrow ring Z_{2^32}; :func:`ring_bits` widens it to Z_{2^64} when needed."""
+WIDE_RING_BITS = 64
+MAX_WEIGHT_BITS = 40
+"""Resolution cap of the weight word (keeps every product exact in float64)."""
 Rounding = Literal["nearest", "stochastic"]
+_BLOCK = 1 << 15  # values encoded per block (the float64 scratch stays in the CPU cache)
 
 
 def levels(quantization_bits: int) -> int:
@@ -35,18 +43,43 @@ def levels(quantization_bits: int) -> int:
     return (1 << quantization_bits) - 1
 
 
-def weight_levels(num_clients: int) -> int:
-    """``W = 2**(32 - ceil(log2 n)) - 1``, the largest code of the weight word."""
-    return (1 << (RING_BITS - math.ceil(math.log2(max(num_clients, 1))))) - 1
+def _log2_clients(num_clients: int) -> int:
+    return math.ceil(math.log2(max(num_clients, 1)))
 
 
-def check_ring(num_clients: int, quantization_bits: int) -> None:
-    """Refuse settings whose sum over ``num_clients`` could overflow Z_{2^32}.
+def ring_bits(num_clients: int, quantization_bits: int) -> int:
+    """Bits of the ring the sum lives in: 32 when it suffices, else 64.
+
+    The sum of ``n`` codes below ``2**bits`` cannot wrap when ``bits + ceil(log2 n)`` is at
+    most the ring's bits.
 
     Raises
     ------
     SecAggError
-        If ``quantization_bits + ceil(log2 num_clients) > 32`` or the bits are out of range.
+        If even the 64-bit ring is too narrow (more than ``2**(64 - bits)`` clients).
+    """
+    check_ring(num_clients, quantization_bits)
+    need = quantization_bits + _log2_clients(num_clients)
+    return RING_BITS if need <= RING_BITS else WIDE_RING_BITS
+
+
+def ring_dtype(bits: int) -> np.dtype:
+    """``uint32`` for the 32-bit ring, ``uint64`` for the 64-bit one."""
+    return np.dtype(np.uint32 if bits == RING_BITS else np.uint64)
+
+
+def weight_levels(num_clients: int, ring: int = RING_BITS) -> int:
+    """``W = 2**min(ring - ceil(log2 n), 40) - 1``, the largest code of the weight word."""
+    return (1 << min(ring - _log2_clients(num_clients), MAX_WEIGHT_BITS)) - 1
+
+
+def check_ring(num_clients: int, quantization_bits: int) -> None:
+    """Refuse settings whose sum over ``num_clients`` would overflow even the 64-bit ring.
+
+    Raises
+    ------
+    SecAggError
+        If the bits are out of range or ``quantization_bits + ceil(log2 num_clients) > 64``.
     """
     if not 1 <= quantization_bits <= RING_BITS - 1:
         raise SecAggError(
@@ -54,16 +87,17 @@ def check_ring(num_clients: int, quantization_bits: int) -> None:
         )
     if num_clients < 1:
         raise SecAggError(f"secure aggregation needs at least one client, got {num_clients}")
-    need = quantization_bits + math.ceil(math.log2(num_clients))
-    if need > RING_BITS:
+    need = quantization_bits + _log2_clients(num_clients)
+    if need > WIDE_RING_BITS:
         raise SecAggError(
             f"secagg.quantization_bits={quantization_bits} with {num_clients} clients needs "
-            f"{need} bits, more than the {RING_BITS}-bit ring: lower quantization_bits to "
-            f"{RING_BITS - math.ceil(math.log2(num_clients))} or fewer, or use fewer clients"
+            f"{need} bits, more than the {WIDE_RING_BITS}-bit ring: lower quantization_bits "
+            f"to {WIDE_RING_BITS - _log2_clients(num_clients)} or fewer, or use fewer clients"
         )
 
 
-def quantise_weight(weight: float, max_weight: float, num_clients: int) -> int:
+def quantise_weight(weight: float, max_weight: float, num_clients: int,
+                    ring: int = RING_BITS) -> int:
     """The weight word ``round(weight / max_weight * W)``.
 
     Raises
@@ -78,7 +112,16 @@ def quantise_weight(weight: float, max_weight: float, num_clients: int) -> int:
             f"client weight {weight} exceeds secagg.max_weight={max_weight}; "
             "raise secagg.max_weight to at least the largest client weight"
         )
-    return round(weight / max_weight * weight_levels(num_clients))
+    return round(weight / max_weight * weight_levels(num_clients, ring))
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    # one reduction pass, no temporary; a float64 sum of finite float32/64 values can only
+    # overflow for values near 1e308, and then the exact (slower) check decides
+    with np.errstate(over="ignore", invalid="ignore"):
+        if math.isfinite(float(np.add.reduce(x, dtype=np.float64))):
+            return True
+    return bool(np.isfinite(x).all())
 
 
 def encode(
@@ -92,7 +135,13 @@ def encode(
     rounding: Rounding = "nearest",
     rng: np.random.Generator | None = None,
 ) -> np.ndarray:
-    """Encode ``weight * update`` (relative to ``max_weight``) as uint32 words.
+    """Encode ``weight * update`` (relative to ``max_weight``) as ring words.
+
+    Works block by block (clip, scale, shift, round, cast while the block is in the CPU
+    cache): float32 input is read as is, the arithmetic is float64 (float32 would add up to
+    a whole quantisation unit at 24 bits), one pass over the input and one over the output;
+    long vectors with nearest rounding are split between threads
+    (:mod:`fedrg.secagg.parallel`).
 
     Parameters
     ----------
@@ -107,7 +156,7 @@ def encode(
     max_weight : float
         Public upper bound on weights.
     num_clients : int
-        Clients in the round (sets the weight word's resolution).
+        Clients in the round (sets the ring and the weight word's resolution).
     rounding : {"nearest", "stochastic"}
         Deterministic round-to-nearest, or unbiased stochastic rounding.
     rng : numpy.random.Generator, optional
@@ -116,34 +165,53 @@ def encode(
     Returns
     -------
     numpy.ndarray
-        ``uint32`` array of length ``update.size + 1`` (the weight word last).
+        ``uint32`` (or ``uint64`` for the wide ring, see :func:`ring_bits`) array of length
+        ``update.size + 1`` (the weight word last).
 
     Raises
     ------
     SecAggError
         On non-finite values or an invalid weight.
     """
-    x = np.array(update, dtype=np.float64).ravel()  # a private copy, modified in place
-    if not np.isfinite(x).all():
+    x = np.asarray(update).ravel()
+    if x.dtype.kind != "f":
+        x = x.astype(np.float64)
+    if not _all_finite(x):
         raise SecAggError("update holds NaN or infinite values; secure aggregation refuses it")
-    L = levels(quantization_bits)
-    wq = quantise_weight(weight, max_weight, num_clients)
-    step = 2.0 * clip_range / L
-    np.clip(x, -clip_range, clip_range, out=x)
-    x *= (wq / weight_levels(num_clients)) / step
-    x += clip_range / step
-    if rounding == "nearest":
-        np.rint(x, out=x)
-    elif rounding == "stochastic":
-        gen = rng if rng is not None else np.random.default_rng(int.from_bytes(os.urandom(16), "big"))
-        x += gen.random(x.shape)
-        np.floor(x, out=x)
-    else:
+    if rounding not in ("nearest", "stochastic"):
         raise SecAggError(f"secagg rounding={rounding!r} must be 'nearest' or 'stochastic'")
-    np.clip(x, 0, L, out=x)
-    q = x
-    out = np.empty(x.size + 1, dtype=np.uint32)
-    out[:-1] = q
+    ring = ring_bits(num_clients, quantization_bits)
+    L = levels(quantization_bits)
+    wq = quantise_weight(weight, max_weight, num_clients, ring)
+    step = 2.0 * clip_range / L
+    scale = (wq / weight_levels(num_clients, ring)) / step
+    shift = clip_range / step  # = L / 2
+    gen = None
+    if rounding == "stochastic":
+        gen = rng if rng is not None else np.random.default_rng(int.from_bytes(os.urandom(16), "big"))
+    else:
+        shift += 0.5  # round half up: floor(v + 0.5)
+    out = np.empty(x.size + 1, dtype=ring_dtype(ring))
+
+    def encode_slice(lo: int, hi: int) -> None:
+        buf = np.empty(min(_BLOCK, hi - lo), dtype=np.float64)
+        noise = np.empty_like(buf) if gen is not None else None
+        for start in range(lo, hi, _BLOCK):
+            stop = min(start + _BLOCK, hi)
+            v = buf[: stop - start]
+            np.clip(x[start:stop], -clip_range, clip_range, out=v)
+            v *= scale
+            v += shift
+            if gen is not None and noise is not None:
+                u = noise[: stop - start]
+                gen.random(out=u)
+                v += u
+            np.clip(v, 0, L, out=v)
+            out[start:stop] = v  # truncation = floor for v >= 0
+
+    # stochastic rounding draws its randomness in order: one thread keeps it reproducible
+    parallel.run_slices(x.size, encode_slice, nbytes=out.nbytes, align=_BLOCK,
+                        threads=1 if gen is not None else None)
     out[-1] = wq
     return out
 
@@ -176,12 +244,24 @@ def decode_sum(
     """
     L = levels(quantization_bits)
     step = 2.0 * clip_range / L
+    ring = ring_bits(num_clients, quantization_bits)
     weight_units = int(total[-1])
     if weight_units == 0:
         raise SecAggError("total weight of the surviving clients is zero; nothing to average")
-    s = weight_units / weight_levels(num_clients)
-    weighted_sum = total[:-1].astype(np.float64) * step - count * clip_range
-    return weighted_sum / s, s * max_weight
+    s = weight_units / weight_levels(num_clients, ring)
+    # mean = (step * sum(q) - n c) / s, block by block (the block stays in the CPU cache)
+    scale, offset = step / s, count * clip_range / s
+    codes = total[:-1]
+    mean = np.empty(codes.size, dtype=np.float64)
+
+    def decode_slice(lo: int, hi: int) -> None:
+        for start in range(lo, hi, _BLOCK):
+            out = mean[start:min(start + _BLOCK, hi)]
+            np.multiply(codes[start:start + out.size], scale, out=out, dtype=np.float64)
+            out -= offset
+
+    parallel.run_slices(codes.size, decode_slice, nbytes=mean.nbytes, align=_BLOCK)
+    return mean, s * max_weight
 
 
 def error_bound(
@@ -208,8 +288,9 @@ def error_bound(
     """
     L = levels(quantization_bits)
     n = len(weights)
-    W = weight_levels(num_clients or n)
-    s_total = sum(quantise_weight(w, max_weight, num_clients or n) for w in weights) / W
+    ring = ring_bits(num_clients or n, quantization_bits)
+    W = weight_levels(num_clients or n, ring)
+    s_total = sum(quantise_weight(w, max_weight, num_clients or n, ring) for w in weights) / W
     if s_total == 0:
         return math.inf
     step = 2.0 * clip_range / L

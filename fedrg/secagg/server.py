@@ -1,4 +1,4 @@
-"""Server side of the secure-aggregation protocol: a four-stage state machine.
+"""Server side of the secure-aggregation protocol: a five-stage state machine.
 
 The server never holds an unmasked individual update: it collects public keys, routes
 encrypted shares it cannot read, sums masked vectors, and removes the masks only from the
@@ -6,7 +6,9 @@ encrypted shares it cannot read, sums masked vectors, and removes the masks only
 treated as dropped; while at least ``threshold`` clients remain (and each needed secret has
 ``threshold`` shares), the round completes with the survivors' weighted mean. Otherwise
 every stage raises :class:`~fedrg.errors.SecAggError` with the reason, and nothing about
-any update is revealed.
+any update is revealed. The server is not trusted by the clients: it forwards their signed
+keys and their signatures of the survivor set (consistency check) without being able to
+forge them.
 
 Usage (the messaging layer sends each request and passes back the replies it got; a client
 missing from ``replies`` dropped)::
@@ -15,7 +17,8 @@ missing from ``replies`` dropped)::
     req = agg.setup_requests()            # -> stage 1 requests, per client id
     req = agg.receive_setup(replies)      # -> stage 2 requests
     req = agg.receive_shares(replies)     # -> stage 3 requests
-    req = agg.receive_masked(replies)     # -> stage 4 requests
+    req = agg.receive_masked(replies)     # -> stage 4 requests (consistency check)
+    req = agg.receive_consistency(replies)  # -> stage 5 requests (unmask)
     result = agg.receive_unmask(replies)  # -> AggregateResult
 """
 
@@ -29,10 +32,34 @@ from typing import Any
 import numpy as np
 
 from fedrg.errors import SecAggError
-from fedrg.secagg import crypto, shamir
+from fedrg.secagg import crypto, parallel, shamir
 from fedrg.secagg.client import pairwise_seed, seed_commitment, transcript_hash
-from fedrg.secagg.params import RoundParams, default_threshold, holders_count, neighbour_graph
-from fedrg.secagg.quantize import decode_sum
+from fedrg.secagg.params import (
+    AUTO_NEIGHBOURS,
+    RoundParams,
+    default_threshold,
+    holders_count,
+    neighbour_graph,
+    resolve_neighbours,
+)
+from fedrg.secagg.quantize import decode_sum, ring_dtype
+
+_SUM_BLOCK = 1 << 15
+
+
+def ring_sum(vectors: Sequence[np.ndarray], dtype: np.dtype) -> np.ndarray:
+    """Sum equal-length ring vectors (wrapping), block by block so each block of the total
+    stays in the CPU cache while every vector is added to it."""
+    total = np.zeros(vectors[0].size if vectors else 0, dtype=dtype)
+
+    def sum_slice(lo: int, hi: int) -> None:
+        for start in range(lo, hi, _SUM_BLOCK):
+            part = total[start:min(start + _SUM_BLOCK, hi)]
+            for y in vectors:
+                np.add(part, y[start:start + part.size], out=part)
+
+    parallel.run_slices(total.size, sum_slice, nbytes=total.nbytes, align=_SUM_BLOCK)
+    return total
 
 
 @dataclass
@@ -72,7 +99,8 @@ class ServerAggregator:
     threshold : int, optional
         Shamir threshold t; default :func:`default_threshold` of ``threshold_fraction``.
     neighbours : int
-        k neighbours per client (0 = everyone; SecAgg+ graph otherwise).
+        k neighbours per client (0 = everyone; SecAgg+ graph otherwise; -1 = chosen from
+        the number of clients, see :func:`fedrg.secagg.params.auto_neighbours`).
     threshold_fraction : float
         Used when ``threshold`` is not given.
     clip_range, quantization_bits, max_weight, rounding
@@ -87,7 +115,7 @@ class ServerAggregator:
         *,
         vector_length: int,
         threshold: int | None = None,
-        neighbours: int = 0,
+        neighbours: int = AUTO_NEIGHBOURS,
         threshold_fraction: float = 0.66,
         clip_range: float = 8.0,
         quantization_bits: int = 24,
@@ -99,6 +127,7 @@ class ServerAggregator:
         if len(set(ids)) != len(ids):
             raise SecAggError("secagg client ids must be distinct")
         n = len(ids)
+        neighbours = resolve_neighbours(neighbours, n)
         if threshold is None:
             threshold = default_threshold(n, neighbours=neighbours,
                                           threshold_fraction=threshold_fraction)
@@ -117,11 +146,14 @@ class ServerAggregator:
         self.aborted: str | None = None
         self.enc_pks: dict[int, bytes] = {}
         self.mask_pks: dict[int, bytes] = {}
+        self.names: dict[int, str] = {}
+        self.key_signatures: dict[int, bytes] = {}
         self.graph: dict[int, list[int]] = {}
         self.transcript = b""
         self.u1: list[int] = []
         self.u2: list[int] = []
         self.u3: list[int] = []
+        self.u4: list[int] = []
         self.commitments: dict[int, bytes] = {}
         self.total: np.ndarray | None = None
 
@@ -191,13 +223,21 @@ class ServerAggregator:
         self._expect("setup")
         got = self._valid_replies(replies, list(self.id_of), "setup")
         seen: set[bytes] = set()
+        seen_names: set[str] = set()
         for idx in sorted(got):
             e, m = bytes(got[idx].get("enc_pk", b"")), bytes(got[idx].get("mask_pk", b""))
+            name, sig = got[idx].get("name"), bytes(got[idx].get("key_signature", b""))
             if len(e) != 32 or len(m) != 32 or e == m or e in seen or m in seen:
                 self.notes.append(f"setup: client {self.id_of[idx]!r} sent invalid keys; dropped")
                 continue
+            if not isinstance(name, str) or not name or name in seen_names or len(sig) != 64:
+                self.notes.append(f"setup: client {self.id_of[idx]!r} sent no signature or a name "
+                                  "already taken; dropped")
+                continue
             seen.update((e, m))
+            seen_names.add(name)
             self.enc_pks[idx], self.mask_pks[idx] = e, m
+            self.names[idx], self.key_signatures[idx] = name, sig
         self.u1 = sorted(self.enc_pks)
         self._need(len(self.u1), "completed setup")
         holders = holders_count(len(self.u1), self.params.neighbours)
@@ -209,9 +249,11 @@ class ServerAggregator:
         self.graph = neighbour_graph(self.u1, self.params.neighbours, self.params.round_id)
         enc = [self.enc_pks[i] for i in self.u1]
         mask = [self.mask_pks[i] for i in self.u1]
-        self.transcript = transcript_hash(self.context, self.u1, enc, mask)
+        names = [self.names[i] for i in self.u1]
+        self.transcript = transcript_hash(self.context, self.u1, enc, mask, names)
         self.stage = "share"
-        msg = {"indices": list(self.u1), "enc_pks": enc, "mask_pks": mask}
+        msg = {"indices": list(self.u1), "enc_pks": enc, "mask_pks": mask, "names": names,
+               "key_signatures": [self.key_signatures[i] for i in self.u1]}
         return {self.id_of[i]: dict(msg) for i in self.u1}
 
     # ------------------------------------------------------------------ stage 2
@@ -243,33 +285,59 @@ class ServerAggregator:
 
     # ------------------------------------------------------------------ stage 3
     def receive_masked(self, replies: Mapping[Hashable, dict[str, Any]]) -> dict[Hashable, dict[str, Any]]:
-        """Sum the masked vectors; return the stage 4 request (survivors and dropped)."""
+        """Sum the masked vectors; return the consistency-check request (the survivor set)."""
         self._expect("masked")
         got = self._valid_replies(replies, self.u2, "masked")
         n = self.params.vector_length + 1
-        total = np.zeros(n, dtype=np.uint32)
+        dtype = ring_dtype(self.params.ring_bits)
+        vectors = []
         included = []
         for idx in sorted(got):
             y = np.asarray(got[idx].get("masked", np.empty(0)))
-            if y.dtype != np.uint32 or y.shape != (n,):
+            if y.dtype != dtype or y.shape != (n,):
                 self.notes.append(f"masked: client {self.id_of[idx]!r} sent a malformed vector; dropped")
                 continue
-            total += y
+            vectors.append(y)
             included.append(idx)
         self.u3 = included
         self._need(len(self.u3), "uploaded masked inputs")
-        self.total = total
-        self.stage = "unmask"
-        dropped = [u for u in self.u2 if u not in set(self.u3)]
-        msg = {"survivors": list(self.u3), "dropped": dropped}
+        self.total = ring_sum(vectors, dtype)
+        self.stage = "consistency"
+        msg = {"survivors": list(self.u3)}
         return {self.id_of[v]: dict(msg) for v in self.u3}
 
     # ------------------------------------------------------------------ stage 4
+    def receive_consistency(self, replies: Mapping[Hashable, dict[str, Any]]) -> dict[Hashable, dict[str, Any]]:
+        """Collect the survivors' signatures of the survivor set; return the unmask requests.
+
+        Each client gets the signatures of its own shareholders (its neighbours and itself);
+        it verifies them against its roster before revealing anything.
+        """
+        self._expect("consistency")
+        got = self._valid_replies(replies, self.u3, "consistency")
+        signatures: dict[int, bytes] = {}
+        for idx in sorted(got):
+            sig = bytes(got[idx].get("consistency_signature", b""))
+            if len(sig) != 64:
+                self.notes.append(f"consistency: client {self.id_of[idx]!r} sent no signature; dropped")
+                continue
+            signatures[idx] = sig
+        self.u4 = sorted(signatures)
+        self._need(len(self.u4), "confirmed the survivor set")
+        self.stage = "unmask"
+        requests = {}
+        for v in self.u4:
+            signers = [u for u in [v, *self.graph[v]] if u in signatures]
+            requests[self.id_of[v]] = {"survivors": list(self.u3), "signers": signers,
+                                       "signatures": [signatures[u] for u in signers]}
+        return requests
+
+    # ------------------------------------------------------------------ stage 5
     def receive_unmask(self, replies: Mapping[Hashable, dict[str, Any]]) -> AggregateResult:
         """Reconstruct the secrets, remove all masks from the sum, decode the weighted mean."""
         self._expect("unmask")
         assert self.total is not None
-        got = self._valid_replies(replies, self.u3, "unmask")
+        got = self._valid_replies(replies, self.u4, "unmask")
         u2 = set(self.u2)
         u3 = set(self.u3)
         dropped = sorted(u2 - u3)
@@ -291,40 +359,38 @@ class ServerAggregator:
                             kind[o][holder] = val
             except (SecAggError, ValueError, TypeError) as err:
                 self.notes.append(f"unmask: client {self.id_of[holder]!r} sent bad shares ({err})")
-        total = self.total.copy()
-        n = total.size
+        # Secrets are reconstructed from exactly t shares (Lagrange coefficients cached per
+        # holder set) and checked against the seed commitment / mask public key, which
+        # catches any forged share among them; extra shares are not needed.
         t = self.threshold
+        plus: list[bytes] = []
+        minus: list[bytes] = []
         for u in self.u3:
             if len(seed_shares[u]) < t:
                 raise self._abort(f"only {len(seed_shares[u])} self-mask shares for a survivor")
-            try:
-                secret = shamir.reconstruct(seed_shares[u], t)
-            except SecAggError as err:
-                raise self._abort(str(err)) from None
+            secret = shamir.reconstruct(seed_shares[u], t, check=False)
             seed = secret.to_bytes(66, "big")[-crypto.SEED_BYTES:] if secret < 2**256 else b""
             if seed_commitment(self.context, u, seed) != self.commitments[u]:
-                raise self._abort("a reconstructed self-mask seed does not match its commitment")
-            total -= crypto.expand_mask(seed, n)
+                raise self._abort("a reconstructed self-mask seed does not match its commitment "
+                                  "(a share was corrupted or forged)")
+            minus.append(seed)
         for u in dropped:
             partners = [v for v in self.graph[u] if v in u3]
             if not partners:
                 continue
             if len(key_shares[u]) < t:
                 raise self._abort(f"only {len(key_shares[u])} mask-key shares for a dropped client")
-            try:
-                secret = shamir.reconstruct(key_shares[u], t)
-            except SecAggError as err:
-                raise self._abort(str(err)) from None
+            secret = shamir.reconstruct(key_shares[u], t, check=False)
             sk = secret.to_bytes(66, "big")[-32:] if secret < 2**256 else bytes(32)
             if crypto.public_from_secret(sk) != self.mask_pks[u]:
-                raise self._abort("a reconstructed mask key does not match its public key")
+                raise self._abort("a reconstructed mask key does not match its public key "
+                                  "(a share was corrupted or forged)")
+            sk_obj = crypto.private_key(sk)
             for v in partners:
-                mask = crypto.expand_mask(pairwise_seed(sk, self.mask_pks[v], self.transcript, u, v), n)
-                # v added +mask if v < u, else subtracted it.
-                if v < u:
-                    total -= mask
-                else:
-                    total += mask
+                seed = pairwise_seed(sk_obj, self.mask_pks[v], self.transcript, u, v)
+                # v added +mask if v < u, else subtracted it: undo that.
+                (minus if v < u else plus).append(seed)
+        total = crypto.apply_masks(self.total, plus, minus)
         p = self.params
         try:
             mean, total_weight = decode_sum(total, len(self.u3), clip_range=p.clip_range,

@@ -12,6 +12,7 @@ X25519 secret keys.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterable, Sequence
 
@@ -104,6 +105,60 @@ def split(
     return {x: evaluate(coefficients, x, prime) for x in xs}
 
 
+@functools.lru_cache(maxsize=1024)
+def lagrange_coefficients(xs: tuple[int, ...], at: int = 0, prime: int = P521) -> tuple[int, ...]:
+    """Lagrange basis values ``l_i(at)`` for the holder ids ``xs`` (cached per holder set).
+
+    ``f(at) = sum(l_i(at) * f(x_i))`` for every polynomial of degree ``< len(xs)``, so a
+    server that reconstructs many secrets shared among the same holders computes these
+    once and then needs ``len(xs)`` multiplications per secret. One modular inversion in
+    all (batch inversion).
+
+    Parameters
+    ----------
+    xs : tuple of int
+        Distinct non-zero holder ids.
+    at : int
+        Where to evaluate (0 gives the secret).
+    prime : int
+        Field modulus.
+
+    Returns
+    -------
+    tuple of int
+        ``(l_1(at), ..., l_t(at))`` in the order of ``xs``.
+    """
+    _check_xs(xs, prime)
+    t = len(xs)
+    diffs = [(at - x) % prime for x in xs]
+    if 0 in diffs:  # ``at`` is one of the ids: the basis is a unit vector
+        return tuple(int(d == 0) for d in diffs)
+    # numerators: prod_{j != i} (at - x_j) from prefix and suffix products
+    prefix = [1] * (t + 1)
+    for i, d in enumerate(diffs):
+        prefix[i + 1] = prefix[i] * d % prime
+    suffix = [1] * (t + 1)
+    for i in range(t - 1, -1, -1):
+        suffix[i] = suffix[i + 1] * diffs[i] % prime
+    dens = []
+    for i, xi in enumerate(xs):
+        den = 1
+        for j, xj in enumerate(xs):
+            if j != i:
+                den = den * (xi - xj) % prime
+        dens.append(den)
+    # batch inversion of all denominators
+    acc = [1] * (t + 1)
+    for i, d in enumerate(dens):
+        acc[i + 1] = acc[i] * d % prime
+    inv = pow(acc[t], -1, prime)
+    inv_dens = [0] * t
+    for i in range(t - 1, -1, -1):
+        inv_dens[i] = inv * acc[i] % prime
+        inv = inv * dens[i] % prime
+    return tuple(prefix[i] * suffix[i + 1] % prime * inv_dens[i] % prime for i in range(t))
+
+
 def interpolate(points: Iterable[tuple[int, int]], at: int = 0, *, prime: int = P521) -> int:
     """Lagrange-interpolate the polynomial through ``points`` and evaluate it at ``at``.
 
@@ -122,25 +177,17 @@ def interpolate(points: Iterable[tuple[int, int]], at: int = 0, *, prime: int = 
         The value of the unique polynomial of degree ``len(points) - 1`` at ``at``.
     """
     pts = list(points)
-    xs = [x for x, _ in pts]
-    _check_xs(xs, prime)
-    total = 0
-    for i, (xi, yi) in enumerate(pts):
-        num, den = 1, 1
-        for j, xj in enumerate(xs):
-            if j != i:
-                num = num * (at - xj) % prime
-                den = den * (xi - xj) % prime
-        total = (total + yi * num * pow(den, -1, prime)) % prime
-    return total
+    coefficients = lagrange_coefficients(tuple(x for x, _ in pts), at, prime)
+    return sum(c * y for c, (_, y) in zip(coefficients, pts, strict=True)) % prime
 
 
-def reconstruct(shares: dict[int, int], threshold: int, *, prime: int = P521) -> int:
+def reconstruct(shares: dict[int, int], threshold: int, *, prime: int = P521,
+                check: bool = True) -> int:
     """Recover a secret from at least ``threshold`` shares, checking any extra shares.
 
-    The polynomial is interpolated through the first ``threshold`` shares (by id); every
-    further share must lie on it, so a corrupted or forged share is detected whenever more
-    than ``threshold`` shares are given.
+    The polynomial is interpolated through the first ``threshold`` shares (by id); with
+    ``check`` every further share must lie on it, so a corrupted or forged share is
+    detected whenever more than ``threshold`` shares are given.
 
     Parameters
     ----------
@@ -150,6 +197,9 @@ def reconstruct(shares: dict[int, int], threshold: int, *, prime: int = P521) ->
         The sharing threshold.
     prime : int
         Field modulus.
+    check : bool
+        Check the extra shares (``False``: ignore them, for callers that verify the
+        secret otherwise, e.g. against a commitment or a public key).
 
     Returns
     -------
@@ -167,9 +217,10 @@ def reconstruct(shares: dict[int, int], threshold: int, *, prime: int = P521) ->
         )
     ordered = sorted(shares.items())
     base, extra = ordered[:threshold], ordered[threshold:]
-    for x, y in extra:
-        if interpolate(base, x, prime=prime) != y % prime:
-            raise SecAggError("inconsistent Shamir shares: a share was corrupted or forged")
+    if check:
+        for x, y in extra:
+            if interpolate(base, x, prime=prime) != y % prime:
+                raise SecAggError("inconsistent Shamir shares: a share was corrupted or forged")
     return interpolate(base, 0, prime=prime)
 
 
