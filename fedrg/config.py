@@ -19,6 +19,7 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedrg.errors import ConfigError
+from fedrg.privacy.policy import SitePolicy
 
 DEFAULT_MARKERS = ["idh_mutant", "codeletion_1p19q", "mgmt_methylated"]
 
@@ -226,6 +227,7 @@ class SiteConfig(StrictModel):
     state_dir: str = Field(..., description="where the privacy ledger and keys live (outside runs)")
     epsilon_budget: float = Field(10.0, gt=0.0, description="lifetime epsilon budget of the dataset")
     signing_key: str = Field("", description="Ed25519 PEM key ('' = state_dir/ledger_ed25519.pem)")
+    policy: SitePolicy = Field(default_factory=SitePolicy)
 
     @field_validator("name")
     @classmethod

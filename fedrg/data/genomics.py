@@ -9,11 +9,13 @@ from __future__ import annotations
 import gzip
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from fedrg.config import DEFAULT_GENE_PANEL
 from fedrg.errors import Problem
 
 # Approximate GRCh38 spans (chrom, start, end) used when a VCF record names no gene
@@ -144,20 +146,77 @@ def read_expression(
     return ExpressionTable(path, ids, rows, list(gene_panel), arr, found, missing)
 
 
-def standardise_expression(values: np.ndarray) -> np.ndarray:
-    """``log1p`` then per-gene z-score over the cohort; NaN (imputed) entries become 0.
+#: Public normalisation constants of ``log1p`` expression after per-record centring, per
+#: gene of the default panel. Measured once on public synthetic data (the generator of
+#: :mod:`fedrg.data.synth` with the public seed 99, 4 hospitals x 100 patients, no patient
+#: data; recompute with ``python -m fedrg.data.genomics``). Fixed, so they cost no privacy
+#: and are identical at every hospital. Genes without constants are centred per record only.
+PUBLIC_EXPRESSION_CENTRE: dict[str, float] = dict(zip(DEFAULT_GENE_PANEL, (
+    -0.2966, 0.7372, 0.3024, 0.0397, 2.2036, -1.2662, 1.8329, 0.7025, 1.517, 1.8707, 0.9481,
+    1.7787, -1.5655, 0.658, 0.1613, 1.2859, 1.1785, 0.3362, -1.7596, -1.7104, -2.4423, 0.2681,
+    -0.6474, 1.4572, 0.391, -1.9692, -2.1724, -2.5854, -2.0254, 1.5168, -1.2354, 0.4901,
+), strict=True))
+PUBLIC_EXPRESSION_SCALE: dict[str, float] = dict(zip(DEFAULT_GENE_PANEL, (
+    0.9959, 0.9609, 0.9815, 0.9615, 0.9699, 0.9619, 0.9642, 0.941, 1.0819, 1.1064, 1.1078,
+    1.0649, 0.5688, 0.576, 0.6014, 0.5444, 0.5655, 0.6027, 0.543, 0.5504, 0.6558, 0.6136,
+    0.8023, 0.8792, 1.0782, 0.6558, 0.6442, 0.5929, 0.9491, 0.6647, 0.6118, 0.5365,
+), strict=True))
+PUBLIC_SEED = 99
 
-    A gene that is constant in the cohort becomes 0 everywhere.
+
+def standardise_expression(values: np.ndarray, genes: list[str] | None = None) -> np.ndarray:
+    """Normalise each patient's expression on its own, with public constants only.
+
+    ``log1p``, then centre each record on the mean of its own measured panel genes (removes
+    library size and batch shifts), then per gene subtract and divide by the public constants
+    :data:`PUBLIC_EXPRESSION_CENTRE` / :data:`PUBLIC_EXPRESSION_SCALE` (0 and 1 for genes
+    without constants). No statistic of other patients enters a record, so one patient never
+    changes another patient's input (the DP argument needs this). NaN (imputed) entries
+    become 0.
+
+    Parameters
+    ----------
+    values : np.ndarray
+        ``[N, G]`` non-negative abundances (NaN where imputed).
+    genes : list[str] | None
+        The ``G`` gene names (None: the default panel when ``G`` matches, else no constants).
+
+    Returns
+    -------
+    np.ndarray
+        ``[N, G]`` float32.
     """
-    logv = np.log1p(values.astype(np.float64))
-    with np.errstate(invalid="ignore"):
-        n = np.sum(~np.isnan(logv), axis=0)
-        mean = np.where(n > 0, np.nansum(logv, axis=0) / np.maximum(n, 1), 0.0)
-        centred = logv - mean
-        var = np.where(n > 1, np.nansum(centred**2, axis=0) / np.maximum(n - 1, 1), 0.0)
-    std = np.sqrt(var)
-    z = np.where(std > 1e-12, centred / np.where(std > 1e-12, std, 1.0), 0.0)
-    return np.nan_to_num(z, nan=0.0).astype(np.float32)
+    values = np.asarray(values, dtype=np.float64)
+    if genes is None:
+        genes = list(DEFAULT_GENE_PANEL) if values.shape[1] == len(DEFAULT_GENE_PANEL) else []
+    centre = np.array([PUBLIC_EXPRESSION_CENTRE.get(g, 0.0) for g in genes] or [0.0] * values.shape[1])
+    scale = np.array([PUBLIC_EXPRESSION_SCALE.get(g, 1.0) for g in genes] or [1.0] * values.shape[1])
+    logv = np.log1p(values)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows -> mean NaN -> 0 below
+        record_mean = np.nanmean(logv, axis=1, keepdims=True) if values.size else logv
+    z = (logv - record_mean - centre) / scale
+    return np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+
+
+def _measure_public_constants(seed: int = PUBLIC_SEED, hospitals: int = 4,
+                              patients: int = 100) -> tuple[list[float], list[float]]:
+    """Re-measure the public constants on synthetic data (the generator, no files)."""
+    from fedrg.data import synth
+
+    genes = list(DEFAULT_GENE_PANEL)
+    rows = []
+    for index in range(1, hospitals + 1):
+        profile, pats = synth.simulate_hospital(seed, index, patients)
+        baselines = synth._gene_baselines(seed, sorted(genes))
+        brng = np.random.default_rng([seed, index, 0xBA7C])
+        batch = {g: float(brng.normal(0, 0.15)) for g in sorted(baselines)}
+        for i, p in enumerate(pats):
+            grng = np.random.default_rng([seed, index, i, 4])
+            rows.append(synth.expression_row(p, profile, genes, baselines, batch, grng))
+    v = np.log1p(np.round(np.asarray(rows), 3))
+    v = v - v.mean(1, keepdims=True)
+    return ([round(float(x), 4) for x in v.mean(0)], [round(float(x), 4) for x in v.std(0, ddof=1)])
 
 
 # --------------------------------------------------------------------------- variants
@@ -289,3 +348,9 @@ def read_variants(
         problems.append(Problem(display, "no #CHROM header line"))
         return None
     return VariantCalls(path, samples, list(mutation_genes), ind, n_records)
+
+
+if __name__ == "__main__":  # pragma: no cover - prints the constants to paste above
+    c, sd = _measure_public_constants()
+    print("centre", tuple(c))
+    print("scale", tuple(sd))

@@ -86,7 +86,9 @@ class HospitalSite:
         key = cfg.data.model_dump_json()
         if self._cohort is None or self._cohort.key != key:
             cohort = load_cohort(self.site.cohort, cfg.data)
-            train_idx, val_idx = split_indices(cohort, cfg.data)
+            train_idx, val_idx = split_indices(cohort, cfg.data,
+                                               val_fraction=self.site.policy.val_fraction,
+                                               split_seed=self.site.policy.split_seed)
             manifest = Path(self.site.cohort) / "manifest.csv"
             fingerprint = hashlib.sha256(manifest.read_bytes()).hexdigest()
             self._cohort = _CohortCache(key, cohort, list(train_idx), list(val_idx), fingerprint)
