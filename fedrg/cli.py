@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "fedrg.commands.federation",  # simulate
     "fedrg.commands.deploy",  # certs, keys, server, client
     "fedrg.commands.audit",  # audit
+    "fedrg.commands.site",  # site reinit, site key
 ]
 
 for _name in COMMAND_MODULES:

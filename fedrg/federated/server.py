@@ -117,6 +117,12 @@ class FederationServer:
         self.metrics: dict[str, Any] = {"run_id": self.run_id, "config_hash": cfg.config_hash(),
                                         "rounds": []}
         self.start_round = 1
+        # the last signed ledger head each hospital reported, kept in the run directory and
+        # sent back with the next request (see fedrg.federated.ledger_heads)
+        from fedrg.federated.ledger_heads import HeadBook
+
+        self.heads = HeadBook(self.run_dir)
+        self.node_sites: dict[int, str] = {}
         if cfg.secagg.enabled and secure_aggregate is None:
             raise FedrgError("secagg.enabled=true but no secure-aggregation driver was given")
 
@@ -141,6 +147,24 @@ class FederationServer:
         p = Payload(meta={"config": to_run_config(self.cfg), "round": rnd, "run_id": self.run_id})
         p.put_array_list("global", self.global_arrays)
         return p
+
+    def _payloads(self, payload: Payload, nodes: list[int]) -> dict[int, Payload]:
+        """One payload per node: the shared one plus the hospital's last known ledger head."""
+        out: dict[int, Payload] = {}
+        for node in nodes:
+            head = self.heads.get(self.node_sites.get(node, ""))
+            out[node] = payload if head is None else Payload(
+                meta={**payload.meta, "ledger_head": head}, arrays=payload.arrays)
+        return out
+
+    def _note_head(self, node: int, meta: dict[str, Any], rnd: int) -> None:
+        """Keep the ledger head a reply carries; report one that does not extend the last."""
+        site = str(meta.get("site", node))
+        self.node_sites[node] = site
+        alert = self.heads.observe(site, meta.get("ledger_head"), round_=rnd)
+        if alert:
+            log.warning("round %d: %s", rnd, alert["message"])
+            self.metrics.setdefault("ledger_alerts", []).append(alert)
 
     def run(self, transport: Transport) -> ServerResult:
         """Run rounds ``start_round .. cfg.federation.rounds``."""
@@ -179,7 +203,7 @@ class FederationServer:
                      ) -> tuple[RoundOutcome, int, int]:
         outcome = RoundOutcome(round=rnd)
         payload = self._train_payload(rnd)
-        replies = transport.send("train", dict.fromkeys(sampled, payload), round_=rnd,
+        replies = transport.send("train", self._payloads(payload, sampled), round_=rnd,
                                  timeout=self.timeout)
         bytes_down = payload.nbytes() * len(sampled)
         bytes_up = sum(r.payload.nbytes() for r in replies.values() if r.payload is not None)
@@ -195,6 +219,7 @@ class FederationServer:
                 continue
             meta = reply.payload.meta
             site = str(meta.get("site", node))
+            self._note_head(node, meta, rnd)
             if meta.get("epsilon") is not None:
                 epsilons[site] = float(meta["epsilon"])
             if meta.get("epsilon_lifetime") is not None:
@@ -257,8 +282,11 @@ class FederationServer:
         if not nodes:
             return {}, 0, 0
         payload = self._train_payload(rnd)
-        replies = transport.send("evaluate", dict.fromkeys(nodes, payload), round_=rnd,
+        replies = transport.send("evaluate", self._payloads(payload, nodes), round_=rnd,
                                  timeout=self.timeout)
+        for node, r in replies.items():
+            if r.ok and r.payload is not None:
+                self._note_head(node, r.payload.meta, rnd)
         ok = [r.payload.meta for r in replies.values() if r.ok and "metrics" in r.payload.meta]
         up = sum(r.payload.nbytes() for r in replies.values() if r.payload is not None)
         return aggregate_evaluation(ok), up, payload.nbytes() * len(nodes)
@@ -288,6 +316,9 @@ class FederationServer:
             row["epsilon_hospital_level"] = outcome.metrics["epsilon_hospital_level"]
         if outcome.reason:
             row["reason"] = outcome.reason
+        alerts = [a for a in self.metrics.get("ledger_alerts", []) if a.get("round") == rnd]
+        if alerts:
+            row["ledger_alerts"] = alerts
         self.metrics["rounds"].append(row)
         self.on_round(row)
 

@@ -31,6 +31,9 @@ from fedrg.federated.payload import Payload
 
 log = logging.getLogger("fedrg.site")
 
+#: ``reason`` of a refusal because the ledger does not extend the head the server saw.
+LEDGER_NOT_EXTENDING = "ledger_not_extending"
+
 _SITES: dict[str, HospitalSite] = {}
 
 
@@ -177,7 +180,16 @@ class HospitalSite:
         run_id = str(payload.meta["run_id"])
         reply = Payload(meta={"site": self.site.name, "status": "ok"})
         session = None
-        ledger = None
+        # A server that saw this hospital's ledger before sends its last signed head back: a
+        # ledger that does not extend it (state wiped, entries removed) trains only after an
+        # explicit `fedrg site reinit`, which is recorded. Checked before any patient file.
+        ledger = self._ledger()
+        refusal = self.check_known_head(ledger, payload.meta.get("ledger_head"))
+        if refusal:
+            log.warning("%s refuses round %d: %s", self.site.name, rnd, refusal)
+            reply.meta.update(status="declined", reason=LEDGER_NOT_EXTENDING, message=refusal,
+                              ledger_head=ledger.signed_head())
+            return reply
         # The budget check needs only the training-set size: known from an earlier round
         # (kept in the state directory), so a hospital over budget declines before it reads
         # any patient file. Only the very first round on a dataset loads the cohort first.
@@ -189,7 +201,6 @@ class HospitalSite:
             self._remember_train_size(cfg, n_train)
         plan = self.plan(cfg, n_train)
         if cfg.privacy.enabled:
-            ledger = self._ledger()
             past = ledger.history()
             try:
                 round_plan = plan_round(past, noise_multiplier=plan["noise_multiplier"],
@@ -202,6 +213,7 @@ class HospitalSite:
                 reply.meta.update(decline_reply(err))
                 reply.meta["epsilon"] = self._run_epsilon(ledger.read(), run_id, cfg)
                 reply.meta["epsilon_lifetime"] = float(err.epsilon_spent)
+                reply.meta["ledger_head"] = ledger.signed_head()
                 return reply
             if cache is None:
                 cache = self.cohort(cfg)
@@ -240,7 +252,8 @@ class HospitalSite:
                           max_grad_norm=cfg.privacy.max_grad_norm,
                           accountant=cfg.privacy.accountant, target_delta=cfg.privacy.target_delta,
                           epsilon=eps_lifetime, budget=self.site.epsilon_budget,
-                          config_hash=cfg.config_hash(), dataset_fingerprint=cache.fingerprint)
+                          config_hash=cfg.config_hash(), dataset_fingerprint=cache.fingerprint,
+                          policy_hash=self.site.policy.policy_hash())
             reply.meta["epsilon"] = self._run_epsilon(ledger.read(), run_id, cfg)
             reply.meta["epsilon_lifetime"] = eps_lifetime
         weight = float(n_train)
@@ -257,6 +270,7 @@ class HospitalSite:
                 update, _ = clip_update(update, hospital_clip=cfg.privacy.hospital_clip)
         loss = metrics.get("loss_mean")
         reply.meta["train_loss"] = float(loss) if loss is not None and math.isfinite(loss) else None
+        reply.meta["ledger_head"] = ledger.signed_head()
         if cfg.secagg.enabled:
             state.arrays = {}
             state.put_array_list("pending", update)
@@ -266,6 +280,30 @@ class HospitalSite:
             reply.put_array_list("update", update)
             reply.meta["weight"] = weight
         return reply
+
+    def check_known_head(self, ledger: Any, known: Any) -> str:
+        """Why this hospital refuses to train on its ledger given the head a server last saw
+        (``''``: it does not refuse).
+
+        The ledger must extend ``known`` (hold the entry it points to), unless ``known`` has
+        no entries or the ledger starts with an explicit re-initialisation entry.
+        """
+        if not isinstance(known, dict) or not known or int(known.get("entries", 0) or 0) == 0:
+            return ""
+        if ledger.extends(known):
+            return ""
+        if ledger.reinit_entry() is not None:
+            log.warning("%s: the ledger does not extend the head the server last saw (%s "
+                        "entries, key %s); it was re-initialised explicitly, so it trains",
+                        self.site.name, known.get("entries"), known.get("key_id"))
+            return ""
+        return (f"this hospital's ledger ({len(ledger.read())} entries) does not extend the "
+                f"last ledger head the server saw ({known.get('entries')} entries, key "
+                f"{known.get('key_id')}): its state directory was wiped or entries were "
+                "removed, which would silently reset its lifetime privacy budget. Restore the "
+                "state directory, or re-initialise it explicitly with `fedrg site reinit "
+                "--state-dir DIR --reason TEXT --previous-head ledger_heads.json` (recorded "
+                "in the ledger and shown by `fedrg audit`)")
 
     @staticmethod
     def _run_epsilon(entries: list[Any], run_id: str, cfg: ExperimentConfig) -> float:
