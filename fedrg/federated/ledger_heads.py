@@ -1,7 +1,8 @@
 """The server's memory of each hospital's signed ledger head (``RUN_DIR/ledger_heads.json``).
 
 Every train/evaluate reply carries the hospital's signed ledger head (entries, last hash,
-epsilon, key id). The server keeps the last one per hospital in the run directory, sends it
+epsilon, key id). The server keeps the last one per hospital in the run directory (``{"heads": {site: head}, "nodes":
+{node: site}}``), sends it
 back with the next request (the hospital refuses to train on a ledger that does not extend
 it, unless re-initialised explicitly), and reports a head that does not extend the previous
 one (the run's ``metrics.json`` ``ledger_alerts`` and the server log); ``fedrg audit`` checks
@@ -35,8 +36,22 @@ class HeadBook:
             loaded = json.loads(self.path.read_text())
         except (OSError, ValueError):
             loaded = {}
+        if not isinstance(loaded, dict):
+            loaded = {}
         self.heads: dict[str, dict[str, Any]] = {
-            str(k): v for k, v in loaded.items() if isinstance(v, dict)} if isinstance(loaded, dict) else {}
+            str(k): v for k, v in (loaded.get("heads") or {}).items() if isinstance(v, dict)}
+        #: node id -> site name (so a resumed server sends each node its head)
+        self.nodes: dict[str, str] = {str(k): str(v) for k, v in (loaded.get("nodes") or {}).items()}
+
+    def site_of(self, node: int) -> str | None:
+        """The site name a node answered with before (None: unknown)."""
+        return self.nodes.get(str(node))
+
+    def remember_node(self, node: int, site: str) -> None:
+        """Remember which site answers as ``node``."""
+        if self.nodes.get(str(node)) != site:
+            self.nodes[str(node)] = site
+            self._save()
 
     def get(self, site: str) -> dict[str, Any] | None:
         """The last head ``site`` reported (None when never seen)."""
@@ -62,6 +77,10 @@ class HeadBook:
                          "message": f"{site}: ledger does not extend the last head this server "
                          f"saw: {why}" + ("; the hospital re-initialised its ledger explicitly"
                                           if reinit else "")}
+                if not reinit:
+                    # keep the old head: it goes back with the next request, so the hospital
+                    # keeps refusing until it re-initialises explicitly
+                    return alert
         self.heads[site] = {k: v for k, v in head.items()}
         self._save()
         return alert
@@ -69,5 +88,6 @@ class HeadBook:
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.heads, indent=2, sort_keys=True))
+        tmp.write_text(json.dumps({"heads": self.heads, "nodes": self.nodes}, indent=2,
+                                  sort_keys=True))
         os.replace(tmp, self.path)

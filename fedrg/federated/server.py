@@ -67,16 +67,21 @@ def _mean_metric(values: list[tuple[float, float | None]]) -> float | None:
 
 
 def aggregate_evaluation(replies: list[dict[str, Any]]) -> dict[str, Any]:
-    """Weighted (by validation size) mean of the hospitals' aggregate metrics."""
-    out: dict[str, Any] = {}
-    if not replies:
-        return out
-    for key in ("loss", "findings_f1", "rouge_l"):
-        out[key] = _mean_metric([(r["n"], r["metrics"].get(key)) for r in replies])
-    for key in ("auroc", "auroc_multimodal"):
-        markers = sorted({m for r in replies for m in (r["metrics"].get(key) or {})})
-        out[key] = {m: _mean_metric([(r["n"], (r["metrics"].get(key) or {}).get(m)) for r in replies])
-                    for m in markers}
+    """Metrics from the hospitals' DP releases: noisy aggregates summed over hospitals.
+
+    Each reply's ``release`` holds noisy histograms and sums (see
+    :mod:`fedrg.privacy.release`); the server adds them up and computes loss, AUROC per
+    marker (image only and multimodal), findings F1 and ROUGE-L from the sum. No exact
+    per-hospital metric exists on the server.
+    """
+    from fedrg.privacy.release import metrics_from_release, sum_releases
+
+    released = [r for r in replies if isinstance(r.get("release"), dict)]
+    if not released:
+        return {}
+    markers = list(released[0].get("markers") or [])
+    out = metrics_from_release(sum_releases([r["release"] for r in released]), markers)
+    out["releases"] = len(released)
     return out
 
 
@@ -152,7 +157,7 @@ class FederationServer:
         """One payload per node: the shared one plus the hospital's last known ledger head."""
         out: dict[int, Payload] = {}
         for node in nodes:
-            head = self.heads.get(self.node_sites.get(node, ""))
+            head = self.heads.get(self.node_sites.get(node) or self.heads.site_of(node) or "")
             out[node] = payload if head is None else Payload(
                 meta={**payload.meta, "ledger_head": head}, arrays=payload.arrays)
         return out
@@ -161,6 +166,7 @@ class FederationServer:
         """Keep the ledger head a reply carries; report one that does not extend the last."""
         site = str(meta.get("site", node))
         self.node_sites[node] = site
+        self.heads.remember_node(node, site)
         alert = self.heads.observe(site, meta.get("ledger_head"), round_=rnd)
         if alert:
             log.warning("round %d: %s", rnd, alert["message"])
@@ -287,7 +293,11 @@ class FederationServer:
         for node, r in replies.items():
             if r.ok and r.payload is not None:
                 self._note_head(node, r.payload.meta, rnd)
-        ok = [r.payload.meta for r in replies.values() if r.ok and "metrics" in r.payload.meta]
+        ok = [r.payload.meta for r in replies.values() if r.ok and "release" in r.payload.meta]
+        for r in replies.values():
+            if r.ok and r.payload.meta.get("status") == "declined":
+                log.info("round %d: %s released no metrics: %s", rnd, r.payload.meta.get("site"),
+                         r.payload.meta.get("reason"))
         up = sum(r.payload.nbytes() for r in replies.values() if r.payload is not None)
         return aggregate_evaluation(ok), up, payload.nbytes() * len(nodes)
 

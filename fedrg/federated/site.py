@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -238,7 +237,7 @@ class HospitalSite:
         if cfg.training.threads:
             torch.set_num_threads(cfg.training.threads)
         train_ds = CohortDataset(cache.cohort, cfg.data, cache.train_idx)
-        metrics = train_local(model, train_ds, cfg.training, steps=plan["steps"], privacy=session,
+        train_local(model, train_ds, cfg.training, steps=plan["steps"], privacy=session,
                               seed=seed)
         new_arrays = get_adapter_arrays(model)
         update = [(n - g).astype(np.float32) for n, g in zip(new_arrays, global_arrays, strict=True)]
@@ -268,8 +267,8 @@ class HospitalSite:
                                           min_contributors=cfg.federation.min_hospitals)
             else:  # the server adds the noise to the mean
                 update, _ = clip_update(update, hospital_clip=cfg.privacy.hospital_clip)
-        loss = metrics.get("loss_mean")
-        reply.meta["train_loss"] = float(loss) if loss is not None and math.isfinite(loss) else None
+        # no raw per-hospital training loss leaves (a statistic of the training patients that
+        # no accountant covers): train_local's metrics stay on site
         reply.meta["ledger_head"] = ledger.signed_head()
         if cfg.secagg.enabled:
             state.arrays = {}
@@ -315,17 +314,100 @@ class HospitalSite:
                           target_delta=cfg.privacy.target_delta, accountant=cfg.privacy.accountant)
 
     # ------------------------------------------------------------------ evaluate
+    #: Tests only: seed of the release noise (None: OS entropy). Never set from a config or
+    #: a message: whoever knows the seed can subtract the noise.
+    _release_seed: int | None = None
+
+    def _releases_file(self) -> Path:
+        return Path(self.site.state_dir) / "evaluation_releases.json"
+
+    def _releases(self) -> dict[str, Any]:
+        try:
+            obj = json.loads(self._releases_file().read_text())
+        except (OSError, ValueError):
+            return {}
+        return obj if isinstance(obj, dict) else {}
+
+    def _decline_eval(self, reason: str, message: str, ledger: Any) -> Payload:
+        log.warning("%s declines evaluation: %s", self.site.name, message)
+        return Payload(meta={"site": self.site.name, "status": "declined", "reason": reason,
+                             "message": message, "ledger_head": ledger.signed_head()})
+
     def evaluate(self, payload: Payload) -> Payload:
-        """Aggregate metrics of the global adapter on this hospital's validation split."""
+        """Release this hospital's validation metrics of the global adapter, as its policy allows.
+
+        Metrics leave only as noisy aggregates (a Gaussian mechanism, see
+        :mod:`fedrg.privacy.release`) whose cost is appended to the ledger before they
+        leave; at most once per trained round of this run, never twice for the same global
+        model, at most ``policy.evaluation.max_releases_per_run`` times, on the site's own
+        split, and not at all with ``release = 'none'``. Every limit is checked before any
+        patient file is read.
+        """
         from fedrg.data.dataset import CohortDataset
         from fedrg.model.payload import set_adapter_arrays
-        from fedrg.train.evaluate import evaluate
+        from fedrg.privacy.accounting import calibrate_noise_multiplier, epsilon_of
+        from fedrg.privacy.budget import plan_round
+        from fedrg.privacy.release import noisy_release, sensitivity
+        from fedrg.train.evaluate import release_aggregates
 
         cfg = from_run_config(payload.meta["config"])
+        rnd = int(payload.meta.get("round", 0))
+        run_id = str(payload.meta.get("run_id", ""))
+        policy = self.site.policy
+        ev = policy.evaluation
+        ledger = self._ledger()
+        if ev.release == "none":
+            return self._decline_eval("evaluation_not_released", "this hospital's policy "
+                                      "releases no evaluation metrics (evaluation.release = "
+                                      "'none')", ledger)
+        global_arrays = [np.asarray(a) for a in payload.array_list("global")]
+        model_hash = hashlib.sha256(b"".join(
+            np.ascontiguousarray(a).tobytes() for a in global_arrays)).hexdigest()
+        entries = ledger.read()
+        trained = {e.round for e in entries if e.kind == "train" and e.run_id == run_id}
+        released = [e for e in entries if e.kind == "evaluation" and e.run_id == run_id]
+        seen_models = {e.details.get("model_hash") for e in entries if e.kind == "evaluation"}
+        if model_hash in seen_models:
+            return self._decline_eval("evaluation_repeated", "metrics of this global model "
+                                      "were already released once", ledger)
+        if rnd not in trained or any(e.round == rnd for e in released):
+            return self._decline_eval(
+                "evaluation_not_after_training", f"at most one release per round this "
+                f"hospital trained in this run (trained rounds {sorted(trained)}, round {rnd} "
+                "asked)", ledger)
+        if len(released) >= ev.max_releases_per_run:
+            return self._decline_eval(
+                "evaluation_release_cap", f"policy.evaluation.max_releases_per_run="
+                f"{ev.max_releases_per_run} releases already made in this run", ledger)
+        delta = entries[-1].delta if entries else policy.delta_for(1)
+        k = len(cfg.data.markers)
+        sigma = calibrate_noise_multiplier(target_epsilon=ev.epsilon_per_release,
+                                           target_delta=delta, sample_rate=1.0, steps=1,
+                                           accountant=policy.accountant)
+        try:
+            round_plan = plan_round(ledger.history(), noise_multiplier=sigma, sample_rate=1.0,
+                                    steps=1, target_delta=delta, budget=self.site.epsilon_budget,
+                                    accountant=policy.accountant)
+        except BudgetExceededError as err:
+            return self._decline_eval("privacy_budget_exhausted", err.public_message(), ledger)
         cache = self.cohort(cfg)
         model = _model_for(cfg)
-        set_adapter_arrays(model, [np.asarray(a) for a in payload.array_list("global")])
+        set_adapter_arrays(model, global_arrays)
         val_ds = CohortDataset(cache.cohort, cfg.data, cache.val_idx)
-        metrics = evaluate(model, val_ds)
-        keep = {k: metrics.get(k) for k in ("loss", "auroc", "auroc_multimodal", "rouge_l", "findings_f1")}
-        return Payload(meta={"site": self.site.name, "n": len(cache.val_idx), "metrics": keep})
+        exact = release_aggregates(model, val_ds)
+        # the signed entry is on disk before the release can leave the hospital
+        ledger.append(run_id=run_id, round=rnd, noise_multiplier=sigma, sample_rate=1.0, steps=1,
+                      max_grad_norm=sensitivity(k), accountant=policy.accountant,
+                      target_delta=delta, epsilon=round_plan.epsilon_after,
+                      budget=self.site.epsilon_budget, config_hash=cfg.config_hash(),
+                      dataset_fingerprint=cache.fingerprint, policy_hash=policy.policy_hash(),
+                      kind="evaluation",
+                      details={"model_hash": model_hash, "release": len(released) + 1,
+                               "epsilon_per_release": ev.epsilon_per_release})
+        noisy = noisy_release(exact, noise_multiplier=sigma, n_markers=k, seed=self._release_seed)
+        run_segs = [e.segment for e in ledger.read() if e.run_id == run_id and e.steps > 0]
+        return Payload(meta={
+            "site": self.site.name, "status": "ok", "release": noisy,
+            "markers": list(cfg.data.markers), "noise_multiplier": sigma,
+            "epsilon": epsilon_of(run_segs, target_delta=delta, accountant=policy.accountant),
+            "epsilon_lifetime": round_plan.epsilon_after, "ledger_head": ledger.signed_head()})

@@ -281,14 +281,14 @@ class HospitalAudit:
         if self.untrusted_key or (not self.verified and "foreign_key" in self.codes
                                   and self.key_source == "registry"):
             return "UNVERIFIED"
+        if not self.extends_head:
+            return "NOT EXTENDING"
         if not self.verified:
             if self.public_key is None or self.codes <= {"head_missing", "missing"}:
                 return "UNVERIFIED"
             return "TAMPERED"
         if not self.within_budget:
             return "OVER BUDGET"
-        if not self.extends_head:
-            return "NOT EXTENDING"
         if self.within_policy is False:
             return "OUTSIDE POLICY"
         return "MISMATCH"
@@ -624,7 +624,9 @@ def find_heads(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
         except (OSError, ValueError):
             continue
         if isinstance(obj, dict):
-            heads.update({str(k): v for k, v in obj.items() if isinstance(v, dict)})
+            obj = obj.get("heads", obj)
+            heads.update({str(k): v for k, v in obj.items()
+                          if isinstance(v, dict) and "entries" in v})
     return heads
 
 
@@ -665,11 +667,21 @@ def audit_path(
     registry = load_key_registry(keys) if keys is not None else None
     known_heads = find_heads(heads if heads is not None else path)
     locations = find_ledgers(path, public_key=public_key)
-    if not locations:
+    audits = [audit_ledger(loc, rel_tol=rel_tol, policy=policy, registry=registry,
+                           heads=known_heads) for loc in locations]
+    audited = {h.hospital for h in audits}
+    for site, head in sorted(known_heads.items()):
+        if site not in audited and int(head.get("entries", 0) or 0) > 0:
+            missing = HospitalAudit(hospital=site, ledger=Path(path), public_key=None,
+                                    extends_head=False)
+            missing.problems.append(
+                f"the server last saw a ledger of {head.get('entries')} entries (key "
+                f"{head.get('key_id')}, epsilon {head.get('epsilon')}) for {site!r}, and no "
+                "ledger of it is here: its state was wiped or not handed over")
+            audits.append(missing)
+    if not audits:
         raise LedgerError(
             f"no privacy ledger ({LEDGER_NAME}) found under {path}; point `fedrg audit` at a "
             "run directory, a hospital state directory or a ledger file"
         )
-    return AuditResult(Path(path), [
-        audit_ledger(loc, rel_tol=rel_tol, policy=policy, registry=registry, heads=known_heads)
-        for loc in locations])
+    return AuditResult(Path(path), audits)
