@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from fedrg.config import ExperimentConfig, SiteConfig, from_run_config
-from fedrg.errors import BudgetExceededError, FedrgError
+from fedrg.errors import BudgetExceededError, FedrgError, PrivacyError
 from fedrg.federated.payload import Payload
 
 log = logging.getLogger("fedrg.site")
@@ -381,9 +381,16 @@ class HospitalSite:
                 f"{ev.max_releases_per_run} releases already made in this run", ledger)
         delta = entries[-1].delta if entries else policy.delta_for(1)
         k = len(cfg.data.markers)
-        sigma = calibrate_noise_multiplier(target_epsilon=ev.epsilon_per_release,
-                                           target_delta=delta, sample_rate=1.0, steps=1,
-                                           accountant=policy.accountant)
+        try:
+            sigma = calibrate_noise_multiplier(target_epsilon=ev.epsilon_per_release,
+                                               target_delta=delta, sample_rate=1.0, steps=1,
+                                               accountant=policy.accountant)
+        except PrivacyError as err:
+            return self._decline_eval(
+                "evaluation_epsilon_unreachable", f"policy.evaluation.epsilon_per_release="
+                f"{ev.epsilon_per_release} cannot be met by one Gaussian release at delta "
+                f"{delta:g} with the {policy.accountant} accountant ({err}); raise it in the "
+                "hospital's [policy.evaluation]", ledger)
         try:
             round_plan = plan_round(ledger.history(), noise_multiplier=sigma, sample_rate=1.0,
                                     steps=1, target_delta=delta, budget=self.site.epsilon_budget,

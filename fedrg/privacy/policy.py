@@ -36,7 +36,8 @@ class EvaluationPolicy(BaseModel):
         "dp", description="'none': no metric leaves; 'dp': metrics leave through a DP "
         "mechanism whose cost is charged to the ledger")
     epsilon_per_release: float = Field(
-        0.1, gt=0.0, description="epsilon charged for one released evaluation (all metrics)")
+        0.5, gt=0.0, description="epsilon one released evaluation (all metrics) is calibrated "
+        "to; with RDP at delta 1e-5 one Gaussian release cannot go below about 0.19")
     max_releases_per_run: int = Field(
         20, ge=0, description="at most this many evaluation releases per run (and at most one "
         "per trained round of the same global model)")
