@@ -43,6 +43,8 @@ def _previous_head(path: Path | None, name: str) -> dict[str, Any] | None:
         raise FedrgError(f"--previous-head {path}: cannot read a JSON head ({err})") from None
     if isinstance(obj, dict) and "entries" in obj:
         return obj
+    if isinstance(obj, dict) and isinstance(obj.get("heads"), dict):
+        obj = obj["heads"]  # a server's RUN_DIR/ledger_heads.json
     if isinstance(obj, dict) and isinstance(obj.get(name), dict):
         return obj[name]
     raise FedrgError(f"--previous-head {path} holds no ledger head for hospital {name!r} "
