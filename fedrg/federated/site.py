@@ -7,7 +7,11 @@
   (delta from the global adapter). With secure aggregation the update stays in ``state``
   until the masked upload; without, it is returned with its weight.
 * ``secagg_*``: the four secure-aggregation stages (the update only leaves masked).
-* ``evaluate``: aggregate validation metrics of the global adapter.
+* ``evaluate``: a DP release of validation aggregates of the global adapter (noisy, charged
+  to the ledger, as the site's policy allows; see :mod:`fedrg.privacy.release`).
+
+Every reply carries the hospital's signed ledger head; a hospital whose ledger does not
+extend the head the server last saw refuses to train until re-initialised explicitly.
 
 Nothing in a reply names a patient, a path or a sample value.
 """
