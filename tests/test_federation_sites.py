@@ -55,7 +55,9 @@ def test_nearly_spent_hospital_declines_and_the_run_completes(tmp_path, base_dir
         entries = Ledger.open(site.state_dir, hospital=site.name).read()
         assert entries[-1].epsilon <= site.epsilon_budget
     h3 = Ledger.open(sites[2].state_dir, hospital="h3").read()
-    assert len(h3) == 1 and h3[0].epsilon == pytest.approx(eps_round1, rel=1e-6)
+    # round 1's training and its one evaluation release (a DP release, charged too)
+    assert [e.kind for e in h3] == ["train", "evaluation"]
+    assert h3[0].epsilon == pytest.approx(eps_round1, rel=1e-6) and h3[1].epsilon > h3[0].epsilon
     assert json.loads((tmp_path / "s3" / "train_size.json").read_text())  # known before reading data
 
 

@@ -162,13 +162,33 @@ class HospitalSite:
             if cfg.privacy.noise_multiplier is not None:
                 sigma = float(cfg.privacy.noise_multiplier)
             else:
-                # calibrated once for the whole planned federation (rounds x local steps)
+                # calibrated once for the whole planned federation (rounds x local steps),
+                # leaving room for the run's planned evaluation releases (they are charged to
+                # the same ledger and count against the same per-run target)
+                reserve = self._release_reserve(cfg)
+                plan["release_reserve"] = reserve.total_steps if reserve is not None else 0
                 sigma = calibrate_noise_multiplier(
                     target_epsilon=cfg.privacy.target_epsilon, target_delta=cfg.privacy.target_delta,
                     sample_rate=q, steps=steps * cfg.federation.rounds,
-                    accountant=cfg.privacy.accountant)
+                    accountant=cfg.privacy.accountant, prior=reserve)
             plan["noise_multiplier"] = sigma
         return plan
+
+    def _release_reserve(self, cfg: ExperimentConfig) -> Any:
+        """The run's planned evaluation releases as a history (None when there are none)."""
+        from fedrg.privacy.accounting import PrivacyHistory, calibrate_noise_multiplier
+
+        ev = self.site.policy.evaluation
+        n = min(cfg.federation.rounds, ev.max_releases_per_run)
+        if ev.release != "dp" or cfg.federation.fraction_evaluate <= 0 or n <= 0:
+            return None
+        try:
+            sigma = calibrate_noise_multiplier(
+                target_epsilon=ev.epsilon_per_release, target_delta=cfg.privacy.target_delta,
+                sample_rate=1.0, steps=1, accountant=self.site.policy.accountant)
+        except PrivacyError:  # such releases are declined (see evaluate)
+            return None
+        return PrivacyHistory([(sigma, 1.0, n)])
 
     def train(self, payload: Payload, state: Payload) -> Payload:
         """Train one round locally and prepare the update."""
