@@ -35,6 +35,7 @@ COMMAND_MODULES = [
     "fedrg.commands.deploy",  # certs, keys, server, client
     "fedrg.commands.audit",  # audit
     "fedrg.commands.roster",  # roster (secure aggregation peers)
+    "fedrg.commands.site",  # site reinit, site key
 ]
 
 

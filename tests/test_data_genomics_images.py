@@ -11,9 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from fedrg.config import DataConfig
+from fedrg.config import DEFAULT_GENE_PANEL, DataConfig
 from fedrg.data import images
-from fedrg.data.genomics import gene_of_record, read_expression, read_variants, standardise_expression
+from fedrg.data.genomics import (
+    PUBLIC_EXPRESSION_CENTRE,
+    PUBLIC_EXPRESSION_SCALE,
+    _measure_public_constants,
+    gene_of_record,
+    read_expression,
+    read_variants,
+    standardise_expression,
+)
 from fedrg.errors import ImageReadError, Problem
 
 
@@ -34,15 +42,34 @@ def test_expression_reads_panel_in_order_and_reports_rows(tmp_path):
 
 @settings(max_examples=50, deadline=None)
 @given(arrays(np.float64, st.tuples(st.integers(2, 20), st.integers(1, 6)),
-              elements=st.floats(0, 1e5, allow_nan=False)))
-def test_standardise_is_log_zscore(values):
-    z = standardise_expression(values)
+              elements=st.floats(0, 1e5, allow_nan=False)),
+       st.data())
+def test_standardise_is_per_record_public_constants(values, data):
+    """Each record is normalised on its own: log1p and public constants per gene; one
+    patient's values never change another patient's record."""
+    genes = list(DEFAULT_GENE_PANEL[: values.shape[1]])
+    z = standardise_expression(values, genes)
     assert z.dtype == np.float32 and np.isfinite(z).all()
     logv = np.log1p(values)
-    for j in range(values.shape[1]):
-        if logv[:, j].std() > 1e-6:
-            assert abs(z[:, j].mean()) < 1e-3 and abs(z[:, j].std(ddof=1) - 1) < 1e-3
-            assert np.all(np.diff(z[np.argsort(values[:, j]), j]) >= -1e-5)  # monotone
+    centre = np.array([PUBLIC_EXPRESSION_CENTRE[g] for g in genes])
+    scale = np.array([PUBLIC_EXPRESSION_SCALE[g] for g in genes])
+    expected = (logv - centre) / scale
+    assert np.allclose(z, expected, atol=1e-4, rtol=1e-5)
+    # differential: change (or drop) one patient; every other record stays identical
+    i = data.draw(st.integers(0, values.shape[0] - 1))
+    other = values.copy()
+    other[i] = data.draw(arrays(np.float64, values.shape[1], elements=st.floats(0, 1e5, allow_nan=False)))
+    z2 = standardise_expression(other, genes)
+    keep = [k for k in range(values.shape[0]) if k != i]
+    assert np.array_equal(z[keep], z2[keep])
+    assert np.array_equal(standardise_expression(np.delete(values, i, 0), genes), z[keep])
+
+
+def test_public_expression_constants_are_reproducible():
+    """The constants in code are what the public synthetic generator gives (seed 99)."""
+    centre, scale = _measure_public_constants()
+    assert centre == [PUBLIC_EXPRESSION_CENTRE[g] for g in DEFAULT_GENE_PANEL]
+    assert scale == [PUBLIC_EXPRESSION_SCALE[g] for g in DEFAULT_GENE_PANEL]
 
 
 def test_vcf_genotypes_filters_and_gene_lookup(tmp_path):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import csv
 import gzip
 import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -162,14 +165,45 @@ def test_dataset_items_and_collate(cohorts):
             assert empty[k] == []
 
 
-def test_split_is_stratified_on_idh(cohorts):
+def test_split_depends_on_patient_ids_not_labels(cohorts):
+    """The split is a hash of (split_seed, patient id): flipping every label, or removing one
+    patient, moves no other patient between train and validation."""
     cfg = DataConfig()
     for c in cohorts:
-        _, val = split_indices(c, cfg)
-        idh = c.markers[:, 0]
-        for v in (0.0, 1.0):
-            n = int((idh == v).sum())
-            assert int((idh[val] == v).sum()) == round(cfg.val_fraction * n)
+        train, val = split_indices(c, cfg)
+        assert sorted(train + val) == list(range(len(c))) and train and val
+        assert abs(len(val) / len(c) - cfg.val_fraction) < 0.2
+        ids = c.patient_ids
+        flipped = copy.copy(c)
+        flipped.markers = np.where(np.isnan(c.markers), np.nan, 1.0 - c.markers)
+        assert split_indices(flipped, cfg) == (train, val)
+        dropped = copy.copy(c)
+        dropped.rows = c.rows[1:]
+        dropped.markers = c.markers[1:]
+        tr2, va2 = split_indices(dropped, cfg)
+        assert {ids[i + 1] for i in va2} == {ids[i] for i in val} - {ids[0]}
+        assert {ids[i + 1] for i in tr2} == {ids[i] for i in train} - {ids[0]}
+    # the site's own fraction and seed decide; another seed gives another split
+    c = cohorts[0]
+    assert split_indices(c, cfg, split_seed=1) != split_indices(c, cfg)
+    _, big = split_indices(c, cfg, val_fraction=0.9)
+    assert len(big) > 0.7 * len(c)
+
+
+def test_two_ids_for_one_image_are_refused(fed, tmp_path):
+    """One patient under two ids (same image) would count as two privacy units."""
+    import shutil
+
+    d = tmp_path / "h"
+    shutil.copytree(fed[0], d)
+    rows = list(csv.reader(io.StringIO((d / "manifest.csv").read_text(), newline="")))
+    rows.append(["dup-patient", rows[1][1], "", *(["0"] * (len(rows[0]) - 3))])
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    (d / "manifest.csv").write_text(buf.getvalue())
+    res = runner.invoke(app, ["validate", str(d)])
+    assert res.exit_code != 0
+    assert "same image" in res.output and "dup-patient" in res.output
 
 
 def test_3d_mode(fed):

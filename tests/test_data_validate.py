@@ -101,7 +101,7 @@ def test_hand_made_cohort_loads_through_dataset(cohort_dir, mode, shape):
     assert batch["mutations"][:, g.index("EGFR")].sum() == 0  # LowQual is filtered
     expr = batch["expression"]
     assert expr.shape == (7, len(CFG.gene_panel))
-    assert np.allclose(expr.mean(0), 0, atol=1e-5) and np.allclose(expr.std(0, unbiased=True), 1, atol=1e-4)
+    assert bool(np.isfinite(expr.numpy()).all()) and float(expr.abs().max()) < 20  # per-record, public constants
     assert batch["report"][1] == "" and batch["patient_id"][0] == "pat-01"
     train, val = split_indices(cohort, cfg)
     assert train and val

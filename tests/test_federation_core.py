@@ -78,14 +78,27 @@ def test_checkpoint_atomic_and_backup(tmp_path, monkeypatch):
         load_checkpoint(tmp_path / "elsewhere")
 
 
-def test_aggregate_evaluation_weights_by_size_and_skips_none():
+def test_aggregate_evaluation_sums_releases_before_computing_metrics():
+    """The server sums the hospitals' (here noise-free) aggregates, then computes metrics."""
+    from fedrg.privacy.release import exact_aggregates
+
+    def agg(p, y, loss):
+        p, y = np.asarray(p, float)[:, None], np.asarray(y, float)[:, None]
+        return {k: v.tolist() for k, v in exact_aggregates(
+            markers=["idh"], probs={"auroc": p, "auroc_multimodal": p}, labels=y,
+            mask=np.ones_like(y), loss=np.asarray(loss, float), findings_f1=None,
+            rouge_l=None).items()}
+
     out = aggregate_evaluation([
-        {"n": 10, "metrics": {"loss": 1.0, "auroc": {"idh": 0.8, "mgmt": None}}},
-        {"n": 30, "metrics": {"loss": 2.0, "auroc": {"idh": 0.6, "mgmt": 0.5}}},
+        {"markers": ["idh"], "release": agg([0.9, 0.1], [1, 0], [1.0, 1.0])},
+        {"markers": ["idh"], "release": agg([0.15, 0.85, 0.55], [1, 0, 1], [2.0, 2.0, 2.0])},
+        {"status": "declined"},
     ])
-    assert out["loss"] == pytest.approx(1.75)
-    assert out["auroc"]["idh"] == pytest.approx(0.65)
-    assert out["auroc"]["mgmt"] == pytest.approx(0.5)
+    assert out["releases"] == 2 and out["n"] == 5
+    assert out["loss"] == pytest.approx(8.0 / 5)
+    # pooled: positives in bins 9, 1, 5; negatives in bins 1, 8 -> 3 of 6 pairs, 1 tie
+    assert out["auroc"]["idh"] == pytest.approx((3 + 0.5) / 6)
+    assert out["findings_f1"] is None
 
 
 class ArithmeticHospitals:

@@ -20,7 +20,7 @@ from fedrg.federated.site import HospitalSite
 from fedrg.privacy.accounting import PrivacyHistory, epsilon_of
 from fedrg.privacy.enforce import check_request, plan_under_policy
 from fedrg.privacy.ledger import Ledger
-from fedrg.privacy.policy import SitePolicy
+from fedrg.privacy.policy import EvaluationPolicy, SitePolicy
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +63,10 @@ def test_nearly_spent_hospital_declines_and_the_run_completes(tmp_path, base_dir
     # four hospitals: after h3 declines, each of the three left still has two other peers
     sites = provision_roster(
         [SiteConfig(name=f"h{i}", cohort=str(c), state_dir=str(tmp_path / f"s{i}"),
-                    policy=_policy(base_dir, epsilon_budget=budget if i == 3 else 100.0))
+                    # metrics stay on site here, so the ledger holds training rounds only
+                    # (DP releases of metrics: tests/test_privacy_release.py, adversary tests)
+                    policy=_policy(base_dir, epsilon_budget=budget if i == 3 else 100.0,
+                                   evaluation=EvaluationPolicy(release="none")))
          for i, c in enumerate(cohorts, 1)], tmp_path / "roster.toml")
     earlier = Ledger.open(sites[2].state_dir, hospital="h3")
     for rnd, _ in enumerate(prior, 1):

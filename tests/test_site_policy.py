@@ -225,10 +225,14 @@ def test_non_private_round_is_ledgered_when_the_site_opted_out(tiny_site, base_d
 
 
 def test_evaluation_uses_the_sites_split(tiny_site, base_dir):
+    """The split evaluation runs on is the site's (policy.val_fraction / split_seed), whatever
+    the request asks; and no metric leaves before this hospital trained in the run."""
     from fedrg.federated.payload import Payload
 
     site = tiny_site()
-    honest = site.handle("evaluate", _request(_cfg(base_dir)), Payload())
-    greedy = site.handle("evaluate", _request(_cfg(base_dir, "data.val_fraction=0.99", "data.split_seed=7")),
-                         Payload())
-    assert greedy.meta["n"] == honest.meta["n"] < 12
+    greedy_cfg = _cfg(base_dir, "data.val_fraction=0.99", "data.split_seed=7")
+    reply = site.handle("evaluate", _request(greedy_cfg), Payload())
+    assert reply.meta["status"] == "declined" and "release" not in reply.meta
+    honest = site.cohort(_cfg(base_dir))
+    greedy = site.cohort(greedy_cfg)
+    assert greedy.val_idx == honest.val_idx and 0 < len(honest.val_idx) < 12

@@ -38,6 +38,21 @@ def audit(
         help="Ed25519 public key (PEM) to verify with, instead of ledger_ed25519.pub "
         "next to each ledger",
     ),
+    keys: Path | None = typer.Option(
+        None, "--keys",
+        help="key registry you trust (TOML/JSON: hospital = public key, PEM or base64); a "
+        "ledger signed by any other key is UNVERIFIED",
+    ),
+    policy_file: Path | None = typer.Option(
+        None, "--policy",
+        help="site policy (a hospital TOML with [policy], or the policy table): check every "
+        "entry's mechanism against it",
+    ),
+    heads: Path | None = typer.Option(
+        None, "--heads",
+        help="ledger_heads.json a server kept (default: any found under PATH): report a "
+        "ledger that does not extend the last head seen",
+    ),
     empirical: bool = typer.Option(
         False, "--empirical",
         help="instead of PATH: train with random canary patients, once with DP-SGD and once "
@@ -73,7 +88,12 @@ def audit(
                           "directory or ledger file), or --empirical", highlight=False)
         raise typer.Exit(2)
     try:
-        result = audit_path(path, public_key=public_key)
+        policy = None
+        if policy_file is not None:
+            from fedrg.privacy.policy_audit import load_policy
+
+            policy = load_policy(policy_file)
+        result = audit_path(path, public_key=public_key, policy=policy, keys=keys, heads=heads)
     except FedrgError as err:
         err_console.print(f"[red]error:[/red] {err}", highlight=False)
         if json_out:
@@ -92,7 +112,8 @@ def audit(
         console = Console(width=170)
     table = Table(title=f"Privacy audit of {path}")
     for col in ("hospital", "runs", "rounds", "steps", "noise multiplier", "sample rate",
-                "delta", "eps recorded", "eps recomputed", "eps PLD", "budget", "status"):
+                "delta", "eps recorded", "eps recomputed", "eps PLD", "budget", "eval releases",
+                "status"):
         table.add_column(col, justify="left" if col == "hospital" else "right")
     for h in result.hospitals:
         style = "green" if h.ok else "red"
@@ -100,7 +121,7 @@ def audit(
             h.hospital, str(h.runs), str(h.rounds), f"{h.steps:,}",
             _span(h.noise_multipliers), _span(h.sample_rates), _span(h.deltas, "{:.1e}"),
             _fmt(h.epsilon_recorded), _fmt(h.epsilon_recomputed),
-            _fmt(h.epsilon_recomputed_pld), _fmt(h.budget, 2),
+            _fmt(h.epsilon_recomputed_pld), _fmt(h.budget, 2), str(h.evaluation_releases),
             f"[{style}]{h.status}[/{style}]",
         )
     console.print(table)
@@ -111,7 +132,8 @@ def audit(
             console.print(f"[yellow]{h.hospital}:[/yellow] {w}", highlight=False)
     console.print(
         "eps recomputed: dp_accounting (RDP for rdp ledgers, PLD for prv/gdp), from the "
-        "recorded mechanism parameters only; eps PLD: tighter bound, for reference.",
+        "recorded mechanism parameters only (DP-SGD rounds and DP evaluation releases "
+        "alike); eps PLD: tighter bound, for reference.",
         style="dim", highlight=False,
     )
     if html_out is not None:

@@ -82,6 +82,9 @@ def simulated_policy(table: dict[str, Any] | None, *, source: str = "[site_polic
 
     Unset ``epsilon_budget`` defaults to :data:`DEFAULT_SIMULATED_BUDGET` (simulations reuse
     their synthetic hospitals' ledgers across runs); ``budget`` (``--budget``) overrides it.
+    Unset ``evaluation.release`` defaults to ``'exact'``: synthetic cohorts are public, so
+    their metrics leave without noise (still once per trained round, and ledgered as a
+    non-private release); a real hospital's default is ``'dp'``.
     """
     from pydantic import ValidationError
 
@@ -89,6 +92,11 @@ def simulated_policy(table: dict[str, Any] | None, *, source: str = "[site_polic
     if budget is not None:
         data["epsilon_budget"] = budget
     data.setdefault("epsilon_budget", DEFAULT_SIMULATED_BUDGET)
+    # synthetic cohorts are public: their metrics leave exactly (an explicit, ledgered opt-out;
+    # set [site_policy.evaluation] release = "dp" to see what a real hospital would release)
+    evaluation = dict(data.get("evaluation") or {})
+    evaluation.setdefault("release", "exact")
+    data["evaluation"] = evaluation
     if "epsilon_per_run" not in data:  # a small --budget also caps the run
         data["epsilon_per_run"] = min(SitePolicy.model_fields["epsilon_per_run"].default,
                                       float(data["epsilon_budget"]))
@@ -262,7 +270,8 @@ def register(app: typer.Typer) -> None:
                           f"{cfg.federation.rounds} rounds, DP {'on' if cfg.privacy.enabled else 'OFF'}"
                           f" (target epsilon {cfg.privacy.target_epsilon}), secure aggregation "
                           f"{'on' if cfg.secagg.enabled else 'OFF'}; site policy from "
-                          f"{policy_source}; run directory {run_dir}")
+                          f"{policy_source} (metrics released: {policy.evaluation.release}); "
+                          f"run directory {run_dir}")
             t0 = time.perf_counter()
             result = run_simulated_federation(
                 cfg, run_dir, sites, resume=resume is not None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -107,37 +108,45 @@ def collate_samples(items: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def split_indices(cohort: Cohort, data_cfg: DataConfig) -> tuple[list[int], list[int]]:
-    """Deterministic train/validation split of one cohort, stratified on IDH when known.
+def split_indices(cohort: Cohort, data_cfg: DataConfig, *, val_fraction: float | None = None,
+                  split_seed: int | None = None) -> tuple[list[int], list[int]]:
+    """Deterministic train/validation split that depends on patient ids only, never on labels.
 
-    Each stratum (IDH 0, IDH 1, IDH unknown; the first marker when ``idh_mutant`` is not
-    configured) is shuffled with ``data_cfg.split_seed`` and ``round(val_fraction * size)``
-    of it goes to validation. Both parts are non-empty when the cohort has >= 2 patients.
+    Patient ``p`` goes to validation when ``sha256(f"{split_seed}:{p}")``, read as a number in
+    [0, 1), is below ``val_fraction``: each patient's side depends on its own id and the
+    site's seed alone, so adding, removing or relabelling one patient moves no other patient
+    (the DP argument needs this). Only in a cohort of >= 2 patients where one side would be
+    empty does the patient with the smallest (or largest) hash move over.
+
+    Parameters
+    ----------
+    cohort : Cohort
+        The validated cohort.
+    data_cfg : DataConfig
+        Default ``val_fraction`` and ``split_seed`` (a site passes its policy's instead).
+    val_fraction, split_seed : optional
+        Override the data config (the hospital's policy fixes both).
 
     Returns
     -------
     tuple[list[int], list[int]]
         Sorted train and validation positions.
     """
-    n = len(cohort)
-    k = data_cfg.markers.index("idh_mutant") if "idh_mutant" in data_cfg.markers else 0
-    col = cohort.markers[:, k] if n else np.zeros(0)
-    strata = np.where(np.isnan(col), 2, col).astype(int)
-    rng = np.random.default_rng([data_cfg.split_seed, 0x5917])
-    val: list[int] = []
-    for s in (0, 1, 2):
-        members = np.flatnonzero(strata == s)
-        if members.size == 0:
-            continue
-        members = members[rng.permutation(members.size)]
-        take = round(data_cfg.val_fraction * members.size)
-        val.extend(int(i) for i in members[:take])
+    frac = data_cfg.val_fraction if val_fraction is None else float(val_fraction)
+    seed = data_cfg.split_seed if split_seed is None else int(split_seed)
+    u = [split_point(seed, pid) for pid in cohort.patient_ids]
+    n = len(u)
+    val = {i for i in range(n) if u[i] < frac}
     if n >= 2:
-        order = [int(i) for i in rng.permutation(n)]
         if not val:
-            val = [order[0]]
+            val = {min(range(n), key=u.__getitem__)}
         elif len(val) == n:
-            val.remove(order[0])
-    val_set = set(val)
-    train = [i for i in range(n) if i not in val_set]
-    return train, sorted(val_set)
+            val.discard(max(range(n), key=u.__getitem__))
+    train = [i for i in range(n) if i not in val]
+    return train, sorted(val)
+
+
+def split_point(split_seed: int, patient_id: str) -> float:
+    """Where patient ``patient_id`` falls in [0, 1) under ``split_seed`` (sha256 of both)."""
+    digest = hashlib.sha256(f"{int(split_seed)}:{patient_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64

@@ -74,6 +74,7 @@ def read_manifest(path: Path, markers: list[str], problems: list[Problem]) -> li
     idx = {name: i for i, name in enumerate(header)}
     rows: list[ManifestRow] = []
     seen: dict[str, int] = {}
+    seen_images: dict[str, tuple[str, int]] = {}
     for rowno, fields in enumerate(reader, start=2):
         if not fields or all(not f.strip() for f in fields):
             continue
@@ -109,6 +110,18 @@ def read_manifest(path: Path, markers: list[str], problems: list[Problem]) -> li
                 "folder and stay inside it", rowno,
             ))
             ok = False
+        elif ok:
+            norm = str(PurePosixPath(image))
+            if norm in seen_images:
+                other, other_row = seen_images[norm]
+                problems.append(Problem(
+                    MANIFEST, f"patient {pid!r} points to the same image {image!r} as patient "
+                    f"{other!r} (row {other_row}): one patient under two ids would count as two "
+                    "privacy units; merge the rows into one patient", rowno,
+                ))
+                ok = False
+            else:
+                seen_images[norm] = (pid, rowno)
         values = []
         for m in markers:
             v = parse_marker(get(m))
@@ -139,7 +152,8 @@ class Cohort:
     images:
         ``[1, H, W]`` or ``[1, D, H, W]`` float32 arrays (see :func:`fedrg.data.images.prepare_image`).
     expression:
-        ``[N, G]`` float32, log1p + standardised within the cohort (zeros without genomics).
+        ``[N, G]`` float32, log1p, centred and scaled with public per-gene constants (no statistic of
+        other patients; see :mod:`fedrg.data.genomics`); zeros without genomics.
     has_genomics:
         ``[N]`` float32, 1.0 where the patient has an expression profile.
     mutations:

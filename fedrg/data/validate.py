@@ -162,7 +162,7 @@ def validate_cohort(path: str | Path, data_cfg: DataConfig) -> ValidationResult:
                 bad_cells = np.isnan(raw[:, [j for j, gname in enumerate(table.genes)
                                              if gname in table.genes_found]])
                 if not bad_cells.any():
-                    expression = standardise_expression(raw)
+                    expression = standardise_expression(raw, table.genes)
                     has_genomics[:] = 1.0
 
     # ---- variants

@@ -67,16 +67,21 @@ def _mean_metric(values: list[tuple[float, float | None]]) -> float | None:
 
 
 def aggregate_evaluation(replies: list[dict[str, Any]]) -> dict[str, Any]:
-    """Weighted (by validation size) mean of the hospitals' aggregate metrics."""
-    out: dict[str, Any] = {}
-    if not replies:
-        return out
-    for key in ("loss", "findings_f1", "rouge_l"):
-        out[key] = _mean_metric([(r["n"], r["metrics"].get(key)) for r in replies])
-    for key in ("auroc", "auroc_multimodal"):
-        markers = sorted({m for r in replies for m in (r["metrics"].get(key) or {})})
-        out[key] = {m: _mean_metric([(r["n"], (r["metrics"].get(key) or {}).get(m)) for r in replies])
-                    for m in markers}
+    """Metrics from the hospitals' DP releases: noisy aggregates summed over hospitals.
+
+    Each reply's ``release`` holds noisy histograms and sums (see
+    :mod:`fedrg.privacy.release`); the server adds them up and computes loss, AUROC per
+    marker (image only and multimodal), findings F1 and ROUGE-L from the sum. No exact
+    per-hospital metric exists on the server.
+    """
+    from fedrg.privacy.release import metrics_from_release, sum_releases
+
+    released = [r for r in replies if isinstance(r.get("release"), dict)]
+    if not released:
+        return {}
+    markers = list(released[0].get("markers") or [])
+    out = metrics_from_release(sum_releases([r["release"] for r in released]), markers)
+    out["releases"] = len(released)
     return out
 
 
@@ -117,6 +122,12 @@ class FederationServer:
         self.metrics: dict[str, Any] = {"run_id": self.run_id, "config_hash": cfg.config_hash(),
                                         "rounds": []}
         self.start_round = 1
+        # the last signed ledger head each hospital reported, kept in the run directory and
+        # sent back with the next request (see fedrg.federated.ledger_heads)
+        from fedrg.federated.ledger_heads import HeadBook
+
+        self.heads = HeadBook(self.run_dir)
+        self.node_sites: dict[int, str] = {}
         if cfg.secagg.enabled and secure_aggregate is None:
             raise FedrgError("secagg.enabled=true but no secure-aggregation driver was given")
 
@@ -143,6 +154,25 @@ class FederationServer:
             p.meta["hospitals_in_round"] = int(hospitals_in_round)
         p.put_array_list("global", self.global_arrays)
         return p
+
+    def _payloads(self, payload: Payload, nodes: list[int]) -> dict[int, Payload]:
+        """One payload per node: the shared one plus the hospital's last known ledger head."""
+        out: dict[int, Payload] = {}
+        for node in nodes:
+            head = self.heads.get(self.node_sites.get(node) or self.heads.site_of(node) or "")
+            out[node] = payload if head is None else Payload(
+                meta={**payload.meta, "ledger_head": head}, arrays=payload.arrays)
+        return out
+
+    def _note_head(self, node: int, meta: dict[str, Any], rnd: int) -> None:
+        """Keep the ledger head a reply carries; report one that does not extend the last."""
+        site = str(meta.get("site", node))
+        self.node_sites[node] = site
+        self.heads.remember_node(node, site)
+        alert = self.heads.observe(site, meta.get("ledger_head"), round_=rnd)
+        if alert:
+            log.warning("round %d: %s", rnd, alert["message"])
+            self.metrics.setdefault("ledger_alerts", []).append(alert)
 
     def run(self, transport: Transport) -> ServerResult:
         """Run rounds ``start_round .. cfg.federation.rounds``."""
@@ -181,7 +211,7 @@ class FederationServer:
                      ) -> tuple[RoundOutcome, int, int]:
         outcome = RoundOutcome(round=rnd)
         payload = self._train_payload(rnd, hospitals_in_round=len(sampled))
-        replies = transport.send("train", dict.fromkeys(sampled, payload), round_=rnd,
+        replies = transport.send("train", self._payloads(payload, sampled), round_=rnd,
                                  timeout=self.timeout)
         bytes_down = payload.nbytes() * len(sampled)
         bytes_up = sum(r.payload.nbytes() for r in replies.values() if r.payload is not None)
@@ -197,6 +227,7 @@ class FederationServer:
                 continue
             meta = reply.payload.meta
             site = str(meta.get("site", node))
+            self._note_head(node, meta, rnd)
             if meta.get("epsilon") is not None:
                 epsilons[site] = float(meta["epsilon"])
             if meta.get("epsilon_lifetime") is not None:
@@ -263,9 +294,16 @@ class FederationServer:
         if not nodes:
             return {}, 0, 0
         payload = self._train_payload(rnd)
-        replies = transport.send("evaluate", dict.fromkeys(nodes, payload), round_=rnd,
+        replies = transport.send("evaluate", self._payloads(payload, nodes), round_=rnd,
                                  timeout=self.timeout)
-        ok = [r.payload.meta for r in replies.values() if r.ok and "metrics" in r.payload.meta]
+        for node, r in replies.items():
+            if r.ok and r.payload is not None:
+                self._note_head(node, r.payload.meta, rnd)
+        ok = [r.payload.meta for r in replies.values() if r.ok and "release" in r.payload.meta]
+        for r in replies.values():
+            if r.ok and r.payload.meta.get("status") == "declined":
+                log.info("round %d: %s released no metrics: %s", rnd, r.payload.meta.get("site"),
+                         r.payload.meta.get("reason"))
         up = sum(r.payload.nbytes() for r in replies.values() if r.payload is not None)
         return aggregate_evaluation(ok), up, payload.nbytes() * len(nodes)
 
@@ -294,6 +332,9 @@ class FederationServer:
             row["epsilon_hospital_level"] = outcome.metrics["epsilon_hospital_level"]
         if outcome.reason:
             row["reason"] = outcome.reason
+        alerts = [a for a in self.metrics.get("ledger_alerts", []) if a.get("round") == rnd]
+        if alerts:
+            row["ledger_alerts"] = alerts
         self.metrics["rounds"].append(row)
         self.on_round(row)
 

@@ -9,7 +9,11 @@
   global adapter). With secure aggregation the update stays in ``state``
   until the masked upload; without, it is returned with its weight.
 * ``secagg_*``: the four secure-aggregation stages (the update only leaves masked).
-* ``evaluate``: aggregate validation metrics of the global adapter.
+* ``evaluate``: a DP release of validation aggregates of the global adapter (noisy, charged
+  to the ledger, as the site's policy allows; see :mod:`fedrg.privacy.release`).
+
+Every reply carries the hospital's signed ledger head; a hospital whose ledger does not
+extend the head the server last saw refuses to train until re-initialised explicitly.
 
 Nothing in a reply names a patient, a path or a sample value.
 """
@@ -19,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +31,13 @@ import numpy as np
 import torch
 
 from fedrg.config import ExperimentConfig, SiteConfig, from_run_config
-from fedrg.errors import BudgetExceededError, FedrgError, PolicyViolationError
+from fedrg.errors import BudgetExceededError, FedrgError, PolicyViolationError, PrivacyError
 from fedrg.federated.payload import Payload
 
 log = logging.getLogger("fedrg.site")
+
+#: ``reason`` of a refusal because the ledger does not extend the head the server saw.
+LEDGER_NOT_EXTENDING = "ledger_not_extending"
 
 _SITES: dict[str, HospitalSite] = {}
 
@@ -88,7 +94,9 @@ class HospitalSite:
         key = cfg.data.model_dump_json()
         if self._cohort is None or self._cohort.key != key:
             cohort = load_cohort(self.site.cohort, cfg.data)
-            train_idx, val_idx = split_indices(cohort, cfg.data)
+            train_idx, val_idx = split_indices(cohort, cfg.data,
+                                               val_fraction=self.site.policy.val_fraction,
+                                               split_seed=self.site.policy.split_seed)
             manifest = Path(self.site.cohort) / "manifest.csv"
             fingerprint = hashlib.sha256(manifest.read_bytes()).hexdigest()
             self._cohort = _CohortCache(key, cohort, list(train_idx), list(val_idx), fingerprint)
@@ -166,12 +174,34 @@ class HospitalSite:
                                            requested="NaN/Inf values", allowed="finite values")
         return model, got
 
-    def _refuse(self, reply: Payload, rnd: int, err: PolicyViolationError) -> Payload:
+    def _refuse(self, reply: Payload, rnd: int, err: PolicyViolationError, ledger: Any) -> Payload:
         from fedrg.privacy.enforce import refusal_reply
 
         log.warning("%s refuses round %d (nothing spent, no data sent): %s", self.site.name, rnd, err)
         reply.meta.update(refusal_reply(err))
+        reply.meta["ledger_head"] = ledger.signed_head()
         return reply
+
+    def _releases_per_run(self, cfg: ExperimentConfig) -> int:
+        """How many evaluation releases this run may make at this hospital (its policy's cap)."""
+        ev = self.site.policy.evaluation
+        if ev.release != "dp" or cfg.federation.fraction_evaluate <= 0:
+            return 0
+        return min(cfg.federation.rounds, ev.max_releases_per_run)
+
+    def _release_sigma(self, target_delta: float) -> float | None:
+        """Noise multiplier of one evaluation release (None: such releases are declined)."""
+        from fedrg.privacy.accounting import calibrate_noise_multiplier
+
+        policy = self.site.policy
+        if policy.evaluation.release != "dp":
+            return None
+        try:
+            return calibrate_noise_multiplier(
+                target_epsilon=policy.evaluation.epsilon_per_release, target_delta=target_delta,
+                sample_rate=1.0, steps=1, accountant=policy.accountant)
+        except PrivacyError:  # unreachable epsilon: such releases are declined (see evaluate)
+            return None
 
     def train(self, payload: Payload, state: Payload) -> Payload:
         """Train one round locally and prepare the update.
@@ -194,6 +224,16 @@ class HospitalSite:
         run_id = str(payload.meta["run_id"])
         reply = Payload(meta={"site": self.site.name, "status": "ok"})
         session = None
+        # A server that saw this hospital's ledger before sends its last signed head back: a
+        # ledger that does not extend it (state wiped, entries removed) trains only after an
+        # explicit `fedrg site reinit`, which is recorded. Checked before any patient file.
+        ledger = self._ledger()
+        refusal = self.check_known_head(ledger, payload.meta.get("ledger_head"))
+        if refusal:
+            log.warning("%s refuses round %d: %s", self.site.name, rnd, refusal)
+            reply.meta.update(status="declined", reason=LEDGER_NOT_EXTENDING, message=refusal,
+                              ledger_head=ledger.signed_head())
+            return reply
         try:
             # 1. no data needed: the request against the policy, then the server's arrays
             peers = payload.meta.get("hospitals_in_round")
@@ -209,13 +249,16 @@ class HospitalSite:
                 cache = self.cohort(cfg)
                 n_train = len(cache.train_idx)
                 self._remember_train_size(cfg, n_train)
-            ledger = self._ledger()
             entries = ledger.read()
             run_segments = [e.segment for e in entries if e.run_id == run_id and e.private and e.steps > 0]
+            releases_done = sum(1 for e in entries if e.run_id == run_id and e.kind == "evaluation")
             plan = plan_under_policy(cfg, policy, n_train=n_train, round_=rnd,
-                                     run_history=run_segments)
+                                     run_history=run_segments,
+                                     release_noise_multiplier=self._release_sigma(policy.delta_for(n_train)),
+                                     releases_per_run=self._releases_per_run(cfg),
+                                     releases_done=releases_done)
         except PolicyViolationError as err:
-            return self._refuse(reply, rnd, err)
+            return self._refuse(reply, rnd, err, ledger)
         past = [e.segment for e in entries if e.private and e.steps > 0]
         if plan.replanned:
             log.warning("%s round %d: this run already spent epsilon %.3f of its cap %.3f; "
@@ -234,6 +277,7 @@ class HospitalSite:
                 reply.meta["epsilon"] = self._run_epsilon(entries, run_id, plan.target_delta,
                                                           plan.accountant)
                 reply.meta["epsilon_lifetime"] = float(err.epsilon_spent)
+                reply.meta["ledger_head"] = ledger.signed_head()
                 return reply
         if cache is None:
             cache = self.cohort(cfg)
@@ -263,8 +307,7 @@ class HospitalSite:
         if cfg.training.threads:
             torch.set_num_threads(cfg.training.threads)
         train_ds = CohortDataset(cache.cohort, cfg.data, cache.train_idx)
-        metrics = train_local(model, train_ds, cfg.training, steps=plan.steps, privacy=session,
-                              seed=seed)
+        train_local(model, train_ds, cfg.training, steps=plan.steps, privacy=session, seed=seed)
         new_arrays = get_adapter_arrays(model)
         update = [(n - g).astype(np.float32) for n, g in zip(new_arrays, global_arrays, strict=True)]
         # the signed entry is on disk before the update can leave the hospital; a
@@ -283,7 +326,7 @@ class HospitalSite:
                       accountant=plan.accountant if plan.private else NON_PRIVATE,
                       target_delta=plan.target_delta, epsilon=eps_lifetime,
                       budget=policy.epsilon_budget, config_hash=cfg.config_hash(),
-                      dataset_fingerprint=cache.fingerprint)
+                      dataset_fingerprint=cache.fingerprint, policy_hash=policy.policy_hash())
         reply.meta["epsilon"] = self._run_epsilon(ledger.read(), run_id, plan.target_delta,
                                                   plan.accountant)
         reply.meta["epsilon_lifetime"] = eps_lifetime
@@ -300,8 +343,9 @@ class HospitalSite:
                                           min_contributors=cfg.federation.min_hospitals)
             else:  # the server adds the noise to the mean
                 update, _ = clip_update(update, hospital_clip=cfg.privacy.hospital_clip)
-        loss = metrics.get("loss_mean")
-        reply.meta["train_loss"] = float(loss) if loss is not None and math.isfinite(loss) else None
+        # no raw per-hospital training loss leaves (a statistic of the training patients that
+        # no accountant covers): train_local's metrics stay on site
+        reply.meta["ledger_head"] = ledger.signed_head()
         if cfg.secagg.enabled:
             state.arrays = {}
             state.put_array_list("pending", update)
@@ -311,6 +355,30 @@ class HospitalSite:
             reply.put_array_list("update", update)
             reply.meta["weight"] = weight
         return reply
+
+    def check_known_head(self, ledger: Any, known: Any) -> str:
+        """Why this hospital refuses to train on its ledger given the head a server last saw
+        (``''``: it does not refuse).
+
+        The ledger must extend ``known`` (hold the entry it points to), unless ``known`` has
+        no entries or the ledger starts with an explicit re-initialisation entry.
+        """
+        if not isinstance(known, dict) or not known or int(known.get("entries", 0) or 0) == 0:
+            return ""
+        if ledger.extends(known):
+            return ""
+        if ledger.reinit_entry() is not None:
+            log.warning("%s: the ledger does not extend the head the server last saw (%s "
+                        "entries, key %s); it was re-initialised explicitly, so it trains",
+                        self.site.name, known.get("entries"), known.get("key_id"))
+            return ""
+        return (f"this hospital's ledger ({len(ledger.read())} entries) does not extend the "
+                f"last ledger head the server saw ({known.get('entries')} entries, key "
+                f"{known.get('key_id')}): its state directory was wiped or entries were "
+                "removed, which would silently reset its lifetime privacy budget. Restore the "
+                "state directory, or re-initialise it explicitly with `fedrg site reinit "
+                "--state-dir DIR --reason TEXT --previous-head ledger_heads.json` (recorded "
+                "in the ledger and shown by `fedrg audit`)")
 
     @staticmethod
     def _run_epsilon(entries: list[Any], run_id: str, target_delta: float, accountant: str) -> float:
@@ -324,23 +392,158 @@ class HospitalSite:
                           target_delta=target_delta, accountant=accountant)
 
     # ------------------------------------------------------------------ evaluate
+    #: Tests only: seed of the release noise (None: OS entropy). Never set from a config or
+    #: a message: whoever knows the seed can subtract the noise.
+    _release_seed: int | None = None
+
+    def _releases_file(self) -> Path:
+        return Path(self.site.state_dir) / "evaluation_releases.json"
+
+    def _releases(self) -> dict[str, Any]:
+        try:
+            obj = json.loads(self._releases_file().read_text())
+        except (OSError, ValueError):
+            return {}
+        return obj if isinstance(obj, dict) else {}
+
+    def _decline_eval(self, reason: str, message: str, ledger: Any) -> Payload:
+        log.warning("%s declines evaluation: %s", self.site.name, message)
+        return Payload(meta={"site": self.site.name, "status": "declined", "reason": reason,
+                             "message": message, "ledger_head": ledger.signed_head()})
+
     def evaluate(self, payload: Payload) -> Payload:
-        """Aggregate metrics of the global adapter on this hospital's validation split."""
+        """Release this hospital's validation metrics of the global adapter, as its policy allows.
+
+        Metrics leave only as noisy aggregates (a Gaussian mechanism, see
+        :mod:`fedrg.privacy.release`) whose cost is appended to the ledger before they
+        leave; at most once per trained round of this run, never twice for the same global
+        model, at most ``policy.evaluation.max_releases_per_run`` times, on the site's own
+        split, and not at all with ``release = 'none'``. Every limit is checked before any
+        patient file is read.
+        """
         from fedrg.data.dataset import CohortDataset
         from fedrg.model.payload import set_adapter_arrays
+        from fedrg.privacy.accounting import calibrate_noise_multiplier, epsilon_of
+        from fedrg.privacy.budget import plan_round
         from fedrg.privacy.enforce import check_base_model, check_sizes
-        from fedrg.train.evaluate import evaluate
+        from fedrg.privacy.release import noisy_release, sensitivity
+        from fedrg.train.evaluate import release_aggregates
 
         cfg = from_run_config(payload.meta["config"])
-        check_sizes(cfg)
-        check_base_model(cfg.model.base, self.site.policy)
-        # the site's own split (never the server's val_fraction / split_seed)
-        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
-            "val_fraction": self.site.policy.val_fraction, "split_seed": self.site.policy.split_seed})})
+        try:
+            check_sizes(cfg)
+            check_base_model(cfg.model.base, self.site.policy)
+        except PolicyViolationError as err:
+            return self._decline_eval("policy_violation", err.public_message(), self._ledger())
+        rnd = int(payload.meta.get("round", 0))
+        run_id = str(payload.meta.get("run_id", ""))
+        policy = self.site.policy
+        ev = policy.evaluation
+        ledger = self._ledger()
+        if ev.release == "none":
+            return self._decline_eval("evaluation_not_released", "this hospital's policy "
+                                      "releases no evaluation metrics (evaluation.release = "
+                                      "'none')", ledger)
+        try:  # the same checks as training: count, shapes, finite values
+            model, global_arrays = self._global_arrays(cfg, payload)
+        except PolicyViolationError as err:
+            return self._decline_eval("policy_violation", err.public_message(), ledger)
+        model_hash = hashlib.sha256(b"".join(
+            np.ascontiguousarray(a).tobytes() for a in global_arrays)).hexdigest()
+        entries = ledger.read()
+        trained = {e.round for e in entries if e.kind == "train" and e.run_id == run_id}
+        released = [e for e in entries if e.kind == "evaluation" and e.run_id == run_id]
+        seen_models = {e.details.get("model_hash") for e in entries if e.kind == "evaluation"}
+        if model_hash in seen_models:
+            return self._decline_eval("evaluation_repeated", "metrics of this global model "
+                                      "were already released once", ledger)
+        if rnd not in trained or any(e.round == rnd for e in released):
+            return self._decline_eval(
+                "evaluation_not_after_training", f"at most one release per round this "
+                f"hospital trained in this run (trained rounds {sorted(trained)}, round {rnd} "
+                "asked)", ledger)
+        if len(released) >= ev.max_releases_per_run:
+            return self._decline_eval(
+                "evaluation_release_cap", f"policy.evaluation.max_releases_per_run="
+                f"{ev.max_releases_per_run} releases already made in this run", ledger)
+        n_known = self._known_train_size(cfg)  # set by the round this hospital trained in
+        delta = policy.delta_for(n_known) if n_known else (entries[-1].delta if entries
+                                                           else policy.delta_for(1))
+        k = len(cfg.data.markers)
+        if ev.release == "exact":
+            return self._exact_release(cfg, rnd=rnd, run_id=run_id, model=model,
+                                       global_arrays=global_arrays, model_hash=model_hash,
+                                       n_released=len(released), delta=delta, ledger=ledger)
+        try:
+            sigma = calibrate_noise_multiplier(target_epsilon=ev.epsilon_per_release,
+                                               target_delta=delta, sample_rate=1.0, steps=1,
+                                               accountant=policy.accountant)
+        except PrivacyError as err:
+            return self._decline_eval(
+                "evaluation_epsilon_unreachable", f"policy.evaluation.epsilon_per_release="
+                f"{ev.epsilon_per_release} cannot be met by one Gaussian release at delta "
+                f"{delta:g} with the {policy.accountant} accountant ({err}); raise it in the "
+                "hospital's [policy.evaluation]", ledger)
+        try:
+            round_plan = plan_round(ledger.history(), noise_multiplier=sigma, sample_rate=1.0,
+                                    steps=1, target_delta=delta, budget=policy.epsilon_budget,
+                                    accountant=policy.accountant)
+        except BudgetExceededError as err:
+            return self._decline_eval("privacy_budget_exhausted", err.public_message(), ledger)
         cache = self.cohort(cfg)
-        model = _model_for(cfg)
-        set_adapter_arrays(model, [np.asarray(a) for a in payload.array_list("global")])
+        set_adapter_arrays(model, global_arrays)
         val_ds = CohortDataset(cache.cohort, cfg.data, cache.val_idx)
-        metrics = evaluate(model, val_ds)
-        keep = {k: metrics.get(k) for k in ("loss", "auroc", "auroc_multimodal", "rouge_l", "findings_f1")}
-        return Payload(meta={"site": self.site.name, "n": len(cache.val_idx), "metrics": keep})
+        exact = release_aggregates(model, val_ds)
+        # the signed entry is on disk before the release can leave the hospital
+        ledger.append(run_id=run_id, round=rnd, noise_multiplier=sigma, sample_rate=1.0, steps=1,
+                      max_grad_norm=sensitivity(k), accountant=policy.accountant,
+                      target_delta=delta, epsilon=round_plan.epsilon_after,
+                      budget=policy.epsilon_budget, config_hash=cfg.config_hash(),
+                      dataset_fingerprint=cache.fingerprint, policy_hash=policy.policy_hash(),
+                      kind="evaluation",
+                      details={"model_hash": model_hash, "release": len(released) + 1,
+                               "epsilon_per_release": ev.epsilon_per_release})
+        noisy = noisy_release(exact, noise_multiplier=sigma, n_markers=k, seed=self._release_seed)
+        run_segs = [e.segment for e in ledger.read()
+                    if e.run_id == run_id and e.steps > 0 and e.private]
+        return Payload(meta={
+            "site": self.site.name, "status": "ok", "release": noisy,
+            "markers": list(cfg.data.markers), "noise_multiplier": sigma,
+            "epsilon": epsilon_of(run_segs, target_delta=delta, accountant=policy.accountant),
+            "epsilon_lifetime": round_plan.epsilon_after, "ledger_head": ledger.signed_head()})
+
+    def _exact_release(self, cfg: ExperimentConfig, *, rnd: int, run_id: str, model: Any,
+                       global_arrays: list[np.ndarray], model_hash: str, n_released: int,
+                       delta: float, ledger: Any) -> Payload:
+        """``evaluation.release = 'exact'``: the site's explicit opt-out of DP for its metrics.
+
+        Same limits as a DP release (once per trained round, never twice for one model, the
+        policy's cap), the same aggregates without noise, and still a signed ledger entry,
+        recorded as non-private (accountant ``'none'``): no DP guarantee covers these metrics
+        and ``fedrg audit`` says so. Meant for synthetic or public cohorts (``fedrg simulate``).
+        """
+        from fedrg.data.dataset import CohortDataset
+        from fedrg.model.payload import set_adapter_arrays
+        from fedrg.privacy.ledger import NON_PRIVATE
+        from fedrg.privacy.release import noisy_release, sensitivity
+        from fedrg.train.evaluate import release_aggregates
+
+        policy = self.site.policy
+        k = len(cfg.data.markers)
+        cache = self.cohort(cfg)
+        set_adapter_arrays(model, global_arrays)
+        exact = release_aggregates(model, CohortDataset(cache.cohort, cfg.data, cache.val_idx))
+        eps_lifetime = ledger.epsilon_spent()
+        ledger.append(run_id=run_id, round=rnd, noise_multiplier=0.0, sample_rate=1.0, steps=1,
+                      max_grad_norm=sensitivity(k), accountant=NON_PRIVATE, target_delta=delta,
+                      epsilon=eps_lifetime, budget=policy.epsilon_budget,
+                      config_hash=cfg.config_hash(), dataset_fingerprint=cache.fingerprint,
+                      policy_hash=policy.policy_hash(), kind="evaluation",
+                      details={"model_hash": model_hash, "release": n_released + 1,
+                               "exact": True})
+        return Payload(meta={
+            "site": self.site.name, "status": "ok",
+            "release": noisy_release(exact, noise_multiplier=0.0, n_markers=k),
+            "markers": list(cfg.data.markers), "noise_multiplier": 0.0,
+            "epsilon": self._run_epsilon(ledger.read(), run_id, delta, policy.accountant),
+            "epsilon_lifetime": eps_lifetime, "ledger_head": ledger.signed_head()})

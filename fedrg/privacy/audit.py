@@ -29,9 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from fedrg.errors import LedgerError
 from fedrg.privacy import signing
 from fedrg.privacy.ledger import LEDGER_NAME, LedgerEntry, LedgerReport, verify_ledger
+from fedrg.privacy.policy import SitePolicy
 
 # dp_accounting logs convergence notes for large sample rates on every call; the
 # recomputed value is unaffected (those RDP orders are skipped), so keep the report readable.
@@ -257,23 +260,38 @@ class HospitalAudit:
     codes: set[str] = field(default_factory=set)
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    key_source: str = "file next to the ledger"
+    untrusted_key: bool = False
+    extends_head: bool = True
+    within_policy: bool | None = None
+    policy_hash: str | None = None
+    reinits: list[str] = field(default_factory=list)
+    evaluation_releases: int = 0
 
     @property
     def ok(self) -> bool:
         """True when the ledger verified, the recomputation agreed and the budget held."""
-        return self.verified and self.agrees and self.within_budget and not self.problems
+        return (self.verified and self.agrees and self.within_budget and not self.problems
+                and not self.untrusted_key)
 
     @property
     def status(self) -> str:
         """One word for the table."""
         if self.ok:
             return "OK"
+        if self.untrusted_key or (not self.verified and "foreign_key" in self.codes
+                                  and self.key_source == "registry"):
+            return "UNVERIFIED"
+        if not self.extends_head:
+            return "NOT EXTENDING"
         if not self.verified:
             if self.public_key is None or self.codes <= {"head_missing", "missing"}:
                 return "UNVERIFIED"
             return "TAMPERED"
         if not self.within_budget:
             return "OVER BUDGET"
+        if self.within_policy is False:
+            return "OUTSIDE POLICY"
         return "MISMATCH"
 
     def to_json(self) -> dict[str, Any]:
@@ -306,6 +324,12 @@ class HospitalAudit:
             "dataset_fingerprints": sorted(set(self.dataset_fingerprints)),
             "ledger": str(self.ledger),
             "public_key": str(self.public_key) if self.public_key else None,
+            "key_source": self.key_source,
+            "extends_last_head": self.extends_head,
+            "within_policy": self.within_policy,
+            "policy_hash": self.policy_hash,
+            "reinits": list(self.reinits),
+            "evaluation_releases": self.evaluation_releases,
             "problem_codes": sorted(self.codes),
             "problems": list(self.problems),
             "warnings": list(self.warnings),
@@ -339,12 +363,53 @@ class AuditResult:
 
 
 def audit_ledger(
-    location: LedgerLocation, *, rel_tol: float = DEFAULT_REL_TOL
+    location: LedgerLocation,
+    *,
+    rel_tol: float = DEFAULT_REL_TOL,
+    policy: SitePolicy | None = None,
+    registry: dict[str, Ed25519PublicKey] | None = None,
+    heads: dict[str, dict[str, Any]] | None = None,
 ) -> HospitalAudit:
-    """Verify one ledger, recompute its epsilon independently and check its budget."""
+    """Verify one ledger, recompute its epsilon independently and check its budget.
+
+    Parameters
+    ----------
+    location : LedgerLocation
+        The ledger and the key file found next to it.
+    rel_tol : float
+        Agreement tolerance of recorded and recomputed epsilon.
+    policy : SitePolicy | None
+        Check every entry against this site policy (``--policy``).
+    registry : dict | None
+        Hospital -> public key supplied by the auditor (``--keys``); when given, the key
+        next to the ledger is ignored and a ledger signed by another key is UNVERIFIED.
+    heads : dict | None
+        Hospital -> the last signed ledger head a server saw (``ledger_heads.json``); a
+        ledger that does not extend it is reported.
+    """
     result = HospitalAudit(hospital=location.hospital_hint, ledger=location.ledger,
                            public_key=location.public_key)
-    if location.public_key is None:
+    if registry is not None:
+        pre = _parse_unverified(location.ledger)
+        name = pre.entries[-1].hospital if pre.entries else location.hospital_hint
+        result.hospital = name
+        result.key_source = "registry"
+        key = registry.get(name)
+        if key is None:
+            result.untrusted_key = True
+            result.problems.append(f"hospital {name!r} is not in the key registry: its ledger "
+                                   "cannot be verified against a key the auditor trusts")
+            report = pre
+        else:
+            report = verify_ledger(location.ledger, key)
+            result.verified = report.ok
+            result.codes = set(report.codes)
+            result.problems.extend(str(p) for p in report.problems)
+            if "foreign_key" in result.codes:
+                result.untrusted_key = True
+                result.problems.insert(0, f"the ledger is not signed by the key the registry "
+                                       f"holds for {name!r} (key id {signing.key_id(key)})")
+    elif location.public_key is None:
         result.problems.append(
             f"no public key found next to {location.ledger} "
             f"(expected {location.ledger.parent / signing.PUBLIC_KEY_NAME}); pass "
@@ -360,8 +425,24 @@ def audit_ledger(
         except LedgerError as err:  # unreadable public key
             result.problems.append(str(err))
             report = _parse_unverified(location.ledger)
+    if registry is None:
+        result.key_source = ("--public-key" if location.public_key is not None
+                             and location.public_key.name != signing.PUBLIC_KEY_NAME
+                             else "file next to the ledger")
+        if location.public_key is not None:
+            result.warnings.append(
+                "verified against the public key found next to the ledger, which whoever "
+                "wrote the ledger also wrote; pass --keys REGISTRY with the keys you trust")
     result.warnings.extend(report.warnings)
     entries = report.entries
+    _check_reinit_and_heads(result, location.ledger, entries, heads, registry)
+    if policy is not None and entries:
+        _check_policy(result, entries, policy)
+    elif entries and any(e.version < 2 for e in entries):
+        result.warnings.append(
+            f"{sum(e.version < 2 for e in entries)} entries predate site policies (ledger "
+            "version 1): no policy hash is bound into them")
+    result.evaluation_releases = sum(e.kind == "evaluation" for e in entries)
     if not entries:
         if report.lines == 0 and not result.problems:
             result.warnings.append("the ledger is empty: no training has been recorded")
@@ -451,6 +532,74 @@ def audit_ledger(
     return result
 
 
+def _check_policy(result: HospitalAudit, entries: list[LedgerEntry], policy: SitePolicy) -> None:
+    from fedrg.privacy.policy_audit import check_entries
+
+    def run_eps(run: Sequence[LedgerEntry]) -> float:
+        return rdp_epsilons(list(run))[-1] if run else 0.0
+
+    problems, warnings = check_entries(entries, policy, run_epsilon=run_eps)
+    result.policy_hash = policy.policy_hash()
+    result.within_policy = not problems
+    result.problems.extend(problems)
+    result.warnings.extend(warnings)
+
+
+def _check_reinit_and_heads(
+    result: HospitalAudit, ledger: Path, entries: list[LedgerEntry],
+    heads: dict[str, dict[str, Any]] | None, registry: dict[str, Ed25519PublicKey] | None,
+) -> None:
+    """Show re-initialisations; report a ledger that does not extend the last head seen."""
+    from fedrg.privacy.ledger import GENESIS_HASH, sha256_hex, verify_head
+
+    for e in entries:
+        if e.kind != "reinit":
+            continue
+        prev = e.details.get("previous_head") or {}
+        named = (f"previous ledger: {prev.get('entries')} entries, key {prev.get('key_id')}, "
+                 f"epsilon {prev.get('epsilon')}" if prev else "previous ledger head unknown")
+        result.reinits.append(f"seq {e.seq} at {e.timestamp}: {e.details.get('reason', '')} "
+                              f"({named})")
+        result.warnings.append(f"re-initialised (entry {e.seq}, {e.timestamp}): "
+                               f"{e.details.get('reason', '')}; {named}; the lifetime budget "
+                               "restarted here")
+    if not heads:
+        return
+    name = entries[-1].hospital if entries else result.hospital
+    head = heads.get(name)
+    if head is None:
+        return
+    try:
+        data = ledger.read_bytes()
+    except OSError:
+        return
+    lines = data.split(b"\n")[:-1] if data else []
+    key = registry.get(name) if registry is not None else None
+    if key is None and result.public_key is not None:
+        try:
+            key = signing.load_public_key(result.public_key)
+        except LedgerError:
+            key = None
+    kid = signing.key_id(key) if key is not None else None
+    count = int(head.get("entries", 0) or 0)
+    same_key = kid is not None and head.get("key_id") == kid and verify_head(head, key)
+    extends = same_key and len(lines) >= count and (
+        (sha256_hex(lines[count - 1]) if count else GENESIS_HASH) == head.get("last_hash"))
+    if extends:
+        return
+    why = (f"the server last saw {count} entries (key {head.get('key_id')}, epsilon "
+           f"{head.get('epsilon')}); this ledger holds {len(lines)} entries"
+           + ("" if same_key else f" under key {kid}"))
+    if result.reinits:
+        result.warnings.append(f"does not extend the last head the server saw, after an "
+                               f"explicit re-initialisation: {why}")
+    else:
+        result.extends_head = False
+        result.problems.append(f"the ledger does not extend the last head the server saw and "
+                               f"holds no re-initialisation: {why}; the state was wiped or "
+                               "entries removed, and the lifetime budget silently restarted")
+
+
 def _parse_unverified(path: Path) -> LedgerReport:
     """Parse entries without a key (signatures unchecked) so numbers can still be shown."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -467,23 +616,81 @@ def _parse_unverified(path: Path) -> LedgerReport:
     return verify_ledger_bytes(data, throwaway, path=path, check_head=False)
 
 
+HEADS_NAME = "ledger_heads.json"
+
+
+def find_heads(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """The last ledger heads servers saw, from every ``ledger_heads.json`` under ``path``."""
+    import json
+
+    root = Path(path)
+    files = [root] if root.is_file() and root.name == HEADS_NAME else (
+        sorted(root.rglob(HEADS_NAME)) if root.is_dir() else [])
+    heads: dict[str, dict[str, Any]] = {}
+    for f in files:
+        try:
+            obj = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(obj, dict):
+            obj = obj.get("heads", obj)
+            heads.update({str(k): v for k, v in obj.items()
+                          if isinstance(v, dict) and "entries" in v})
+    return heads
+
+
 def audit_path(
     path: str | os.PathLike[str],
     *,
     public_key: str | os.PathLike[str] | None = None,
     rel_tol: float = DEFAULT_REL_TOL,
+    policy: SitePolicy | None = None,
+    keys: str | os.PathLike[str] | None = None,
+    heads: str | os.PathLike[str] | None = None,
 ) -> AuditResult:
     """Audit every ledger under ``path`` (run directory, state directory or ledger file).
+
+    Parameters
+    ----------
+    path : path-like
+        Run directory, hospital state directory or ledger file.
+    public_key : path-like, optional
+        One key for every ledger (instead of the file next to each).
+    rel_tol : float
+        Agreement tolerance.
+    policy : SitePolicy, optional
+        Check each entry against this site policy.
+    keys : path-like, optional
+        The auditor's key registry (hospital -> key); overrides ``public_key``.
+    heads : path-like, optional
+        A ``ledger_heads.json`` (or a folder holding one); by default any found under
+        ``path`` is used.
 
     Raises
     ------
     LedgerError
-        When ``path`` does not exist or holds no ledger.
+        When ``path`` does not exist or holds no ledger, or the registry is unusable.
     """
+    from fedrg.privacy.key_registry import load_key_registry
+
+    registry = load_key_registry(keys) if keys is not None else None
+    known_heads = find_heads(heads if heads is not None else path)
     locations = find_ledgers(path, public_key=public_key)
-    if not locations:
+    audits = [audit_ledger(loc, rel_tol=rel_tol, policy=policy, registry=registry,
+                           heads=known_heads) for loc in locations]
+    audited = {h.hospital for h in audits}
+    for site, head in sorted(known_heads.items()):
+        if site not in audited and int(head.get("entries", 0) or 0) > 0:
+            missing = HospitalAudit(hospital=site, ledger=Path(path), public_key=None,
+                                    extends_head=False)
+            missing.problems.append(
+                f"the server last saw a ledger of {head.get('entries')} entries (key "
+                f"{head.get('key_id')}, epsilon {head.get('epsilon')}) for {site!r}, and no "
+                "ledger of it is here: its state was wiped or not handed over")
+            audits.append(missing)
+    if not audits:
         raise LedgerError(
             f"no privacy ledger ({LEDGER_NAME}) found under {path}; point `fedrg audit` at a "
             "run directory, a hospital state directory or a ledger file"
         )
-    return AuditResult(Path(path), [audit_ledger(loc, rel_tol=rel_tol) for loc in locations])
+    return AuditResult(Path(path), audits)

@@ -181,7 +181,9 @@ class PolicyPlan:
 
 
 def plan_under_policy(cfg: ExperimentConfig, policy: SitePolicy, *, n_train: int, round_: int,
-                      run_history: Sequence[tuple[float, float, int]] = ()) -> PolicyPlan:
+                      run_history: Sequence[tuple[float, float, int]] = (),
+                      release_noise_multiplier: float | None = None, releases_per_run: int = 0,
+                      releases_done: int = 0) -> PolicyPlan:
     """Plan a round from the hospital's own ``n_train`` and this run's ledger history.
 
     Parameters
@@ -196,6 +198,10 @@ def plan_under_policy(cfg: ExperimentConfig, policy: SitePolicy, *, n_train: int
         This round.
     run_history : sequence of (noise_multiplier, sample_rate, steps)
         What this run (same run id) already spent at this hospital, from its own ledger.
+    release_noise_multiplier, releases_per_run, releases_done : optional
+        The run's planned evaluation releases (Gaussian mechanisms charged to the same ledger,
+        see :mod:`fedrg.privacy.release`) and how many of them ``run_history`` already holds:
+        sigma leaves room for them, so training and releases together stay within the cap.
 
     Returns
     -------
@@ -237,6 +243,11 @@ def plan_under_policy(cfg: ExperimentConfig, policy: SitePolicy, *, n_train: int
     cap = cfg.privacy.target_epsilon  # already min(request, policy.epsilon_per_run)
     acc = policy.accountant
     past = PrivacyHistory([tuple(s) for s in run_history])
+    reserve = reserve_left = PrivacyHistory()
+    if release_noise_multiplier is not None and releases_per_run > 0:
+        reserve = PrivacyHistory([(release_noise_multiplier, 1.0, releases_per_run)])
+        left_releases = max(releases_per_run - releases_done, 0)
+        reserve_left = PrivacyHistory([(release_noise_multiplier, 1.0, left_releases)])
     spent = epsilon_of(past, target_delta=delta, accountant=acc) if past.total_steps else 0.0
     left = cfg.federation.rounds - round_ + 1
     replanned = False
@@ -252,16 +263,17 @@ def plan_under_policy(cfg: ExperimentConfig, policy: SitePolicy, *, n_train: int
         try:
             sigma = calibrate_noise_multiplier(target_epsilon=cap, target_delta=delta,
                                                sample_rate=q, steps=steps * cfg.federation.rounds,
-                                               accountant=acc)
+                                               accountant=acc,
+                                               prior=reserve if reserve.total_steps else None)
             if past.total_steps:
-                projected = epsilon_of(past.extended(noise_multiplier=sigma, sample_rate=q,
-                                                     steps=steps * left),
-                                       target_delta=delta, accountant=acc)
+                projected = epsilon_of((past + reserve_left).extended(
+                    noise_multiplier=sigma, sample_rate=q, steps=steps * left),
+                    target_delta=delta, accountant=acc)
                 if projected > cap * (1 + RUN_CAP_RTOL):
                     replanned = True
                     sigma = calibrate_noise_multiplier(target_epsilon=cap, target_delta=delta,
                                                        sample_rate=q, steps=steps * left,
-                                                       accountant=acc, prior=past)
+                                                       accountant=acc, prior=past + reserve_left)
         except PrivacyError as err:
             raise _refuse("privacy.target_epsilon", cfg.privacy.target_epsilon,
                           f"room left in this run's cap {cap:.4g} (spent {spent:.4g}; {err})"

@@ -13,7 +13,13 @@ Each line is the canonical JSON (sorted keys, no spaces, ASCII) of an entry::
     {"budget", "config_hash", "dataset_fingerprint", "delta", "epsilon", "hospital",
      "key_id", "mechanism": {"accountant", "max_grad_norm", "noise_multiplier",
      "sample_rate", "steps"}, "prev_hash", "round", "run_id", "seq", "signature",
-     "timestamp", "version"}
+     "timestamp", "version", "policy_hash", "kind", "details"}
+
+``policy_hash`` is the sha256 of the site policy the entry was made under
+(:meth:`fedrg.privacy.policy.SitePolicy.policy_hash`), ``kind`` is ``train``,
+``evaluation`` or ``reinit`` and ``details`` a JSON object (a reinit's reason and the
+previous head). Version 1 entries (written before site policies) have none of the three;
+they still verify, and the audit reports that they carry no policy.
 
 ``epsilon`` is the cumulative epsilon of the dataset at ``delta`` after this entry's steps
 (all earlier entries included).
@@ -55,18 +61,24 @@ from fedrg.privacy import signing
 LEDGER_NAME = "ledger.jsonl"
 HEAD_NAME = "ledger_head.json"
 GENESIS_HASH = "0" * 64
-ENTRY_VERSION = 1
+ENTRY_VERSION = 2
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 #: ``mechanism.accountant`` of a non-private round (no DP-SGD; see the module docstring).
 NON_PRIVATE = "none"
+#: What an entry records: a DP-SGD round, a DP release of evaluation metrics (a Gaussian
+#: mechanism, sample_rate 1, steps 1), or an explicit re-initialisation of a fresh ledger
+#: (no steps; names the previous head when it is known).
+KINDS = ("train", "evaluation", "reinit")
 # Slack for float comparisons of epsilon against the budget / the previous entry.
 EPS_TOL = 1e-9
 
-_ENTRY_KEYS = {
+_ENTRY_KEYS_V1 = {
     "budget", "config_hash", "dataset_fingerprint", "delta", "epsilon", "hospital",
     "key_id", "mechanism", "prev_hash", "round", "run_id", "seq", "signature",
     "timestamp", "version",
 }
+# version 2 binds the site policy (its hash) into every entry, and names the entry's kind
+_ENTRY_KEYS = _ENTRY_KEYS_V1 | {"policy_hash", "kind", "details"}
 _MECH_KEYS = {"accountant", "max_grad_norm", "noise_multiplier", "sample_rate", "steps"}
 
 
@@ -119,6 +131,10 @@ class LedgerEntry:
     prev_hash: str
     key_id: str
     signature: str
+    version: int = ENTRY_VERSION
+    policy_hash: str | None = None
+    kind: str = "train"
+    details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def private(self) -> bool:
@@ -132,8 +148,8 @@ class LedgerEntry:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object stored on the entry's line."""
-        return {
-            "version": ENTRY_VERSION,
+        out = {
+            "version": self.version,
             "seq": self.seq,
             "hospital": self.hospital,
             "run_id": self.run_id,
@@ -155,6 +171,10 @@ class LedgerEntry:
             "key_id": self.key_id,
             "signature": self.signature,
         }
+        if self.version >= 2:
+            out.update(policy_hash=self.policy_hash or "", kind=self.kind,
+                       details=dict(self.details))
+        return out
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> LedgerEntry:
@@ -170,6 +190,8 @@ class LedgerEntry:
             budget=float(obj["budget"]), timestamp=obj["timestamp"],
             config_hash=obj["config_hash"], dataset_fingerprint=obj["dataset_fingerprint"],
             prev_hash=obj["prev_hash"], key_id=obj["key_id"], signature=obj["signature"],
+            version=obj["version"], policy_hash=obj.get("policy_hash") or None,
+            kind=obj.get("kind", "train"), details=dict(obj.get("details") or {}),
         )
 
 
@@ -185,11 +207,20 @@ def _check_schema(obj: Any) -> None:
     if not isinstance(obj, dict):
         raise ValueError("entry is not a JSON object")
     keys = set(obj)
-    if keys != _ENTRY_KEYS:
-        missing, extra = sorted(_ENTRY_KEYS - keys), sorted(keys - _ENTRY_KEYS)
+    version = obj.get("version")
+    if version not in (1, ENTRY_VERSION) or isinstance(version, bool):
+        raise ValueError(f"version {version!r} (this fedrg reads 1 and {ENTRY_VERSION})")
+    expected = _ENTRY_KEYS_V1 if version == 1 else _ENTRY_KEYS
+    if keys != expected:
+        missing, extra = sorted(expected - keys), sorted(keys - expected)
         raise ValueError(f"fields missing {missing} / unexpected {extra}")
-    if obj["version"] != ENTRY_VERSION:
-        raise ValueError(f"version {obj['version']!r} (this fedrg reads {ENTRY_VERSION})")
+    if version >= 2:
+        if not isinstance(obj["policy_hash"], str):
+            raise ValueError("policy_hash must be a string")
+        if obj["kind"] not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {obj['kind']!r}")
+        if not isinstance(obj["details"], dict):
+            raise ValueError("details must be a JSON object")
     m = obj["mechanism"]
     if not isinstance(m, dict) or set(m) != _MECH_KEYS:
         raise ValueError(f"mechanism must hold exactly {sorted(_MECH_KEYS)}")
@@ -593,13 +624,19 @@ class Ledger:
         config_hash: str,
         dataset_fingerprint: str,
         timestamp: str | None = None,
+        policy_hash: str = "",
+        kind: str = "train",
+        details: dict[str, Any] | None = None,
+        require_empty: bool = False,
     ) -> LedgerEntry:
         """Append one signed entry (atomically, under an advisory lock).
 
         ``epsilon`` is the cumulative epsilon of the dataset after these steps, at
-        ``target_delta``. The append is refused (nothing written) when the existing ledger
-        does not verify, when ``epsilon`` is below the last recorded value, or when it
-        passes ``budget`` (:class:`BudgetExceededError`).
+        ``target_delta``. ``policy_hash`` binds the site policy the entry was made under;
+        ``kind`` is one of :data:`KINDS`. The append is refused (nothing written) when the
+        existing ledger does not verify, when ``epsilon`` is below the last recorded value,
+        when it passes ``budget`` (:class:`BudgetExceededError`), or, with
+        ``require_empty``, when the ledger already holds entries.
         """
         if self._key is None:
             raise LedgerError(f"ledger {self.path} was opened without a signing key; "
@@ -614,6 +651,10 @@ class Ledger:
                 raise LedgerError("refusing to append to a ledger that does not verify: "
                                   + report.summary())
             last = report.entries[-1] if report.entries else None
+            if require_empty and last is not None:
+                raise LedgerError(
+                    f"ledger {self.path} already holds {len(report.entries)} entries; a "
+                    "re-initialisation starts a fresh ledger only (nothing was written)")
             spent = last.epsilon if last else 0.0
             if last is not None and last.hospital != self.hospital:
                 raise LedgerError(
@@ -653,6 +694,9 @@ class Ledger:
                 "dataset_fingerprint": dataset_fingerprint,
                 "prev_hash": prev_hash,
                 "key_id": signing.key_id(self._key),
+                "policy_hash": str(policy_hash),
+                "kind": kind,
+                "details": dict(details or {}),
             }
             try:
                 _check_schema({**entry, "signature": ""})
@@ -676,3 +720,121 @@ class Ledger:
                                   f"could not be updated ({err}); the next append repairs "
                                   "it") from err
             return LedgerEntry.from_dict(entry)
+
+    # ------------------------------------------------------------------ heads and reinit
+    def signed_head(self) -> dict[str, Any]:
+        """A freshly signed summary of the verified ledger, for the server to keep.
+
+        ``{"entries", "last_hash", "epsilon", "key_id", "hospital", "reinit_seq",
+        "public_key", "signature"}``: ``reinit_seq`` is the sequence number of the latest
+        re-initialisation entry (-1: none); ``public_key`` the raw Ed25519 key (base64), so
+        a server can notice a key change; the signature covers every other field.
+        Raises :class:`LedgerError` when the ledger does not verify.
+        """
+        if self._key is None:
+            raise LedgerError(f"ledger {self.path} was opened without a signing key")
+        data, _ = self._read_bytes()
+        entries = self.read()
+        lines = data.split(b"\n")[:-1] if data else []
+        reinits = [e.seq for e in entries if e.kind == "reinit"]
+        head: dict[str, Any] = {
+            "entries": len(entries),
+            "last_hash": sha256_hex(lines[-1]) if lines else GENESIS_HASH,
+            "epsilon": entries[-1].epsilon if entries else 0.0,
+            "key_id": signing.key_id(self._key),
+            "hospital": self.hospital,
+            "reinit_seq": reinits[-1] if reinits else -1,
+            "public_key": signing.raw_public_b64(self._key),
+        }
+        head["signature"] = signing.sign(self._key, signed_payload(head))
+        return head
+
+    def extends(self, head: dict[str, Any]) -> bool:
+        """True when this ledger holds the entry ``head`` points to (it extends ``head``)."""
+        try:
+            count, last_hash = int(head["entries"]), str(head["last_hash"])
+        except (KeyError, TypeError, ValueError):
+            return False
+        if count == 0:
+            return True
+        data, _ = self._read_bytes()
+        lines = data.split(b"\n")[:-1] if data else []
+        return len(lines) >= count and sha256_hex(lines[count - 1]) == last_hash
+
+    def reinitialise(
+        self,
+        *,
+        reason: str,
+        previous_head: dict[str, Any] | None,
+        policy_hash: str,
+        accountant: str,
+        target_delta: float,
+        budget: float,
+    ) -> LedgerEntry:
+        """Start a fresh ledger with a signed ``reinit`` entry (the only way to train again
+        after a server has seen an earlier ledger of this hospital).
+
+        Parameters
+        ----------
+        reason : str
+            Why the state was re-initialised (recorded; shown by ``fedrg audit``).
+        previous_head : dict | None
+            The last head of the old ledger, when known (e.g. the server's
+            ``ledger_heads.json``); recorded as given.
+        policy_hash : str
+            Hash of the site policy in force.
+        accountant, target_delta, budget
+            Recorded with the entry (no steps, epsilon 0).
+
+        Raises
+        ------
+        LedgerError
+            When the ledger already holds entries, or ``reason`` is empty.
+        """
+        if not reason.strip():
+            raise LedgerError("a re-initialisation needs a reason (--reason TEXT); it is "
+                              "recorded in the ledger and shown by `fedrg audit`")
+        details = {"reason": reason.strip(), "previous_head": previous_head}
+        return self.append(run_id="reinit", round=0, noise_multiplier=0.0, sample_rate=1.0,
+                           steps=0, max_grad_norm=1.0, accountant=accountant,
+                           target_delta=target_delta, epsilon=0.0, budget=budget,
+                           config_hash="", dataset_fingerprint="", policy_hash=policy_hash,
+                           kind="reinit", details=details, require_empty=True)
+
+    def reinit_entry(self) -> LedgerEntry | None:
+        """The latest ``reinit`` entry (None when the ledger was never re-initialised)."""
+        found = [e for e in self.read() if e.kind == "reinit"]
+        return found[-1] if found else None
+
+
+def head_extends(known: dict[str, Any], current: dict[str, Any]) -> tuple[bool, str]:
+    """Does the head a hospital reports now (``current``) extend the one seen last (``known``)?
+
+    Judged from the two signed heads alone (a server holds no ledger lines): the same key,
+    at least as many entries, and the same last hash when the count is unchanged.
+
+    Returns
+    -------
+    tuple[bool, str]
+        ``(True, "")`` or ``(False, why)``.
+    """
+    try:
+        k_entries, c_entries = int(known["entries"]), int(current["entries"])
+        k_key, c_key = str(known["key_id"]), str(current["key_id"])
+    except (KeyError, TypeError, ValueError):
+        return False, "a ledger head is malformed"
+    if k_key != c_key:
+        return False, (f"the ledger is now signed by key {c_key}, the last head seen was "
+                       f"signed by {k_key} ({k_entries} entries): state wiped or key replaced")
+    if c_entries < k_entries:
+        return False, (f"the ledger now holds {c_entries} entries, the last head seen had "
+                       f"{k_entries}: entries were removed")
+    if c_entries == k_entries and current.get("last_hash") != known.get("last_hash"):
+        return False, "the ledger's last entry differs from the one in the last head seen"
+    return True, ""
+
+
+def verify_head(head: dict[str, Any], public_key: Ed25519PublicKey) -> bool:
+    """True when ``head`` (from :meth:`Ledger.signed_head`) is signed by ``public_key``."""
+    sig = head.get("signature")
+    return isinstance(sig, str) and signing.verify(public_key, signed_payload(head), sig)

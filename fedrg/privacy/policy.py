@@ -32,11 +32,14 @@ class EvaluationPolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    release: Literal["none", "dp"] = Field(
+    release: Literal["none", "dp", "exact"] = Field(
         "dp", description="'none': no metric leaves; 'dp': metrics leave through a DP "
-        "mechanism whose cost is charged to the ledger")
+        "mechanism whose cost is charged to the ledger; 'exact': an explicit opt-out for "
+        "synthetic or public cohorts: the same aggregates without noise, still once per "
+        "trained round and recorded in the ledger as a non-private release")
     epsilon_per_release: float = Field(
-        0.1, gt=0.0, description="epsilon charged for one released evaluation (all metrics)")
+        0.5, gt=0.0, description="epsilon one released evaluation (all metrics) is calibrated "
+        "to; with RDP at delta 1e-5 one Gaussian release cannot go below about 0.19")
     max_releases_per_run: int = Field(
         20, ge=0, description="at most this many evaluation releases per run (and at most one "
         "per trained round of the same global model)")

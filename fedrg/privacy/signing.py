@@ -76,6 +76,35 @@ def key_id(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
+def raw_public_b64(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
+    """The raw 32-byte public key, base64 (how key registries and ledger heads carry it)."""
+    pub = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(raw).decode("ascii")
+
+
+def public_key_from_text(text: str) -> Ed25519PublicKey:
+    """An Ed25519 public key from PEM text or base64 of the raw 32 bytes.
+
+    Raises
+    ------
+    LedgerError
+        When ``text`` is neither.
+    """
+    text = text.strip()
+    try:
+        if text.startswith("-----BEGIN"):
+            key = serialization.load_pem_public_key(text.encode())
+        else:
+            raw = base64.b64decode(text.encode("ascii"), validate=True)
+            key = Ed25519PublicKey.from_public_bytes(raw)
+    except (ValueError, TypeError, UnicodeEncodeError) as err:
+        raise LedgerError(f"not an Ed25519 public key (PEM or base64 of 32 bytes): {err}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise LedgerError(f"a {type(key).__name__} key, expected Ed25519")
+    return key
+
+
 def write_keypair(
     private_path: str | os.PathLike[str], public_path: str | os.PathLike[str]
 ) -> Ed25519PrivateKey:

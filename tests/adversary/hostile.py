@@ -63,6 +63,8 @@ def assert_refused(reply: Payload, setting: str, state: Payload | None = None) -
     assert meta["setting"] == setting, meta
     assert meta["allowed"] and setting in meta["message"]
     assert not reply.arrays
-    assert set(meta) == {"site", "status", "reason", "setting", "requested", "allowed", "message"}
+    # plus the hospital's signed ledger head (public: hashes, a count and a signature)
+    assert set(meta) == {"site", "status", "reason", "setting", "requested", "allowed", "message",
+                         "ledger_head"}
     if state is not None:  # nothing pending for a later secure sum either
         assert not state.arrays and "pending_weight" not in state.meta

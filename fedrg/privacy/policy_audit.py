@@ -1,0 +1,148 @@
+"""Check a hospital's ledger against its site policy (``fedrg audit --policy FILE``).
+
+Every entry must carry the hash of the policy given (so it was made under it), and its
+mechanism must lie inside that policy: DP on where required, the site's delta and
+accountant, the noise floor, the caps on clipping norm, sample rate, steps, rounds, the
+per-run and lifetime epsilon, and the evaluation releases. Entries written before site
+policies (ledger version 1) carry no policy hash and are reported as such.
+
+No torch; reads only the policy file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import tomllib
+from pydantic import ValidationError
+
+from fedrg.errors import ConfigError
+from fedrg.privacy.ledger import EPS_TOL, LedgerEntry
+from fedrg.privacy.policy import SitePolicy
+
+
+def load_policy(path: str | os.PathLike[str]) -> SitePolicy:
+    """Read a site policy: a hospital TOML with a ``[policy]`` section, a TOML/JSON file
+    holding the policy table itself, or a JSON dump of :class:`SitePolicy`.
+
+    Raises
+    ------
+    ConfigError
+        Naming the file and the bad key when it cannot be read or validated.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+        raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except OSError as err:
+        raise ConfigError(f"cannot read policy file {path}: {err.strerror}") from None
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"policy file {path} is not valid TOML/JSON: {err}") from None
+    if isinstance(raw, dict) and isinstance(raw.get("policy"), dict):
+        raw = raw["policy"]
+    try:
+        return SitePolicy.model_validate(raw)
+    except ValidationError as err:
+        lines = [f"'{'.'.join(map(str, e['loc']))}' = {e.get('input')!r}: {e['msg']}"
+                 for e in err.errors()]
+        raise ConfigError(f"invalid site policy in {path}:\n  " + "\n  ".join(lines)) from None
+
+
+def check_entries(
+    entries: Sequence[LedgerEntry],
+    policy: SitePolicy,
+    *,
+    run_epsilon: Callable[[Sequence[LedgerEntry]], float],
+) -> tuple[list[str], list[str]]:
+    """Problems and warnings of ``entries`` against ``policy``.
+
+    Parameters
+    ----------
+    entries : sequence of LedgerEntry
+        The verified ledger entries, in order.
+    policy : SitePolicy
+        The policy the auditor holds for this hospital.
+    run_epsilon : callable
+        Epsilon of a run's own entries (the audit's independent accountant).
+
+    Returns
+    -------
+    tuple[list[str], list[str]]
+        ``(problems, warnings)``; any problem fails the audit.
+    """
+    problems: list[str] = []
+    warnings: list[str] = []
+    want = policy.policy_hash()
+    old = [e.seq for e in entries if e.version < 2]
+    if old:
+        problems.append(
+            f"{len(old)} entr{'y' if len(old) == 1 else 'ies'} (seq {_span(old)}) predate site "
+            "policies (ledger version 1, no policy_hash): they cannot be checked against the "
+            "policy given")
+    for e in entries:
+        if e.version < 2:
+            continue
+        where = f"entry {e.seq} (run {e.run_id}, round {e.round}, {e.kind})"
+        if e.policy_hash != want:
+            problems.append(f"{where}: made under policy {(e.policy_hash or '-')[:12]}, not the "
+                            f"policy given ({want[:12]})")
+        if e.kind == "reinit":
+            continue
+        if e.accountant != policy.accountant:
+            problems.append(f"{where}: accountant {e.accountant!r}, the policy fixes "
+                            f"{policy.accountant!r}")
+        if policy.target_delta is not None and not math.isclose(e.delta, policy.target_delta):
+            problems.append(f"{where}: delta {e.delta:g}, the policy fixes {policy.target_delta:g}")
+        elif policy.target_delta is None and e.delta > 1e-5 * (1 + 1e-9):
+            problems.append(f"{where}: delta {e.delta:g} above the policy's "
+                            "min(1e-5, 1/(10 n))")
+        if e.budget > policy.epsilon_budget * (1 + 1e-9):
+            problems.append(f"{where}: budget {e.budget:g} above the policy's lifetime budget "
+                            f"{policy.epsilon_budget:g}")
+        if e.epsilon > policy.epsilon_budget + EPS_TOL:
+            problems.append(f"{where}: cumulative epsilon {e.epsilon:.4f} passes the policy's "
+                            f"lifetime budget {policy.epsilon_budget:g}")
+        if e.kind == "train" and e.steps > 0:
+            if e.noise_multiplier == 0.0 and policy.require_dp:
+                problems.append(f"{where}: trained without DP noise; the policy requires DP")
+            elif e.noise_multiplier < policy.min_noise_multiplier:
+                problems.append(f"{where}: noise multiplier {e.noise_multiplier:.4g} below the "
+                                f"policy's floor {policy.min_noise_multiplier:g}")
+            if e.steps > policy.max_local_steps:
+                problems.append(f"{where}: {e.steps} steps, the policy allows "
+                                f"{policy.max_local_steps} per round")
+            if e.sample_rate > policy.max_sample_rate * (1 + 1e-9):
+                problems.append(f"{where}: sample rate {e.sample_rate:.4g} above the policy's "
+                                f"{policy.max_sample_rate:g}")
+            if e.max_grad_norm > policy.max_grad_norm_cap * (1 + 1e-9):
+                problems.append(f"{where}: clipping norm {e.max_grad_norm:g} above the policy's "
+                                f"cap {policy.max_grad_norm_cap:g}")
+        if e.kind == "evaluation" and policy.evaluation.release == "none":
+            problems.append(f"{where}: an evaluation release, but the policy releases no "
+                            "metrics (evaluation.release = 'none')")
+    runs: dict[str, list[LedgerEntry]] = {}
+    for e in entries:
+        if e.kind != "reinit":
+            runs.setdefault(e.run_id, []).append(e)
+    for run_id, run in runs.items():
+        train_rounds = {e.round for e in run if e.kind == "train"}
+        if len(train_rounds) > policy.max_rounds_per_run:
+            problems.append(f"run {run_id}: {len(train_rounds)} rounds, the policy allows "
+                            f"{policy.max_rounds_per_run}")
+        releases = [e for e in run if e.kind == "evaluation"]
+        if len(releases) > policy.evaluation.max_releases_per_run:
+            problems.append(f"run {run_id}: {len(releases)} evaluation releases, the policy "
+                            f"allows {policy.evaluation.max_releases_per_run}")
+        eps = run_epsilon(run)
+        if eps > policy.epsilon_per_run * (1 + 1e-3):
+            problems.append(f"run {run_id}: recomputed epsilon {eps:.4f} of this run alone passes "
+                            f"the policy's per-run cap {policy.epsilon_per_run:g}")
+    return problems, warnings
+
+
+def _span(seqs: list[int]) -> str:
+    return str(seqs[0]) if len(seqs) == 1 else f"{seqs[0]}-{seqs[-1]}"

@@ -1,0 +1,194 @@
+"""Evaluation metrics as an accounted DP release (a Gaussian mechanism on aggregates).
+
+A hospital never sends exact metrics. It sends, once per release, noisy *aggregates* of its
+fixed validation split, from which the server computes loss, AUROC (image only and
+multimodal, per marker), findings F1 and ROUGE-L over the sum of all hospitals' releases:
+
+* per marker and mode, two histograms of the predicted probability (``BINS`` equal bins)
+  over known positives and known negatives: each patient adds 1 to one bin of one of them;
+* the sums over patients of the loss divided by ``loss_clip`` (clipped to [0, 1]), of the
+  per-patient findings F1 and ROUGE-L (in [0, 1], patients with a reference only), the
+  count of patients and the count of patients with a reference.
+
+Adding or removing one patient changes at most ``2 K`` histogram cells by 1 and the five
+sums by at most 1 each, so the L2 sensitivity is ``sqrt(2 K + 5)`` (K markers). Every
+coordinate gets Gaussian noise of standard deviation ``noise_multiplier * sensitivity``:
+a Gaussian mechanism with noise multiplier ``noise_multiplier``, i.e. one RDP segment
+``(noise_multiplier, sample_rate=1, steps=1)`` in the ledger's history, composed with the
+DP-SGD rounds by the same accountant.
+
+Pure NumPy: no torch, no I/O. The noise generator comes from OS entropy unless a test
+passes a seed.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+BINS = 10
+MODES = ("auroc", "auroc_multimodal")
+SUMS = ("count", "loss", "findings_f1", "rouge_l", "count_ref")
+DEFAULT_LOSS_CLIP = 10.0
+
+
+def sensitivity(n_markers: int) -> float:
+    """L2 sensitivity (one patient added or removed) of :func:`exact_aggregates`."""
+    return math.sqrt(2 * n_markers + len(SUMS))
+
+
+def _bins(p: np.ndarray) -> np.ndarray:
+    return np.clip((np.asarray(p, dtype=np.float64) * BINS).astype(np.int64), 0, BINS - 1)
+
+
+def exact_aggregates(
+    *,
+    markers: Sequence[str],
+    probs: dict[str, np.ndarray],
+    labels: np.ndarray,
+    mask: np.ndarray,
+    loss: np.ndarray,
+    findings_f1: np.ndarray | None,
+    rouge_l: np.ndarray | None,
+    loss_clip: float = DEFAULT_LOSS_CLIP,
+) -> dict[str, np.ndarray]:
+    """The exact (not yet noised) aggregates of one validation split.
+
+    Parameters
+    ----------
+    markers : sequence of str
+        The K marker names.
+    probs : dict
+        ``{"auroc": [N, K] image-only probabilities, "auroc_multimodal": [N, K]}``.
+    labels, mask : np.ndarray
+        ``[N, K]`` marker values and known-mask (1 known).
+    loss : np.ndarray
+        ``[N]`` per-patient loss.
+    findings_f1, rouge_l : np.ndarray | None
+        ``[N]`` per-patient scores in [0, 1], NaN where the patient has no reference.
+    loss_clip : float
+        Per-patient loss bound (larger losses count as ``loss_clip``).
+
+    Returns
+    -------
+    dict[str, np.ndarray]
+        ``hist/<mode>/<marker>/pos`` and ``.../neg`` (``BINS`` counts) and the ``SUMS``
+        (shape ``[1]``), all float64.
+    """
+    n = int(np.asarray(loss).shape[0])
+    out: dict[str, np.ndarray] = {}
+    labels = np.asarray(labels, dtype=np.float64).reshape(n, len(markers))
+    known = np.asarray(mask, dtype=np.float64).reshape(n, len(markers)) > 0.5
+    for mode in MODES:
+        p = np.asarray(probs[mode], dtype=np.float64).reshape(n, len(markers))
+        for j, m in enumerate(markers):
+            b = _bins(p[:, j])
+            pos = known[:, j] & (labels[:, j] > 0.5)
+            neg = known[:, j] & (labels[:, j] <= 0.5)
+            out[f"hist/{mode}/{m}/pos"] = np.bincount(b[pos], minlength=BINS).astype(np.float64)
+            out[f"hist/{mode}/{m}/neg"] = np.bincount(b[neg], minlength=BINS).astype(np.float64)
+    lc = np.clip(np.nan_to_num(np.asarray(loss, dtype=np.float64), nan=loss_clip,
+                               posinf=loss_clip), 0.0, loss_clip) / loss_clip
+    f1 = np.full(n, np.nan) if findings_f1 is None else np.asarray(findings_f1, dtype=np.float64)
+    rl = np.full(n, np.nan) if rouge_l is None else np.asarray(rouge_l, dtype=np.float64)
+    has_ref = ~np.isnan(f1)
+    out["count"] = np.array([float(n)])
+    out["loss"] = np.array([float(lc.sum())])
+    out["findings_f1"] = np.array([float(np.clip(f1[has_ref], 0, 1).sum())])
+    out["rouge_l"] = np.array([float(np.clip(np.nan_to_num(rl[has_ref]), 0, 1).sum())])
+    out["count_ref"] = np.array([float(has_ref.sum())])
+    return out
+
+
+def noisy_release(
+    aggregates: dict[str, np.ndarray],
+    *,
+    noise_multiplier: float,
+    n_markers: int,
+    seed: int | None = None,
+) -> dict[str, list[float]]:
+    """Add Gaussian noise (std ``noise_multiplier * sensitivity``) to every coordinate.
+
+    Parameters
+    ----------
+    aggregates : dict
+        From :func:`exact_aggregates`.
+    noise_multiplier : float
+        Noise relative to the L2 sensitivity (0: exact, tests only).
+    n_markers : int
+        K (fixes the sensitivity).
+    seed : int | None
+        Tests only; ``None`` draws the generator's seed from OS entropy (whoever knows the
+        seed can subtract the noise).
+
+    Returns
+    -------
+    dict[str, list[float]]
+        The noisy aggregates, JSON-able.
+    """
+    rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
+    std = float(noise_multiplier) * sensitivity(n_markers)
+    out: dict[str, list[float]] = {}
+    for key in sorted(aggregates):
+        v = np.asarray(aggregates[key], dtype=np.float64)
+        noise = rng.normal(0.0, std, size=v.shape) if std > 0 else np.zeros_like(v)
+        out[key] = [float(x) for x in v + noise]
+    return out
+
+
+def sum_releases(releases: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Coordinate-wise sum of several hospitals' releases (keys they all share)."""
+    if not releases:
+        return {}
+    keys = set(releases[0])
+    for r in releases[1:]:
+        keys &= set(r)
+    return {k: np.sum([np.asarray(r[k], dtype=np.float64) for r in releases], axis=0)
+            for k in sorted(keys)}
+
+
+def auroc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float | None:
+    """AUROC of binned scores: P(pos > neg) + P(tie) / 2 (negative noisy counts -> 0)."""
+    pos = np.clip(np.asarray(pos, dtype=np.float64), 0.0, None)
+    neg = np.clip(np.asarray(neg, dtype=np.float64), 0.0, None)
+    n_pos, n_neg = pos.sum(), neg.sum()
+    if n_pos <= 0 or n_neg <= 0:
+        return None
+    below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])  # negatives in lower bins
+    return float(np.clip((pos * (below + 0.5 * neg)).sum() / (n_pos * n_neg), 0.0, 1.0))
+
+
+def metrics_from_release(
+    summed: dict[str, np.ndarray], markers: Sequence[str], *, loss_clip: float = DEFAULT_LOSS_CLIP
+) -> dict[str, Any]:
+    """The metrics ``metrics.json`` reports, from (summed) noisy aggregates.
+
+    Returns
+    -------
+    dict
+        ``n`` (noisy count), ``loss`` (mean clipped loss), ``auroc`` and
+        ``auroc_multimodal`` (marker -> AUROC or None), ``findings_f1``, ``rouge_l``.
+    """
+    def ratio(num: str, den: str, scale: float = 1.0, hi: float = 1.0) -> float | None:
+        if num not in summed or den not in summed:
+            return None
+        d = float(np.asarray(summed[den]).sum())
+        if d < 1.0:
+            return None
+        return float(np.clip(float(np.asarray(summed[num]).sum()) / d, 0.0, hi) * scale)
+
+    out: dict[str, Any] = {
+        "n": max(0.0, float(np.asarray(summed.get("count", [0.0])).sum())),
+        "loss": ratio("loss", "count", scale=loss_clip),
+        "findings_f1": ratio("findings_f1", "count_ref"),
+        "rouge_l": ratio("rouge_l", "count_ref"),
+    }
+    for mode in MODES:
+        out[mode] = {m: (auroc_from_histograms(summed[f"hist/{mode}/{m}/pos"],
+                                               summed[f"hist/{mode}/{m}/neg"])
+                         if f"hist/{mode}/{m}/pos" in summed else None) for m in markers}
+    return out

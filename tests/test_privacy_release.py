@@ -1,0 +1,105 @@
+"""Evaluation metrics as a DP release: sensitivity, zero-noise equality, noise, metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.metrics import roc_auc_score
+
+from fedrg.privacy.release import (
+    BINS,
+    auroc_from_histograms,
+    exact_aggregates,
+    metrics_from_release,
+    noisy_release,
+    sensitivity,
+    sum_releases,
+)
+
+MARKERS = ["a", "b"]
+
+
+@st.composite
+def cohorts(draw, min_size=1):
+    n = draw(st.integers(min_size, 25))
+    floats = st.floats(0.0, 1.0, allow_nan=False)
+    rows = draw(st.lists(st.tuples(floats, floats, floats, floats, st.booleans(), st.booleans(),
+                                   st.booleans(), st.floats(0.0, 50.0), st.one_of(st.none(), floats)),
+                         min_size=n, max_size=n))
+    return rows
+
+
+def _agg(rows):
+    n = len(rows)
+    pi = np.array([[r[0], r[1]] for r in rows]).reshape(n, 2)
+    pm = np.array([[r[2], r[3]] for r in rows]).reshape(n, 2)
+    y = np.array([[float(r[4]), float(r[5])] for r in rows]).reshape(n, 2)
+    mask = np.array([[1.0, float(r[6])] for r in rows]).reshape(n, 2)
+    loss = np.array([r[7] for r in rows])
+    f1 = np.array([np.nan if r[8] is None else r[8] for r in rows])
+    return exact_aggregates(markers=MARKERS, probs={"auroc": pi, "auroc_multimodal": pm},
+                            labels=y, mask=mask, loss=loss, findings_f1=f1, rouge_l=f1)
+
+
+def _l2(a, b):
+    return float(np.sqrt(sum(((np.asarray(a[k]) - np.asarray(b[k])) ** 2).sum() for k in a)))
+
+
+@settings(max_examples=80, deadline=None)
+@given(cohorts(min_size=2), st.data())
+def test_one_patient_moves_the_aggregates_by_at_most_the_sensitivity(rows, data):
+    """Add/remove one patient: L2 change <= sqrt(2K + 5), the noise is calibrated to."""
+    i = data.draw(st.integers(0, len(rows) - 1))
+    full, without = _agg(rows), _agg(rows[:i] + rows[i + 1:])
+    assert _l2(full, without) <= sensitivity(len(MARKERS)) + 1e-9
+
+
+@settings(max_examples=60, deadline=None)
+@given(cohorts())
+def test_zero_noise_release_is_exact_and_matches_sklearn(rows):
+    """At noise 0 the release equals the exact aggregates, and the server's AUROC equals
+    sklearn's on the binned scores (differential test)."""
+    exact = _agg(rows)
+    released = noisy_release(exact, noise_multiplier=0.0, n_markers=2, seed=1)
+    assert released.keys() == exact.keys()
+    for k in exact:
+        assert released[k] == list(exact[k])
+    metrics = metrics_from_release(sum_releases([released]), MARKERS)
+    assert metrics["n"] == len(rows)
+    pm = np.array([[r[2], r[3]] for r in rows])
+    for j, m in enumerate(MARKERS):
+        known = np.ones(len(rows), bool) if j == 0 else np.array([r[6] for r in rows])
+        y = np.array([r[4 + j] for r in rows])[known]
+        scores = np.clip((pm[known, j] * BINS).astype(int), 0, BINS - 1)
+        got = metrics["auroc_multimodal"][m]
+        if len(set(y.tolist())) < 2:
+            assert got is None
+        else:
+            assert got == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
+    clipped = np.clip([r[7] for r in rows], 0, 10.0)
+    assert metrics["loss"] == pytest.approx(float(clipped.mean()))
+
+
+def test_noise_has_the_calibrated_scale_and_comes_from_entropy_by_default():
+    rows = [(0.2, 0.3, 0.4, 0.5, True, False, True, 1.0, 0.5)] * 10
+    exact = _agg(rows)
+    sigma = 2.0
+    draws = np.concatenate([
+        np.concatenate([np.asarray(v) - exact[k] for k, v in
+                        noisy_release(exact, noise_multiplier=sigma, n_markers=2, seed=s).items()])
+        for s in range(40)])
+    assert np.std(draws) == pytest.approx(sigma * sensitivity(2), rel=0.05)
+    a = noisy_release(exact, noise_multiplier=sigma, n_markers=2)
+    b = noisy_release(exact, noise_multiplier=sigma, n_markers=2)
+    assert a != b  # OS entropy: no two releases share noise
+    assert noisy_release(exact, noise_multiplier=sigma, n_markers=2, seed=3) == noisy_release(
+        exact, noise_multiplier=sigma, n_markers=2, seed=3)
+
+
+@given(st.lists(st.floats(-5, 30), min_size=BINS, max_size=BINS),
+       st.lists(st.floats(-5, 30), min_size=BINS, max_size=BINS))
+def test_auroc_from_noisy_histograms_stays_a_probability(pos, neg):
+    got = auroc_from_histograms(np.array(pos), np.array(neg))
+    assert got is None or 0.0 <= got <= 1.0
