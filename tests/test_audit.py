@@ -312,8 +312,12 @@ def test_cli_table_and_missing_path(run_dir: Path, tmp_path: Path) -> None:
     res = _cli(str(run_dir))
     assert res.exit_code == 0 and "audit passed" in res.stdout
     for col in ("hospital", "runs", "rounds", "steps", "noise multiplier", "sample rate",
-                "delta", "eps recorded", "eps recomputed", "budget", "status"):
+                "delta", "recorded", "PLD", "RDP", "budget", "status"):
         assert col in res.stdout
+    # Captured output: plain text, every line within 80 columns, no cut names.
+    assert "\x1b[" not in res.stdout and "…" not in res.stdout
+    assert max(len(line) for line in res.stdout.splitlines()) <= 80
+    assert "hospital-1" in res.stdout
     res = _cli(str(tmp_path / "nope"))
     assert res.exit_code == 1
     empty = tmp_path / "empty"
