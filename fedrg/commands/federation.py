@@ -78,6 +78,18 @@ def export_ledgers(sites: list[SiteConfig], run_dir: Path) -> Path:
     return out
 
 
+def completed_rounds(run_dir: Path) -> int | None:
+    """Rounds finished by the run in ``run_dir`` per its checkpoint (None: no checkpoint)."""
+    for name in ("checkpoint", "checkpoint.old"):
+        state = run_dir / name / "state.json"
+        if state.is_file():
+            try:
+                return int(json.loads(state.read_text())["round"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+    return None
+
+
 def _print_round(row: dict[str, Any], markers: list[str]) -> None:
     auroc = row.get("auroc") or {}
     eps = row.get("epsilon") or {}
@@ -113,55 +125,82 @@ def register(app: typer.Typer) -> None:
         """Run a simulated federation of hospitals (synthetic cohorts by default)."""
         from fedrg.federated.report import round_table
         from fedrg.flower.simulation import run_simulated_federation
+        from fedrg.interrupt import Interrupted, exit_interrupted, graceful_interrupt, stop_own_ray
+        from fedrg.paths import ensure_writable
 
-        try:
-            overrides = list(set_ or [])
-            if resume is not None:
-                if not (resume / "config.json").is_file():
-                    raise FedrgError(f"--resume {resume}: no config.json there; pass a run directory "
-                                     "written by fedrg simulate")
-                cfg = load_config(resume / "config.json", overrides)
-                run_dir = resume
-            else:
-                if cohorts:  # the cohorts given decide the federation's size (validated below)
-                    hospitals = len(cohorts)
-                if hospitals is not None:
-                    overrides.append(f"federation.hospitals={hospitals}")
-                    if hospitals < 2 and not any(o.startswith("federation.min_hospitals") for o in overrides):
-                        overrides.append(f"federation.min_hospitals={hospitals}")
-                if rounds is not None:
-                    overrides.append(f"federation.rounds={rounds}")
-                cfg = load_config(config, overrides)
-                run_dir = out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
-                if (run_dir / "checkpoint").exists():
-                    raise FedrgError(f"run directory {run_dir} already holds a run; use --resume "
-                                     f"{run_dir} to continue it or choose another --out")
-            if cohorts:
-                cohort_dirs = list(cohorts)
-            else:
-                with console.status("preparing synthetic cohorts (cached after the first run)"):
-                    cohort_dirs = synthetic_cohorts(cfg)
-            state_root = state_dir or cache_dir() / "sites" / hashlib.sha256(
-                str(sorted(map(str, cohort_dirs))).encode()).hexdigest()[:16]
-            sites = simulated_sites(cohort_dirs, state_root, budget)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
-            with console.status("preparing the base model (built once, then cached)"):
-                from fedrg.model.base import load_base
+        t0 = time.perf_counter()  # "done in" counts cohorts, base model and every round
+        where: dict[str, Path | None] = {"run_dir": None}
 
-                load_base(cfg.model.base)
-            console.print(f"[bold]fedrg simulate[/bold]: {cfg.federation.hospitals} hospitals, "
-                          f"{cfg.federation.rounds} rounds, DP {'on' if cfg.privacy.enabled else 'OFF'}"
-                          f" (target epsilon {cfg.privacy.target_epsilon}), secure aggregation "
-                          f"{'on' if cfg.secagg.enabled else 'OFF'}; run directory {run_dir}")
-            t0 = time.perf_counter()
-            result = run_simulated_federation(
-                cfg, run_dir, sites, resume=resume is not None,
-                on_round=lambda row: _print_round(row, cfg.data.markers))
-            export_ledgers(sites, run_dir)
-        except FedrgError as err:
-            console.print(f"[red]error:[/red] {err}")
-            raise typer.Exit(2) from None
+        def how_to_go_on() -> str:
+            rd = where["run_dir"]
+            if rd is None:
+                return "Nothing was written; run the same command again."
+            if (rd / "checkpoint" / "state.json").is_file() or (
+                    rd / "checkpoint.old" / "state.json").is_file():
+                return (f"Ledgers and the last checkpoint are intact; resume with: "
+                        f"fedrg simulate --resume {rd}")
+            return (f"No round had finished, so there is nothing to resume in {rd}; start "
+                    "again with another --out (ledgers are intact).")
+
+        with graceful_interrupt("fedrg simulate", hint=how_to_go_on, cleanup=stop_own_ray):
+            try:
+                overrides = list(set_ or [])
+                if resume is not None:
+                    if not (resume / "config.json").is_file():
+                        raise FedrgError(f"--resume {resume}: no config.json there; pass a run directory "
+                                         "written by fedrg simulate")
+                    cfg = load_config(resume / "config.json", overrides)
+                    run_dir = resume
+                    done = completed_rounds(run_dir)
+                    if done is not None and done >= cfg.federation.rounds:
+                        console.print(f"run {run_dir} is already complete ({done} of "
+                                      f"{cfg.federation.rounds} rounds); nothing to resume. "
+                                      f"Audit it with: fedrg audit {run_dir}", highlight=False)
+                        return
+                else:
+                    if cohorts:  # the cohorts given decide the federation's size (validated below)
+                        hospitals = len(cohorts)
+                    if hospitals is not None:
+                        overrides.append(f"federation.hospitals={hospitals}")
+                        if hospitals < 2 and not any(o.startswith("federation.min_hospitals") for o in overrides):
+                            overrides.append(f"federation.min_hospitals={hospitals}")
+                    if rounds is not None:
+                        overrides.append(f"federation.rounds={rounds}")
+                    cfg = load_config(config, overrides)
+                    run_dir = out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
+                    if (run_dir / "checkpoint").exists():
+                        raise FedrgError(f"run directory {run_dir} already holds a run; use --resume "
+                                         f"{run_dir} to continue it or choose another --out")
+                if cohorts:
+                    cohort_dirs = list(cohorts)
+                else:
+                    with console.status("preparing synthetic cohorts (cached after the first run)"):
+                        cohort_dirs = synthetic_cohorts(cfg)
+                state_root = state_dir or cache_dir() / "sites" / hashlib.sha256(
+                    str(sorted(map(str, cohort_dirs))).encode()).hexdigest()[:16]
+                sites = simulated_sites(cohort_dirs, state_root, budget)
+                ensure_writable(run_dir, setting="--out")
+                where["run_dir"] = run_dir
+                (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+                with console.status("preparing the base model (built once, then cached)"):
+                    from fedrg.model.base import load_base
+
+                    load_base(cfg.model.base)
+                console.print(f"[bold]fedrg simulate[/bold]: {cfg.federation.hospitals} hospitals, "
+                              f"{cfg.federation.rounds} rounds, "
+                              + (f"DP on (target epsilon {cfg.privacy.target_epsilon})"
+                                 if cfg.privacy.enabled else "DP OFF")
+                              + ", secure aggregation "
+                              f"{'on' if cfg.secagg.enabled else 'OFF'}; run directory {run_dir}")
+                result = run_simulated_federation(
+                    cfg, run_dir, sites, resume=resume is not None,
+                    on_round=lambda row: _print_round(row, cfg.data.markers))
+                export_ledgers(sites, run_dir)
+            except FedrgError as err:
+                console.print(f"[red]error:[/red] {err}")
+                raise typer.Exit(2) from None
+            except Interrupted:
+                exit_interrupted("fedrg simulate", how_to_go_on(), cleanup=stop_own_ray)
         rounds_rows = result.metrics["rounds"]
         console.print(round_table(rounds_rows, cfg.data.markers))
         if rounds_rows and rounds_rows[-1].get("epsilon"):
