@@ -1,0 +1,90 @@
+"""Ctrl-C / SIGTERM with real signals on real `fedrg` subprocesses; unwritable --out."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from model_fixtures import tiny_base, tiny_cohort
+from typer.testing import CliRunner
+
+from fedrg.cli import app
+from fedrg.interrupt import EXIT_INTERRUPTED
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _train_args(fx_root: Path, out: Path, epochs: int) -> list[str]:
+    base, cohort = tiny_base(fx_root), tiny_cohort(fx_root)
+    sets = [f"model.base={json.dumps(str(base))}", "model.encoder_width=16",
+            "model.max_report_tokens=24", "data.image_shape=[32, 32]",
+            f"training.train_epochs={epochs}", "training.batch_size=8"]
+    args = ["train", "--cohort", str(cohort), "--out", str(out), "--no-dp"]
+    for s in sets:
+        args += ["--set", s]
+    return args
+
+
+def _wait_for(proc: subprocess.Popen, needle: str, timeout_s: float) -> str:
+    """Read stderr lines until one contains ``needle``; return everything read."""
+    seen = ""
+    deadline = time.monotonic() + timeout_s
+    assert proc.stderr is not None
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen += line
+        if needle in line:
+            return seen
+    raise AssertionError(f"{needle!r} never appeared; stderr so far:\n{seen}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_train_stops_within_ten_seconds_on_a_real_signal(fx_root, tmp_path, sig) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedrg.cli", *_train_args(fx_root, out, epochs=400)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path,
+    )
+    try:
+        seen = _wait_for(proc, "fedrg train: training", timeout_s=240)
+        time.sleep(0.5)  # inside the training loop
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=10)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = seen + err
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    assert elapsed < 10
+    assert "Traceback" not in err and "Exception ignored" not in err
+    assert "run the same command again" in err and signal.Signals(sig).name in err
+    assert not (out / "metrics.json").exists()  # nothing half-written passes for a result
+
+
+def test_unwritable_out_is_refused_before_training(fx_root, tmp_path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    res = CliRunner().invoke(app, _train_args(fx_root, blocker / "out", epochs=1))
+    assert res.exit_code == 2
+    assert "--out" in res.output and str(blocker / "out") in res.output
+    assert "Traceback" not in res.output and "training" not in res.output
+    assert blocker.read_text() == "not a directory"
