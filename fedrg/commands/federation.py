@@ -78,6 +78,31 @@ def export_ledgers(sites: list[SiteConfig], run_dir: Path) -> Path:
     return out
 
 
+SITES_RECORD = "sites.json"
+
+
+def write_sites_record(run_dir: Path, cohorts: list[Path], state_root: Path,
+                       budget: float) -> None:
+    """Remember where the run's hospitals keep their ledgers, so ``--resume`` reuses them."""
+    record = {"cohorts": [str(Path(c).resolve()) for c in cohorts],
+              "state_root": str(Path(state_root).resolve()), "budget": budget}
+    (run_dir / SITES_RECORD).write_text(json.dumps(record, indent=2))
+
+
+def read_sites_record(run_dir: Path) -> dict[str, Any] | None:
+    """The record :func:`write_sites_record` left in ``run_dir`` (None for older runs)."""
+    path = run_dir / SITES_RECORD
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return {"cohorts": [Path(c) for c in data["cohorts"]],
+                "state_root": Path(data["state_root"]), "budget": float(data["budget"])}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise FedrgError(f"{path} is unreadable ({err}); it records where the run's "
+                         "hospitals keep their ledgers. Restore it or start a new run") from None
+
+
 def completed_rounds(run_dir: Path) -> int | None:
     """Rounds finished by the run in ``run_dir`` per its checkpoint (None: no checkpoint)."""
     for name in ("checkpoint", "checkpoint.old"):
@@ -171,6 +196,16 @@ def register(app: typer.Typer) -> None:
                     if (run_dir / "checkpoint").exists():
                         raise FedrgError(f"run directory {run_dir} already holds a run; use --resume "
                                          f"{run_dir} to continue it or choose another --out")
+                previous = read_sites_record(run_dir) if resume is not None else None
+                if previous is not None:  # the same hospitals, ledgers and budget as before
+                    if state_dir is not None and Path(state_dir).resolve() != previous["state_root"]:
+                        raise FedrgError(
+                            f"--state-dir {state_dir} differs from the one run {run_dir} used "
+                            f"({previous['state_root']}); a resumed run must keep its "
+                            "hospitals' ledgers: drop --state-dir")
+                    cohorts = cohorts or previous["cohorts"]
+                    state_dir = previous["state_root"]
+                    budget = previous["budget"]
                 if cohorts:
                     cohort_dirs = list(cohorts)
                 else:
@@ -179,8 +214,9 @@ def register(app: typer.Typer) -> None:
                 state_root = state_dir or cache_dir() / "sites" / hashlib.sha256(
                     str(sorted(map(str, cohort_dirs))).encode()).hexdigest()[:16]
                 sites = simulated_sites(cohort_dirs, state_root, budget)
-                ensure_writable(run_dir, setting="--out")
+                ensure_writable(run_dir, setting="--resume" if resume is not None else "--out")
                 where["run_dir"] = run_dir
+                write_sites_record(run_dir, cohort_dirs, state_root, budget)
                 (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
                 with console.status("preparing the base model (built once, then cached)"):
                     from fedrg.model.base import load_base

@@ -36,10 +36,11 @@ from fedrg.privacy.ledger import LEDGER_NAME, LedgerEntry, LedgerReport, verify_
 # recomputed value is unaffected (those RDP orders are skipped), so keep the report readable.
 logging.getLogger("absl").setLevel(logging.ERROR)
 
-# The RDP orders Opacus's RDPAccountant searches (opacus.accountants.RDPAccountant
-# .DEFAULT_ALPHAS), written out so the audit needs nothing from the training stack.
+# The RDP orders the training code searches (fedrg.privacy.accounting.RDP_ALPHAS: Opacus's
+# defaults extended to 1024), written out so the audit needs nothing from the training stack.
 RDP_ORDERS: tuple[float, ...] = tuple(
     [1 + x / 10.0 for x in range(1, 100)] + [float(a) for a in range(12, 64)]
+    + [72.0, 80.0, 96.0, 112.0, 128.0, 160.0, 192.0, 256.0, 384.0, 512.0, 768.0, 1024.0]
 )
 PLD_DISCRETIZATION = 1e-3
 DEFAULT_REL_TOL = 0.01
