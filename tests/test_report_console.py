@@ -60,3 +60,26 @@ def test_plots_are_written_with_integer_round_ticks(tmp_path) -> None:
         assert ylim[0] == 0
         if title.startswith("Image-only AUROC"):
             assert "chance (0.5)" in labels and ylim == (0, 1)
+
+
+def test_round_progress_in_plain_text_names_each_phase(tmp_path) -> None:
+    from fedrg.commands.progress import RoundProgress, last_entry_steps, phase
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=80)
+    with phase(console, "preparing the base model"), RoundProgress(
+            console, rounds=3, start_round=2, training="DP-SGD, 2 local epoch(s)") as prog:
+        prog.on_phase("train", 2, 3)
+        prog.on_phase("secagg_setup", 2, 3)
+        prog.on_phase("evaluate", 2, 3)
+        prog.round_done()
+    lines = buf.getvalue().splitlines()
+    assert lines == ["preparing the base model ...",
+                     "round 2/3: local training at 3 hospital(s) (DP-SGD, 2 local epoch(s)) ...",
+                     "round 2/3: evaluation at 3 hospital(s) ..."]
+    # steps per hospital come from the last ledger entry, when it is this round's
+    (tmp_path / "h1").mkdir()
+    (tmp_path / "h1" / "ledger.jsonl").write_text(
+        '{"round": 1, "mechanism": {"steps": 4}}\n{"round": 2, "mechanism": {"steps": 7}}\n')
+    assert last_entry_steps([tmp_path / "h1", tmp_path / "missing"], 2) == [7]
+    assert last_entry_steps([tmp_path / "h1"], 3) == []

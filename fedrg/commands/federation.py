@@ -115,7 +115,8 @@ def completed_rounds(run_dir: Path) -> int | None:
     return None
 
 
-def _print_round(row: dict[str, Any], markers: list[str]) -> None:
+def _print_round(row: dict[str, Any], markers: list[str], steps: list[int] | None = None
+                 ) -> None:
     auroc = row.get("auroc") or {}
     eps = row.get("epsilon") or {}
     parts = [f"[bold]round {row['round']}[/bold]",
@@ -124,6 +125,8 @@ def _print_round(row: dict[str, Any], markers: list[str]) -> None:
              *(f"AUROC {m} {auroc[m]:.3f}" for m in markers if auroc.get(m) is not None),
              f"findings F1 {row['findings_f1']:.3f}" if row.get("findings_f1") is not None else "",
              f"max eps {max(eps.values()):.2f}" if eps else "",
+             (f"DP-SGD steps {min(steps)}-{max(steps)}" if steps and min(steps) != max(steps)
+              else f"DP-SGD steps {steps[0]}" if steps else ""),
              f"{row.get('seconds', 0):.1f}s"]
     if row.get("declined"):
         parts.append(f"[yellow]declined: {', '.join(row['declined'])}[/yellow]")
@@ -148,6 +151,7 @@ def register(app: typer.Typer) -> None:
         set_: list[str] | None = typer.Option(None, "--set", help="override: section.key=value"),
     ) -> None:
         """Run a simulated federation of hospitals (synthetic cohorts by default)."""
+        from fedrg.commands.progress import RoundProgress, last_entry_steps, phase
         from fedrg.federated.report import round_table
         from fedrg.flower.simulation import run_simulated_federation
         from fedrg.interrupt import Interrupted, exit_interrupted, graceful_interrupt, stop_own_ray
@@ -209,7 +213,7 @@ def register(app: typer.Typer) -> None:
                 if cohorts:
                     cohort_dirs = list(cohorts)
                 else:
-                    with console.status("preparing synthetic cohorts (cached after the first run)"):
+                    with phase(console, "preparing synthetic cohorts (cached after the first run)"):
                         cohort_dirs = synthetic_cohorts(cfg)
                 state_root = state_dir or cache_dir() / "sites" / hashlib.sha256(
                     str(sorted(map(str, cohort_dirs))).encode()).hexdigest()[:16]
@@ -218,7 +222,7 @@ def register(app: typer.Typer) -> None:
                 where["run_dir"] = run_dir
                 write_sites_record(run_dir, cohort_dirs, state_root, budget)
                 (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
-                with console.status("preparing the base model (built once, then cached)"):
+                with phase(console, "preparing the base model (built once, then cached)"):
                     from fedrg.model.base import load_base
 
                     load_base(cfg.model.base)
@@ -228,9 +232,22 @@ def register(app: typer.Typer) -> None:
                                  if cfg.privacy.enabled else "DP OFF")
                               + ", secure aggregation "
                               f"{'on' if cfg.secagg.enabled else 'OFF'}; run directory {run_dir}")
-                result = run_simulated_federation(
-                    cfg, run_dir, sites, resume=resume is not None,
-                    on_round=lambda row: _print_round(row, cfg.data.markers))
+                training = (f"DP-SGD, {cfg.training.local_epochs:g} local epoch(s)"
+                            if cfg.privacy.enabled else
+                            f"no DP, {cfg.training.local_epochs:g} local epoch(s)")
+                state_dirs = [Path(s.state_dir) for s in sites]
+                with RoundProgress(console, rounds=cfg.federation.rounds,
+                                   start_round=(completed_rounds(run_dir) or 0) + 1,
+                                   training=training) as progress:
+
+                    def on_round(row: dict[str, Any]) -> None:
+                        steps = last_entry_steps(state_dirs, row["round"])
+                        _print_round(row, cfg.data.markers, steps)
+                        progress.round_done()
+
+                    result = run_simulated_federation(
+                        cfg, run_dir, sites, resume=resume is not None, on_round=on_round,
+                        on_phase=progress.on_phase)
                 export_ledgers(sites, run_dir)
             except FedrgError as err:
                 console.print(f"[red]error:[/red] {err}")

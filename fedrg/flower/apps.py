@@ -122,8 +122,12 @@ ConfigProvider = Callable[[Context], tuple[ExperimentConfig, Path, bool]]
 def build_server_app(provide: ConfigProvider,
                      on_round: Callable[[dict[str, Any]], None] | None = None,
                      results: list[Any] | None = None,
-                     failures: list[BaseException] | None = None) -> ServerApp:
-    """The coordinator: runs :func:`fedrg.federated.runner.run_federation` over the Grid."""
+                     failures: list[BaseException] | None = None,
+                     on_phase: Callable[[str, int, int], None] | None = None) -> ServerApp:
+    """The coordinator: runs :func:`fedrg.federated.runner.run_federation` over the Grid.
+
+    ``on_phase(action, round, n_hospitals)`` is called before each message exchange
+    (progress display of ``fedrg simulate``)."""
     app = ServerApp()
 
     @app.main()
@@ -132,7 +136,8 @@ def build_server_app(provide: ConfigProvider,
 
         try:
             cfg, run_dir, resume = provide(context)
-            transport = GridTransport(grid, min_nodes=cfg.federation.min_hospitals)
+            transport = GridTransport(grid, min_nodes=cfg.federation.min_hospitals,
+                                      on_send=on_phase)
             result = run_federation(transport, cfg, run_dir, resume=resume, on_round=on_round)
         except BaseException as err:
             if failures is not None:  # the simulation runner re-raises it in the caller

@@ -97,7 +97,8 @@ class FlowerLogToFile:
 def run_simulated_federation(cfg: ExperimentConfig, run_dir: str | Path, sites: list[SiteConfig], *,
                              resume: bool = False,
                              on_round: Callable[[dict[str, Any]], None] | None = None,
-                             num_cpus: int | None = None) -> Any:
+                             num_cpus: int | None = None,
+                             on_phase: Callable[[str, int, int], None] | None = None) -> Any:
     """Run a whole federation of ``sites`` through Flower's simulation engine.
 
     Returns the :class:`~fedrg.federated.server.ServerResult`. Raises :class:`FedrgError` when
@@ -118,7 +119,8 @@ def run_simulated_federation(cfg: ExperimentConfig, run_dir: str | Path, sites: 
         return cfg, Path(run_dir), resume
 
     # failures: the ServerApp's own exception, re-raised here instead of Flower's generic exit
-    server_app = build_server_app(provide, on_round=on_round, results=results, failures=failures)
+    server_app = build_server_app(provide, on_round=on_round, results=results, failures=failures,
+                                  on_phase=on_phase)
     client_app = build_client_app(SimulatedSites(sites, Path(run_dir) / "logs"))
     cpus = num_cpus or max(1, min(len(sites), os.cpu_count() or 1))
     backend_config = {
