@@ -41,6 +41,14 @@ def test_simulate_three_hospitals_two_rounds_dp_and_secagg(tmp_path):
     run = tmp_path / "run"
     proc = _simulate(tmp_path, "--hospitals", "3", "--rounds", "2", "--out", str(run))
     assert "round 1" in proc.stdout and "round 2" in proc.stdout
+    # issue 15: a quiet console (what `make demo` shows): no Python warning, deprecation
+    # notice, traceback, Ray actor chatter or colour codes in captured output
+    captured = proc.stdout + proc.stderr
+    for noise in ("Warning", "WARNING", "DEPRECATED", "Traceback", "Manually terminating",
+                  "ClientAppActor", "\x1b[", "DP OFF (target"):
+        assert noise not in captured, (noise, captured[-3000:])
+    assert max(len(line) for line in proc.stdout.splitlines()) <= 80
+    assert (run / "logs" / "flower.log").is_file()  # the notices went here instead
     metrics = json.loads((run / "metrics.json").read_text())
     rows = metrics["rounds"]
     assert [r["round"] for r in rows] == [1, 2]
@@ -97,3 +105,50 @@ def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
     keys = ("loss", "auroc", "auroc_multimodal", "findings_f1", "participants")
     assert [{k: r[k] for k in keys} for r in resumed["rounds"]] == \
         [{k: r[k] for k in keys} for r in full["rounds"]]
+
+
+def test_ctrl_c_in_round_two_then_resume_completes_and_audit_passes(tmp_path):
+    """A real SIGINT to the whole process group (as a terminal's Ctrl-C) during round 2."""
+    import os
+    import signal
+
+    run = tmp_path / "run"
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "fedrg.cli", "simulate", "--state-dir", str(tmp_path / "sites"),
+           "--set", f"data.synthetic_dir={tmp_path / 'cohorts'}", *SMALL, "--hospitals", "2",
+           "--rounds", "3", "--out", str(run)]
+    before = {p.pid for p in _ray_processes()}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True)
+    seen = ""
+    try:
+        for line in proc.stdout:
+            seen += line
+            if line.startswith("round 1 "):
+                break
+        time.sleep(1.0)  # round 2 under way
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=30)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = seen + rest
+    assert proc.returncode == 130, out[-3000:]
+    assert elapsed < 10, elapsed
+    assert f"fedrg simulate --resume {run}" in out
+    assert "Traceback" not in out and "Exception ignored" not in out
+    time.sleep(1.0)
+    leftover = [p for p in _ray_processes() if p.pid not in before and p.is_running()]
+    assert not leftover, f"processes left running: {[p.pid for p in leftover]}"
+    # ledgers and checkpoint intact: the resumed run completes and the audit passes
+    resumed = _simulate(tmp_path, "--resume", str(run))
+    rows = json.loads((run / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rows] == [1, 2, 3], resumed.stdout[-2000:]
+    audit = subprocess.run([sys.executable, "-m", "fedrg.cli", "audit", str(run)],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert audit.returncode == 0 and "audit passed" in audit.stdout, audit.stdout[-3000:]
+    again = _simulate(tmp_path, "--resume", str(run))
+    assert "already complete (3 of 3 rounds)" in " ".join(again.stdout.split())
