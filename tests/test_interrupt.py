@@ -88,3 +88,27 @@ def test_unwritable_out_is_refused_before_training(fx_root, tmp_path) -> None:
     assert "--out" in res.output and str(blocker / "out") in res.output
     assert "Traceback" not in res.output and "training" not in res.output
     assert blocker.read_text() == "not a directory"
+
+
+def _server_toml(tmp_path: Path, rounds: int) -> Path:
+    cfg = tmp_path / "server.toml"
+    cfg.write_text(f'state_dir = "state"\n[run]\nrun_dir = "run"\n'
+                   f'overrides = ["federation.rounds={rounds}"]\n')
+    return cfg
+
+
+def test_server_resume_of_a_complete_run_says_so_and_starts_nothing(tmp_path) -> None:
+    import numpy as np
+
+    from fedrg.federated.checkpoint import RunCheckpoint, save_checkpoint
+
+    cfg = _server_toml(tmp_path, rounds=2)
+    res = CliRunner().invoke(app, ["server", "--config", str(cfg), "--insecure", "--resume"])
+    assert res.exit_code == 2 and "holds no checkpoint" in res.output
+    save_checkpoint(tmp_path / "run", RunCheckpoint(
+        round=2, global_arrays=[np.zeros(3, np.float32)], optimizer_state={},
+        metrics={"rounds": []}, config_hash="x", run_id="r"))
+    res = CliRunner().invoke(app, ["server", "--config", str(cfg), "--insecure", "--resume"])
+    assert res.exit_code == 0, res.output
+    assert "already complete (2 of 2 rounds)" in " ".join(res.output.split())
+    assert not (tmp_path / "state").exists()  # no SuperLink, nothing started

@@ -15,6 +15,7 @@ from rich.console import Console
 
 from fedrg.config import ExperimentConfig, SiteConfig, load_config
 from fedrg.errors import FedrgError
+from fedrg.federated.checkpoint import completed_rounds
 from fedrg.paths import cache_dir
 
 console = Console()
@@ -101,18 +102,6 @@ def read_sites_record(run_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise FedrgError(f"{path} is unreadable ({err}); it records where the run's "
                          "hospitals keep their ledgers. Restore it or start a new run") from None
-
-
-def completed_rounds(run_dir: Path) -> int | None:
-    """Rounds finished by the run in ``run_dir`` per its checkpoint (None: no checkpoint)."""
-    for name in ("checkpoint", "checkpoint.old"):
-        state = run_dir / name / "state.json"
-        if state.is_file():
-            try:
-                return int(json.loads(state.read_text())["round"])
-            except (OSError, ValueError, KeyError, TypeError):
-                return None
-    return None
 
 
 def _print_round(row: dict[str, Any], markers: list[str], steps: list[int] | None = None
