@@ -117,7 +117,6 @@ def test_ctrl_c_in_round_two_then_resume_completes_and_audit_passes(tmp_path):
     cmd = [sys.executable, "-m", "fedrg.cli", "simulate", "--state-dir", str(tmp_path / "sites"),
            "--set", f"data.synthetic_dir={tmp_path / 'cohorts'}", *SMALL, "--hospitals", "2",
            "--rounds", "3", "--out", str(run)]
-    before = {p.pid for p in _ray_processes()}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, start_new_session=True)
     seen = ""
@@ -141,7 +140,14 @@ def test_ctrl_c_in_round_two_then_resume_completes_and_audit_passes(tmp_path):
     assert f"fedrg simulate --resume {run}" in out
     assert "Traceback" not in out and "Exception ignored" not in out
     time.sleep(1.0)
-    leftover = [p for p in _ray_processes() if p.pid not in before and p.is_running()]
+    # nothing it started is left running: every process of its session (Ray's included)
+    leftover = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == proc.pid and p.status() != psutil.STATUS_ZOMBIE:
+                leftover.append(p)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
     assert not leftover, f"processes left running: {[p.pid for p in leftover]}"
     # ledgers and checkpoint intact: the resumed run completes and the audit passes
     resumed = _simulate(tmp_path, "--resume", str(run))
