@@ -21,6 +21,50 @@ def _progress(text: str) -> None:
     typer.echo(f"fedrg train: {text}", err=True)
 
 
+class StepProgress:
+    """Training steps on stderr: a rich bar on a terminal, else a line at every tenth."""
+
+    def __init__(self, text: str, total: int) -> None:
+        from rich.console import Console
+
+        self.text, self.total = text, max(int(total), 1)
+        self.console = Console(stderr=True)
+        self.bar = None
+        self.next_line = 0.1
+
+    def __enter__(self) -> StepProgress:
+        if self.console.is_terminal:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(f"fedrg train: {self.text}", BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TimeRemainingColumn(),
+                                console=self.console, transient=True)
+            self.task = self.bar.add_task("train", total=self.total)
+            self.bar.start()
+        else:
+            _progress(self.text)
+        return self
+
+    def update(self, done: int, total: int) -> None:
+        """``on_step`` callback of :func:`fedrg.train.loop.train_local`."""
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done)
+        elif done >= self.next_line * self.total and done < self.total:
+            _progress(f"step {done}/{self.total}")
+            while self.next_line * self.total <= done:
+                self.next_line += 0.1
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
 def _json_safe(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _json_safe(v) for k, v in obj.items()}
@@ -99,9 +143,10 @@ def run_train(
         privacy = DPSession.from_config(cfg.privacy, tcfg, n_records=len(train_ds),
                                         noise_multiplier=sigma)
         metrics["privacy"] = {"noise_multiplier": sigma, "sample_rate": q, "steps": steps}
-    _progress(f"training {steps} steps on {len(train_ds)} patients "
-              f"({'DP-SGD' if privacy is not None else 'no DP'})")
-    metrics["train"] = train_local(model, train_ds, tcfg, steps=steps, privacy=privacy)
+    with StepProgress(f"training {steps} steps on {len(train_ds)} patients "
+                      f"({'DP-SGD' if privacy is not None else 'no DP'})", steps) as bar:
+        metrics["train"] = train_local(model, train_ds, tcfg, steps=steps, privacy=privacy,
+                                       on_step=bar.update)
     if privacy is not None:
         metrics["privacy"]["epsilon"] = privacy.epsilon(target_delta=cfg.privacy.target_delta)
         metrics["privacy"]["target_delta"] = cfg.privacy.target_delta

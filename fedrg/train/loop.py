@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -166,6 +166,7 @@ def train_local(
     privacy: PrivacySeam | None = None,
     seed: int | None = None,
     genomics_dropout: float | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Train the adapter of ``model`` on ``train_dataset`` (AdamW, in place).
 
@@ -186,6 +187,8 @@ def train_local(
         Seeds shuffling (non-private) and genomics withholding; default ``training.seed``.
     genomics_dropout
         Probability of withholding an example's genomics; default ``model.genomics_dropout``.
+    on_step
+        Progress callback ``on_step(done, total)`` after every step (display only).
 
     Returns
     -------
@@ -226,6 +229,8 @@ def train_local(
                 else:
                     losses.append(float(loss))
                     seen += n
+                if on_step is not None:
+                    on_step(empty + len(losses), n_steps)
     finally:
         seam.cleanup()
     return {
