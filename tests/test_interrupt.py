@@ -112,3 +112,17 @@ def test_server_resume_of_a_complete_run_says_so_and_starts_nothing(tmp_path) ->
     assert res.exit_code == 0, res.output
     assert "already complete (2 of 2 rounds)" in " ".join(res.output.split())
     assert not (tmp_path / "state").exists()  # no SuperLink, nothing started
+
+
+@pytest.mark.parametrize("option", ["--out", "--state-dir"])
+def test_simulate_refuses_unwritable_dirs_before_any_work(tmp_path, option) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    args = ["simulate", "--set", f"data.synthetic_dir={tmp_path / 'cohorts'}",
+            "--out", str(tmp_path / "run"), "--state-dir", str(tmp_path / "sites")]
+    args[args.index(option) + 1] = str(blocker / "sub")
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())
+    assert f"{option} {blocker / 'sub'} is not writable" in text and "Traceback" not in text
+    assert not (tmp_path / "cohorts").exists()  # no synthetic cohort was made

@@ -189,6 +189,10 @@ def register(app: typer.Typer) -> None:
                     if (run_dir / "checkpoint").exists():
                         raise FedrgError(f"run directory {run_dir} already holds a run; use --resume "
                                          f"{run_dir} to continue it or choose another --out")
+                # output directories first: nothing is prepared for a run that cannot be written
+                ensure_writable(run_dir, setting="--resume" if resume is not None else "--out")
+                if state_dir is not None:
+                    ensure_writable(state_dir, setting="--state-dir")
                 previous = read_sites_record(run_dir) if resume is not None else None
                 if previous is not None:  # the same hospitals, ledgers and budget as before
                     if state_dir is not None and Path(state_dir).resolve() != previous["state_root"]:
@@ -207,7 +211,7 @@ def register(app: typer.Typer) -> None:
                 state_root = state_dir or cache_dir() / "sites" / hashlib.sha256(
                     str(sorted(map(str, cohort_dirs))).encode()).hexdigest()[:16]
                 sites = simulated_sites(cohort_dirs, state_root, budget)
-                ensure_writable(run_dir, setting="--resume" if resume is not None else "--out")
+                ensure_writable(state_root, setting="--state-dir")
                 where["run_dir"] = run_dir
                 write_sites_record(run_dir, cohort_dirs, state_root, budget)
                 (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
