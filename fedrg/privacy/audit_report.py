@@ -14,6 +14,7 @@ import math
 import os
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from fedrg.privacy.audit import AuditResult, HospitalAudit
 
@@ -37,6 +38,15 @@ def _span(values: list[float], fmt: str = "{:.4g}") -> str:
 
 def epsilon_plot_png(h: HospitalAudit) -> bytes:
     """PNG of recorded and recomputed cumulative epsilon per ledger entry, with the budget."""
+    fig = epsilon_figure(h)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def epsilon_figure(h: HospitalAudit) -> Any:
+    """The matplotlib Figure behind :func:`epsilon_plot_png` (y axis scaled to the data;
+    the budget drawn when in view, else named on the chart)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -81,9 +91,7 @@ def epsilon_plot_png(h: HospitalAudit) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return fig
 
 
 def plain_words(h: HospitalAudit) -> str:
