@@ -78,6 +78,9 @@ def graceful_interrupt(
 
     def force_exit() -> None:
         run_briefly(cleanup)
+        with contextlib.suppress(Exception):
+            if sys.stderr.isatty():  # a live progress display may have hidden the cursor
+                sys.stderr.write("\x1b[?25h")
         _say(f"{what}: stopped. {say_hint()}")
         os._exit(EXIT_INTERRUPTED)
 

@@ -157,8 +157,8 @@ def register(app: typer.Typer) -> None:
                     rd / "checkpoint.old" / "state.json").is_file():
                 return (f"Ledgers and the last checkpoint are intact; resume with: "
                         f"fedrg simulate --resume {rd}")
-            return (f"No round had finished, so there is nothing to resume in {rd}; start "
-                    "again with another --out (ledgers are intact).")
+            return ("No round had finished, so there is nothing to resume; run the same "
+                    "command again (ledgers are intact).")
 
         with graceful_interrupt("fedrg simulate", hint=how_to_go_on, cleanup=stop_own_ray):
             try:
