@@ -126,3 +126,69 @@ def test_simulate_refuses_unwritable_dirs_before_any_work(tmp_path, option) -> N
     text = " ".join(res.output.split())
     assert f"{option} {blocker / 'sub'} is not writable" in text and "Traceback" not in text
     assert not (tmp_path / "cohorts").exists()  # no synthetic cohort was made
+
+
+_STUBBORN = """
+import sys, time
+from pathlib import Path
+from fedrg.interrupt import Interrupted, graceful_interrupt
+
+marker = Path(sys.argv[1])
+def cleanup():
+    marker.write_text("cleaned")
+with graceful_interrupt("stubborn", hint="HINT", cleanup=cleanup, grace_s=1.0):
+    deadline = time.monotonic() + 30
+    announced = False
+    while True:   # like a library that swallows the interrupt and carries on
+        try:
+            if not announced:
+                announced = True
+                print("ready", flush=True)
+            while time.monotonic() < deadline:
+                time.sleep(0.05)
+            break
+        except Interrupted:
+            pass
+print("not reached", flush=True)
+"""
+
+
+def test_watchdog_forces_exit_and_cleans_up_when_the_command_does_not_unwind(tmp_path):
+    """A real SIGINT to code that swallows the exception: the watchdog runs the cleanup,
+    prints the hint and exits 130 after the grace period (not after 30 s)."""
+    marker = tmp_path / "marker"
+    proc = subprocess.Popen([sys.executable, "-c", _STUBBORN, str(marker)], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=15)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == EXIT_INTERRUPTED and elapsed < 10, err
+    assert "not reached" not in out and marker.read_text() == "cleaned"
+    assert "SIGINT received" in err and "stubborn: stopped. HINT" in err
+
+
+def test_second_signal_exits_at_once(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", _STUBBORN.replace("grace_s=1.0", "grace_s=60"),
+                             str(tmp_path / "m")], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=15)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == EXIT_INTERRUPTED and elapsed < 5
+    assert "second SIGINT, exiting now. HINT" in err
