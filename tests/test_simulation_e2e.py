@@ -17,27 +17,40 @@ SMALL = ["--set", "data.synthetic_patients=32", "--set", "data.image_shape=[32, 
          "--set", "training.local_epochs=0.5"]
 
 
-def _ray_processes() -> list[psutil.Process]:
-    out = []
-    for p in psutil.process_iter(["name", "cmdline"]):
-        cmd = " ".join(p.info.get("cmdline") or [])
-        if ("raylet" in cmd or "gcs_server" in cmd or "ray::" in cmd) and p.pid != 0:
-            out.append(p)
-    return out
-
-
 def _simulate(tmp_path, *args, env_extra=None, check=True):
     env = {**__import__("os").environ, "FLWR_TELEMETRY_ENABLED": "0", **(env_extra or {})}
     cmd = [sys.executable, "-m", "fedrg.cli", "simulate", "--state-dir", str(tmp_path / "sites"),
            "--set", f"data.synthetic_dir={tmp_path / 'cohorts'}", *SMALL, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    # its own session, so what it leaves behind can be told from other users' Ray processes
+    popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env, start_new_session=True)
+    try:
+        out, err = popen.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        popen.kill()
+        out, err = popen.communicate()
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, out, err)
+    proc.pid = popen.pid
     if check and proc.returncode != 0:
         raise AssertionError(f"fedrg simulate failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 
+def _left_in_session(sid: int) -> list[psutil.Process]:
+    """Live processes of session ``sid`` (what a finished command left running)."""
+    import os
+
+    left = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                left.append(p)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+    return left
+
+
 def test_simulate_three_hospitals_two_rounds_dp_and_secagg(tmp_path):
-    before = {p.pid for p in _ray_processes()}
     run = tmp_path / "run"
     proc = _simulate(tmp_path, "--hospitals", "3", "--rounds", "2", "--out", str(run))
     assert "round 1" in proc.stdout and "round 2" in proc.stdout
@@ -74,9 +87,9 @@ def test_simulate_three_hospitals_two_rounds_dp_and_secagg(tmp_path):
     assert pred.returncode == 0, pred.stderr[-3000:]
     first = json.loads(pred.stdout.strip().splitlines()[0])
     assert "report" in first and "idh_mutant" in json.dumps(first)
-    # nothing left running
+    # nothing it started is left running
     time.sleep(1.0)
-    leftover = [p for p in _ray_processes() if p.pid not in before and p.is_running()]
+    leftover = _left_in_session(proc.pid)
     assert not leftover, f"processes left running: {[p.pid for p in leftover]}"
 
 
@@ -141,13 +154,7 @@ def test_ctrl_c_in_round_two_then_resume_completes_and_audit_passes(tmp_path):
     assert "Traceback" not in out and "Exception ignored" not in out
     time.sleep(1.0)
     # nothing it started is left running: every process of its session (Ray's included)
-    leftover = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == proc.pid and p.status() != psutil.STATUS_ZOMBIE:
-                leftover.append(p)
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            pass
+    leftover = _left_in_session(proc.pid)
     assert not leftover, f"processes left running: {[p.pid for p in leftover]}"
     # ledgers and checkpoint intact: the resumed run completes and the audit passes
     resumed = _simulate(tmp_path, "--resume", str(run))
