@@ -40,18 +40,30 @@ def route_worker_logs(log_dir: Path) -> None:
     if _WORKER_LOG:
         return
     log_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(log_dir / f"worker-{os.getpid()}.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    _WORKER_LOG.append(handler)
+    handler = _file_handler(log_dir / f"worker-{os.getpid()}.log")
+    # warnings get their own file: a warning raised while a record is being written (the
+    # garbage collector's ResourceWarning) would otherwise re-enter the same stream
+    warn_handler = _file_handler(log_dir / f"worker-{os.getpid()}-warnings.log")
+    _WORKER_LOG.extend([handler, warn_handler])
     flwr_log = logging.getLogger("flwr")
     for h in flwr_log.handlers:
         h.setLevel(logging.ERROR)
     flwr_log.addHandler(handler)
     flwr_log.propagate = False
+    fedrg_log = logging.getLogger("fedrg")  # the hospital side's own log (errors included)
+    fedrg_log.addHandler(handler)
+    fedrg_log.setLevel(logging.INFO)
     logging.captureWarnings(True)
+    warnings.simplefilter("ignore", ResourceWarning)
     warn_log = logging.getLogger("py.warnings")
-    warn_log.addHandler(handler)
+    warn_log.addHandler(warn_handler)
     warn_log.propagate = False
+
+
+def _file_handler(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    return handler
 
 
 class FlowerLogToFile:
@@ -68,9 +80,10 @@ class FlowerLogToFile:
 
     def __enter__(self) -> FlowerLogToFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(self.path, encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        handler = _file_handler(self.path)
         handler.setLevel(logging.INFO)
+        # warnings in a file of their own (see route_worker_logs)
+        self._warn_handler = _file_handler(self.path.with_name("warnings.log"))
         self._handler = handler
         flwr_log = logging.getLogger("flwr")
         for h in flwr_log.handlers:
@@ -79,7 +92,7 @@ class FlowerLogToFile:
         flwr_log.addHandler(handler)
         logging.captureWarnings(True)
         warn_log = logging.getLogger("py.warnings")
-        warn_log.addHandler(handler)
+        warn_log.addHandler(self._warn_handler)
         warn_log.propagate = False
         return self
 
@@ -88,8 +101,9 @@ class FlowerLogToFile:
             h.setLevel(level)
         if self._handler is not None:
             logging.getLogger("flwr").removeHandler(self._handler)
-            logging.getLogger("py.warnings").removeHandler(self._handler)
+            logging.getLogger("py.warnings").removeHandler(self._warn_handler)
             self._handler.close()
+            self._warn_handler.close()
         logging.captureWarnings(False)
         logging.getLogger("py.warnings").propagate = True
 
@@ -126,10 +140,12 @@ def run_simulated_federation(cfg: ExperimentConfig, run_dir: str | Path, sites: 
     backend_config = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
-                      "logging_level": logging.ERROR, "log_to_driver": True},
+                      # workers' output stays in their logs (RUN/logs, Ray's session logs):
+                      # Ray's own crash reports of idle workers are not fedrg's console
+                      "logging_level": logging.ERROR, "log_to_driver": False},
     }
     with FlowerLogToFile(Path(run_dir) / "logs" / "flower.log"), warnings.catch_warnings():
-        warnings.simplefilter("default")  # each once, into the log file
+        warnings.simplefilter("ignore", ResourceWarning)  # the rest as filtered by default
         try:
             run_simulation(server_app=server_app, client_app=client_app,
                            num_supernodes=len(sites), backend_config=backend_config)
