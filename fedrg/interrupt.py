@@ -50,6 +50,7 @@ def graceful_interrupt(
     hint: str | Callable[[], str],
     cleanup: Callable[[], None] | None = None,
     grace_s: float = DEFAULT_GRACE_S,
+    on_signal: Callable[[], None] | None = None,
 ) -> Iterator[None]:
     """Handle SIGINT/SIGTERM during the ``with`` block (main thread only; else a no-op).
 
@@ -65,6 +66,9 @@ def graceful_interrupt(
         what this process started.
     grace_s
         Seconds the command gets to unwind after the first signal.
+    on_signal
+        Called at the first signal, before unwinding (e.g. silence a library's console
+        log, whose worker threads report the interruption as errors).
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -90,6 +94,9 @@ def graceful_interrupt(
         if state["count"] > 1:
             _say(f"{what}: second {name}, exiting now. {say_hint()}")
             os._exit(EXIT_INTERRUPTED)
+        if on_signal is not None:
+            with contextlib.suppress(Exception):
+                on_signal()
         _say(f"{what}: {name} received, stopping (at most {grace_s:.0f} s).")
         timer = threading.Timer(grace_s, force_exit)
         timer.daemon = True
@@ -137,8 +144,32 @@ def exit_interrupted(what: str, hint: str, *, cleanup: Callable[[], None] | None
     os._exit(EXIT_INTERRUPTED)
 
 
+def silence_flower() -> None:
+    """Drop Flower's log records: once stopping, its engine threads report the workers
+    going away as errors with tracebacks, which say nothing about the run."""
+    import logging
+
+    logging.getLogger("flwr").setLevel(logging.CRITICAL + 1)
+
+
 def stop_own_ray() -> None:
-    """Shut down the Ray instance this process started, if any (never an outside one)."""
+    """Shut down the Ray instance this process started, if any (never an outside one),
+    then end any of this process's own descendants (Ray workers) that outlived it."""
+    import psutil
+
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    if ray is None or not ray.is_initialized():
+        return
+    try:
+        ours = psutil.Process().children(recursive=True)  # taken before they are orphaned
+    except psutil.Error:
+        ours = []
+    ray.shutdown()
+    _, alive = psutil.wait_procs(ours, timeout=1.0)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(alive, timeout=1.0)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()

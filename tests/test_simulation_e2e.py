@@ -152,9 +152,10 @@ def test_ctrl_c_in_round_two_then_resume_completes_and_audit_passes(tmp_path):
     assert elapsed < 10, elapsed
     assert f"fedrg simulate --resume {run}" in out
     assert "Traceback" not in out and "Exception ignored" not in out
-    time.sleep(1.0)
     # nothing it started is left running: every process of its session (Ray's included)
-    leftover = _left_in_session(proc.pid)
+    deadline = time.monotonic() + 5
+    while (leftover := _left_in_session(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert not leftover, f"processes left running: {[p.pid for p in leftover]}"
     # ledgers and checkpoint intact: the resumed run completes and the audit passes
     resumed = _simulate(tmp_path, "--resume", str(run))

@@ -143,7 +143,13 @@ def register(app: typer.Typer) -> None:
         from fedrg.commands.progress import RoundProgress, last_entry_steps, phase
         from fedrg.federated.report import round_table
         from fedrg.flower.simulation import run_simulated_federation
-        from fedrg.interrupt import Interrupted, exit_interrupted, graceful_interrupt, stop_own_ray
+        from fedrg.interrupt import (
+            Interrupted,
+            exit_interrupted,
+            graceful_interrupt,
+            silence_flower,
+            stop_own_ray,
+        )
         from fedrg.paths import ensure_writable
 
         t0 = time.perf_counter()  # "done in" counts cohorts, base model and every round
@@ -160,7 +166,8 @@ def register(app: typer.Typer) -> None:
             return ("No round had finished, so there is nothing to resume; run the same "
                     "command again (ledgers are intact).")
 
-        with graceful_interrupt("fedrg simulate", hint=how_to_go_on, cleanup=stop_own_ray):
+        with graceful_interrupt("fedrg simulate", hint=how_to_go_on, cleanup=stop_own_ray,
+                                on_signal=silence_flower):
             try:
                 overrides = list(set_ or [])
                 if resume is not None:
