@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import os
 
+import pytest
+from hypothesis import settings as _hyp_settings
+
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# ---------------------------------------------------------------- hypothesis
+# One registered profile for every property test: derandomized (the examples are a fixed
+# function of the test, so a run cannot pass or fail by luck), no per-example deadline (the
+# machine is shared and accountants are slow), no example database between runs.
+_hyp_settings.register_profile(
+    "fedrg", derandomize=True, deadline=None, database=None, print_blob=True
+)
+_hyp_settings.load_profile(os.environ.get("FEDRG_HYPOTHESIS_PROFILE", "fedrg"))
+
 
 # ---------------------------------------------------------------- shared model fixtures
 # One tiny base model and one tiny cohort per test session, shared by every module.
-import pytest
 
 
 @pytest.fixture(scope="session")

@@ -132,3 +132,24 @@ def test_html_renders_in_headless_chromium(html_report: tuple[Path, str], tmp_pa
         # The plots rendered: many distinct colours (matplotlib lines), not only text.
         colours = rgb.resize((300, 600)).getcolors(maxcolors=1_000_000)
         assert colours is not None and len(colours) > 200
+
+
+def test_epsilon_chart_is_scaled_to_the_data_with_the_budget_marked(tmp_path) -> None:
+    """Issue 15: a budget of 100 must not flatten a curve that ends near 4."""
+    from fedrg.privacy.audit import audit_path
+    from fedrg.privacy.audit_report import epsilon_figure
+
+    far = tmp_path / "far" / "state"
+    write_ledger(far, [("r", 1, 1.1, 0.05, 30), ("r", 2, 1.1, 0.05, 30)], budget=100.0)
+    (h,) = audit_path(far).hospitals
+    ax = epsilon_figure(h).axes[0]
+    top = ax.get_ylim()[1]
+    assert h.epsilon_recorded < top < 2 * h.epsilon_recorded
+    assert any("budget ε = 100 (above this chart)" in t.get_text() for t in ax.texts)
+    near = tmp_path / "near" / "state"
+    write_ledger(near, [("r", 1, 1.1, 0.05, 30), ("r", 2, 1.1, 0.05, 30)], budget=4.0)
+    (h,) = audit_path(near).hospitals
+    ax = epsilon_figure(h).axes[0]
+    assert "budget" in [ln.get_label() for ln in ax.get_lines()]
+    assert ax.get_ylim()[1] >= 4.0 and not ax.texts
+    assert "dp_accounting PLD (proven)" in [ln.get_label() for ln in ax.get_lines()]

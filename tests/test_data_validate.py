@@ -251,3 +251,90 @@ def test_multiline_quoted_report_and_crlf(cohort_dir):
     _edit(p, "maybe", "1")
     cohort = load_cohort(cohort_dir, CFG)
     assert cohort.reports[0] == "Left frontal lobe mass.\nNo enhancement."
+
+
+# ----------------------------------------------------------------- issue 15: bad input up front
+
+def _series(folder: Path, numbers: list[int], positions: list[float]) -> None:
+    """A real DICOM series: CT_small.dcm re-saved with these instance numbers and z."""
+    import pydicom
+
+    folder.mkdir(parents=True)
+    for i, (num, z) in enumerate(zip(numbers, positions, strict=True)):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.InstanceNumber = num
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0.0, 0.0, float(z)]
+        ds.save_as(folder / f"slice-{i:03d}.dcm")
+
+
+def _point_row_at(d: Path, image: str) -> None:
+    _edit(d / "manifest.csv", "pat-06,images/slice.png,", f"pat-06,{image},")
+
+
+@pytest.mark.parametrize(
+    ("numbers", "positions", "words"),
+    [
+        ([1, 2, 3, 4], [0.0, 2.5, 5.0, 7.5], None),
+        ([1, 2, 4, 5], [0.0, 2.5, 7.5, 10.0], "instance number(s) 3 absent"),
+        ([1, 2, 2, 3], [0.0, 2.5, 2.5, 5.0], "instance number(s) 2 appear more than once"),
+        ([1, 2, 3, 4], [0.0, 2.5, 7.5, 10.0], "a missing slice"),
+        ([1, 2, 3, 4], [0.0, 2.5, 2.5, 5.0], "a duplicated slice"),
+    ],
+    ids=["complete", "missing-instance", "duplicate-instance", "position-gap",
+         "position-duplicate"],
+)
+def test_dicom_series_with_missing_or_duplicated_slice_is_refused(cohort_dir, numbers,
+                                                                   positions, words):
+    _series(cohort_dir / "images" / "series-ct", numbers, positions)
+    _point_row_at(cohort_dir, "images/series-ct")
+    res = runner.invoke(app, ["validate", str(cohort_dir)], terminal_width=400)
+    if words is None:
+        assert res.exit_code == 0, res.output
+        return
+    assert res.exit_code == 1, res.output
+    problems = [ln for ln in res.output.splitlines() if ln.strip().startswith("- ")]
+    assert any("images/series-ct" in ln and "manifest.csv row 7" in ln and words in ln
+               and "re-export the complete series" in ln for ln in problems), res.output
+
+
+def test_misspelt_manifest_column_names_the_unknown_one(cohort_dir):
+    _edit(cohort_dir / "manifest.csv", "mgmt_methylated", "mgmt_methylatd")
+    res = runner.invoke(app, ["validate", str(cohort_dir)], terminal_width=400)
+    assert res.exit_code == 1
+    assert "lacks column(s) mgmt_methylated" in res.output
+    assert "unknown column(s) 'mgmt_methylatd'" in res.output
+
+
+def test_symlink_leaving_the_cohort_is_refused(cohort_dir, tmp_path):
+    outside = tmp_path / "elsewhere.png"
+    shutil.copy(cohort_dir / "images" / "slice.png", outside)
+    (cohort_dir / "images" / "link.png").symlink_to(outside)
+    _point_row_at(cohort_dir, "images/link.png")
+    res = runner.invoke(app, ["validate", str(cohort_dir)], terminal_width=400)
+    assert res.exit_code == 1
+    assert "outside the cohort directory" in res.output and "images/link.png" in res.output
+    # A link that stays inside the cohort is fine.
+    (cohort_dir / "images" / "link.png").unlink()
+    (cohort_dir / "images" / "link.png").symlink_to(cohort_dir / "images" / "slice.png")
+    res = runner.invoke(app, ["validate", str(cohort_dir)], terminal_width=400)
+    assert res.exit_code == 0, res.output
+
+
+def test_image_above_the_voxel_limit_is_refused_from_its_header(cohort_dir):
+    """A NIfTI header announcing 2048 x 2048 x 256 voxels: refused before reading data."""
+    import nibabel as nib
+
+    from fedrg.data.images import MAX_VOXELS
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((2048, 2048, 256))
+    hdr.set_data_dtype(np.uint8)
+    assert MAX_VOXELS < 2048 * 2048 * 256
+    path = cohort_dir / "images" / "huge.nii"
+    with open(path, "wb") as fh:  # header only: the data would be 1 GiB
+        hdr.write_to(fh)
+    _point_row_at(cohort_dir, "images/huge.nii")
+    res = runner.invoke(app, ["validate", str(cohort_dir)], terminal_width=400)
+    assert res.exit_code == 1
+    assert "more than the limit" in res.output and "images/huge.nii" in res.output

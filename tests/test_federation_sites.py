@@ -115,3 +115,27 @@ def test_updates_leave_masked_and_adapter_changes_by_bounded_amount(tmp_path, ba
     assert len(masked) == 3 and all(m.dtype == np.uint32 for m in masked)
     change = np.sqrt(sum(float(((a - b) ** 2).sum()) for a, b in zip(result.global_arrays, before, strict=True)))
     assert 0 < change < 10.0
+
+
+def test_hospital_level_dp_end_to_end_accounts_every_round_in_full(tmp_path, base_dir,
+                                                                    cohorts):
+    """Hospital-level DP through the real sites and server: updates clipped to C at the
+    hospitals, noise on the aggregate, and the server's epsilon at q = 1 even though only
+    two of three hospitals are drawn per round (a public fixed-size sample)."""
+    from fedrg.privacy.hospital_dp import hospital_level_epsilon
+
+    cfg = _cfg(base_dir, "privacy.hospital_level=true", "privacy.hospital_clip=0.5",
+               "privacy.hospital_noise_multiplier=2.0", "federation.fraction_train=0.5",
+               "secagg.enabled=false", "privacy.target_delta=1e-4")
+    sites = [SiteConfig(name=f"h{i}", cohort=str(c), state_dir=str(tmp_path / f"s{i}"))
+             for i, c in enumerate(cohorts, 1)]
+    result = run_federation(LocalTransport(sites), cfg, tmp_path / "run")
+    rows = result.metrics["rounds"]
+    assert [r["participants"] for r in rows] == [2, 2]
+    for rnd, row in enumerate(rows, start=1):
+        expected = hospital_level_epsilon(hospital_noise_multiplier=2.0, sample_rate=1.0,
+                                          rounds=rnd, target_delta=1e-4)
+        assert row["epsilon_hospital_level"] == pytest.approx(expected, rel=1e-9)
+    amplified = hospital_level_epsilon(hospital_noise_multiplier=2.0, sample_rate=2 / 3,
+                                       rounds=2, target_delta=1e-4)
+    assert rows[-1]["epsilon_hospital_level"] > amplified  # no credit for sampling

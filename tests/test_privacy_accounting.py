@@ -195,3 +195,25 @@ def test_planned_local_steps_match_the_training_loop(n, batch, epochs):
 
     cfg = TrainingConfig(batch_size=batch, local_epochs=epochs)
     assert local_steps(local_epochs=epochs, batch_size=batch, n_records=n) == planned_steps(n, cfg)
+
+
+def test_wide_rdp_orders_remove_the_largest_alpha_warning() -> None:
+    """Issue 15: at small epsilon Opacus's default orders put the optimum at the largest
+    one and warn every round; fedrg searches up to 1024, warns not, and is never looser."""
+    import warnings
+
+    from opacus.accountants import RDPAccountant
+
+    from fedrg.privacy.accounting import RDP_ALPHAS, epsilon_of
+    from fedrg.privacy.audit import RDP_ORDERS
+
+    assert tuple(RDP_ORDERS) == tuple(RDP_ALPHAS)  # the audit's own copy stays in step
+    hist = [(6.0, 0.01, 10)]
+    acc = RDPAccountant()
+    acc.history = list(hist)
+    with pytest.warns(UserWarning, match="largest alpha"):
+        default = acc.get_epsilon(delta=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = epsilon_of(hist, target_delta=1e-5, accountant="rdp")
+    assert 0 < ours < default

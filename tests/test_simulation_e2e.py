@@ -18,30 +18,51 @@ SMALL = ["--set", "data.synthetic_patients=32", "--set", "data.image_shape=[32, 
          "--set", "training.batch_size=8"]  # q = 8/24: within the sites' max_sample_rate
 
 
-def _ray_processes() -> list[psutil.Process]:
-    out = []
-    for p in psutil.process_iter(["name", "cmdline"]):
-        cmd = " ".join(p.info.get("cmdline") or [])
-        if ("raylet" in cmd or "gcs_server" in cmd or "ray::" in cmd) and p.pid != 0:
-            out.append(p)
-    return out
-
-
 def _simulate(tmp_path, *args, env_extra=None, check=True):
     env = {**__import__("os").environ, "FLWR_TELEMETRY_ENABLED": "0", **(env_extra or {})}
     cmd = [sys.executable, "-m", "fedrg.cli", "simulate", "--state-dir", str(tmp_path / "sites"),
            "--set", f"data.synthetic_dir={tmp_path / 'cohorts'}", *SMALL, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    # its own session, so what it leaves behind can be told from other users' Ray processes
+    popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env, start_new_session=True)
+    try:
+        out, err = popen.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        popen.kill()
+        out, err = popen.communicate()
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, out, err)
+    proc.pid = popen.pid
     if check and proc.returncode != 0:
         raise AssertionError(f"fedrg simulate failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 
+def _left_in_session(sid: int) -> list[psutil.Process]:
+    """Live processes of session ``sid`` (what a finished command left running)."""
+    import os
+
+    left = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                left.append(p)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+    return left
+
+
 def test_simulate_three_hospitals_two_rounds_dp_and_secagg(tmp_path):
-    before = {p.pid for p in _ray_processes()}
     run = tmp_path / "run"
     proc = _simulate(tmp_path, "--hospitals", "3", "--rounds", "2", "--out", str(run))
     assert "round 1" in proc.stdout and "round 2" in proc.stdout
+    # issue 15: a quiet console (what `make demo` shows): no Python warning, deprecation
+    # notice, traceback, Ray actor chatter or colour codes in captured output
+    captured = proc.stdout + proc.stderr
+    for noise in ("Warning", "WARNING", "DEPRECATED", "Traceback", "Manually terminating",
+                  "ClientAppActor", "\x1b[", "DP OFF (target"):
+        assert noise not in captured, (noise, captured[-3000:])
+    assert max(len(line) for line in proc.stdout.splitlines()) <= 80
+    assert (run / "logs" / "flower.log").is_file()  # the notices went here instead
     metrics = json.loads((run / "metrics.json").read_text())
     rows = metrics["rounds"]
     assert [r["round"] for r in rows] == [1, 2]
@@ -67,9 +88,9 @@ def test_simulate_three_hospitals_two_rounds_dp_and_secagg(tmp_path):
     assert pred.returncode == 0, pred.stderr[-3000:]
     first = json.loads(pred.stdout.strip().splitlines()[0])
     assert "report" in first and "idh_mutant" in json.dumps(first)
-    # nothing left running
+    # nothing it started is left running
     time.sleep(1.0)
-    leftover = [p for p in _ray_processes() if p.pid not in before and p.is_running()]
+    leftover = _left_in_session(proc.pid)
     assert not leftover, f"processes left running: {[p.pid for p in leftover]}"
 
 
@@ -118,3 +139,51 @@ def test_run_in_which_every_hospital_refuses_exits_non_zero(tmp_path):
     for h in ("hospital-1", "hospital-2", "hospital-3"):
         ledger = tmp_path / "sites" / h / "ledger.jsonl"
         assert not ledger.exists() or ledger.read_text() == ""
+
+
+def test_ctrl_c_in_round_two_then_resume_completes_and_audit_passes(tmp_path):
+    """A real SIGINT to the whole process group (as a terminal's Ctrl-C) during round 2."""
+    import os
+    import signal
+
+    run = tmp_path / "run"
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "fedrg.cli", "simulate", "--state-dir", str(tmp_path / "sites"),
+           "--set", f"data.synthetic_dir={tmp_path / 'cohorts'}", *SMALL, "--hospitals", "2",
+           "--rounds", "3", "--out", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True)
+    seen = ""
+    try:
+        for line in proc.stdout:
+            seen += line
+            if line.startswith("round 1 "):
+                break
+        time.sleep(1.0)  # round 2 under way
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=30)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = seen + rest
+    assert proc.returncode == 130, out[-3000:]
+    assert elapsed < 10, elapsed
+    assert f"fedrg simulate --resume {run}" in out
+    assert "Traceback" not in out and "Exception ignored" not in out
+    # nothing it started is left running: every process of its session (Ray's included)
+    deadline = time.monotonic() + 5
+    while (leftover := _left_in_session(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not leftover, f"processes left running: {[p.pid for p in leftover]}"
+    # ledgers and checkpoint intact: the resumed run completes and the audit passes
+    resumed = _simulate(tmp_path, "--resume", str(run))
+    rows = json.loads((run / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rows] == [1, 2, 3], resumed.stdout[-2000:]
+    audit = subprocess.run([sys.executable, "-m", "fedrg.cli", "audit", str(run)],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert audit.returncode == 0 and "audit passed" in audit.stdout, audit.stdout[-3000:]
+    again = _simulate(tmp_path, "--resume", str(run))
+    assert "already complete (3 of 3 rounds)" in " ".join(again.stdout.split())

@@ -45,6 +45,11 @@ class ConnectionLostError(FedrgError):
     """The hospital's SuperNode was connected and then lost the server (exit status 3)."""
 
 
+#: Seconds child processes get after SIGTERM before SIGKILL when the command is stopped
+#: (Ctrl-C / SIGTERM must end the command within 10 s).
+STOP_TIMEOUT_S = 5.0
+
+
 class _StopRequestedError(Exception):
     """Raised by the SIGTERM handler so ``finally`` blocks stop child processes."""
 
@@ -216,22 +221,42 @@ def _report_run(run_dir: Path, follower: MetricsFollower, markers: list[str]) ->
 def server(
     config: Path = typer.Option(..., "--config", help="server TOML (see configs/server.example.toml)"),
     insecure: bool = typer.Option(False, "--insecure", help="no TLS, no node authentication (testing only)"),
+    resume: bool = typer.Option(
+        False, "--resume", help="continue the run in [run] run_dir from its last checkpoint"),
 ) -> None:
     """Start the SuperLink (TLS + hospital authentication), register hospitals, run fedrg."""
     from fedrg.config import load_config, to_run_config
     from fedrg.deploy import processes as P
     from fedrg.deploy.settings import load_server_settings
     from fedrg.deploy.watch import MetricsFollower
+    from fedrg.federated.checkpoint import completed_rounds
+    from fedrg.paths import ensure_writable
 
     try:
         s = load_server_settings(config)
-        _check_server_files(s, insecure)
         cfg = load_config(s.run.experiment or None, s.run.overrides)
+        run_dir = Path(s.run.run_dir)
+        done = completed_rounds(run_dir)
+        if resume and done is None:
+            raise FedrgError(f"--resume: [run] run_dir {run_dir} in {config} holds no checkpoint; "
+                             "start without --resume (no round of that run had finished)")
+        if resume and done >= cfg.federation.rounds:
+            console.print(f"run in {run_dir} is already complete ({done} of "
+                          f"{cfg.federation.rounds} rounds); nothing to resume. Audit the "
+                          "hospitals' ledgers with: fedrg audit STATE_DIR", highlight=False)
+            return
+        _check_server_files(s, insecure)
+        ensure_writable(run_dir, setting=f"[run] run_dir in {config}")
+        ensure_writable(s.state_dir, setting=f"state_dir in {config}")
         app_dir = Path(s.run.app_dir) if s.run.app_dir else _default_app_dir()
-        run_config = {**to_run_config(cfg), "fedrg.run_dir": s.run.run_dir}
+        run_config = {**to_run_config(cfg), "fedrg.run_dir": s.run.run_dir,
+                      "fedrg.resume": bool(resume)}
         check_app_run_config(app_dir, run_config)
     except FedrgError as err:
         raise _fail(err) from None
+    resume_hint = (f"Hospital ledgers and the run's last checkpoint in {run_dir} are intact; "
+                   f"continue with: fedrg server --config {config} --resume"
+                   + (" --insecure" if insecure else ""))
     if insecure:
         err_console.print(INSECURE_BANNER)
     state = Path(s.state_dir)
@@ -302,10 +327,15 @@ def server(
     except FedrgError as err:
         raise _fail(err) from None
     except (KeyboardInterrupt, _StopRequestedError):
-        err_console.print("stopping: interrupted")
+        err_console.print("stopping: interrupted (stopping the processes this command "
+                          "started)")
+        group.close(timeout=STOP_TIMEOUT_S)
+        err_console.print(resume_hint if completed_rounds(run_dir) is not None else
+                          "No round had finished; start the same command again.",
+                          highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     finally:
-        group.close()
+        group.close(timeout=STOP_TIMEOUT_S)
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGHUP, previous_hup)
 
@@ -431,10 +461,14 @@ def client(
     except FedrgError as err:
         raise _fail(err) from None
     except (KeyboardInterrupt, _StopRequestedError):
-        err_console.print("stopping: interrupted")
+        err_console.print("stopping: interrupted (stopping the SuperNode this command started)")
+        group.close(timeout=STOP_TIMEOUT_S)
+        err_console.print(f"{s.site.name}: the privacy ledger in {state} is intact; rejoin "
+                          f"with: fedrg client --config {config}"
+                          + (" --insecure" if insecure else ""), highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     finally:
-        group.close()
+        group.close(timeout=STOP_TIMEOUT_S)
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGHUP, previous_hup)
 

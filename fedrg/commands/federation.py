@@ -22,6 +22,7 @@ from fedrg.config import (
     read_toml,
 )
 from fedrg.errors import ConfigError, FedrgError, PolicyViolationError
+from fedrg.federated.checkpoint import completed_rounds
 from fedrg.paths import cache_dir
 from fedrg.privacy.policy import SitePolicy
 
@@ -169,7 +170,33 @@ def export_ledgers(sites: list[SiteConfig], run_dir: Path) -> Path:
     return out
 
 
-def _print_round(row: dict[str, Any], markers: list[str]) -> None:
+SITES_RECORD = "sites.json"
+
+
+def write_sites_record(run_dir: Path, cohorts: list[Path], state_root: Path,
+                       budget: float) -> None:
+    """Remember where the run's hospitals keep their ledgers, so ``--resume`` reuses them."""
+    record = {"cohorts": [str(Path(c).resolve()) for c in cohorts],
+              "state_root": str(Path(state_root).resolve()), "budget": budget}
+    (run_dir / SITES_RECORD).write_text(json.dumps(record, indent=2))
+
+
+def read_sites_record(run_dir: Path) -> dict[str, Any] | None:
+    """The record :func:`write_sites_record` left in ``run_dir`` (None for older runs)."""
+    path = run_dir / SITES_RECORD
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return {"cohorts": [Path(c) for c in data["cohorts"]],
+                "state_root": Path(data["state_root"]), "budget": float(data["budget"])}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise FedrgError(f"{path} is unreadable ({err}); it records where the run's "
+                         "hospitals keep their ledgers. Restore it or start a new run") from None
+
+
+def _print_round(row: dict[str, Any], markers: list[str], steps: list[int] | None = None
+                 ) -> None:
     auroc = row.get("auroc") or {}
     eps = row.get("epsilon") or {}
     parts = [f"[bold]round {row['round']}[/bold]",
@@ -178,6 +205,8 @@ def _print_round(row: dict[str, Any], markers: list[str]) -> None:
              *(f"AUROC {m} {auroc[m]:.3f}" for m in markers if auroc.get(m) is not None),
              f"findings F1 {row['findings_f1']:.3f}" if row.get("findings_f1") is not None else "",
              f"max eps {max(eps.values()):.2f}" if eps else "",
+             (f"DP-SGD steps {min(steps)}-{max(steps)}" if steps and min(steps) != max(steps)
+              else f"DP-SGD steps {steps[0]}" if steps else ""),
              f"{row.get('seconds', 0):.1f}s"]
     if row.get("declined"):
         parts.append(f"[yellow]declined: {', '.join(row['declined'])}[/yellow]")
@@ -206,80 +235,144 @@ def register(app: typer.Typer) -> None:
         set_: list[str] | None = typer.Option(None, "--set", help="override: section.key=value"),
     ) -> None:
         """Run a simulated federation of hospitals (synthetic cohorts by default)."""
+        from fedrg.commands.progress import RoundProgress, last_entry_steps, phase
         from fedrg.federated.report import round_table
         from fedrg.flower.simulation import run_simulated_federation
+        from fedrg.interrupt import (
+            Interrupted,
+            exit_interrupted,
+            graceful_interrupt,
+            silence_flower,
+            stop_own_ray,
+        )
+        from fedrg.paths import ensure_writable
 
-        try:
-            overrides = list(set_ or [])
-            policy_table: dict[str, Any] | None = None
-            policy_source = "defaults"
-            if resume is not None:
-                if not (resume / "config.json").is_file():
-                    raise FedrgError(f"--resume {resume}: no config.json there; pass a run directory "
-                                     "written by fedrg simulate")
-                cfg = build_config(apply_overrides(read_toml(resume / "config.json"), overrides),
-                                   source=str(resume / "config.json"))
-                run_dir = resume
-                if (resume / "site_policy.json").is_file():
-                    policy_table = read_toml(resume / "site_policy.json")
-                    policy_source = str(resume / "site_policy.json")
-            else:
-                if cohorts:  # the cohorts given decide the federation's size (validated below)
-                    hospitals = len(cohorts)
-                if hospitals is not None:
-                    overrides.append(f"federation.hospitals={hospitals}")
-                    if hospitals < 2 and not any(o.startswith("federation.min_hospitals") for o in overrides):
-                        overrides.append(f"federation.min_hospitals={hospitals}")
-                if rounds is not None:
-                    overrides.append(f"federation.rounds={rounds}")
-                # the sites' policy is theirs, not part of the experiment request
-                data, policy_table = read_experiment_toml(config)
-                if policy_table is not None:
-                    policy_source = f"{config} [site_policy]"
-                cfg = build_config(apply_overrides(data, overrides),
-                                   source=str(config) if config else "defaults + overrides")
-                run_dir = out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
-                if (run_dir / "checkpoint").exists():
-                    raise FedrgError(f"run directory {run_dir} already holds a run; use --resume "
-                                     f"{run_dir} to continue it or choose another --out")
-            if site_policy is not None:
-                policy_table, policy_source = read_site_policy_file(site_policy), str(site_policy)
-            policy = simulated_policy(policy_table, source=policy_source, budget=budget)
-            for cohort in cohorts or []:  # named cohorts must exist before anything else
-                if not (cohort / "manifest.csv").is_file():
-                    raise FedrgError(f"cohort {cohort} has no manifest.csv; point --cohort at "
-                                     "cohort directories (see docs/cohort-format.md)")
-            check_simulation_policy(cfg, policy)
-            if cohorts:
-                cohort_dirs = list(cohorts)
-            else:
-                with console.status("preparing synthetic cohorts (cached after the first run)"):
-                    cohort_dirs = synthetic_cohorts(cfg)
-            state_root = state_dir or cache_dir() / "sites" / hashlib.sha256(
-                str(sorted(map(str, cohort_dirs))).encode()).hexdigest()[:16]
-            sites = simulated_sites(cohort_dirs, state_root, policy)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
-            # the simulated sites' policy, for --resume (never sent to the hospitals' server)
-            (run_dir / "site_policy.json").write_text(policy.model_dump_json(indent=2))
-            with console.status("preparing the base model (built once, then cached)"):
-                from fedrg.model.base import load_base
+        t0 = time.perf_counter()  # "done in" counts cohorts, base model and every round
+        where: dict[str, Path | None] = {"run_dir": None}
 
-                load_base(cfg.model.base)
-            console.print(f"[bold]fedrg simulate[/bold]: {cfg.federation.hospitals} hospitals, "
-                          f"{cfg.federation.rounds} rounds, DP {'on' if cfg.privacy.enabled else 'OFF'}"
-                          f" (target epsilon {cfg.privacy.target_epsilon}), secure aggregation "
-                          f"{'on' if cfg.secagg.enabled else 'OFF'}; site policy from "
-                          f"{policy_source} (metrics released: {policy.evaluation.release}); "
-                          f"run directory {run_dir}")
-            t0 = time.perf_counter()
-            result = run_simulated_federation(
-                cfg, run_dir, sites, resume=resume is not None,
-                on_round=lambda row: _print_round(row, cfg.data.markers))
-            export_ledgers(sites, run_dir)
-        except FedrgError as err:
-            console.print(f"[red]error:[/red] {err}")
-            raise typer.Exit(2) from None
+        def how_to_go_on() -> str:
+            rd = where["run_dir"]
+            if rd is None:
+                return "Nothing was written; run the same command again."
+            if (rd / "checkpoint" / "state.json").is_file() or (
+                    rd / "checkpoint.old" / "state.json").is_file():
+                return (f"Ledgers and the last checkpoint are intact; resume with: "
+                        f"fedrg simulate --resume {rd}")
+            return ("No round had finished, so there is nothing to resume; run the same "
+                    "command again (ledgers are intact).")
+
+        with graceful_interrupt("fedrg simulate", hint=how_to_go_on, cleanup=stop_own_ray,
+                                on_signal=silence_flower):
+            try:
+                overrides = list(set_ or [])
+                policy_table: dict[str, Any] | None = None
+                policy_source = "defaults"
+                if resume is not None:
+                    if not (resume / "config.json").is_file():
+                        raise FedrgError(f"--resume {resume}: no config.json there; pass a run directory "
+                                         "written by fedrg simulate")
+                    cfg = build_config(apply_overrides(read_toml(resume / "config.json"), overrides),
+                                       source=str(resume / "config.json"))
+                    run_dir = resume
+                    if (resume / "site_policy.json").is_file():
+                        policy_table = read_toml(resume / "site_policy.json")
+                        policy_source = str(resume / "site_policy.json")
+                    done = completed_rounds(run_dir)
+                    if done is not None and done >= cfg.federation.rounds:
+                        console.print(f"run {run_dir} is already complete ({done} of "
+                                      f"{cfg.federation.rounds} rounds); nothing to resume. "
+                                      f"Audit it with: fedrg audit {run_dir}", highlight=False)
+                        return
+                else:
+                    if cohorts:  # the cohorts given decide the federation's size (validated below)
+                        hospitals = len(cohorts)
+                    if hospitals is not None:
+                        overrides.append(f"federation.hospitals={hospitals}")
+                        if hospitals < 2 and not any(o.startswith("federation.min_hospitals") for o in overrides):
+                            overrides.append(f"federation.min_hospitals={hospitals}")
+                    if rounds is not None:
+                        overrides.append(f"federation.rounds={rounds}")
+                    # the sites' policy is theirs, not part of the experiment request
+                    data, policy_table = read_experiment_toml(config)
+                    if policy_table is not None:
+                        policy_source = f"{config} [site_policy]"
+                    cfg = build_config(apply_overrides(data, overrides),
+                                       source=str(config) if config else "defaults + overrides")
+                    run_dir = out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
+                    if (run_dir / "checkpoint").exists():
+                        raise FedrgError(f"run directory {run_dir} already holds a run; use --resume "
+                                         f"{run_dir} to continue it or choose another --out")
+                previous = read_sites_record(run_dir) if resume is not None else None
+                if previous is not None:  # the same hospitals, ledgers and budget as before
+                    if state_dir is not None and Path(state_dir).resolve() != previous["state_root"]:
+                        raise FedrgError(
+                            f"--state-dir {state_dir} differs from the one run {run_dir} used "
+                            f"({previous['state_root']}); a resumed run must keep its "
+                            "hospitals' ledgers: drop --state-dir")
+                    cohorts = cohorts or previous["cohorts"]
+                    state_dir = previous["state_root"]
+                    budget = previous["budget"]
+                if site_policy is not None:
+                    policy_table, policy_source = read_site_policy_file(site_policy), str(site_policy)
+                policy = simulated_policy(policy_table, source=policy_source, budget=budget)
+                for cohort in cohorts or []:  # named cohorts must exist before anything else
+                    if not (cohort / "manifest.csv").is_file():
+                        raise FedrgError(f"cohort {cohort} has no manifest.csv; point --cohort at "
+                                         "cohort directories (see docs/cohort-format.md)")
+                check_simulation_policy(cfg, policy)
+                # output directories next (the policy check above needs no file): nothing is
+                # prepared for a run that cannot be written
+                ensure_writable(run_dir, setting="--resume" if resume is not None else "--out")
+                if state_dir is not None:
+                    ensure_writable(state_dir, setting="--state-dir")
+                if cohorts:
+                    cohort_dirs = list(cohorts)
+                else:
+                    with phase(console, "preparing synthetic cohorts (cached after the first run)"):
+                        cohort_dirs = synthetic_cohorts(cfg)
+                state_root = state_dir or cache_dir() / "sites" / hashlib.sha256(
+                    str(sorted(map(str, cohort_dirs))).encode()).hexdigest()[:16]
+                sites = simulated_sites(cohort_dirs, state_root, policy)
+                ensure_writable(state_root, setting="--state-dir")
+                where["run_dir"] = run_dir
+                write_sites_record(run_dir, cohort_dirs, state_root, policy.epsilon_budget)
+                (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+                # the simulated sites' policy, for --resume (never sent to the hospitals' server)
+                (run_dir / "site_policy.json").write_text(policy.model_dump_json(indent=2))
+                with phase(console, "preparing the base model (built once, then cached)"):
+                    from fedrg.model.base import load_base
+
+                    load_base(cfg.model.base)
+                console.print(f"[bold]fedrg simulate[/bold]: {cfg.federation.hospitals} hospitals, "
+                              f"{cfg.federation.rounds} rounds, "
+                              + (f"DP on (target epsilon {cfg.privacy.target_epsilon})"
+                                 if cfg.privacy.enabled else "DP OFF")
+                              + ", secure aggregation "
+                              f"{'on' if cfg.secagg.enabled else 'OFF'}; site policy from "
+                              f"{policy_source} (metrics released: {policy.evaluation.release}); "
+                              f"run directory {run_dir}")
+                training = (f"DP-SGD, {cfg.training.local_epochs:g} local epoch(s)"
+                            if cfg.privacy.enabled else
+                            f"no DP, {cfg.training.local_epochs:g} local epoch(s)")
+                state_dirs = [Path(s.state_dir) for s in sites]
+                with RoundProgress(console, rounds=cfg.federation.rounds,
+                                   start_round=(completed_rounds(run_dir) or 0) + 1,
+                                   training=training) as progress:
+
+                    def on_round(row: dict[str, Any]) -> None:
+                        steps = last_entry_steps(state_dirs, row["round"])
+                        _print_round(row, cfg.data.markers, steps)
+                        progress.round_done()
+
+                    result = run_simulated_federation(
+                        cfg, run_dir, sites, resume=resume is not None, on_round=on_round,
+                        on_phase=progress.on_phase)
+                export_ledgers(sites, run_dir)
+            except FedrgError as err:
+                console.print(f"[red]error:[/red] {err}")
+                raise typer.Exit(2) from None
+            except Interrupted:
+                exit_interrupted("fedrg simulate", how_to_go_on(), cleanup=stop_own_ray)
         rounds_rows = result.metrics["rounds"]
         console.print(round_table(rounds_rows, cfg.data.markers))
         if rounds_rows and rounds_rows[-1].get("epsilon"):

@@ -16,6 +16,55 @@ def _fail(err: FedrgError) -> None:
     raise typer.Exit(code=2)
 
 
+def _progress(text: str) -> None:
+    """One progress line on stderr (stdout carries the JSON result)."""
+    typer.echo(f"fedrg train: {text}", err=True)
+
+
+class StepProgress:
+    """Training steps on stderr: a rich bar on a terminal, else a line at every tenth."""
+
+    def __init__(self, text: str, total: int) -> None:
+        from rich.console import Console
+
+        self.text, self.total = text, max(int(total), 1)
+        self.console = Console(stderr=True)
+        self.bar: Any = None
+        self.next_line = 0.1
+
+    def __enter__(self) -> StepProgress:
+        if self.console.is_terminal:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(f"fedrg train: {self.text}", BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TimeRemainingColumn(),
+                                console=self.console, transient=True)
+            self.task = self.bar.add_task("train", total=self.total)
+            self.bar.start()
+        else:
+            _progress(self.text)
+        return self
+
+    def update(self, done: int, total: int) -> None:
+        """``on_step`` callback of :func:`fedrg.train.loop.train_local`."""
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done)
+        elif done >= self.next_line * self.total and done < self.total:
+            _progress(f"step {done}/{self.total}")
+            while self.next_line * self.total <= done:
+                self.next_line += 0.1
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
 def _json_safe(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _json_safe(v) for k, v in obj.items()}
@@ -48,10 +97,12 @@ def run_train(
     from fedrg.model.adapter import build_model
     from fedrg.model.io import save_adapter
     from fedrg.model.payload import adapter_manifest
+    from fedrg.paths import ensure_writable
     from fedrg.train.evaluate import evaluate
     from fedrg.train.loop import planned_steps, train_local
 
     cfg = load_config(config, overrides)
+    ensure_writable(out, setting="--out")  # before any work, not after training
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
     cohort = load_cohort(cohort_dir, cfg.data)
@@ -92,10 +143,14 @@ def run_train(
         privacy = DPSession.from_config(cfg.privacy, tcfg, n_records=len(train_ds),
                                         noise_multiplier=sigma)
         metrics["privacy"] = {"noise_multiplier": sigma, "sample_rate": q, "steps": steps}
-    metrics["train"] = train_local(model, train_ds, tcfg, steps=steps, privacy=privacy)
+    with StepProgress(f"training {steps} steps on {len(train_ds)} patients "
+                      f"({'DP-SGD' if privacy is not None else 'no DP'})", steps) as bar:
+        metrics["train"] = train_local(model, train_ds, tcfg, steps=steps, privacy=privacy,
+                                       on_step=bar.update)
     if privacy is not None:
         metrics["privacy"]["epsilon"] = privacy.epsilon(target_delta=cfg.privacy.target_delta)
         metrics["privacy"]["target_delta"] = cfg.privacy.target_delta
+    _progress(f"evaluating on {len(val_ds)} held-out patients")
     metrics["eval"] = evaluate(model, val_ds)
     save_adapter(model, out)
     manifest = adapter_manifest(model)
@@ -157,12 +212,19 @@ def register(app: typer.Typer) -> None:
             False, "--eval-before", help="also evaluate the untrained adapter"),
     ) -> None:
         """Train the adapter on one cohort; write OUT/metrics.json and the adapter."""
+        from fedrg.interrupt import Interrupted, exit_interrupted, graceful_interrupt
+
+        hint = (f"Nothing was saved to {out} unless metrics.json is there; run the same "
+                "command again to train from the start.")
         try:
-            m = run_train(cohort, out, dp=not no_dp, config=config, overrides=overrides,
-                          evaluate_before=eval_before)
+            with graceful_interrupt("fedrg train", hint=hint):
+                m = run_train(cohort, out, dp=not no_dp, config=config, overrides=overrides,
+                              evaluate_before=eval_before)
         except FedrgError as err:
             _fail(err)
             return
+        except Interrupted:
+            exit_interrupted("fedrg train", hint)
         ev = m["eval"]
         typer.echo(json.dumps(_json_safe({
             "out": str(out), "val_patients": m["val_patients"], "loss": ev["loss"],

@@ -31,6 +31,20 @@ ImageReader = Callable[[Path], np.ndarray]
 _READERS: dict[str, ImageReader] = {}
 #: Key under which the reader for a directory (a DICOM series) is registered.
 DIRECTORY = "<dir>"
+#: Largest image accepted, in voxels (a 1024 x 1024 x 512 volume; 2 GiB as float32).
+MAX_VOXELS = 1024 * 1024 * 512
+
+
+def check_voxels(shape: Iterable[int], path: Path) -> None:
+    """Refuse an image of more than :data:`MAX_VOXELS` voxels (before reading its pixels
+    where the format allows)."""
+    dims = [int(d) for d in shape]
+    n = int(np.prod(dims, dtype=np.int64)) if dims else 0
+    if n > MAX_VOXELS:
+        raise ImageReadError(
+            f"image {path} has {n:,} voxels ({' x '.join(map(str, dims))}), more than the limit "
+            f"of {MAX_VOXELS:,}; crop or downsample it before adding it to the cohort"
+        )
 
 
 def register_reader(suffixes: Iterable[str], reader: ImageReader) -> None:
@@ -97,6 +111,7 @@ def _check_array(arr: np.ndarray, p: Path) -> np.ndarray:
         arr = arr[..., 0]
     if arr.ndim not in (2, 3) or arr.size == 0:
         raise ImageReadError(f"image {p} has shape {arr.shape}; expected a 2D image or 3D volume")
+    check_voxels(arr.shape, p)
     arr = arr.astype(np.float32)
     if not np.isfinite(arr).all():
         raise ImageReadError(f"image {p} contains NaN or infinite values")
@@ -110,6 +125,7 @@ def read_nifti(path: Path) -> np.ndarray:
     import nibabel as nib
 
     img: Any = nib.load(str(path))  # a Nifti1/2Image (nibabel's stubs say FileBasedImage)
+    check_voxels(img.shape[:3], path)  # from the header, before reading the data
     if len(img.shape) == 4:
         img = img.slicer[..., 0]
     img = nib.as_closest_canonical(img)  # RAS: i left->right, j post->ant, k inf->sup
@@ -148,10 +164,16 @@ def read_dicom_series(path: Path) -> np.ndarray:
     if not files:
         raise ImageReadError(f"image folder {path} is empty; it must hold one DICOM series")
     slices = []
-    for f in files:
+    for i, f in enumerate(files):
         try:
+            if i == 0:  # rows x columns x files, from the first header, before any pixels
+                head = pydicom.dcmread(str(f), stop_before_pixels=True)
+                check_voxels((len(files), int(getattr(head, "Rows", 0) or 0),
+                              int(getattr(head, "Columns", 0) or 0)), path)
             ds = pydicom.dcmread(str(f))
             pixels = _dicom_pixels(ds)
+        except ImageReadError:
+            raise
         except Exception as err:
             raise ImageReadError(
                 f"image {f} (in series folder {path}) is truncated or corrupt "
@@ -178,8 +200,61 @@ def read_dicom_series(path: Path) -> np.ndarray:
             return float(np.dot(normal, np.asarray(ipp, float)))
         return float(getattr(ds, "InstanceNumber", 0) or 0)
 
+    check_series_complete(path, [ds for ds, _ in slices])
     slices.sort(key=position)
     return np.stack([p for _, p in slices])
+
+
+def check_series_complete(path: Path, datasets: list[Any]) -> None:
+    """Refuse a DICOM series with a missing or duplicated slice.
+
+    Checks instance numbers (duplicates; gaps in the run of consecutive numbers) and, when
+    every slice has a position and orientation, slice positions along the slice normal
+    (duplicates; a gap larger than 1.5 times the typical spacing).
+
+    Raises
+    ------
+    ImageReadError
+        Naming the folder, the instance numbers or positions concerned, and the fix.
+    """
+    fix = "re-export the complete series (one file per slice, each slice once)"
+    numbers = [getattr(ds, "InstanceNumber", None) for ds in datasets]
+    if all(n is not None and str(n).strip() != "" for n in numbers):
+        nums = sorted(int(str(n)) for n in numbers)
+        dups = sorted({n for n in nums if nums.count(n) > 1})
+        if dups:
+            raise ImageReadError(f"DICOM series folder {path}: duplicated slice(s), instance "
+                                 f"number(s) {', '.join(map(str, dups))} appear more than once; "
+                                 f"{fix}")
+        gaps = sorted(set(range(nums[0], nums[-1] + 1)) - set(nums))
+        if gaps:
+            shown = ", ".join(map(str, gaps[:10])) + (" ..." if len(gaps) > 10 else "")
+            raise ImageReadError(f"DICOM series folder {path}: missing slice(s), instance "
+                                 f"number(s) {shown} absent between {nums[0]} and {nums[-1]}; "
+                                 f"{fix}")
+    pos = []
+    for ds in datasets:
+        iop = getattr(ds, "ImageOrientationPatient", None)
+        ipp = getattr(ds, "ImagePositionPatient", None)
+        if iop is None or ipp is None or len(iop) != 6:
+            return
+        normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
+        pos.append(float(np.dot(normal, np.asarray(ipp, float))))
+    pos.sort()
+    steps = np.diff(pos)
+    if (steps < 1e-3).any():
+        raise ImageReadError(f"DICOM series folder {path}: two slices share the position "
+                             f"{pos[int(np.argmin(steps))]:.2f} mm along the slice normal "
+                             f"(a duplicated slice); {fix}")
+    if len(steps) >= 2:
+        typical = float(np.median(steps))
+        big = np.flatnonzero(steps > 1.5 * typical)
+        if big.size:
+            i = int(big[0])
+            raise ImageReadError(
+                f"DICOM series folder {path}: slice positions jump from {pos[i]:.2f} to "
+                f"{pos[i + 1]:.2f} mm while slices are {typical:.2f} mm apart (a missing "
+                f"slice); {fix}")
 
 
 def read_png(path: Path) -> np.ndarray:

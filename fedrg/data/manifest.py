@@ -65,9 +65,13 @@ def read_manifest(path: Path, markers: list[str], problems: list[Problem]) -> li
     header = [h.strip() for h in next(reader, [])]
     missing = [c for c in (*REQUIRED_COLUMNS, *markers) if c not in header]
     if missing:
+        known = {*REQUIRED_COLUMNS, "report", *markers}
+        unknown = [c for c in header if c not in known]
+        found = (f"; it has unknown column(s) {', '.join(repr(c) for c in unknown)} "
+                 "(misspelt? rename to the expected name)" if unknown else "")
         problems.append(Problem(
-            MANIFEST, f"header lacks column(s) {', '.join(missing)}; expected patient_id, image, "
-            f"report and one column per marker ({', '.join(markers)})", 1,
+            MANIFEST, f"header lacks column(s) {', '.join(missing)}{found}; expected "
+            f"patient_id, image, report and one column per marker ({', '.join(markers)})", 1,
         ))
         if any(c in missing for c in REQUIRED_COLUMNS):
             return []

@@ -62,6 +62,20 @@ def _image_format(path: Path) -> str:
     return path.suffix or "?"
 
 
+def leaves_cohort(path: Path, root: Path) -> Path | None:
+    """Where ``path`` really lies when a symbolic link takes it (or, for a DICOM series
+    folder, one of its files) outside the cohort directory ``root``; ``None`` otherwise."""
+    base = root.resolve()
+    candidates = [path]
+    if path.is_dir():
+        candidates += sorted(path.iterdir())
+    for c in candidates:
+        real = c.resolve()
+        if real != base and base not in real.parents:
+            return real
+    return None
+
+
 def validate_cohort(path: str | Path, data_cfg: DataConfig) -> ValidationResult:
     """Read every file of a cohort directory and check it.
 
@@ -102,6 +116,13 @@ def validate_cohort(path: str | Path, data_cfg: DataConfig) -> ValidationResult:
         where = f"patient {r.patient_id!r}, {MANIFEST} row {r.row}"
         if not p.exists():
             problems.append(Problem(r.image, f"image file does not exist ({where})"))
+            images.append(None)
+            continue
+        outside = leaves_cohort(p, root)
+        if outside is not None:
+            problems.append(Problem(
+                r.image, f"image path resolves to {outside}, outside the cohort directory "
+                f"(a symbolic link leaves the cohort); copy the file into the cohort ({where})"))
             images.append(None)
             continue
         try:

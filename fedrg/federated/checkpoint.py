@@ -85,3 +85,16 @@ def load_checkpoint(run_dir: str | Path) -> RunCheckpoint:
         config_hash=state["config_hash"],
         run_id=state["run_id"],
     )
+
+
+def completed_rounds(run_dir: str | Path) -> int | None:
+    """Rounds finished by the run in ``run_dir`` per its checkpoint (or the backup of an
+    interrupted save); ``None`` when there is no readable checkpoint."""
+    for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old"):
+        state = Path(run_dir) / name / "state.json"
+        if state.is_file():
+            try:
+                return int(json.loads(state.read_text())["round"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+    return None

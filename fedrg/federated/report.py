@@ -25,8 +25,26 @@ def _series(rounds: list[dict[str, Any]], key: str) -> dict[str, list[tuple[int,
     return out
 
 
-def write_plots(metrics: dict[str, Any], out_dir: str | Path) -> list[Path]:
-    """Write one PNG per metric family (AUROC, loss, findings F1, epsilon) over rounds."""
+def privacy_label(metrics: dict[str, Any], *, dp_enabled: bool,
+                  target_epsilon: float | None = None) -> str:
+    """``"DP on, max eps 6.27 of target 8"`` or ``"DP OFF"``, for plot titles."""
+    if not dp_enabled:
+        return "DP OFF"
+    eps = [v for row in metrics.get("rounds", []) for v in (row.get("epsilon") or {}).values()
+           if v is not None]
+    spent = f", max eps {max(eps):.2f}" if eps else ""
+    target = f" of target {target_epsilon:g}" if target_epsilon is not None and eps else ""
+    return f"DP on{spent}{target}"
+
+
+def write_plots(metrics: dict[str, Any], out_dir: str | Path, *, dp_label: str = "") -> list[Path]:
+    """Write one PNG per metric family (AUROC, loss, findings F1, epsilon) over rounds.
+
+    Rounds are integer ticks; AUROC panels show the chance line at 0.5 on a fixed 0-1
+    axis, loss starts at 0; each title ends with ``dp_label`` (:func:`privacy_label`).
+    """
+    from matplotlib.ticker import MaxNLocator
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rounds = metrics.get("rounds", [])
@@ -45,9 +63,17 @@ def write_plots(metrics: dict[str, Any], out_dir: str | Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
         for name, pts in sorted(series.items()):
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.set_ylabel(ylabel)
-        ax.set_title(title)
+        if key in ("auroc", "auroc_multimodal"):
+            ax.axhline(0.5, color="grey", ls="--", lw=1, label="chance (0.5)")
+            ax.set_ylim(0, 1)
+        elif key == "findings_f1":
+            ax.set_ylim(0, 1)
+        else:
+            ax.set_ylim(bottom=0)
+        ax.set_title(f"{title}\n{dp_label}" if dp_label else title, fontsize=10)
         ax.grid(alpha=0.3)
         if len(series) > 1 or key in ("auroc", "auroc_multimodal", "epsilon"):
             ax.legend(fontsize=7)
@@ -68,11 +94,20 @@ def _fmt(v: Any) -> str:
 
 
 def round_table(rounds: list[dict[str, Any]], markers: list[str]) -> Table:
-    """A rich table with one line per round."""
-    table = Table(title="fedrg federation", show_lines=False)
-    for col in ["round", "hospitals", "loss", *[f"AUROC {m}" for m in markers], "findings F1",
-                "max eps", "MB up", "s"]:
-        table.add_column(col, justify="right")
+    """A rich table with one line per round, within 80 columns for up to four markers.
+
+    Marker AUROC columns are headed ``A1``, ``A2``, ... and named in the caption, so no
+    header is cut short.
+    """
+    from rich import box
+
+    caption = "; ".join(f"A{i} = AUROC {m}" for i, m in enumerate(markers, start=1))
+    table = Table(title="fedrg federation", caption=caption, box=box.SIMPLE_HEAD,
+                  title_justify="left", caption_justify="left", show_lines=False,
+                  padding=(0, 1), pad_edge=False, collapse_padding=True)
+    for col in ["round", "hospitals", "loss", *[f"A{i}" for i in range(1, len(markers) + 1)],
+                "F1", "max eps", "MB up", "s"]:
+        table.add_column(col, justify="right", no_wrap=True)
     for row in rounds:
         eps = row.get("epsilon") or {}
         table.add_row(
@@ -83,6 +118,6 @@ def round_table(rounds: list[dict[str, Any]], markers: list[str]) -> Table:
             _fmt(row.get("findings_f1")),
             _fmt(max(eps.values()) if eps else None),
             f"{row.get('bytes_up', 0) / 1e6:.2f}",
-            _fmt(row.get("seconds")),
+            f"{row['seconds']:.0f}" if row.get("seconds") is not None else "-",
         )
     return table

@@ -23,7 +23,7 @@ def run_federation(transport: Transport, cfg: ExperimentConfig, run_dir: str | P
     ``[tracking]``), the final adapter to ``run_dir/adapter`` and
     PNG plots to ``run_dir/plots``.
     """
-    from fedrg.federated.report import write_plots
+    from fedrg.federated.report import privacy_label, write_plots
     from fedrg.federated.secure import SecureAggregationDriver
     from fedrg.federated.tracking import open_trackers
     from fedrg.model.adapter import build_model
@@ -55,5 +55,7 @@ def run_federation(transport: Transport, cfg: ExperimentConfig, run_dir: str | P
     set_adapter_arrays(model, result.global_arrays)
     save_adapter(model, run_dir / "adapter")
     write_metrics(run_dir, result.metrics)
-    write_plots(result.metrics, run_dir / "plots")
+    write_plots(result.metrics, run_dir / "plots", dp_label=privacy_label(
+        result.metrics, dp_enabled=cfg.privacy.enabled,
+        target_epsilon=cfg.privacy.target_epsilon))
     return result

@@ -283,9 +283,11 @@ class FederationServer:
         if not self.cfg.secagg.enabled:
             delta = add_server_noise(delta, hospital_noise_multiplier=p.hospital_noise_multiplier,
                                      hospital_clip=p.hospital_clip, n_sampled=n_trained)
+        # Hospitals are drawn as a fixed-size sample from a public seed (_sample), not by
+        # secret Poisson sampling: no amplification, every round counts in full (q = 1).
         outcome.metrics["epsilon_hospital_level"] = hospital_level_epsilon(
             hospital_noise_multiplier=p.hospital_noise_multiplier,
-            sample_rate=self.cfg.federation.fraction_train, rounds=rnd, target_delta=p.target_delta,
+            sample_rate=1.0, rounds=rnd, target_delta=p.target_delta,
             accountant=p.accountant)
         return delta
 

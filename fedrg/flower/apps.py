@@ -153,11 +153,14 @@ def build_server_app(provide: ConfigProvider,
                      on_round: Callable[[dict[str, Any]], None] | None = None,
                      results: list[Any] | None = None,
                      failures: list[BaseException] | None = None,
+                     on_phase: Callable[[str, int, int], None] | None = None,
                      *, ledgers: bool = False) -> ServerApp:
     """The coordinator: runs :func:`fedrg.federated.runner.run_federation` over the Grid.
 
-    With ``ledgers=True`` (deployment) the hospitals' public ledger copies are collected
-    into ``run_dir/ledgers`` after the last round, through the same Flower messages.
+    ``on_phase(action, round, n_hospitals)`` is called before each message exchange
+    (progress display of ``fedrg simulate``). With ``ledgers=True`` (deployment) the
+    hospitals' public ledger copies are collected into ``run_dir/ledgers`` after the last
+    round, through the same Flower messages.
     """
     app = ServerApp()
 
@@ -167,7 +170,8 @@ def build_server_app(provide: ConfigProvider,
 
         try:
             cfg, run_dir, resume = provide(context)
-            transport = GridTransport(grid, min_nodes=cfg.federation.min_hospitals)
+            transport = GridTransport(grid, min_nodes=cfg.federation.min_hospitals,
+                                      on_send=on_phase)
             result = run_federation(transport, cfg, run_dir, resume=resume, on_round=on_round)
             if ledgers:
                 try:  # the trained model is saved already: a missing copy fails no run

@@ -19,18 +19,100 @@ log = logging.getLogger("fedrg.simulation")
 class SimulatedSites:
     """Maps a simulated SuperNode (its ``partition-id``) to a hospital's site config."""
 
-    def __init__(self, sites: list[SiteConfig]) -> None:
+    def __init__(self, sites: list[SiteConfig], log_dir: Path | None = None) -> None:
         self.sites = list(sites)
+        self.log_dir = log_dir
 
     def __call__(self, context: Any) -> SiteConfig:
+        if self.log_dir is not None:  # runs inside each Ray actor process
+            route_worker_logs(self.log_dir)
         pid = int(context.node_config["partition-id"])
         return self.sites[pid]
+
+
+_WORKER_LOG: list[logging.Handler] = []
+
+
+def route_worker_logs(log_dir: Path) -> None:
+    """In a simulation worker: Flower's records below ERROR (its deprecation notices,
+    "Manually terminating ClientAppActor") and Python warnings go to
+    ``log_dir/worker-<pid>.log`` instead of the console (once per process)."""
+    if _WORKER_LOG:
+        return
+    log_dir.mkdir(parents=True, exist_ok=True)
+    handler = _file_handler(log_dir / f"worker-{os.getpid()}.log")
+    # warnings get their own file: a warning raised while a record is being written (the
+    # garbage collector's ResourceWarning) would otherwise re-enter the same stream
+    warn_handler = _file_handler(log_dir / f"worker-{os.getpid()}-warnings.log")
+    _WORKER_LOG.extend([handler, warn_handler])
+    flwr_log = logging.getLogger("flwr")
+    for h in flwr_log.handlers:
+        h.setLevel(logging.ERROR)
+    flwr_log.addHandler(handler)
+    flwr_log.propagate = False
+    fedrg_log = logging.getLogger("fedrg")  # the hospital side's own log (errors included)
+    fedrg_log.addHandler(handler)
+    fedrg_log.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    warnings.simplefilter("ignore", ResourceWarning)
+    warn_log = logging.getLogger("py.warnings")
+    warn_log.addHandler(warn_handler)
+    warn_log.propagate = False
+
+
+def _file_handler(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    return handler
+
+
+class FlowerLogToFile:
+    """Route Flower's log and Python warnings raised during a simulation to a file.
+
+    Flower's console handler is raised to ERROR (errors still reach the console); its
+    INFO/WARNING records and every ``warnings.warn`` go to ``path`` instead.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handler: logging.Handler | None = None
+        self._levels: list[tuple[logging.Handler, int]] = []
+
+    def __enter__(self) -> FlowerLogToFile:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handler = _file_handler(self.path)
+        handler.setLevel(logging.INFO)
+        # warnings in a file of their own (see route_worker_logs)
+        self._warn_handler = _file_handler(self.path.with_name("warnings.log"))
+        self._handler = handler
+        flwr_log = logging.getLogger("flwr")
+        for h in flwr_log.handlers:
+            self._levels.append((h, h.level))
+            h.setLevel(logging.ERROR)
+        flwr_log.addHandler(handler)
+        logging.captureWarnings(True)
+        warn_log = logging.getLogger("py.warnings")
+        warn_log.addHandler(self._warn_handler)
+        warn_log.propagate = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h, level in self._levels:
+            h.setLevel(level)
+        if self._handler is not None:
+            logging.getLogger("flwr").removeHandler(self._handler)
+            logging.getLogger("py.warnings").removeHandler(self._warn_handler)
+            self._handler.close()
+            self._warn_handler.close()
+        logging.captureWarnings(False)
+        logging.getLogger("py.warnings").propagate = True
 
 
 def run_simulated_federation(cfg: ExperimentConfig, run_dir: str | Path, sites: list[SiteConfig], *,
                              resume: bool = False,
                              on_round: Callable[[dict[str, Any]], None] | None = None,
-                             num_cpus: int | None = None) -> Any:
+                             num_cpus: int | None = None,
+                             on_phase: Callable[[str, int, int], None] | None = None) -> Any:
     """Run a whole federation of ``sites`` through Flower's simulation engine.
 
     Returns the :class:`~fedrg.federated.server.ServerResult`. Raises :class:`FedrgError` when
@@ -51,16 +133,19 @@ def run_simulated_federation(cfg: ExperimentConfig, run_dir: str | Path, sites: 
         return cfg, Path(run_dir), resume
 
     # failures: the ServerApp's own exception, re-raised here instead of Flower's generic exit
-    server_app = build_server_app(provide, on_round=on_round, results=results, failures=failures)
-    client_app = build_client_app(SimulatedSites(sites))
+    server_app = build_server_app(provide, on_round=on_round, results=results, failures=failures,
+                                  on_phase=on_phase)
+    client_app = build_client_app(SimulatedSites(sites, Path(run_dir) / "logs"))
     cpus = num_cpus or max(1, min(len(sites), os.cpu_count() or 1))
     backend_config = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
-                      "logging_level": logging.ERROR, "log_to_driver": True},
+                      # workers' output stays in their logs (RUN/logs, Ray's session logs):
+                      # Ray's own crash reports of idle workers are not fedrg's console
+                      "logging_level": logging.ERROR, "log_to_driver": False},
     }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with FlowerLogToFile(Path(run_dir) / "logs" / "flower.log"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # the rest as filtered by default
         try:
             run_simulation(server_app=server_app, client_app=client_app,
                            num_supernodes=len(sites), backend_config=backend_config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -28,10 +29,12 @@ ACTIONS = {
 class GridTransport:
     """Sends payloads as Flower messages and turns replies back into payloads."""
 
-    def __init__(self, grid: Grid, *, min_nodes: int = 1, wait_for_nodes: float = 60.0) -> None:
+    def __init__(self, grid: Grid, *, min_nodes: int = 1, wait_for_nodes: float = 60.0,
+                 on_send: Callable[[str, int, int], None] | None = None) -> None:
         self.grid = grid
         self.min_nodes = min_nodes
         self.wait_for_nodes = wait_for_nodes
+        self.on_send = on_send  # (action, round, number of nodes): progress display
         self.last_secagg_bytes = (0, 0)
 
     def nodes(self) -> list[int]:
@@ -47,6 +50,8 @@ class GridTransport:
              timeout: float | None = None) -> dict[int, Reply]:
         """Send ``action`` to each node and collect the replies that arrive."""
         message_type = ACTIONS[action]
+        if self.on_send is not None:
+            self.on_send(action, round_, len(messages))
         out = [Message(content=payload_to_record(p), dst_node_id=node, message_type=message_type,
                        group_id=str(round_)) for node, p in messages.items()]
         replies: dict[int, Reply] = {}

@@ -359,6 +359,7 @@ def run_canary_audit(
     training_cfg: TrainingConfig | None = None,
     expression_scale: float = DEFAULT_EXPRESSION_SCALE,
     model_seed: int = 0,
+    _test_noise_seed: int | None = None,
 ) -> EmpiricalAudit:
     """Train once with randomly included canaries and bound epsilon from below.
 
@@ -393,6 +394,10 @@ def run_canary_audit(
         Spread of the canaries' random expression values (see :func:`make_canaries`).
     model_seed
         Initialisation of the adapter (public).
+    _test_noise_seed
+        Tests only: seed the DP run's noise and Poisson sampling so a test cannot pass or
+        fail by luck. Never set by fedrg itself (the CLI has no way to reach it); ``None``
+        keeps OS entropy.
 
     Returns
     -------
@@ -442,7 +447,7 @@ def run_canary_audit(
             sample_rate=sample_rate, expected_batch_size=sample_rate * design.expected_records,
             grad_sample_mode="hooks", accountant=accountant,
             max_physical_batch_size=training_cfg.max_physical_batch_size,
-            n_records=len(train_set), collate_fn=collate_samples,
+            n_records=len(train_set), collate_fn=collate_samples, seed=_test_noise_seed,
         )
     threads = torch.get_num_threads()
     try:  # train_local sets training.threads process-wide: put it back afterwards

@@ -25,12 +25,12 @@ Where the noise is added:
   sigma C sqrt((m - k) / m).
 
 Accounting: one round is a Gaussian mechanism with sensitivity C (add/remove one hospital)
-and noise multiplier sigma, sampled with rate q = ``federation.fraction_train``; rounds
-compose under RDP (:func:`hospital_level_epsilon`). Flower samples a fixed number of
-hospitals without replacement, which the Poisson-subsampled RDP bound only approximates when
-q < 1, and amplification by sampling holds only against observers who do not learn which
-hospitals were sampled (the server does): the figure for q = 1 is the one to quote to the
-server itself. See ``docs/privacy.md``.
+and noise multiplier sigma; rounds compose under RDP (:func:`hospital_level_epsilon`). The
+server draws a fixed number of hospitals per round from a public seed
+(``federation.seed``), so who takes part is known to everyone and there is no amplification
+by subsampling: the server accounts every round in full (``sample_rate=1.0``), whatever
+``federation.fraction_train`` is. ``sample_rate < 1`` is only valid for a secret Poisson
+sample of hospitals, which fedrg does not do. See ``docs/privacy.md``.
 """
 
 from __future__ import annotations
@@ -157,8 +157,8 @@ def hospital_level_epsilon(*, hospital_noise_multiplier: float, sample_rate: flo
     hospital_noise_multiplier
         sigma (noise std on the sum / C).
     sample_rate
-        Fraction of hospitals sampled per round (``federation.fraction_train``); 1.0 gives
-        the bound without amplification by sampling.
+        Poisson rate at which hospitals are sampled in secret; 1.0 (what fedrg's public
+        fixed-size sampling requires) gives the bound without amplification by sampling.
     rounds
         Number of rounds in which the hospital could have been sampled.
     target_delta

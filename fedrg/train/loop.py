@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
@@ -176,6 +176,7 @@ def train_local(
     seed: int | None = None,
     genomics_dropout: float | None = None,
     schema: RecordSchema | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Train the adapter of ``model`` on ``train_dataset`` (AdamW, in place).
 
@@ -201,6 +202,9 @@ def train_local(
         :data:`fedrg.data.schema.RADIOGENOMICS_RECORD`. ``train_dataset[0]`` and every
         non-empty batch are checked before use.
 
+    on_step
+        Progress callback ``on_step(done, total)`` after every step (display only).
+
     Raises
     ------
     RecordSchemaError
@@ -214,7 +218,8 @@ def train_local(
     """
     with torch_threads(training_cfg.threads):
         return _train_local(model, train_dataset, training_cfg, steps=steps, privacy=privacy,
-                            seed=seed, genomics_dropout=genomics_dropout, schema=schema)
+                            seed=seed, genomics_dropout=genomics_dropout, schema=schema,
+                            on_step=on_step)
 
 
 def _train_local(
@@ -227,6 +232,7 @@ def _train_local(
     seed: int | None,
     genomics_dropout: float | None,
     schema: RecordSchema | None,
+    on_step: Callable[[int, int], None] | None,
 ) -> dict[str, Any]:
     if schema is None:
         schema = getattr(model, "record_schema", None) or RADIOGENOMICS_RECORD
@@ -264,6 +270,8 @@ def _train_local(
                 else:
                     losses.append(float(loss))
                     seen += n
+                if on_step is not None:
+                    on_step(empty + len(losses), n_steps)
     finally:
         seam.cleanup()
     return {
