@@ -138,12 +138,8 @@ class HospitalSite:
     # ------------------------------------------------------------------ train
     def plan(self, cfg: ExperimentConfig, n_train: int) -> dict[str, Any]:
         """Privacy plan of one round: sample rate, steps, calibrated noise (no data touched)."""
-        from fedrg.privacy.accounting import (
-            calibrate_noise_multiplier,
-            check_delta,
-            local_steps,
-            poisson_sample_rate,
-        )
+        from fedrg.privacy.accounting import check_delta, local_steps, poisson_sample_rate
+        from fedrg.privacy.calibration import cached_noise_multiplier
 
         q = poisson_sample_rate(batch_size=cfg.training.batch_size, n_records=n_train)
         steps = local_steps(local_epochs=cfg.training.local_epochs, batch_size=cfg.training.batch_size,
@@ -154,9 +150,11 @@ class HospitalSite:
             if cfg.privacy.noise_multiplier is not None:
                 sigma = float(cfg.privacy.noise_multiplier)
             else:
-                # calibrated once for the whole planned federation (rounds x local steps)
-                sigma = calibrate_noise_multiplier(
-                    target_epsilon=cfg.privacy.target_epsilon, target_delta=cfg.privacy.target_delta,
+                # calibrated once for the whole planned federation (rounds x local steps),
+                # cached in the state dir (re-verified on read) so later rounds reuse it
+                sigma = cached_noise_multiplier(
+                    self.site.state_dir, target_epsilon=cfg.privacy.target_epsilon,
+                    target_delta=cfg.privacy.target_delta,
                     sample_rate=q, steps=steps * cfg.federation.rounds,
                     accountant=cfg.privacy.accountant)
             plan["noise_multiplier"] = sigma
