@@ -80,12 +80,13 @@ class HospitalSite:
     # ------------------------------------------------------------------ helpers
     def cohort(self, cfg: ExperimentConfig) -> _CohortCache:
         """Load and validate the cohort once per data config; deterministic split."""
-        from fedrg.data.cohort import load_cohort
+        from fedrg.data.cohort_cache import load_cohort_cached
         from fedrg.data.dataset import split_indices
 
         key = cfg.data.model_dump_json()
         if self._cohort is None or self._cohort.key != key:
-            cohort = load_cohort(self.site.cohort, cfg.data)
+            # parsed once per content: a cache in the state dir serves later processes
+            cohort = load_cohort_cached(self.site.cohort, cfg.data, self.site.state_dir)
             train_idx, val_idx = split_indices(cohort, cfg.data)
             manifest = Path(self.site.cohort) / "manifest.csv"
             fingerprint = hashlib.sha256(manifest.read_bytes()).hexdigest()
