@@ -60,6 +60,9 @@ def flower_env(flwr_home: str | Path, base: Mapping[str, str] | None = None) -> 
     env["FLWR_HOME"] = str(Path(flwr_home).resolve())
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # Flower's configurable poll: the SuperExec looks for new tasks (ServerApp/ClientApp
+    # runs) every second by default; a tenth of that removes most of its share of a message
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     return env
 
 
