@@ -109,6 +109,9 @@ def register(app: typer.Typer) -> None:
         state_dir: Path | None = typer.Option(None, help="root of the simulated hospitals' state (ledgers)"),
         budget: float = typer.Option(DEFAULT_SIMULATED_BUDGET, help="lifetime epsilon budget of each simulated hospital"),
         set_: list[str] | None = typer.Option(None, "--set", help="override: section.key=value"),
+        ray_address: str | None = typer.Option(
+            None, "--ray-address", help="run the hospitals on this existing Ray cluster "
+            "(e.g. 127.0.0.1:6379 from 'ray start --head'); default: a private local Ray"),
     ) -> None:
         """Run a simulated federation of hospitals (synthetic cohorts by default)."""
         from fedrg.federated.report import round_table
@@ -157,7 +160,7 @@ def register(app: typer.Typer) -> None:
             t0 = time.perf_counter()
             result = run_simulated_federation(
                 cfg, run_dir, sites, resume=resume is not None,
-                on_round=lambda row: _print_round(row, cfg.data.markers))
+                on_round=lambda row: _print_round(row, cfg.data.markers), ray_address=ray_address)
             export_ledgers(sites, run_dir)
         except FedrgError as err:
             console.print(f"[red]error:[/red] {err}")

@@ -7,6 +7,8 @@ simulate`` calls them with simulated hospitals. The apps are identical in both e
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,19 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
     app = ClientApp()
 
     def handle(action: str, msg: Message, context: Context) -> Message:
+        profile_dir = os.environ.get("FEDRG_PROFILE_DIR")
+        if not profile_dir:
+            return _handle(action, msg, context)
+        import cProfile
+
+        prof = cProfile.Profile()  # hospital-side CPU profile of this message (benchmarks)
+        try:
+            return prof.runcall(_handle, action, msg, context)
+        finally:
+            Path(profile_dir).mkdir(parents=True, exist_ok=True)
+            prof.dump_stats(Path(profile_dir) / f"{action}-{os.getpid()}-{time.time_ns()}.prof")
+
+    def _handle(action: str, msg: Message, context: Context) -> Message:
         try:
             site_cfg = resolve_site(context)
             state = _load_state(context)
