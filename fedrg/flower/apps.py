@@ -92,20 +92,15 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
             site_cfg = resolve_site(context)
             state = _load_state(context)
             payload = record_to_payload(msg.content)
-            if action == "ledger":
-                # only the public files an auditor needs (never the signing key)
-                from fedrg.federated.ledger_copy import public_ledger_payload
+            # the hospital's long-lived worker (started by `fedrg client`) answers when it
+            # runs: torch, model, cohort and accountant stay warm there; else this process
+            from fedrg.deploy.worker import forward
 
-                reply = public_ledger_payload(site_cfg.state_dir, site_cfg.name)
-            elif action.startswith("secagg_"):
-                # no torch / model import: in deployment each message is a fresh process
-                from fedrg.federated.secure import client_stage
+            reply = forward(site_cfg, action, payload, state)
+            if reply is None:
+                from fedrg.federated.answer import answer
 
-                reply = client_stage(action, payload, state, site_name=site_cfg.name)
-            else:
-                from fedrg.federated.site import get_site  # heavy imports stay out of app loading
-
-                reply = get_site(site_cfg).handle(action, payload, state)
+                reply = answer(action, site_cfg, payload, state)
             _save_state(context, state)
         except FedrgError as err:
             # full detail stays in the hospital's log; the server gets no paths or values
