@@ -4,7 +4,7 @@
     python benchmarks/hospital_profile.py /tmp/prof
 
 Prints JSON: total profiled seconds of all hospital messages and, per component, its
-cumulative seconds and share (components can nest: shares need not sum to 1).
+cumulative CPU seconds (process_time: all threads) and share (components can nest).
 """
 
 from __future__ import annotations

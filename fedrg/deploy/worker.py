@@ -35,6 +35,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
 from typing import Any
@@ -201,9 +202,12 @@ class HospitalWorker:
                 return
             action = str(header.get("action", ""))
             state = parts["state"]
+            t0 = time.perf_counter()
             try:
                 reply = answer(action, self.site, parts["payload"], state)
                 out = _pack({"ok": True}, {"reply": reply, "state": state})
+                # local log only (benchmarks/deployment_latency.py reads it); never sent
+                log.info("answered %s in %.3f s", action, time.perf_counter() - t0)
             except FedrgError as err:
                 log.error("%s failed at this hospital: %s", action, err)
                 out = _pack({"ok": False, "public": err.public_message(), "detail": str(err)},
