@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,14 +32,22 @@ from fedrg.federated.payload import Payload
 
 log = logging.getLogger("fedrg.site")
 
-_SITES: dict[str, HospitalSite] = {}
+_SITES: OrderedDict[str, HospitalSite] = OrderedDict()
+_MAX_SITES = 16  # a Ray actor may serve 100s of simulated hospitals: bound the cohorts held
 
 
 def get_site(site: SiteConfig) -> HospitalSite:
-    """The process-wide :class:`HospitalSite` for ``site`` (caches cohort and model)."""
+    """The process-wide :class:`HospitalSite` for ``site`` (caches cohort and model).
+
+    At most ``_MAX_SITES`` hospitals stay in memory per process (least recently used go;
+    their cohort then comes back from the state dir's cohort cache).
+    """
     key = site.model_dump_json()
     if key not in _SITES:
         _SITES[key] = HospitalSite(site)
+        while len(_SITES) > _MAX_SITES:
+            _SITES.popitem(last=False)
+    _SITES.move_to_end(key)
     return _SITES[key]
 
 
