@@ -178,7 +178,7 @@ def test_registered_hospital_connects_and_sigterm_stops_its_processes(
     out = _read_until(proc, "connected to", timeout=60)
     assert "connected to" in out, out + (tmp_path / "state/logs/supernode.log").read_text()
     children = psutil.Process(proc.pid).children(recursive=True)
-    assert any("flower-supernode" in " ".join(c.cmdline()) for c in children)
+    assert any("fedrg.deploy.fast_supernode" in " ".join(c.cmdline()) for c in children)
     node_log = (tmp_path / "state/logs/supernode.log").read_text()
     assert "SuperNode ID:" in node_log
     proc.send_signal(signal.SIGTERM)

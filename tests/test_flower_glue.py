@@ -79,13 +79,23 @@ class InProcessGrid:
     def get_node_ids(self):
         return list(self.contexts)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+    def push_messages(self, messages):
+        """Flower's Grid contract: ids back; the ClientApp answers at once (kept for pull)."""
+        from uuid import uuid4
+
+        ids = []
+        self.waiting = getattr(self, "waiting", {})
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's in-memory grid
             self.sent.append(msg)
-            if msg.metadata.dst_node_id in self.silent:
-                continue
-            replies.append(self.app(message=msg, context=self.contexts[msg.metadata.dst_node_id]))
+            ids.append(msg.metadata.message_id)
+            if msg.metadata.dst_node_id not in self.silent:
+                reply = self.app(message=msg, context=self.contexts[msg.metadata.dst_node_id])
+                self.waiting[msg.metadata.message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids):
+        replies = [self.waiting.pop(i) for i in list(message_ids) if i in self.waiting]
         self.received += replies
         return replies
 

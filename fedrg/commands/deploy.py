@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from types import FrameType
@@ -437,13 +438,23 @@ def client(
     previous_hup = signal.signal(signal.SIGHUP, _on_sigterm)
     group = P.ProcessGroup(state / "logs")
     try:
+        # the long-lived worker answers every message with warm torch, model and cohort;
+        # the ClientApp Flower starts per message forwards to it (fedrg.deploy.worker)
+        worker = group.start("worker", [sys.executable, "-m", "fedrg.deploy.worker",
+                                        "--site", s.site.model_dump_json()], env=env)
         node = group.start("supernode", argv, env=env)
         P.wait_supernode_connected(node, superlink=s.server.address,
                                    timeout=s.server.connect_timeout_s + 30, group=group)
         console.print(f"{s.site.name}: connected to {s.server.address}; waiting for training "
                       f"rounds (log {node.log_path}); Ctrl-C stops")
+        worker_warned = False
         while node.alive():
             group.refresh()
+            if not worker.alive() and not worker_warned:
+                worker_warned = True
+                err_console.print(f"[yellow]the hospital worker stopped (log {worker.log_path}); "
+                                  "messages are answered in Flower's per-message process "
+                                  "instead (slower)[/yellow]")
             _print_hospital_progress(ledger, refusals)
             if P.connection_lost(node.log_text()):
                 # Flower's SuperNode logs that it gave up but keeps running: end it here

@@ -233,6 +233,9 @@ def register(app: typer.Typer) -> None:
             None, "--site-policy", help="the simulated hospitals' own policy (TOML with a [policy] "
             "table); default: [site_policy] of --config, else the safe defaults"),
         set_: list[str] | None = typer.Option(None, "--set", help="override: section.key=value"),
+        ray_address: str | None = typer.Option(
+            None, "--ray-address", help="run the hospitals on this existing Ray cluster "
+            "(e.g. 127.0.0.1:6379 from 'ray start --head'); default: a private local Ray"),
     ) -> None:
         """Run a simulated federation of hospitals (synthetic cohorts by default)."""
         from fedrg.commands.progress import RoundProgress, last_entry_steps, phase
@@ -366,7 +369,7 @@ def register(app: typer.Typer) -> None:
 
                     result = run_simulated_federation(
                         cfg, run_dir, sites, resume=resume is not None, on_round=on_round,
-                        on_phase=progress.on_phase)
+                        on_phase=progress.on_phase, ray_address=ray_address)
                 export_ledgers(sites, run_dir)
             except FedrgError as err:
                 console.print(f"[red]error:[/red] {err}")

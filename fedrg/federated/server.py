@@ -255,7 +255,10 @@ class FederationServer:
         try:
             if self.cfg.secagg.enabled:
                 n_params = sum(a.size for a in self.global_arrays)
+                t_sa = time.perf_counter()
                 flat, _total = self.secure_aggregate(transport, sorted(trained), rnd, n_params)
+                # wall time of the whole protocol (its messages included)
+                outcome.metrics["secagg_seconds"] = round(time.perf_counter() - t_sa, 3)
                 delta = unflatten(np.asarray(flat, dtype=np.float32), self.global_arrays)
                 sa_up, sa_down = getattr(transport, "last_secagg_bytes", (0, 0))
                 bytes_up += sa_up
@@ -330,6 +333,8 @@ class FederationServer:
             "bytes_down": int(bytes_down),
             "seconds": round(time.perf_counter() - t0, 3),
         }
+        if "secagg_seconds" in outcome.metrics:
+            row["secagg_seconds"] = outcome.metrics["secagg_seconds"]
         if "epsilon_hospital_level" in outcome.metrics:
             row["epsilon_hospital_level"] = outcome.metrics["epsilon_hospital_level"]
         if outcome.reason:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,14 +40,22 @@ log = logging.getLogger("fedrg.site")
 #: ``reason`` of a refusal because the ledger does not extend the head the server saw.
 LEDGER_NOT_EXTENDING = "ledger_not_extending"
 
-_SITES: dict[str, HospitalSite] = {}
+_SITES: OrderedDict[str, HospitalSite] = OrderedDict()
+_MAX_SITES = 16  # a Ray actor may serve 100s of simulated hospitals: bound the cohorts held
 
 
 def get_site(site: SiteConfig) -> HospitalSite:
-    """The process-wide :class:`HospitalSite` for ``site`` (caches cohort and model)."""
+    """The process-wide :class:`HospitalSite` for ``site`` (caches cohort and model).
+
+    At most ``_MAX_SITES`` hospitals stay in memory per process (least recently used go;
+    their cohort then comes back from the state dir's cohort cache).
+    """
     key = site.model_dump_json()
     if key not in _SITES:
         _SITES[key] = HospitalSite(site)
+        while len(_SITES) > _MAX_SITES:
+            _SITES.popitem(last=False)
+    _SITES.move_to_end(key)
     return _SITES[key]
 
 
@@ -88,12 +97,13 @@ class HospitalSite:
     # ------------------------------------------------------------------ helpers
     def cohort(self, cfg: ExperimentConfig) -> _CohortCache:
         """Load and validate the cohort once per data config; deterministic split."""
-        from fedrg.data.cohort import load_cohort
+        from fedrg.data.cohort_cache import load_cohort_cached
         from fedrg.data.dataset import split_indices
 
         key = cfg.data.model_dump_json()
         if self._cohort is None or self._cohort.key != key:
-            cohort = load_cohort(self.site.cohort, cfg.data)
+            # parsed once per content: a cache in the state dir serves later processes
+            cohort = load_cohort_cached(self.site.cohort, cfg.data, self.site.state_dir)
             train_idx, val_idx = split_indices(cohort, cfg.data,
                                                val_fraction=self.site.policy.val_fraction,
                                                split_seed=self.site.policy.split_seed)
@@ -256,7 +266,8 @@ class HospitalSite:
                                      run_history=run_segments,
                                      release_noise_multiplier=self._release_sigma(policy.delta_for(n_train)),
                                      releases_per_run=self._releases_per_run(cfg),
-                                     releases_done=releases_done)
+                                     releases_done=releases_done,
+                                     state_dir=self.site.state_dir)
         except PolicyViolationError as err:
             return self._refuse(reply, rnd, err, ledger)
         past = [e.segment for e in entries if e.private and e.steps > 0]

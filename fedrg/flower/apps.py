@@ -7,6 +7,8 @@ simulate`` calls them with simulated hospitals. The apps are identical in both e
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -79,24 +81,33 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
     app = ClientApp()
 
     def handle(action: str, msg: Message, context: Context) -> Message:
+        profile_dir = os.environ.get("FEDRG_PROFILE_DIR")
+        if not profile_dir:
+            return _handle(action, msg, context)
+        import cProfile
+
+        # hospital-side CPU profile of this message (benchmarks/hospital_profile.py)
+        prof = cProfile.Profile(time.process_time)
+        try:
+            return prof.runcall(_handle, action, msg, context)
+        finally:
+            Path(profile_dir).mkdir(parents=True, exist_ok=True)
+            prof.dump_stats(Path(profile_dir) / f"{action}-{os.getpid()}-{time.time_ns()}.prof")
+
+    def _handle(action: str, msg: Message, context: Context) -> Message:
         try:
             site_cfg = resolve_site(context)
             state = _load_state(context)
             payload = record_to_payload(msg.content)
-            if action == "ledger":
-                # only the public files an auditor needs (never the signing key)
-                from fedrg.federated.ledger_copy import public_ledger_payload
+            # the hospital's long-lived worker (started by `fedrg client`) answers when it
+            # runs: torch, model, cohort and accountant stay warm there; else this process
+            from fedrg.deploy.worker import forward
 
-                reply = public_ledger_payload(site_cfg.state_dir, site_cfg.name)
-            elif action.startswith("secagg_"):
-                # no torch / model import: in deployment each message is a fresh process
-                from fedrg.federated.secure import client_stage
+            reply = forward(site_cfg, action, payload, state)
+            if reply is None:
+                from fedrg.federated.answer import answer
 
-                reply = client_stage(action, payload, state, site=site_cfg)
-            else:
-                from fedrg.federated.site import get_site  # heavy imports stay out of app loading
-
-                reply = get_site(site_cfg).handle(action, payload, state)
+                reply = answer(action, site_cfg, payload, state)
             _save_state(context, state)
         except FedrgError as err:
             # full detail stays in the hospital's log; the server gets no paths or values

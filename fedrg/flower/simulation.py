@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -112,11 +113,27 @@ def run_simulated_federation(cfg: ExperimentConfig, run_dir: str | Path, sites: 
                              resume: bool = False,
                              on_round: Callable[[dict[str, Any]], None] | None = None,
                              num_cpus: int | None = None,
-                             on_phase: Callable[[str, int, int], None] | None = None) -> Any:
+                             on_phase: Callable[[str, int, int], None] | None = None,
+                             ray_address: str | None = None) -> Any:
     """Run a whole federation of ``sites`` through Flower's simulation engine.
 
+    Parameters
+    ----------
+    cfg, run_dir, sites, resume, on_round
+        The experiment, its run directory, one site config per simulated hospital, whether
+        to resume ``run_dir``, and a per-round callback.
+    num_cpus
+        CPUs of the local Ray instance this starts (default: one per hospital, at most the
+        machine's); ignored with ``ray_address``.
+    ray_address
+        Address of an existing Ray cluster (``ray start --head`` prints it, e.g.
+        ``127.0.0.1:6379``): the hospitals run as actors there, one CPU each. The cohorts,
+        state directories and fedrg itself must be reachable at the same paths on every
+        node. ``None`` starts a private local Ray instance.
+
     Returns the :class:`~fedrg.federated.server.ServerResult`. Raises :class:`FedrgError` when
-    the ServerApp failed (its exception is re-raised with context).
+    the ServerApp failed (its exception is re-raised with context) or the cluster cannot be
+    reached.
     """
     os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
     os.environ["FLWR_DISABLE_UPDATE_CHECK"] = "1"
@@ -136,13 +153,18 @@ def run_simulated_federation(cfg: ExperimentConfig, run_dir: str | Path, sites: 
     server_app = build_server_app(provide, on_round=on_round, results=results, failures=failures,
                                   on_phase=on_phase)
     client_app = build_client_app(SimulatedSites(sites, Path(run_dir) / "logs"))
-    cpus = num_cpus or max(1, min(len(sites), os.cpu_count() or 1))
+    # workers' output stays in their logs (RUN/logs, Ray's session logs): Ray's own crash
+    # reports of idle workers are not fedrg's console
+    init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR,
+                                 "log_to_driver": False}
+    if ray_address:
+        _connect_ray(ray_address, init_args)  # Flower reuses an initialised Ray
+    else:
+        init_args.update(num_cpus=num_cpus or max(1, min(len(sites), os.cpu_count() or 1)),
+                         num_gpus=0)
     backend_config = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
-                      # workers' output stays in their logs (RUN/logs, Ray's session logs):
-                      # Ray's own crash reports of idle workers are not fedrg's console
-                      "logging_level": logging.ERROR, "log_to_driver": False},
+        "init_args": init_args,
     }
     with FlowerLogToFile(Path(run_dir) / "logs" / "flower.log"), warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)  # the rest as filtered by default
@@ -158,3 +180,35 @@ def run_simulated_federation(cfg: ExperimentConfig, run_dir: str | Path, sites: 
     if not results:
         raise FedrgError("the simulated federation ended without a result (see the log above)")
     return results[0]
+
+
+def _connect_ray(address: str, init_args: dict[str, Any]) -> None:
+    """Connect this process to the Ray cluster at ``address`` (clear error if unreachable)."""
+    import socket
+
+    import ray
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise FedrgError(f"--ray-address {address!r} must be HOST:PORT, e.g. 127.0.0.1:6379 "
+                         "(the address 'ray start --head' prints)")
+    try:  # Ray itself retries an unreachable address for minutes: check it first
+        socket.create_connection((host, int(port)), timeout=5.0).close()
+    except OSError as err:
+        raise FedrgError(
+            f"--ray-address {address}: nothing answers there ({err}); start a cluster with "
+            "'ray start --head --node-ip-address 127.0.0.1' and pass the address it prints, "
+            "or omit --ray-address to run on a private local Ray") from None
+    if ray.is_initialized():
+        ray.shutdown()
+    pythonpath = os.pathsep.join([*sys.path, os.environ.get("PYTHONPATH", "")])
+    try:
+        ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+                 **init_args)
+    except (ConnectionError, ValueError, RuntimeError) as err:
+        raise FedrgError(
+            f"--ray-address {address}: cannot connect to a Ray cluster there ({err}); start one "
+            "with 'ray start --head --node-ip-address 127.0.0.1' and pass the address it prints, "
+            "or omit --ray-address to run on a private local Ray") from None
+    log.info("connected to the Ray cluster at %s: %s CPUs", address,
+             ray.cluster_resources().get("CPU", 0))

@@ -30,8 +30,11 @@ class GridTransport:
     """Sends payloads as Flower messages and turns replies back into payloads."""
 
     def __init__(self, grid: Grid, *, min_nodes: int = 1, wait_for_nodes: float = 60.0,
-                 on_send: Callable[[str, int, int], None] | None = None) -> None:
+                 on_send: Callable[[str, int, int], None] | None = None,
+                 poll_min: float = 0.05, poll_max: float = 0.5) -> None:
         self.grid = grid
+        self.poll_min = poll_min
+        self.poll_max = poll_max
         self.min_nodes = min_nodes
         self.wait_for_nodes = wait_for_nodes
         self.on_send = on_send  # (action, round, number of nodes): progress display
@@ -46,6 +49,30 @@ class GridTransport:
             ids = sorted(self.grid.get_node_ids())
         return ids
 
+    def _exchange(self, out: list[Message], timeout: float | None) -> list[Message]:
+        """Push ``out`` and pull the replies, polling at sub-second intervals.
+
+        Flower's deployed ``Grid.send_and_receive`` sleeps 3 s between pulls; this uses the
+        public ``push_messages`` / ``pull_messages`` and polls every ``poll_min`` seconds,
+        backing off to ``poll_max`` while nothing arrives. ``timeout=None`` waits for all.
+        """
+        pending = set(self.grid.push_messages(out))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interval = self.poll_min
+        got: list[Message] = []
+        while pending:
+            msgs = list(self.grid.pull_messages(pending))
+            got.extend(msgs)
+            pending.difference_update(m.metadata.reply_to_message_id for m in msgs)
+            if not pending:
+                break
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                break
+            interval = self.poll_min if msgs else min(self.poll_max, interval * 1.5)
+            time.sleep(interval if deadline is None else max(0.0, min(interval, deadline - now)))
+        return got
+
     def send(self, action: str, messages: dict[int, Payload], *, round_: int,
              timeout: float | None = None) -> dict[int, Reply]:
         """Send ``action`` to each node and collect the replies that arrive."""
@@ -55,7 +82,7 @@ class GridTransport:
         out = [Message(content=payload_to_record(p), dst_node_id=node, message_type=message_type,
                        group_id=str(round_)) for node, p in messages.items()]
         replies: dict[int, Reply] = {}
-        for msg in self.grid.send_and_receive(out, timeout=timeout):
+        for msg in self._exchange(out, timeout):
             node = msg.metadata.src_node_id
             if msg.has_error():
                 replies[node] = Reply(node=node, error=str(msg.error.reason))

@@ -14,6 +14,7 @@ The noise multiplier is calibrated *once*, for the whole planned federation
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterable, Iterator, Sequence
@@ -234,14 +235,29 @@ def epsilon_of(history: PrivacyHistory | Iterable[Sequence[float]], *, target_de
         return 0.0
     if any(s.noise_multiplier == 0.0 for s in hist):
         return math.inf
-    acc = create_accountant(mechanism=accountant)
-    acc.history = hist.to_opacus()
     if accountant == "gdp" and len(hist) > 1:
         raise PrivacyError(
             "privacy.accountant='gdp' cannot compose segments with different noise_multiplier "
             "or sample_rate; use 'rdp' or 'prv'"
         )
+    return _epsilon_cached(tuple(hist.to_opacus()), float(target_delta), accountant)
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon_cached(history: tuple[tuple[float, float, int], ...], target_delta: float,
+                    accountant: str) -> float:
+    # pure: the same canonical history, delta and accountant always give the same epsilon,
+    # so a round's budget check, its ledger entry and the next round's check share one
+    # computation per process
+    acc = create_accountant(mechanism=accountant)
+    acc.history = list(history)
     return float(acc.get_epsilon(delta=target_delta, **_alphas(accountant)))
+
+
+def clear_accounting_caches() -> None:
+    """Forget every memoised epsilon and calibrated noise multiplier of this process."""
+    _epsilon_cached.cache_clear()
+    _calibrate_fresh.cache_clear()
 
 
 def epsilon_after_planned(history: PrivacyHistory, *, noise_multiplier: float, sample_rate: float,
@@ -296,18 +312,8 @@ def calibrate_noise_multiplier(*, target_epsilon: float, target_delta: float, sa
         raise PrivacyError(f"planned steps={steps!r} must be >= 1")
     tol = CALIBRATION_RTOL * target_epsilon
     if prior is None or prior.total_steps == 0:
-        try:
-            return float(get_noise_multiplier(
-                target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate,
-                steps=int(steps), accountant=accountant, epsilon_tolerance=tol,
-                **_alphas(accountant),
-            ))
-        except ValueError as err:
-            raise PrivacyError(
-                f"cannot reach privacy.target_epsilon={target_epsilon} at target_delta="
-                f"{target_delta} over {steps} steps at sample_rate={sample_rate:.4g} ({err}); "
-                "raise target_epsilon or train fewer steps"
-            ) from None
+        return _calibrate_fresh(float(target_epsilon), float(target_delta), float(sample_rate),
+                                int(steps), accountant)
     spent = epsilon_of(prior, target_delta=target_delta, accountant=accountant)
     if spent >= target_epsilon:
         raise PrivacyError(
@@ -337,6 +343,25 @@ def calibrate_noise_multiplier(*, target_epsilon: float, target_delta: float, sa
         else:
             lo = mid
     return float(hi)
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrate_fresh(target_epsilon: float, target_delta: float, sample_rate: float, steps: int,
+                     accountant: str) -> float:
+    # pure inputs -> sigma (no prior spend); memoised per process: every round of a run
+    # calibrates with identical inputs (see fedrg.privacy.calibration for the on-disk cache)
+    try:
+        return float(get_noise_multiplier(
+            target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate,
+            steps=steps, accountant=accountant,
+            epsilon_tolerance=CALIBRATION_RTOL * target_epsilon, **_alphas(accountant),
+        ))
+    except ValueError as err:
+        raise PrivacyError(
+            f"cannot reach privacy.target_epsilon={target_epsilon} at target_delta="
+            f"{target_delta} over {steps} steps at sample_rate={sample_rate:.4g} ({err}); "
+            "raise target_epsilon or train fewer steps"
+        ) from None
 
 
 def check_delta(*, target_delta: float, n_patients: int) -> None:

@@ -183,7 +183,7 @@ class PolicyPlan:
 def plan_under_policy(cfg: ExperimentConfig, policy: SitePolicy, *, n_train: int, round_: int,
                       run_history: Sequence[tuple[float, float, int]] = (),
                       release_noise_multiplier: float | None = None, releases_per_run: int = 0,
-                      releases_done: int = 0) -> PolicyPlan:
+                      releases_done: int = 0, state_dir: str | None = None) -> PolicyPlan:
     """Plan a round from the hospital's own ``n_train`` and this run's ledger history.
 
     Parameters
@@ -202,6 +202,9 @@ def plan_under_policy(cfg: ExperimentConfig, policy: SitePolicy, *, n_train: int
         The run's planned evaluation releases (Gaussian mechanisms charged to the same ledger,
         see :mod:`fedrg.privacy.release`) and how many of them ``run_history`` already holds:
         sigma leaves room for them, so training and releases together stay within the cap.
+    state_dir : str, optional
+        The hospital's state directory: a calibration without prior spend is cached there
+        (:func:`fedrg.privacy.calibration.cached_noise_multiplier`, re-verified on read).
 
     Returns
     -------
@@ -261,10 +264,17 @@ def plan_under_policy(cfg: ExperimentConfig, policy: SitePolicy, *, n_train: int
                           f"would take it from {spent:.4g} to {after:.4g})")
     else:
         try:
-            sigma = calibrate_noise_multiplier(target_epsilon=cap, target_delta=delta,
-                                               sample_rate=q, steps=steps * cfg.federation.rounds,
-                                               accountant=acc,
-                                               prior=reserve if reserve.total_steps else None)
+            if state_dir is not None and not reserve.total_steps:
+                from fedrg.privacy.calibration import cached_noise_multiplier
+
+                sigma = cached_noise_multiplier(state_dir, target_epsilon=cap, target_delta=delta,
+                                                sample_rate=q, steps=steps * cfg.federation.rounds,
+                                                accountant=acc)
+            else:
+                sigma = calibrate_noise_multiplier(target_epsilon=cap, target_delta=delta,
+                                                   sample_rate=q, steps=steps * cfg.federation.rounds,
+                                                   accountant=acc,
+                                                   prior=reserve if reserve.total_steps else None)
             if past.total_steps:
                 projected = epsilon_of((past + reserve_left).extended(
                     noise_multiplier=sigma, sample_rate=q, steps=steps * left),

@@ -1,0 +1,199 @@
+"""Deployed round latency: real SuperLink + 2 SuperNodes on localhost over TLS, DP + secagg.
+
+Starts ``fedrg server`` (SuperLink with TLS and SuperNode authentication) and two ``fedrg
+client`` hospitals (each with its long-lived worker) on synthetic cohorts, the same set-up
+as ``tests/test_deploy_e2e.py``, runs the federation and prints JSON:
+
+* ``per_round[].wall_s``: the server's wall time of the round (``metrics.json``);
+* ``per_round[].training_s``: the slowest hospital's time answering that round's ``train``
+  message inside its worker (from the hospitals' local ``logs/worker.log``);
+* ``per_round[].round_overhead_s``: their difference (messages, polls, secure aggregation).
+
+    python benchmarks/deployment_latency.py --rounds 2
+
+Every process it starts is stopped at the end (by process group id).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HOSPITALS = ("hospital-1", "hospital-2", "hospital-3")  # each default policy wants 2 peers
+EXPERIMENT = """
+[federation]
+hospitals = 2
+rounds = {rounds}
+min_hospitals = 2
+fraction_evaluate = {fraction_evaluate}
+[data]
+image_shape = [32, 32]
+[privacy]
+enabled = true
+target_epsilon = 8.0
+[secagg]
+enabled = true
+[training]
+local_epochs = 0.5
+batch_size = 8
+threads = 1
+"""
+_ANSWERED = re.compile(r"answered (\w+) in ([0-9.]+) s")
+
+
+def _setup(root: Path, rounds: int, patients: int, fraction_evaluate: float) -> None:
+    from fedrg.config import load_config
+    from fedrg.data.synth import synthesize
+    from fedrg.deploy.certs import init_certs
+    from fedrg.deploy.keys import new_hospital_keys
+    from fedrg.deploy.processes import free_port
+
+    (root / "experiment.toml").write_text(EXPERIMENT.format(rounds=rounds,
+                                                            fraction_evaluate=fraction_evaluate))
+    cfg = load_config(root / "experiment.toml")
+    cohorts = synthesize(root / "cohorts", hospitals=len(HOSPITALS), patients=patients, seed=11,
+                         data_cfg=cfg.data)
+    certs = init_certs(root / "certs")
+    keys = {h: new_hospital_keys(root / h, name=h) for h in HOSPITALS}
+    from fedrg.secagg.roster import Roster, entry_from_files, write_roster
+
+    roster = write_roster(root / "roster.toml", Roster(
+        [entry_from_files(h, k.ledger_public, k.node_public) for h, k in keys.items()]))
+    port = free_port()
+    allowed = "".join(f'[[auth.hospitals]]\nname = "{h}"\npublic_key = "{k.node_public}"\n'
+                      for h, k in keys.items())
+    (root / "server.toml").write_text(f"""
+state_dir = "server-state"
+[superlink]
+port = {port}
+[tls]
+ca_cert = "{certs.ca_cert}"
+server_cert = "{certs.server_cert}"
+server_key = "{certs.server_key}"
+{allowed}
+[run]
+experiment = "experiment.toml"
+run_dir = "run"
+timeout_s = 3000
+""")
+    for h, cohort in zip(HOSPITALS, cohorts, strict=True):
+        (root / f"{h}.toml").write_text(f"""
+experiment = "experiment.toml"
+[site]
+name = "{h}"
+cohort = "{cohort}"
+state_dir = "{h}"
+roster = "{roster}"
+[server]
+address = "127.0.0.1:{port}"
+root_certificates = "{certs.ca_cert}"
+connect_timeout_s = 180
+[auth]
+private_key = "{keys[h].node_private}"
+[policy]
+epsilon_budget = 50.0
+""")
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as fh:
+        return subprocess.Popen([sys.executable, "-m", "fedrg.cli", *args], stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:  # SIGTERM: fedrg stops its Flower processes and the worker itself
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=10)
+
+
+def _wait_for(text: str, log: Path, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and text in log.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    raise SystemExit(f"{text!r} not seen in {log}:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def worker_times(log: Path) -> list[tuple[str, float]]:
+    """``(action, seconds)`` of every message a hospital's worker answered, in order."""
+    if not log.is_file():
+        return []
+    return [(m.group(1), float(m.group(2))) for m in _ANSWERED.finditer(log.read_text(errors="replace"))]
+
+
+def run(root: Path, *, rounds: int, patients: int, fraction_evaluate: float) -> dict:
+    """Run the deployed federation under ``root``; return the JSON-ready measurements."""
+    _setup(root, rounds, patients, fraction_evaluate)
+    procs: list[subprocess.Popen] = []
+    t0 = time.perf_counter()
+    try:
+        server = _start(["server", "--config", str(root / "server.toml")], root / "server.out")
+        procs.append(server)
+        _wait_for("submitted", root / "server.out", server, timeout=300)
+        for h in HOSPITALS:
+            procs.append(_start(["client", "--config", str(root / f"{h}.toml")], root / f"{h}.out"))
+        rc = server.wait(timeout=3600)
+        total = time.perf_counter() - t0
+    finally:
+        _stop(procs)
+    if rc != 0:
+        raise SystemExit(f"server exit {rc}:\n{(root / 'server.out').read_text(errors='replace')[-4000:]}")
+    rows = json.loads((root / "run" / "metrics.json").read_text())["rounds"]
+    trains = {h: [s for a, s in worker_times(root / h / "logs" / "worker.log") if a == "train"]
+              for h in HOSPITALS}
+    per_round = []
+    for i, row in enumerate(rows):
+        training = max((t[i] for t in trains.values() if len(t) > i), default=None)
+        wall = float(row["seconds"])
+        per_round.append({"round": row["round"], "wall_s": round(wall, 2),
+                          "training_s": None if training is None else round(training, 2),
+                          "round_overhead_s": None if training is None else round(wall - training, 2)})
+    messages = {h: len(worker_times(root / h / "logs" / "worker.log")) for h in HOSPITALS}
+    overheads = [r["round_overhead_s"] for r in per_round if r["round_overhead_s"] is not None]
+    return {"benchmark": "deployment_latency", "hospitals": len(HOSPITALS), "rounds": rounds,
+            "tls": True, "dp": True, "secure_aggregation": True, "worker": True,
+            "per_round": per_round,
+            "mean_round_overhead_s": round(sum(overheads) / len(overheads), 2) if overheads else None,
+            "messages_answered_by_workers": messages, "total_wall_s": round(total, 1),
+            "load_average": os.getloadavg()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--patients", type=int, default=24, help="mean synthetic cohort size")
+    parser.add_argument("--fraction-evaluate", type=float, default=0.0)
+    parser.add_argument("--keep", type=Path, default=None, help="keep everything in this directory")
+    args = parser.parse_args()
+    os.environ.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        result = run(args.keep, rounds=args.rounds, patients=args.patients,
+                     fraction_evaluate=args.fraction_evaluate)
+    else:
+        with tempfile.TemporaryDirectory(prefix="fedrg-latency-") as tmp:
+            result = run(Path(tmp), rounds=args.rounds, patients=args.patients,
+                         fraction_evaluate=args.fraction_evaluate)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""One hospital message answered: the dispatch shared by the ClientApp and the hospital worker.
+
+Flower-free. ``answer(action, site, payload, state)`` is what the hospital does with one server
+message, whether it runs inside the ClientApp process Flower starts or inside the hospital's
+long-lived worker (:mod:`fedrg.deploy.worker`), so the same policy checks run either way.
+"""
+
+from __future__ import annotations
+
+from fedrg.config import SiteConfig
+from fedrg.federated.payload import Payload
+
+
+def answer(action: str, site: SiteConfig, payload: Payload, state: Payload) -> Payload:
+    """The hospital's reply to ``action``; ``state`` (kept by the caller) is updated in place.
+
+    Parameters
+    ----------
+    action
+        A fedrg action (``train``, ``evaluate``, ``secagg_*``, ``ledger``).
+    site
+        The hospital's own site config (never from the server).
+    payload
+        The server's request.
+    state
+        What the hospital keeps between messages of one run.
+
+    Raises
+    ------
+    FedrgError
+        Whatever the hospital refuses (policy, budget, bad request, cohort problems).
+    """
+    if action == "ledger":
+        # only the public files an auditor needs (never the signing key)
+        from fedrg.federated.ledger_copy import public_ledger_payload
+
+        return public_ledger_payload(site.state_dir, site.name)
+    if action.startswith("secagg_"):
+        # no torch / model import: a fresh ClientApp process answers these quickly
+        from fedrg.federated.secure import client_stage
+
+        return client_stage(action, payload, state, site=site)
+    from fedrg.federated.site import get_site  # heavy imports stay out of app loading
+
+    return get_site(site).handle(action, payload, state)
