@@ -123,6 +123,10 @@ class ModelConfig(StrictModel):
     radiomic_features: bool = Field(
         True, description="feed parameter-free first-order radiomic features (histogram, "
         "quantiles, lesion region) into the image encoder beside the CNN (fedrg.model.radiomics)")
+    linear_marker_paths: bool = Field(
+        True, description="add zero-initialised logistic-regression paths from the radiomic "
+        "features and the genomic profile to the marker logits (few parameters, strong signal: "
+        "what DP-SGD can learn; docs/model.md)")
     max_report_tokens: int = Field(64, ge=8)
     report_loss_weight: float = Field(1.0, ge=0.0)
     marker_loss_weight: float = Field(
