@@ -154,6 +154,11 @@ class PrivacyConfig(StrictModel):
         "ew", description="Opacus per-sample gradient mode; ew was fastest in "
         "benchmarks/dp_overhead.py (see docs/privacy.md)",
     )
+    frozen_under_dp: list[str] = Field(
+        default_factory=lambda: ["image_encoder.features"],
+        description="name prefixes of adapter parameters not trained under DP-SGD (no noise, "
+        "kept at their initial/global values): the image CNN's convolutions (60 k noised "
+        "parameters that carried no signal under DP; docs/model.md)")
     hospital_level: bool = Field(False, description="also clip + noise each hospital's update")
     hospital_clip: float = Field(1.0, gt=0.0)
     hospital_noise_multiplier: float = Field(0.5, ge=0.0)

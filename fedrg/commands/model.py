@@ -92,7 +92,8 @@ def run_train(
         privacy = DPSession.from_config(cfg.privacy, tcfg, n_records=len(train_ds),
                                         noise_multiplier=sigma)
         metrics["privacy"] = {"noise_multiplier": sigma, "sample_rate": q, "steps": steps}
-    metrics["train"] = train_local(model, train_ds, tcfg, steps=steps, privacy=privacy)
+    metrics["train"] = train_local(model, train_ds, tcfg, steps=steps, privacy=privacy,
+                                   frozen=cfg.privacy.frozen_under_dp if privacy else ())
     if privacy is not None:
         metrics["privacy"]["epsilon"] = privacy.epsilon(target_delta=cfg.privacy.target_delta)
         metrics["privacy"]["target_delta"] = cfg.privacy.target_delta

@@ -225,7 +225,7 @@ class HospitalSite:
             torch.set_num_threads(cfg.training.threads)
         train_ds = CohortDataset(cache.cohort, cfg.data, cache.train_idx)
         metrics = train_local(model, train_ds, cfg.training, steps=plan["steps"], privacy=session,
-                              seed=seed)
+                              seed=seed, frozen=cfg.privacy.frozen_under_dp if session else ())
         new_arrays = get_adapter_arrays(model)
         update = [(n - g).astype(np.float32) for n, g in zip(new_arrays, global_arrays, strict=True)]
         if cfg.privacy.enabled and session is not None and ledger is not None:

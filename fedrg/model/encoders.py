@@ -116,10 +116,11 @@ class MarkerHead(nn.Module):
     to the fused answer only. Few parameters with a strong signal each are what DP-SGD can
     learn in a few dozen noisy steps (docs/model.md, "Why DP inverted the multimodal markers").
 
-    Everything that reads the genomics side (``other_fc``, the genomics linear path) starts at
-    **zero**, so an untrained head's fused answer equals its image-only answer: a random
-    initial projection of the (very informative) genomic profile would otherwise rank
-    patients at random per marker, far from 0.5 either way, and noisy training barely moves it.
+    The output layer, ``other_fc`` and the linear paths start at **zero**: an untrained head
+    answers 0.5 for every patient and marker, and its fused answer equals its image-only
+    answer. A random initial projection of the (very informative) genomic profile or
+    radiomic features would otherwise rank patients at random per marker, far from 0.5
+    either way, and noisy DP-SGD steps barely move it (docs/model.md).
     """
 
     def __init__(self, image_features: int, other_features: int, width: int, markers: int, *,
@@ -129,6 +130,8 @@ class MarkerHead(nn.Module):
         self.other_fc = nn.Linear(other_features, width, bias=False)
         nn.init.zeros_(self.other_fc.weight)
         self.out = nn.Linear(width, markers)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
         self.image_linear = nn.Linear(image_linear, markers, bias=False) if image_linear else None
         self.genomics_linear = (nn.Linear(genomics_linear, markers, bias=False)
                                 if genomics_linear else None)

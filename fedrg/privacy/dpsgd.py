@@ -27,8 +27,10 @@ What the session guarantees (each point is tested in ``tests/test_privacy_dpsgd*
   :class:`~fedrg.privacy.accounting.PrivacyHistory` and only appended to; the updated
   history comes back from :meth:`DPSession.cleanup` (and :attr:`DPSession.history`).
 * **Noise and sampling randomness** come from OS entropy unless a ``seed`` is given
-  explicitly (tests). The federation's ``training.seed`` is known to the server and must
-  never seed the noise: whoever can regenerate the noise can subtract it.
+  explicitly (tests) or a test selects seeded noise for a whole block of code with
+  :func:`use_seeded_noise_for_tests` (a Python-level switch: no setting, file, environment
+  variable or server message can reach it). The federation's ``training.seed`` is known to
+  the server and must never seed the noise: whoever can regenerate the noise can subtract it.
 * :meth:`DPSession.cleanup` removes Opacus' hooks and attributes, so a fresh session can wrap
   the same model next round ("Trying to add hooks twice" otherwise). The caller keeps and
   saves its own (unwrapped) model; :attr:`DPSession.module` is that module, never the wrapper.
@@ -36,8 +38,11 @@ What the session guarantees (each point is tested in ``tests/test_privacy_dpsgd*
 
 from __future__ import annotations
 
+import hashlib
 import secrets
+import threading
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -114,8 +119,62 @@ def _collate_for(dataset: Any) -> Callable[[list[Any]], Batch]:
     return default_collate
 
 
+_TEST_NOISE = threading.local()
+
+
+@contextmanager
+def use_seeded_noise_for_tests(seed: int) -> Iterator[None]:
+    """Inside the block, sessions created without a ``seed`` draw noise and Poisson samples
+    from seeded generators: the k-th such session gets a seed derived from ``(seed, k)``.
+
+    For tests and benchmarks only: it makes a whole training run (e.g. an in-process
+    federation) repeatable, so a learning test can neither pass nor fail by luck. Nothing
+    outside the calling Python code can turn it on (no config key, environment variable or
+    message), and it applies to the calling thread only. Never use it where privacy matters:
+    whoever knows the seed can regenerate and subtract the noise.
+
+    Parameters
+    ----------
+    seed
+        Base seed of the block.
+    """
+    previous = getattr(_TEST_NOISE, "state", None)
+    _TEST_NOISE.state = [int(seed), 0]
+    try:
+        yield
+    finally:
+        _TEST_NOISE.state = previous
+
+
+@contextmanager
+def _unfold_conv_grad_samples(active: bool) -> Iterator[None]:
+    """In ew mode, compute per-sample convolution gradients by unfolding at every batch size.
+
+    torch's expanded weights switch to a grouped convolution below batch 32
+    (``THRESHOLD`` in ``torch/nn/utils/_expanded_weights/conv_utils.py``), measured slower
+    on CPU (/work/shared/FACTS.md); both give the same per-sample gradients (tested).
+    """
+    if not active:
+        yield
+        return
+    from torch.nn.utils._expanded_weights import conv_utils
+
+    previous = conv_utils.THRESHOLD
+    conv_utils.THRESHOLD = 0
+    try:
+        yield
+    finally:
+        conv_utils.THRESHOLD = previous
+
+
 def _entropy_seed() -> int:
-    return secrets.randbits(63)
+    """OS entropy, unless a test selected seeded noise (:func:`use_seeded_noise_for_tests`)."""
+    state = getattr(_TEST_NOISE, "state", None)
+    if state is None:
+        return secrets.randbits(63)
+    state[1] += 1
+    digest = hashlib.sha256(f"fedrg-test-noise/{state[0]}/{state[1]}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 2**63
 
 
 class DPSession:
@@ -145,7 +204,8 @@ class DPSession:
     steps_per_round
         Default number of steps for :meth:`batches`.
     seed
-        Seed for the Poisson sampler and the noise. ``None`` (the default): OS entropy.
+        Seed for the Poisson sampler and the noise. ``None`` (the default): OS entropy
+        (or, inside :func:`use_seeded_noise_for_tests`, the test's seeded sequence).
         Only tests and benchmarks should pass one.
     collate_fn
         Turns a list of dataset items into a batch (default: ``collate_samples`` for
@@ -277,8 +337,13 @@ class DPSession:
         if self.grad_sample_mode == "ghost":
             kwargs["max_grad_norm"] = self.max_grad_norm
         gsm = prepare_module(model, self.grad_sample_mode, True, **kwargs)
-        optim_cls = get_optimizer_class(clipping="flat", distributed=False,
-                                        grad_sample_mode=self.grad_sample_mode)
+        if self.grad_sample_mode == "ghost":
+            optim_cls = get_optimizer_class(clipping="flat", distributed=False,
+                                            grad_sample_mode=self.grad_sample_mode)
+        else:  # Opacus' DPOptimizer with its per-tensor loops fused (same clipping and noise)
+            from fedrg.privacy.fused import FusedDPOptimizer
+
+            optim_cls = FusedDPOptimizer
         dp_opt = optim_cls(
             optimizer=optimizer,
             noise_multiplier=self.noise_multiplier,
@@ -390,15 +455,19 @@ class DPSession:
 
     def _backward(self, batch: Batch) -> float:
         tensors = self._tensors(batch)
-        if self.grad_sample_mode == "ew":
-            from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
+        with _unfold_conv_grad_samples(self.grad_sample_mode == "ew"):
+            if self.grad_sample_mode == "ew":
+                from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
 
-            forward = call_for_per_sample_grads(
-                self._model, batch_size=batch_size_of(batch), loss_reduction="mean"
-            )
-            losses = forward(**tensors)
-        else:
-            losses = self._gsm(**tensors)
+                forward = call_for_per_sample_grads(
+                    self._model, batch_size=batch_size_of(batch), loss_reduction="mean"
+                )
+                losses = forward(**tensors)
+            else:
+                losses = self._gsm(**tensors)
+            return self._finish_backward(losses)
+
+    def _finish_backward(self, losses: torch.Tensor) -> float:
         if losses.dim() != 1:
             raise PrivacyError(
                 f"the model must return one loss per example (shape [B]); got {tuple(losses.shape)}"

@@ -166,6 +166,7 @@ def train_local(
     privacy: PrivacySeam | None = None,
     seed: int | None = None,
     genomics_dropout: float | None = None,
+    frozen: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Train the adapter of ``model`` on ``train_dataset`` (AdamW, in place).
 
@@ -186,6 +187,10 @@ def train_local(
         Seeds shuffling (non-private) and genomics withholding; default ``training.seed``.
     genomics_dropout
         Probability of withholding an example's genomics; default ``model.genomics_dropout``.
+    frozen
+        Name prefixes of trainable parameters to leave untouched in this call (no gradient,
+        no noise, no update; e.g. ``privacy.frozen_under_dp``). They stay trainable (and in
+        the payload) afterwards.
 
     Returns
     -------
@@ -202,6 +207,43 @@ def train_local(
     n_steps = planned_steps(len(train_dataset), training_cfg) if steps is None else int(steps)
     if genomics_dropout is None:
         genomics_dropout = float(getattr(getattr(model, "model_cfg", None), "genomics_dropout", 0.0))
+    held = freeze(model, frozen)
+    try:
+        return _train(model, train_dataset, training_cfg, seam, n_steps, seed, genomics_dropout)
+    finally:
+        for p in held:
+            p.requires_grad_(True)
+
+
+def freeze(model: nn.Module, prefixes: Sequence[str]) -> list[nn.Parameter]:
+    """Set ``requires_grad=False`` on trainable parameters whose name starts with one of
+    ``prefixes`` (an Opacus wrapper's ``_module.`` is looked through); returns them.
+
+    Raises
+    ------
+    ValueError
+        If a prefix matches no trainable parameter, or every trainable parameter.
+    """
+    named = [(n.removeprefix("_module."), p) for n, p in model.named_parameters() if p.requires_grad]
+    held = []
+    for prefix in prefixes:
+        hit = [p for n, p in named if n.startswith(prefix)]
+        if not hit:
+            raise ValueError(
+                f"privacy.frozen_under_dp: {prefix!r} names no trainable parameter; give name "
+                f"prefixes such as 'image_encoder.features' (see model.named_parameters())")
+        held += [p for p in hit if p.requires_grad]
+        for p in hit:
+            p.requires_grad_(False)
+    if prefixes and len({id(p) for p in held}) == len(named):
+        for p in held:
+            p.requires_grad_(True)
+        raise ValueError(f"privacy.frozen_under_dp={list(prefixes)} freezes every trainable parameter")
+    return held
+
+
+def _train(model: nn.Module, train_dataset: Dataset, training_cfg: TrainingConfig, seam: PrivacySeam,
+           n_steps: int, seed: int, genomics_dropout: float) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(
         param_groups(model, training_cfg), lr=training_cfg.lr, weight_decay=training_cfg.weight_decay
     )
