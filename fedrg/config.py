@@ -154,6 +154,10 @@ class PrivacyConfig(StrictModel):
         "ew", description="Opacus per-sample gradient mode; ew was fastest in "
         "benchmarks/dp_overhead.py (see docs/privacy.md)",
     )
+    report_clip_share: float = Field(
+        0.25, ge=0.0, lt=1.0, description="group-wise clipping: share of max_grad_norm^2 for "
+        "the report side (LoRA + prompt projectors), the rest for encoders and marker head; "
+        "same sensitivity and epsilon as flat clipping (0 = flat clipping; docs/privacy.md)")
     frozen_under_dp: list[str] = Field(
         default_factory=lambda: ["image_encoder.features"],
         description="name prefixes of adapter parameters not trained under DP-SGD (no noise, "

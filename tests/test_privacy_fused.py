@@ -111,3 +111,62 @@ def test_seeded_noise_hook_cannot_be_selected_by_config():
     assert not any("noise_seed" in f or "test" in f for f in fields)
     with pytest.raises(Exception, match="noise_seed"):
         load_config(None, ["privacy.noise_seed=1"])
+
+
+def _grouped_grad(samples, groups, norms, clip, batch=1.0):
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
+    opt = FusedDPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=0.0, max_grad_norm=clip,
+                           expected_batch_size=batch, loss_reduction="mean",
+                           clip_groups=groups, group_max_norms=norms)
+    for p, gs in zip(params, samples, strict=True):
+        p.grad_sample = gs.clone()
+    opt.pre_step()
+    return torch.cat([p.grad.reshape(-1) for p in params])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 6), share=st.floats(0.05, 0.95), clip=st.floats(0.1, 4.0),
+       scale=st.floats(0.01, 50.0), groups=st.sampled_from([[0, 1, 0, 1], [1, 0, 0, 0], [0, 0, 1, 1]]),
+       seed=st.integers(0, 10_000))
+def test_group_wise_clipping_keeps_the_sensitivity_at_max_grad_norm(n, share, clip, scale, groups, seed):
+    norms = [clip * share ** 0.5, clip * (1 - share) ** 0.5]
+    samples = _samples(n, seed, scale)
+    changed = [torch.cat([t[:-1], torch.randn_like(t[-1:]) * 1000]) for t in samples]
+    a = _grouped_grad(samples, groups, norms, clip)
+    b = _grouped_grad(changed, groups, norms, clip)
+    assert float((a - b).norm()) <= 2 * clip * (1 + 1e-4)
+    # each group's share of one example's gradient is bounded by its own C_g
+    one = _grouped_grad([t[:1] * 1000 for t in samples], groups, norms, clip)
+    sizes = [torch.Size(s).numel() for s in SHAPES]
+    for k, c in enumerate(norms):
+        part = torch.cat([chunk for chunk, g in zip(torch.split(one, sizes), groups, strict=True) if g == k])
+        assert float(part.norm()) <= c * (1 + 1e-4)
+
+
+def test_group_wise_clipping_leaves_small_gradients_alone():
+    samples = _samples(3, 1, 1e-3)
+    got = _grouped_grad(samples, [0, 1, 0, 1], [0.6, 0.8], 1.0)
+    want = torch.cat([t.sum(0).reshape(-1) for t in samples])
+    torch.testing.assert_close(got, want)
+
+
+def test_group_wise_clipping_refuses_inconsistent_bounds():
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
+    common = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "expected_batch_size": 4.0}
+    with pytest.raises(ValueError, match="root sum"):
+        FusedDPOptimizer(torch.optim.SGD(params, lr=1.0), clip_groups=[0, 1, 0, 1],
+                         group_max_norms=[0.5, 0.5], **common)
+    with pytest.raises(ValueError, match="entries"):
+        FusedDPOptimizer(torch.optim.SGD(params, lr=1.0), clip_groups=[0, 1],
+                         group_max_norms=[0.6, 0.8], **common)
+
+
+def test_session_group_shares_are_checked():
+    from fedrg.errors import PrivacyError
+
+    with pytest.raises(PrivacyError, match="report_clip_share"):
+        DPSession(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, expected_batch_size=4.0,
+                  clip_groups=[(("lora_",), 1.2)])
+    with pytest.raises(PrivacyError, match="ghost"):
+        DPSession(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, expected_batch_size=4.0,
+                  grad_sample_mode="ghost", clip_groups=[(("lora_",), 0.3)])

@@ -41,7 +41,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -177,6 +177,16 @@ def _entropy_seed() -> int:
     return int.from_bytes(digest[:8], "big") % 2**63
 
 
+REPORT_PARTS = ("lora_", "image_proj.", "genomics_proj.")
+
+
+def report_clip_groups(privacy_cfg: Any) -> list[tuple[tuple[str, ...], float]]:
+    """``privacy.report_clip_share`` as :class:`DPSession` ``clip_groups``: the report side
+    (LoRA and the prompt projectors) against everything else; ``[]`` (flat) for share 0."""
+    share = float(getattr(privacy_cfg, "report_clip_share", 0.0) or 0.0)
+    return [(REPORT_PARTS, share)] if share > 0 else []
+
+
 class DPSession:
     """DP-SGD state of one hospital for one round (see the module docstring).
 
@@ -210,6 +220,11 @@ class DPSession:
     collate_fn
         Turns a list of dataset items into a batch (default: ``collate_samples`` for
         fedrg cohort datasets, else ``torch.utils.data.default_collate``).
+    clip_groups
+        Group-wise clipping (:mod:`fedrg.privacy.fused`): ``[(name parts, share), ...]``;
+        a parameter whose name contains one of a group's parts is clipped, per example, to
+        ``max_grad_norm * sqrt(share)``, the rest to ``max_grad_norm * sqrt(1 - sum of
+        shares)``. The sensitivity stays ``max_grad_norm``. Empty (default): flat clipping.
     """
 
     def __init__(
@@ -227,6 +242,7 @@ class DPSession:
         steps_per_round: int | None = None,
         seed: int | None = None,
         collate_fn: Callable[[list[Any]], Batch] | None = None,
+        clip_groups: Sequence[tuple[Sequence[str], float]] = (),
     ) -> None:
         if grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise PrivacyError(
@@ -255,6 +271,16 @@ class DPSession:
         self._sampling_generator = torch.Generator().manual_seed(seed)
         self._noise_generator = torch.Generator().manual_seed((seed * 2654435761 + 1) % 2**63)
         self._collate = collate_fn
+        shares = [float(share) for _, share in clip_groups]
+        if clip_groups and (any(not 0.0 < x < 1.0 for x in shares) or sum(shares) >= 1.0):
+            raise PrivacyError(
+                f"clip group shares {shares} must each lie in (0, 1) and sum to less than 1 "
+                "(the rest of the squared clipping norm goes to the remaining parameters); "
+                "e.g. privacy.report_clip_share=0.25")
+        if clip_groups and grad_sample_mode == "ghost":
+            raise PrivacyError("group-wise clipping (privacy.report_clip_share > 0) is not "
+                               "available in grad_sample_mode='ghost'; use 'ew' or set the share to 0")
+        self.clip_groups = [(tuple(prefixes), float(share)) for prefixes, share in clip_groups]
         self._initial_history = history if history is not None else PrivacyHistory()
         self.accountant = create_accountant(mechanism=accountant)
         if self._initial_history.total_steps:
@@ -307,6 +333,7 @@ class DPSession:
                                         batch_size=training_cfg.batch_size, n_records=n_records),
             seed=seed,
             collate_fn=collate_fn,
+            clip_groups=report_clip_groups(privacy_cfg),
         )
 
     # ------------------------------------------------------------------ wiring
@@ -344,6 +371,8 @@ class DPSession:
             from fedrg.privacy.fused import FusedDPOptimizer
 
             optim_cls = FusedDPOptimizer
+            if self.clip_groups:
+                kwargs_groups = self._group_layout(model, optimizer)
         dp_opt = optim_cls(
             optimizer=optimizer,
             noise_multiplier=self.noise_multiplier,
@@ -352,11 +381,35 @@ class DPSession:
             loss_reduction="mean",
             generator=self._noise_generator,
             secure_mode=False,
+            **(kwargs_groups if self.clip_groups and self.grad_sample_mode != "ghost" else {}),
         )
         dp_opt.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
         if self.grad_sample_mode == "ghost":
             self._criterion = DPLossFastGradientClipping(gsm, dp_opt, PerExampleLoss("mean"), "mean")
         self._model, self._gsm, self.optimizer = model, gsm, dp_opt
+
+    def _group_layout(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Group index of every optimizer parameter (the first group with a name part found
+        in the parameter's name; the rest form the last group) and each group's bound
+        ``C * sqrt(share)``."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        rest = len(self.clip_groups)
+        groups = []
+        for p in params:
+            name = names.get(id(p), "")
+            hit = [k for k, (parts, _) in enumerate(self.clip_groups)
+                   if any(x in name for x in parts)]
+            groups.append(hit[0] if hit else rest)
+        shares = [s for _, s in self.clip_groups] + [1.0 - sum(s for _, s in self.clip_groups)]
+        used = sorted(set(groups))
+        if used != list(range(len(shares))):
+            missing = [self.clip_groups[k][0] if k < rest else "(the rest)"
+                       for k in range(len(shares)) if k not in used]
+            raise PrivacyError(f"group-wise clipping: no trainable parameter in group(s) {missing}; "
+                               "set privacy.report_clip_share=0 for flat clipping")
+        norms = [self.max_grad_norm * s ** 0.5 for s in shares]
+        return {"clip_groups": groups, "group_max_norms": norms}
 
     @property
     def module(self) -> nn.Module:

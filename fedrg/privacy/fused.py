@@ -12,6 +12,15 @@ on one flat buffer:
 * one draw of ``N(0, (noise_multiplier * C)^2)`` for the whole buffer, one in-place add and
   one division by the expected batch size.
 
+**Group-wise clipping** (optional, ``clip_groups``): the parameters are split into groups,
+each with its own bound ``C_g``, and each example's gradient is clipped *per group* to
+``C_g``, with ``sum_g C_g^2 = max_grad_norm^2``. One example then still moves the summed
+gradient by at most ``max_grad_norm`` (its clipped pieces are orthogonal), so the noise, the
+sensitivity and the accounting are exactly those of flat clipping at ``max_grad_norm``; what
+changes is that a part of the model with large per-example gradients (the marker head) can
+no longer crush another part's share (the report's LoRA): He et al. 2022, "Exploring the
+limits of differentially private deep learning with group-wise clipping".
+
 ``p.summed_grad`` and ``p.grad`` are views into the flat buffers, so Opacus' own step,
 skip-step (physical chunks of one logical batch) and zero-grad logic run unchanged. The
 noise has the same distribution as Opacus' (independent Gaussians per coordinate); it is
@@ -28,9 +37,32 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 
 class FusedDPOptimizer(DPOptimizer):
     """Drop-in :class:`~opacus.optimizers.DPOptimizer` (flat clipping, hooks/functorch/ew
-    modes) with fused clip, accumulate, noise and scale. Same constructor arguments."""
+    modes) with fused clip, accumulate, noise and scale, and optional group-wise clipping."""
 
     _flat_summed: torch.Tensor | None = None
+
+    def __init__(self, *args, clip_groups: list[int] | None = None,
+                 group_max_norms: list[float] | None = None, **kwargs) -> None:
+        """Opacus' arguments, plus ``clip_groups`` (one group index per parameter, in
+        ``params`` order) and ``group_max_norms`` (``C_g`` per group; their squares must sum
+        to ``max_grad_norm`` squared). Without them: flat clipping, as Opacus."""
+        super().__init__(*args, **kwargs)
+        self._groups: torch.Tensor | None = None
+        self._group_norms: torch.Tensor | None = None
+        if clip_groups is not None or group_max_norms is not None:
+            if clip_groups is None or group_max_norms is None:
+                raise ValueError("give both clip_groups and group_max_norms, or neither")
+            if len(clip_groups) != len(self.params):
+                raise ValueError(f"clip_groups has {len(clip_groups)} entries for "
+                                 f"{len(self.params)} parameters")
+            if sorted(set(clip_groups)) != list(range(len(group_max_norms))):
+                raise ValueError("clip_groups must use every group 0..len(group_max_norms)-1")
+            total = sum(c * c for c in group_max_norms) ** 0.5
+            if any(c <= 0 for c in group_max_norms) or abs(total - self.max_grad_norm) > 1e-6 * self.max_grad_norm:
+                raise ValueError(f"group_max_norms {group_max_norms} must be > 0 with a root sum "
+                                 f"of squares equal to max_grad_norm={self.max_grad_norm}")
+            self._groups = torch.tensor(clip_groups, dtype=torch.long)
+            self._group_norms = torch.tensor(group_max_norms, dtype=torch.float32)
 
     def _layout(self) -> list[int]:
         return [p.numel() for p in self.params]
@@ -47,9 +79,17 @@ class FusedDPOptimizer(DPOptimizer):
         if n:
             flat = [g.reshape(n, -1) for g in samples]
             norms = torch.stack([torch.linalg.vector_norm(f, dim=1) for f in flat], dim=1)
-            factor = (self.max_grad_norm / (torch.linalg.vector_norm(norms, dim=1) + 1e-6)).clamp(max=1.0)
-            for chunk, f in zip(torch.split(summed, sizes), flat, strict=True):
-                torch.mv(f.t(), factor, out=chunk)
+            if self._groups is None:
+                factor = (self.max_grad_norm / (torch.linalg.vector_norm(norms, dim=1) + 1e-6)
+                          ).clamp(max=1.0)
+                factors = [factor] * len(flat)
+            else:  # [n, groups] per-example norm of each group, then one factor per group
+                sq = torch.zeros((n, len(self._group_norms)), dtype=norms.dtype)
+                sq.index_add_(1, self._groups, norms.pow(2))
+                per_group = (self._group_norms.to(norms.dtype) / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+                factors = list(per_group[:, self._groups].t().to(summed.dtype))
+            for chunk, f, fac in zip(torch.split(summed, sizes), flat, factors, strict=True):
+                torch.mv(f.t(), fac, out=chunk)
         if self._flat_summed is not None and self.params[0].summed_grad is not None:
             summed += self._flat_summed  # an earlier physical chunk of this logical batch
         self._flat_summed = summed

@@ -141,12 +141,15 @@ def _batch_size(batch: dict[str, Any]) -> int:
     return len(batch.get("has_genomics", ()))
 
 
-FAST_PARTS = ("lora_", "image_proj.", "genomics_proj.")
+FAST_PARTS = ("lora_", "image_proj.", "genomics_proj.", "marker_head.image_linear.",
+              "marker_head.genomics_linear.")
 
 
 def param_groups(model: nn.Module, training_cfg: TrainingConfig) -> list[dict[str, Any]]:
     """Trainable parameters in two AdamW groups: LoRA + prompt projectors at
-    ``lr * lora_lr_scale`` (they must learn to condition the LM), the rest at ``lr``."""
+    ``lr * lora_lr_scale`` (they must learn to condition the LM), and the marker head's
+    zero-initialised linear paths (logistic regressions that need weights of order one
+    within a few dozen steps); the rest at ``lr``."""
     fast, slow = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
