@@ -152,7 +152,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    eps = sorted((float(s) for s in summary if s != NON_PRIVATE))
+    eps = sorted(float(s) for s in summary if s != NON_PRIVATE)
     xs = list(range(len(eps)))
     labels = [f"{e:g}" for e in eps]
     if NON_PRIVATE in summary:

@@ -7,6 +7,7 @@ docs/model.md and docs/federation.md) so that they catch a broken learner, not n
 from __future__ import annotations
 
 import json
+
 import pytest
 from typer.testing import CliRunner
 
