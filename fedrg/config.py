@@ -167,6 +167,15 @@ class PrivacyConfig(StrictModel):
     hospital_clip: float = Field(1.0, gt=0.0)
     hospital_noise_multiplier: float = Field(0.5, ge=0.0)
 
+    @model_validator(mode="after")
+    def _check_groups(self) -> PrivacyConfig:
+        if self.grad_sample_mode == "ghost" and self.report_clip_share > 0:
+            raise ValueError(
+                f"privacy.report_clip_share={self.report_clip_share} (group-wise clipping) is not "
+                "available with privacy.grad_sample_mode='ghost'; set privacy.report_clip_share=0 "
+                "or use grad_sample_mode='ew'")
+        return self
+
 
 class SecAggConfig(StrictModel):
     """Secure aggregation (masked sum)."""
