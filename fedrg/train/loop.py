@@ -228,20 +228,16 @@ def freeze(model: nn.Module, prefixes: Sequence[str]) -> list[nn.Parameter]:
         If a prefix matches no trainable parameter, or every trainable parameter.
     """
     named = [(n.removeprefix("_module."), p) for n, p in model.named_parameters() if p.requires_grad]
-    held = []
-    for prefix in prefixes:
-        hit = [p for n, p in named if n.startswith(prefix)]
-        if not hit:
+    for prefix in prefixes:  # check them all before touching anything
+        if not any(n.startswith(prefix) for n, _ in named):
             raise ValueError(
                 f"privacy.frozen_under_dp: {prefix!r} names no trainable parameter; give name "
                 f"prefixes such as 'image_encoder.features' (see model.named_parameters())")
-        held += [p for p in hit if p.requires_grad]
-        for p in hit:
-            p.requires_grad_(False)
-    if prefixes and len({id(p) for p in held}) == len(named):
-        for p in held:
-            p.requires_grad_(True)
+    held = [p for n, p in named if any(n.startswith(x) for x in prefixes)]
+    if prefixes and len(held) == len(named):
         raise ValueError(f"privacy.frozen_under_dp={list(prefixes)} freezes every trainable parameter")
+    for p in held:
+        p.requires_grad_(False)
     return held
 
 
