@@ -67,7 +67,6 @@ def test_default_dp_federation_learns_image_and_multimodal_markers(tmp_path):
     print(f"\nround 3: image {image}; multimodal {multimodal}; findings F1 {last['findings_f1']}; "
           f"epsilon {last['epsilon']}")
     assert max(last["epsilon"].values()) <= 8.0 + 1e-6
-    assert rows[-1]["auroc"]["idh_mutant"] > rows[0]["auroc"]["idh_mutant"] - 0.02
     for marker, floor in IMAGE.items():
         assert image[marker] > floor, (marker, image[marker])
     for marker, floor in MULTIMODAL.items():  # main ended at 0.29 (1p/19q) and 0.37 (MGMT)
