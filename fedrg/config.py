@@ -127,6 +127,10 @@ class ModelConfig(StrictModel):
     radiomic_features: bool = Field(
         True, description="feed parameter-free first-order radiomic features (histogram, "
         "quantiles, lesion region) into the image encoder beside the CNN (fedrg.model.radiomics)")
+    linear_marker_paths: bool = Field(
+        True, description="add zero-initialised logistic-regression paths from the radiomic "
+        "features and the genomic profile to the marker logits (few parameters, strong signal: "
+        "what DP-SGD can learn; docs/model.md)")
     max_report_tokens: int = Field(64, ge=8)
     report_loss_weight: float = Field(1.0, ge=0.0)
     marker_loss_weight: float = Field(
@@ -154,9 +158,27 @@ class PrivacyConfig(StrictModel):
         "ew", description="Opacus per-sample gradient mode; ew was fastest in "
         "benchmarks/dp_overhead.py (see docs/privacy.md)",
     )
+    report_clip_share: float = Field(
+        0.25, ge=0.0, lt=1.0, description="group-wise clipping: share of max_grad_norm^2 for "
+        "the report side (LoRA + prompt projectors), the rest for encoders and marker head; "
+        "same sensitivity and epsilon as flat clipping (0 = flat clipping; docs/privacy.md)")
+    frozen_under_dp: list[str] = Field(
+        default_factory=lambda: ["image_encoder.features"],
+        description="name prefixes of adapter parameters not trained under DP-SGD (no noise, "
+        "kept at their initial/global values): the image CNN's convolutions (60 k noised "
+        "parameters that carried no signal under DP; docs/model.md)")
     hospital_level: bool = Field(False, description="also clip + noise each hospital's update")
     hospital_clip: float = Field(1.0, gt=0.0)
     hospital_noise_multiplier: float = Field(0.5, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check_groups(self) -> PrivacyConfig:
+        if self.grad_sample_mode == "ghost" and self.report_clip_share > 0:
+            raise ValueError(
+                f"privacy.report_clip_share={self.report_clip_share} (group-wise clipping) is not "
+                "available with privacy.grad_sample_mode='ghost'; set privacy.report_clip_share=0 "
+                "or use grad_sample_mode='ew'")
+        return self
 
 
 class SecAggConfig(StrictModel):

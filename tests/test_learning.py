@@ -7,9 +7,6 @@ docs/model.md and docs/federation.md) so that they catch a broken learner, not n
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -17,6 +14,14 @@ from typer.testing import CliRunner
 from fedrg.cli import app
 
 pytestmark = pytest.mark.slow
+
+# thresholds of the seeded default DP federation; measured with these seeds (2026-11-30,
+# benchmarks/privacy_utility.py, epsilon 8, seed 0, the same computation): image-only IDH
+# 0.696, MGMT 0.600 (1p/19q 0.453: not yet above chance, see docs/model.md); multimodal
+# IDH 0.950, 1p/19q 0.829, MGMT 0.732; findings F1 0.396
+IMAGE = {"idh_mutant": 0.65, "mgmt_methylated": 0.55}
+MULTIMODAL = {"idh_mutant": 0.9, "codeletion_1p19q": 0.75, "mgmt_methylated": 0.65}
+FINDINGS_F1 = 0.33
 
 
 def test_fedrg_train_learns_markers_from_the_image_and_report_findings(tmp_path):
@@ -37,19 +42,33 @@ def test_fedrg_train_learns_markers_from_the_image_and_report_findings(tmp_path)
     assert after["findings_f1"] > before["findings_f1"] + 0.1
 
 
-def test_default_simulation_improves_idh_auroc_over_rounds(tmp_path):
-    """The main job with its defaults (3 hospitals, 3 rounds, DP-SGD at epsilon 8, secure
-    aggregation): the image-only IDH AUROC of the global model goes up."""
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
-    run = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedrg.cli", "simulate", "--out", str(run),
-         "--state-dir", str(tmp_path / "sites"),
-         "--set", f"data.synthetic_dir={tmp_path / 'cohorts'}"],
-        capture_output=True, text=True, env=env, timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    idh = [r["auroc"]["idh_mutant"] for r in json.loads((run / "metrics.json").read_text())["rounds"]]
-    print(f"\nIDH AUROC by round: {idh}")
-    assert len(idh) == 3
-    assert idh[-1] > idh[0] and idh[-1] > 0.6
+def test_default_dp_federation_learns_image_and_multimodal_markers(tmp_path):
+    """The main job with its defaults (3 hospitals, 3 rounds, DP-SGD at epsilon 8),
+    in-process (the hospital and server code of `fedrg simulate`, without Ray) and without
+    secure aggregation (it changes only the 24-bit rounding of the sum, costs minutes, and is
+    tested in test_simulation_e2e / test_federation_secure). DP noise and Poisson sampling come from a seeded generator that only tests can
+    select (use_seeded_noise_for_tests), so the run is the same every time: it cannot pass
+    or fail by luck. Thresholds sit below the values measured with these seeds (printed)."""
+    from fedrg.commands.federation import simulated_sites, synthetic_cohorts
+    from fedrg.config import load_config
+    from fedrg.federated.local import LocalTransport
+    from fedrg.federated.runner import run_federation
+    from fedrg.privacy.dpsgd import use_seeded_noise_for_tests
+
+    cfg = load_config(None, [f"data.synthetic_dir={tmp_path / 'cohorts'}", "secagg.enabled=false"])
+    assert cfg.privacy.enabled and cfg.privacy.target_epsilon == 8.0
+    sites = simulated_sites(synthetic_cohorts(cfg), tmp_path / "sites", 1e9)
+    with use_seeded_noise_for_tests(0):
+        result = run_federation(LocalTransport(sites), cfg, tmp_path / "run")
+    rows = result.metrics["rounds"]
+    assert len(rows) == 3
+    last = rows[-1]
+    image, multimodal = last["auroc"], last["auroc_multimodal"]
+    print(f"\nround 3: image {image}; multimodal {multimodal}; findings F1 {last['findings_f1']}; "
+          f"epsilon {last['epsilon']}")
+    assert max(last["epsilon"].values()) <= 8.0 + 1e-6
+    for marker, floor in IMAGE.items():
+        assert image[marker] > floor, (marker, image[marker])
+    for marker, floor in MULTIMODAL.items():  # main ended at 0.29 (1p/19q) and 0.37 (MGMT)
+        assert multimodal[marker] > floor, (marker, multimodal[marker])
+    assert last["findings_f1"] > FINDINGS_F1

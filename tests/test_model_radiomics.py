@@ -90,12 +90,31 @@ def test_image_encoder_with_and_without_radiomics():
 
 def test_marker_head_image_only_answer_is_the_fused_answer_without_genomics():
     torch.manual_seed(0)
-    head = MarkerHead(8, 5, 16, 3)
-    img = torch.randn(4, 8)
-    fused, image_only = head(img, torch.zeros(4, 5))
+    head = MarkerHead(8, 5, 16, 3, image_linear=6, genomics_linear=7)
+    with torch.no_grad():  # a trained head: nothing at its zero initialisation
+        for p in head.parameters():
+            p.normal_()
+    img, rad = torch.randn(4, 8), torch.randn(4, 6)
+    fused, image_only = head(img, torch.zeros(4, 5), image_inputs=rad,
+                             genomics_inputs=torch.zeros(4, 7))
     torch.testing.assert_close(fused, image_only)
-    fused, image_only = head(img, torch.randn(4, 5))
+    fused, image_only = head(img, torch.randn(4, 5), image_inputs=rad,
+                             genomics_inputs=torch.randn(4, 7))
     assert not torch.allclose(fused, image_only)
+
+
+def test_untrained_marker_head_answers_one_half_for_everyone():
+    """The cause of DP's inverted multimodal AUROCs (docs/model.md): a randomly initialised
+    genomics side ranked patients by a random projection of the informative genomic profile,
+    and a few noisy steps never undid it. Untrained, the head now has no opinion at all."""
+    torch.manual_seed(0)
+    head = MarkerHead(8, 5, 16, 3, image_linear=6, genomics_linear=7)
+    fused, image_only = head(torch.randn(10, 8), torch.randn(10, 5), image_inputs=torch.randn(10, 6),
+                             genomics_inputs=torch.randn(10, 7))
+    torch.testing.assert_close(fused, torch.zeros(10, 3))
+    torch.testing.assert_close(image_only, torch.zeros(10, 3))
+    with pytest.raises(ValueError, match="image_inputs"):
+        head(torch.randn(2, 8), torch.randn(2, 5))
 
 
 def test_marker_probabilities_average_the_mirror_image(base_dir, dataset):

@@ -23,7 +23,8 @@ def test_dp_overhead_benchmark_reports_every_variant(tmp_path_factory, capsys):
                        "--report-tokens", "16", "--out", str(out)]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(out.read_text())
-    assert set(printed["variants"]) == {"non_dp", "hooks", "functorch", "ew", "ghost"}
+    assert set(printed["variants"]) == {"non_dp", "hooks", "functorch", "ew", "ghost", "ew_all_trainable"}
+    assert printed["default_dp_mode"] == "ew" and isinstance(printed["fastest_is_default"], bool)
     for v in printed["variants"].values():
         assert v["median_step_s"] > 0 and v["ratio_vs_non_dp"] > 0
     assert printed["variants"]["non_dp"]["ratio_vs_non_dp"] == 1.0

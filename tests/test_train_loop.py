@@ -87,6 +87,35 @@ def test_dp_session_plugs_into_the_seam(base_dir, dataset):
     assert not hasattr(next(p for p in model.parameters() if p.requires_grad), "grad_sample")
 
 
+def test_frozen_under_dp_parts_stay_put_and_stay_trainable(base_dir, dataset):
+    """privacy.frozen_under_dp: no noise and no update for the CNN during a DP round, group-wise
+    clipping on, and the parameters are trainable (and in the payload) again afterwards."""
+    import pytest
+
+    from fedrg.config import PrivacyConfig
+    from fedrg.privacy.dpsgd import DPSession, report_clip_groups
+
+    model = _model(base_dir)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    cnn = [i for i, n in enumerate(names) if n.startswith("image_encoder.features")]
+    assert cnn
+    start = get_adapter_arrays(model)
+    session = DPSession(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.25,
+                        expected_batch_size=0.25 * len(dataset), n_records=len(dataset), seed=3,
+                        grad_sample_mode="ew", clip_groups=report_clip_groups(PrivacyConfig()))
+    train_local(model, dataset, TrainingConfig(lr=1e-3), steps=2, privacy=session,
+                frozen=["image_encoder.features"])
+    end = get_adapter_arrays(model)
+    assert len(end) == len(start)
+    assert all(np.array_equal(start[i], end[i]) for i in cnn)
+    assert any(not np.array_equal(a, b) for i, (a, b) in enumerate(zip(start, end, strict=True))
+               if i not in cnn)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == names
+    with pytest.raises(ValueError, match="frozen_under_dp.*'image_encoder.nope'"):
+        train_local(model, dataset, TrainingConfig(), steps=1, frozen=["image_encoder.nope"])
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == names
+
+
 def test_auroc_handles_single_class_and_unknown():
     y = np.array([1.0, 1.0, 0.0, 0.0])
     s = np.array([0.9, 0.8, 0.1, 0.2])

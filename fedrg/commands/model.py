@@ -146,7 +146,8 @@ def run_train(
     with StepProgress(f"training {steps} steps on {len(train_ds)} patients "
                       f"({'DP-SGD' if privacy is not None else 'no DP'})", steps) as bar:
         metrics["train"] = train_local(model, train_ds, tcfg, steps=steps, privacy=privacy,
-                                       on_step=bar.update)
+                                       on_step=bar.update,
+                                       frozen=cfg.privacy.frozen_under_dp if privacy else ())
     if privacy is not None:
         metrics["privacy"]["epsilon"] = privacy.epsilon(target_delta=cfg.privacy.target_delta)
         metrics["privacy"]["target_delta"] = cfg.privacy.target_delta

@@ -318,7 +318,8 @@ class HospitalSite:
         if cfg.training.threads:
             torch.set_num_threads(cfg.training.threads)
         train_ds = CohortDataset(cache.cohort, cfg.data, cache.train_idx)
-        train_local(model, train_ds, cfg.training, steps=plan.steps, privacy=session, seed=seed)
+        train_local(model, train_ds, cfg.training, steps=plan.steps, privacy=session, seed=seed,
+                    frozen=cfg.privacy.frozen_under_dp if session else ())
         new_arrays = get_adapter_arrays(model)
         update = [(n - g).astype(np.float32) for n, g in zip(new_arrays, global_arrays, strict=True)]
         # the signed entry is on disk before the update can leave the hospital; a

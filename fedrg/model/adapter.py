@@ -29,6 +29,7 @@ from fedrg.data.schema import RADIOGENOMICS_RECORD
 from fedrg.errors import ModelError
 from fedrg.model.base import load_base
 from fedrg.model.encoders import GenomicsEncoder, ImageEncoder, MarkerHead, PromptProjector
+from fedrg.model.radiomics import FEATURE_COUNT
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,13 @@ class RadiogenomicsModel(nn.Module):
             len(data_cfg.gene_panel), len(data_cfg.mutation_genes), w
         )
         self.genomics_proj = PromptProjector(w, model_cfg.genomics_tokens, hidden)
-        self.marker_head = MarkerHead(w, w + 1, w, len(data_cfg.markers))
+        linear = model_cfg.linear_marker_paths
+        genomics_in = len(data_cfg.gene_panel) + len(data_cfg.mutation_genes) + 1
+        self.marker_head = MarkerHead(
+            w, w + 1, w, len(data_cfg.markers),
+            image_linear=FEATURE_COUNT if linear and model_cfg.radiomic_features else 0,
+            genomics_linear=genomics_in if linear else 0,
+        )
         self.prefix_len = model_cfg.image_tokens + model_cfg.genomics_tokens
         bos = tokenizer.bos_token_id
         self.start_id = int(bos if bos is not None else tokenizer.eos_token_id)
@@ -185,14 +192,17 @@ class RadiogenomicsModel(nn.Module):
 
     def _features(self, image, expression, mutations, has_genomics):
         """Prompt embeddings ``[B,P,hidden]``, image ``[B,w]`` and genomics-side ``[B,w+1]``
-        features (zero where genomics are withheld)."""
+        features (zero where genomics are withheld), and the marker head's linear-path inputs
+        (standardised radiomic features; the masked genomic profile with its flag)."""
         g = has_genomics.view(-1, 1)
-        img = self.image_encoder(image)
+        img, radiomic = self.image_encoder.features_and_radiomics(image)
         gen = self.genomics_encoder(expression * g, mutations * g) * g
         prompt = torch.cat(
             [self.image_proj(img), self.genomics_proj(gen) * g.unsqueeze(-1)], dim=1
         )
-        return prompt, img, torch.cat([gen, g], dim=-1)
+        linear = {"image_inputs": radiomic,
+                  "genomics_inputs": torch.cat([expression * g, mutations * g, g], dim=-1)}
+        return prompt, img, torch.cat([gen, g], dim=-1), linear
 
     # ------------------------------------------------------------------ training
 
@@ -214,7 +224,7 @@ class RadiogenomicsModel(nn.Module):
         present) and image-only (the radiogenomics question), so the image path learns the
         markers from every example, genomics or not.
         """
-        prompt, img, other = self._features(image, expression, mutations, has_genomics)
+        prompt, img, other, linear = self._features(image, expression, mutations, has_genomics)
         tok = self.lm.get_input_embeddings()(input_ids)
         embeds = torch.cat([prompt.to(tok.dtype), tok], dim=1)
         B, P = prompt.shape[0], prompt.shape[1]
@@ -229,7 +239,7 @@ class RadiogenomicsModel(nn.Module):
         m = loss_mask[:, 1:]
         report_loss = (nll * m).sum(1) / m.sum(1).clamp(min=1.0)
 
-        fused_logits, image_logits = self.marker_head(img, other)
+        fused_logits, image_logits = self.marker_head(img, other, **linear)
         bce = 0.5 * (
             F.binary_cross_entropy_with_logits(fused_logits, markers, reduction="none")
             + F.binary_cross_entropy_with_logits(image_logits, markers, reduction="none")
@@ -258,8 +268,8 @@ class RadiogenomicsModel(nn.Module):
         logits = []
         images = (t["image"], t["image"].flip(-1)) if test_time_flip else (t["image"],)
         for image in images:
-            _, img, other = self._features(image, t["expression"], t["mutations"], has)
-            fused_logits, image_logits = self.marker_head(img, other)
+            _, img, other, linear = self._features(image, t["expression"], t["mutations"], has)
+            fused_logits, image_logits = self.marker_head(img, other, **linear)
             logits.append(image_logits if withhold_genomics else fused_logits)
         return torch.sigmoid(torch.stack(logits).mean(0))
 
@@ -274,7 +284,7 @@ class RadiogenomicsModel(nn.Module):
         """Greedy report generation conditioned on the image + genomics prompt tokens."""
         t = self.encode_batch(batch)
         has = torch.zeros_like(t["has_genomics"]) if withhold_genomics else t["has_genomics"]
-        prompt, _, _ = self._features(t["image"], t["expression"], t["mutations"], has)
+        prompt, _, _, _ = self._features(t["image"], t["expression"], t["mutations"], has)
         B = prompt.shape[0]
         emb = self.lm.get_input_embeddings()
         start = torch.full((B, 1), self.start_id, dtype=torch.long, device=prompt.device)

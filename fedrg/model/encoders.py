@@ -61,12 +61,18 @@ class ImageEncoder(nn.Module):
         self.out = nn.Linear(2 * c_in + extra, width)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.features_and_radiomics(image)[0]
+
+    def features_and_radiomics(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(features [B, width], standardised radiomic features [B, F] or None)``."""
         h = self.features(image)
         flat = h.flatten(2)
         parts = [flat.mean(-1), flat.amax(-1)]
+        radiomic = None
         if self.radiomics:
-            parts.append(standardised_radiomic_features(image).to(flat.dtype))
-        return torch.nn.functional.silu(self.out(torch.cat(parts, dim=-1)))
+            radiomic = standardised_radiomic_features(image).to(flat.dtype)
+            parts.append(radiomic)
+        return torch.nn.functional.silu(self.out(torch.cat(parts, dim=-1))), radiomic
 
 
 class GenomicsEncoder(nn.Module):
@@ -103,17 +109,55 @@ class MarkerHead(nn.Module):
     head answers from the image alone. :meth:`forward` returns both the fused logits and the
     image-only logits (``other`` withheld) from one call of each layer, which keeps every
     layer's per-sample gradients well defined for Opacus.
+
+    Optional *linear paths* (``image_linear``, ``genomics_linear`` > 0) add a logistic
+    regression straight from low-dimensional, standardised inputs to the logits: the radiomic
+    features to both answers, the genomic profile (expression, mutations, has-genomics flag)
+    to the fused answer only. Few parameters with a strong signal each are what DP-SGD can
+    learn in a few dozen noisy steps (docs/model.md, "Why DP inverted the multimodal markers").
+
+    The output layer, ``other_fc`` and the linear paths start at **zero**: an untrained head
+    answers 0.5 for every patient and marker, and its fused answer equals its image-only
+    answer. A random initial projection of the (very informative) genomic profile or
+    radiomic features would otherwise rank patients at random per marker, far from 0.5
+    either way, and noisy DP-SGD steps barely move it (docs/model.md).
     """
 
-    def __init__(self, image_features: int, other_features: int, width: int, markers: int):
+    def __init__(self, image_features: int, other_features: int, width: int, markers: int, *,
+                 image_linear: int = 0, genomics_linear: int = 0):
         super().__init__()
         self.image_fc = nn.Linear(image_features, width)
         self.other_fc = nn.Linear(other_features, width, bias=False)
+        nn.init.zeros_(self.other_fc.weight)
         self.out = nn.Linear(width, markers)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        self.image_linear = nn.Linear(image_linear, markers, bias=False) if image_linear else None
+        self.genomics_linear = (nn.Linear(genomics_linear, markers, bias=False)
+                                if genomics_linear else None)
+        for layer in (self.image_linear, self.genomics_linear):
+            if layer is not None:
+                nn.init.zeros_(layer.weight)
 
-    def forward(self, image: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(fused_logits, image_only_logits)``, each ``[B, markers]``."""
+    def forward(self, image: torch.Tensor, other: torch.Tensor, *,
+                image_inputs: torch.Tensor | None = None,
+                genomics_inputs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(fused_logits, image_only_logits)``, each ``[B, markers]``.
+
+        ``image_inputs`` / ``genomics_inputs`` feed the linear paths (required when the head
+        has them; ``genomics_inputs`` must be zero for a patient without genomics).
+        """
         from_image = self.image_fc(image)
         hidden = torch.stack([from_image + self.other_fc(other), from_image], dim=1)
         logits = self.out(torch.nn.functional.silu(hidden))
-        return logits[:, 0], logits[:, 1]
+        fused, image_only = logits[:, 0], logits[:, 1]
+        if self.image_linear is not None:
+            if image_inputs is None:
+                raise ValueError("MarkerHead has an image linear path: pass image_inputs")
+            lin = self.image_linear(image_inputs)
+            fused, image_only = fused + lin, image_only + lin
+        if self.genomics_linear is not None:
+            if genomics_inputs is None:
+                raise ValueError("MarkerHead has a genomics linear path: pass genomics_inputs")
+            fused = fused + self.genomics_linear(genomics_inputs)
+        return fused, image_only

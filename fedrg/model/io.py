@@ -88,7 +88,8 @@ def load_adapter(adapter_dir: str | Path, *, base: str | None = None) -> Radioge
 
     src = Path(adapter_dir)
     meta = read_adapter_meta(src)
-    model_cfg = ModelConfig.model_validate(meta["model"])
+    # adapters saved before the marker head's linear paths existed have none
+    model_cfg = ModelConfig.model_validate({"linear_marker_paths": False, **meta["model"]})
     if base is not None:
         model_cfg = model_cfg.model_copy(update={"base": base})
     data_cfg = DataConfig.model_validate(meta["data"])

@@ -27,8 +27,10 @@ What the session guarantees (each point is tested in ``tests/test_privacy_dpsgd*
   :class:`~fedrg.privacy.accounting.PrivacyHistory` and only appended to; the updated
   history comes back from :meth:`DPSession.cleanup` (and :attr:`DPSession.history`).
 * **Noise and sampling randomness** come from OS entropy unless a ``seed`` is given
-  explicitly (tests). The federation's ``training.seed`` is known to the server and must
-  never seed the noise: whoever can regenerate the noise can subtract it.
+  explicitly (tests) or a test selects seeded noise for a whole block of code with
+  :func:`use_seeded_noise_for_tests` (a Python-level switch: no setting, file, environment
+  variable or server message can reach it). The federation's ``training.seed`` is known to
+  the server and must never seed the noise: whoever can regenerate the noise can subtract it.
 * :meth:`DPSession.cleanup` removes Opacus' hooks and attributes, so a fresh session can wrap
   the same model next round ("Trying to add hooks twice" otherwise). The caller keeps and
   saves its own (unwrapped) model; :attr:`DPSession.module` is that module, never the wrapper.
@@ -36,8 +38,11 @@ What the session guarantees (each point is tested in ``tests/test_privacy_dpsgd*
 
 from __future__ import annotations
 
+import hashlib
 import secrets
-from collections.abc import Callable, Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -114,8 +119,72 @@ def _collate_for(dataset: Any) -> Callable[[list[Any]], Batch]:
     return default_collate
 
 
+_TEST_NOISE = threading.local()
+
+
+@contextmanager
+def use_seeded_noise_for_tests(seed: int) -> Iterator[None]:
+    """Inside the block, sessions created without a ``seed`` draw noise and Poisson samples
+    from seeded generators: the k-th such session gets a seed derived from ``(seed, k)``.
+
+    For tests and benchmarks only: it makes a whole training run (e.g. an in-process
+    federation) repeatable, so a learning test can neither pass nor fail by luck. Nothing
+    outside the calling Python code can turn it on (no config key, environment variable or
+    message), and it applies to the calling thread only. Never use it where privacy matters:
+    whoever knows the seed can regenerate and subtract the noise.
+
+    Parameters
+    ----------
+    seed
+        Base seed of the block.
+    """
+    previous = getattr(_TEST_NOISE, "state", None)
+    _TEST_NOISE.state = [int(seed), 0]
+    try:
+        yield
+    finally:
+        _TEST_NOISE.state = previous
+
+
+@contextmanager
+def _unfold_conv_grad_samples(active: bool) -> Iterator[None]:
+    """In ew mode, compute per-sample convolution gradients by unfolding at every batch size.
+
+    torch's expanded weights switch to a grouped convolution below batch 32
+    (``THRESHOLD`` in ``torch/nn/utils/_expanded_weights/conv_utils.py``), measured slower
+    on CPU (/work/shared/FACTS.md); both give the same per-sample gradients (tested).
+    """
+    if not active:
+        yield
+        return
+    from torch.nn.utils._expanded_weights import conv_utils
+
+    previous = conv_utils.THRESHOLD
+    conv_utils.THRESHOLD = 0
+    try:
+        yield
+    finally:
+        conv_utils.THRESHOLD = previous
+
+
 def _entropy_seed() -> int:
-    return secrets.randbits(63)
+    """OS entropy, unless a test selected seeded noise (:func:`use_seeded_noise_for_tests`)."""
+    state = getattr(_TEST_NOISE, "state", None)
+    if state is None:
+        return secrets.randbits(63)
+    state[1] += 1
+    digest = hashlib.sha256(f"fedrg-test-noise/{state[0]}/{state[1]}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 2**63
+
+
+REPORT_PARTS = ("lora_", "image_proj.", "genomics_proj.")
+
+
+def report_clip_groups(privacy_cfg: Any) -> list[tuple[tuple[str, ...], float]]:
+    """``privacy.report_clip_share`` as :class:`DPSession` ``clip_groups``: the report side
+    (LoRA and the prompt projectors) against everything else; ``[]`` (flat) for share 0."""
+    share = float(getattr(privacy_cfg, "report_clip_share", 0.0) or 0.0)
+    return [(REPORT_PARTS, share)] if share > 0 else []
 
 
 class DPSession:
@@ -145,11 +214,17 @@ class DPSession:
     steps_per_round
         Default number of steps for :meth:`batches`.
     seed
-        Seed for the Poisson sampler and the noise. ``None`` (the default): OS entropy.
+        Seed for the Poisson sampler and the noise. ``None`` (the default): OS entropy
+        (or, inside :func:`use_seeded_noise_for_tests`, the test's seeded sequence).
         Only tests and benchmarks should pass one.
     collate_fn
         Turns a list of dataset items into a batch (default: ``collate_samples`` for
         fedrg cohort datasets, else ``torch.utils.data.default_collate``).
+    clip_groups
+        Group-wise clipping (:mod:`fedrg.privacy.fused`): ``[(name parts, share), ...]``;
+        a parameter whose name contains one of a group's parts is clipped, per example, to
+        ``max_grad_norm * sqrt(share)``, the rest to ``max_grad_norm * sqrt(1 - sum of
+        shares)``. The sensitivity stays ``max_grad_norm``. Empty (default): flat clipping.
     """
 
     def __init__(
@@ -167,6 +242,7 @@ class DPSession:
         steps_per_round: int | None = None,
         seed: int | None = None,
         collate_fn: Callable[[list[Any]], Batch] | None = None,
+        clip_groups: Sequence[tuple[Sequence[str], float]] = (),
     ) -> None:
         if grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise PrivacyError(
@@ -195,6 +271,16 @@ class DPSession:
         self._sampling_generator = torch.Generator().manual_seed(seed)
         self._noise_generator = torch.Generator().manual_seed((seed * 2654435761 + 1) % 2**63)
         self._collate = collate_fn
+        shares = [float(share) for _, share in clip_groups]
+        if clip_groups and (any(not 0.0 < x < 1.0 for x in shares) or sum(shares) >= 1.0):
+            raise PrivacyError(
+                f"clip group shares {shares} must each lie in (0, 1) and sum to less than 1 "
+                "(the rest of the squared clipping norm goes to the remaining parameters); "
+                "e.g. privacy.report_clip_share=0.25")
+        if clip_groups and grad_sample_mode == "ghost":
+            raise PrivacyError("group-wise clipping (privacy.report_clip_share > 0) is not "
+                               "available in grad_sample_mode='ghost'; use 'ew' or set the share to 0")
+        self.clip_groups = [(tuple(prefixes), float(share)) for prefixes, share in clip_groups]
         self._initial_history = history if history is not None else PrivacyHistory()
         self.accountant = create_accountant(mechanism=accountant)
         if self._initial_history.total_steps:
@@ -247,6 +333,7 @@ class DPSession:
                                         batch_size=training_cfg.batch_size, n_records=n_records),
             seed=seed,
             collate_fn=collate_fn,
+            clip_groups=report_clip_groups(privacy_cfg),
         )
 
     # ------------------------------------------------------------------ wiring
@@ -277,8 +364,15 @@ class DPSession:
         if self.grad_sample_mode == "ghost":
             kwargs["max_grad_norm"] = self.max_grad_norm
         gsm = prepare_module(model, self.grad_sample_mode, True, **kwargs)
-        optim_cls = get_optimizer_class(clipping="flat", distributed=False,
-                                        grad_sample_mode=self.grad_sample_mode)
+        if self.grad_sample_mode == "ghost":
+            optim_cls = get_optimizer_class(clipping="flat", distributed=False,
+                                            grad_sample_mode=self.grad_sample_mode)
+        else:  # Opacus' DPOptimizer with its per-tensor loops fused (same clipping and noise)
+            from fedrg.privacy.fused import FusedDPOptimizer
+
+            optim_cls = FusedDPOptimizer
+            if self.clip_groups:
+                kwargs_groups = self._group_layout(model, optimizer)
         dp_opt = optim_cls(
             optimizer=optimizer,
             noise_multiplier=self.noise_multiplier,
@@ -287,11 +381,35 @@ class DPSession:
             loss_reduction="mean",
             generator=self._noise_generator,
             secure_mode=False,
+            **(kwargs_groups if self.clip_groups and self.grad_sample_mode != "ghost" else {}),
         )
         dp_opt.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
         if self.grad_sample_mode == "ghost":
             self._criterion = DPLossFastGradientClipping(gsm, dp_opt, PerExampleLoss("mean"), "mean")
         self._model, self._gsm, self.optimizer = model, gsm, dp_opt
+
+    def _group_layout(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Group index of every optimizer parameter (the first group with a name part found
+        in the parameter's name; the rest form the last group) and each group's bound
+        ``C * sqrt(share)``."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        rest = len(self.clip_groups)
+        groups = []
+        for p in params:
+            name = names.get(id(p), "")
+            hit = [k for k, (parts, _) in enumerate(self.clip_groups)
+                   if any(x in name for x in parts)]
+            groups.append(hit[0] if hit else rest)
+        shares = [s for _, s in self.clip_groups] + [1.0 - sum(s for _, s in self.clip_groups)]
+        used = sorted(set(groups))
+        if used != list(range(len(shares))):
+            missing = [self.clip_groups[k][0] if k < rest else "(the rest)"
+                       for k in range(len(shares)) if k not in used]
+            raise PrivacyError(f"group-wise clipping: no trainable parameter in group(s) {missing}; "
+                               "set privacy.report_clip_share=0 for flat clipping")
+        norms = [self.max_grad_norm * s ** 0.5 for s in shares]
+        return {"clip_groups": groups, "group_max_norms": norms}
 
     @property
     def module(self) -> nn.Module:
@@ -390,15 +508,19 @@ class DPSession:
 
     def _backward(self, batch: Batch) -> float:
         tensors = self._tensors(batch)
-        if self.grad_sample_mode == "ew":
-            from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
+        with _unfold_conv_grad_samples(self.grad_sample_mode == "ew"):
+            if self.grad_sample_mode == "ew":
+                from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
 
-            forward = call_for_per_sample_grads(
-                self._model, batch_size=batch_size_of(batch), loss_reduction="mean"
-            )
-            losses = forward(**tensors)
-        else:
-            losses = self._gsm(**tensors)
+                forward = call_for_per_sample_grads(
+                    self._model, batch_size=batch_size_of(batch), loss_reduction="mean"
+                )
+                losses = forward(**tensors)
+            else:
+                losses = self._gsm(**tensors)
+            return self._finish_backward(losses)
+
+    def _finish_backward(self, losses: torch.Tensor) -> float:
         if losses.dim() != 1:
             raise PrivacyError(
                 f"the model must return one loss per example (shape [B]); got {tuple(losses.shape)}"

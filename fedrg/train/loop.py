@@ -149,12 +149,15 @@ def planned_steps(n_examples: int, training_cfg: TrainingConfig) -> int:
     return max(1, math.ceil(training_cfg.local_epochs * n_examples / training_cfg.batch_size))
 
 
-FAST_PARTS = ("lora_", "image_proj.", "genomics_proj.")
+FAST_PARTS = ("lora_", "image_proj.", "genomics_proj.", "marker_head.image_linear.",
+              "marker_head.genomics_linear.")
 
 
 def param_groups(model: nn.Module, training_cfg: TrainingConfig) -> list[dict[str, Any]]:
     """Trainable parameters in two AdamW groups: LoRA + prompt projectors at
-    ``lr * lora_lr_scale`` (they must learn to condition the LM), the rest at ``lr``."""
+    ``lr * lora_lr_scale`` (they must learn to condition the LM), and the marker head's
+    zero-initialised linear paths (logistic regressions that need weights of order one
+    within a few dozen steps); the rest at ``lr``."""
     fast: list[nn.Parameter] = []
     slow: list[nn.Parameter] = []
     for name, p in model.named_parameters():
@@ -177,6 +180,7 @@ def train_local(
     genomics_dropout: float | None = None,
     schema: RecordSchema | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    frozen: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Train the adapter of ``model`` on ``train_dataset`` (AdamW, in place).
 
@@ -204,6 +208,10 @@ def train_local(
 
     on_step
         Progress callback ``on_step(done, total)`` after every step (display only).
+    frozen
+        Name prefixes of trainable parameters to leave untouched in this call (no gradient,
+        no noise, no update; e.g. ``privacy.frozen_under_dp``). They stay trainable (and in
+        the payload) afterwards.
 
     Raises
     ------
@@ -219,7 +227,7 @@ def train_local(
     with torch_threads(training_cfg.threads):
         return _train_local(model, train_dataset, training_cfg, steps=steps, privacy=privacy,
                             seed=seed, genomics_dropout=genomics_dropout, schema=schema,
-                            on_step=on_step)
+                            on_step=on_step, frozen=frozen)
 
 
 def _train_local(
@@ -233,6 +241,7 @@ def _train_local(
     genomics_dropout: float | None,
     schema: RecordSchema | None,
     on_step: Callable[[int, int], None] | None,
+    frozen: Sequence[str],
 ) -> dict[str, Any]:
     if schema is None:
         schema = getattr(model, "record_schema", None) or RADIOGENOMICS_RECORD
@@ -245,6 +254,41 @@ def _train_local(
     n_steps = planned_steps(len(train_dataset), training_cfg) if steps is None else int(steps)
     if genomics_dropout is None:
         genomics_dropout = float(getattr(getattr(model, "model_cfg", None), "genomics_dropout", 0.0))
+    held = freeze(model, frozen)
+    try:
+        return _train(model, train_dataset, training_cfg, seam, n_steps, seed, genomics_dropout,
+                      schema, on_step)
+    finally:
+        for p in held:
+            p.requires_grad_(True)
+
+
+def freeze(model: nn.Module, prefixes: Sequence[str]) -> list[nn.Parameter]:
+    """Set ``requires_grad=False`` on trainable parameters whose name starts with one of
+    ``prefixes`` (an Opacus wrapper's ``_module.`` is looked through); returns them.
+
+    Raises
+    ------
+    ValueError
+        If a prefix matches no trainable parameter, or every trainable parameter.
+    """
+    named = [(n.removeprefix("_module."), p) for n, p in model.named_parameters() if p.requires_grad]
+    for prefix in prefixes:  # check them all before touching anything
+        if not any(n.startswith(prefix) for n, _ in named):
+            raise ValueError(
+                f"privacy.frozen_under_dp: {prefix!r} names no trainable parameter; give name "
+                f"prefixes such as 'image_encoder.features' (see model.named_parameters())")
+    held = [p for n, p in named if any(n.startswith(x) for x in prefixes)]
+    if prefixes and len(held) == len(named):
+        raise ValueError(f"privacy.frozen_under_dp={list(prefixes)} freezes every trainable parameter")
+    for p in held:
+        p.requires_grad_(False)
+    return held
+
+
+def _train(model: nn.Module, train_dataset: SizedDataset, training_cfg: TrainingConfig,
+           seam: PrivacySeam, n_steps: int, seed: int, genomics_dropout: float,
+           schema: RecordSchema, on_step: Callable[[int, int], None] | None) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(
         param_groups(model, training_cfg), lr=training_cfg.lr, weight_decay=training_cfg.weight_decay
     )

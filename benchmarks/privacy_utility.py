@@ -1,0 +1,238 @@
+"""Privacy-utility curve of the default federation: epsilon in {1, 2, 4, 8} and without DP.
+
+Every run is the default simulated federation (3 synthetic hospitals, the default rounds,
+secure aggregation on) trained in-process (``LocalTransport``: the same hospital and server
+code and payloads as the Flower apps, without Ray, as in ``federated_vs_centralised.py``).
+DP runs set ``privacy.target_epsilon`` (per hospital, ``privacy.target_delta`` as configured);
+the non-private run uses ``--non-private-config`` (default ``configs/non-private.toml``).
+Each (setting, seed) pair sets ``training.seed`` and ``federation.seed`` (model
+initialisation, local shuffling, genomics withholding and augmentation); the hospitals are
+always the default federation's synthetic cohorts. DP noise and Poisson sampling
+come from ``fedrg.privacy.dpsgd.use_seeded_noise_for_tests(seed)`` so a run can be repeated
+(``--os-noise``: OS entropy, as in production).
+
+The final global adapter is evaluated once, by each hospital on its own held-out patients
+(``HospitalSite.evaluate``, the federated evaluation), and the hospitals' metrics are
+averaged weighted by validation size, as the server does every round: per marker the
+image-only AUROC (genomics withheld) and the multimodal AUROC, findings F1 and ROUGE-L.
+
+Prints one JSON object: ``runs`` (one entry per setting and seed) and ``summary`` (per
+setting and metric: mean, standard deviation, min, max over seeds), plus ``acceptance``
+(epsilon 8 against non-private, the thresholds of issue 14). Writes a PNG of AUROC against
+epsilon (``--png``). ``--json`` also writes the JSON after every run, and ``--resume`` reuses
+the runs already in that file, so an interrupted benchmark continues where it stopped.
+
+    .venv/bin/python benchmarks/privacy_utility.py [--epsilons 1,2,4,8] [--seeds 0,1,2]
+        [--json OUT.json] [--png OUT.png] [--resume] [--set k=v ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+NON_PRIVATE = "non-private"
+TOLERANCE = {"idh_mutant": 0.05, "codeletion_1p19q": 0.05, "mgmt_methylated": 0.08}
+
+
+def run_one(setting: str, seed: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Train one federation and evaluate its final adapter at every hospital."""
+    from fedrg.commands.federation import simulated_sites, synthetic_cohorts
+    from fedrg.config import load_config, to_run_config
+    from fedrg.federated.local import LocalTransport
+    from fedrg.federated.payload import Payload
+    from fedrg.federated.runner import run_federation
+    from fedrg.federated.server import aggregate_evaluation
+    from fedrg.federated.site import HospitalSite
+    from fedrg.privacy.dpsgd import use_seeded_noise_for_tests
+
+    sets = [*args.overrides, f"training.seed={seed}", f"federation.seed={seed}",
+            "federation.fraction_evaluate=0"]  # evaluated once, below
+    if setting == NON_PRIVATE:
+        cfg = load_config(args.non_private_config, [*sets, "privacy.enabled=false"])
+    else:
+        cfg = load_config(args.config, [*sets, "privacy.enabled=true",
+                                        f"privacy.target_epsilon={float(setting)}"])
+    # the default federation's hospitals for every seed (their recipe uses the unseeded config)
+    cohorts = synthetic_cohorts(load_config(args.config, args.overrides))
+    name = f"{setting}-seed{seed}"
+    sites = simulated_sites(cohorts, work / name / "sites", 1e9)
+    t0 = time.perf_counter()
+    noise = nullcontext() if args.os_noise else use_seeded_noise_for_tests(seed)
+    with noise:
+        result = run_federation(LocalTransport(sites), cfg, work / name / "run")
+    train_s = time.perf_counter() - t0
+    payload = Payload(meta={"config": to_run_config(cfg), "round": cfg.federation.rounds,
+                            "run_id": "privacy-utility"})
+    payload.put_array_list("global", result.global_arrays)
+    replies = [HospitalSite(site).evaluate(payload).meta for site in sites]
+    ev = aggregate_evaluation(replies)
+    rows = result.metrics["rounds"]
+    eps = rows[-1].get("epsilon") or {}
+    return {
+        "setting": setting, "seed": seed,
+        "auroc_image": ev.get("auroc", {}), "auroc_multimodal": ev.get("auroc_multimodal", {}),
+        "findings_f1": ev.get("findings_f1"), "rouge_l": ev.get("rouge_l"),
+        "epsilon_recorded": max(eps.values()) if eps else None,
+        "by_hospital": {r["site"]: {"n": r["n"], "auroc": r["metrics"]["auroc"],
+                                    "auroc_multimodal": r["metrics"]["auroc_multimodal"]}
+                        for r in replies},
+        "train_seconds": round(train_s, 1),
+        "stopped_early": result.metrics.get("stopped_early") or None,
+    }
+
+
+def _stats(values: list[float | None]) -> dict[str, float | None]:
+    xs = [v for v in values if v is not None and math.isfinite(v)]
+    if not xs:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {"mean": round(statistics.fmean(xs), 4),
+            "std": round(statistics.stdev(xs), 4) if len(xs) > 1 else 0.0,
+            "min": round(min(xs), 4), "max": round(max(xs), 4), "n": len(xs)}
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per setting: mean/std/min/max over seeds of every metric."""
+    out: dict[str, Any] = {}
+    for setting in dict.fromkeys(r["setting"] for r in runs):
+        rs = [r for r in runs if r["setting"] == setting]
+        markers = sorted({m for r in rs for m in r["auroc_image"]})
+        out[setting] = {
+            "seeds": [r["seed"] for r in rs],
+            "auroc_image": {m: _stats([r["auroc_image"].get(m) for r in rs]) for m in markers},
+            "auroc_multimodal": {m: _stats([r["auroc_multimodal"].get(m) for r in rs])
+                                 for m in markers},
+            "findings_f1": _stats([r["findings_f1"] for r in rs]),
+            "rouge_l": _stats([r["rouge_l"] for r in rs]),
+            "epsilon_recorded": _stats([r["epsilon_recorded"] for r in rs]),
+        }
+    return out
+
+
+def acceptance(summary: dict[str, Any], runs: list[dict[str, Any]], setting: str = "8.0"
+               ) -> dict[str, Any] | None:
+    """Issue 14's acceptance at ``setting`` against the non-private runs (means over seeds)."""
+    if setting not in summary or NON_PRIVATE not in summary:
+        return None
+    dp, npv = summary[setting], summary[NON_PRIVATE]
+    checks: dict[str, Any] = {}
+    for marker, tol in TOLERANCE.items():
+        if marker in dp["auroc_multimodal"]:
+            gap = npv["auroc_multimodal"][marker]["mean"] - dp["auroc_multimodal"][marker]["mean"]
+            checks[f"multimodal_{marker}_gap"] = {"gap": round(gap, 4), "max": tol, "ok": gap <= tol}
+    if "idh_mutant" in dp["auroc_image"]:
+        gap = npv["auroc_image"]["idh_mutant"]["mean"] - dp["auroc_image"]["idh_mutant"]["mean"]
+        checks["image_idh_mutant_gap"] = {"gap": round(gap, 4), "max": 0.05, "ok": gap <= 0.05}
+    f1_gap = npv["findings_f1"]["mean"] - dp["findings_f1"]["mean"]
+    checks["findings_f1_gap"] = {"gap": round(f1_gap, 4), "max": 0.05, "ok": f1_gap <= 0.05}
+    lowest = min((v, r["setting"], r["seed"], kind, m)
+                 for r in runs if r["setting"] in (setting, NON_PRIVATE)
+                 for kind in ("auroc_image", "auroc_multimodal")
+                 for m, v in r[kind].items() if v is not None)
+    checks["no_auroc_below_0.5"] = {"lowest": {"auroc": round(lowest[0], 4), "setting": lowest[1],
+                                               "seed": lowest[2], "kind": lowest[3],
+                                               "marker": lowest[4]},
+                                    "ok": lowest[0] >= 0.5}
+    checks["all_ok"] = all(c["ok"] for c in checks.values())
+    return checks
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    """AUROC (mean +- std over seeds) against epsilon; non-private drawn at the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    eps = sorted(float(s) for s in summary if s != NON_PRIVATE)
+    xs = list(range(len(eps)))
+    labels = [f"{e:g}" for e in eps]
+    if NON_PRIVATE in summary:
+        xs.append(len(eps) + 0.5)
+        labels.append("no DP")
+    settings = [f"{e}" for e in eps] + ([NON_PRIVATE] if NON_PRIVATE in summary else [])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, kind, title in ((axes[0], "auroc_image", "image only"),
+                            (axes[1], "auroc_multimodal", "image + genomics")):
+        markers = sorted({m for s in settings for m in summary[s][kind]})
+        for m in markers:
+            mean = [summary[s][kind][m]["mean"] for s in settings]
+            std = [summary[s][kind][m]["std"] for s in settings]
+            ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=m)
+        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+        ax.set_xticks(xs, labels)
+        ax.set_xlabel("epsilon per hospital (delta as configured)")
+        ax.set_title(f"AUROC, {title}")
+        ax.set_ylim(0.3, 1.0)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("hospital-mean AUROC (held-out patients)")
+    axes[1].legend(loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--epsilons", default="1,2,4,8", help="comma-separated target epsilons")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated integer seeds")
+    ap.add_argument("--skip-non-private", action="store_true")
+    ap.add_argument("--config", default=None, help="TOML config of the DP runs (default: defaults)")
+    ap.add_argument("--non-private-config", default="configs/non-private.toml")
+    ap.add_argument("--set", action="append", default=[], dest="overrides",
+                    help="section.key=value for every run")
+    ap.add_argument("--os-noise", action="store_true", help="DP noise from OS entropy (not seeded)")
+    ap.add_argument("--json", default="", help="also write the JSON here (after every run)")
+    ap.add_argument("--png", default="privacy_utility.png", help="where the plot goes")
+    ap.add_argument("--resume", action="store_true", help="reuse the runs already in --json")
+    args = ap.parse_args(argv)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        settings = [str(float(e)) for e in args.epsilons.split(",") if e.strip()]
+    except ValueError:
+        ap.error(f"--seeds {args.seeds!r} / --epsilons {args.epsilons!r}: give comma-separated "
+                 "numbers, e.g. --seeds 0,1,2 --epsilons 1,2,4,8")
+    if not args.skip_non_private:
+        settings.append(NON_PRIVATE)
+    if args.resume and not args.json:
+        ap.error("--resume needs --json FILE (the runs to continue from)")
+    runs: list[dict[str, Any]] = []
+    if args.resume and Path(args.json).is_file():
+        runs = json.loads(Path(args.json).read_text()).get("runs", [])
+    work = Path(tempfile.mkdtemp(prefix="fedrg-privacy-utility-"))
+    out: dict[str, Any] = {"benchmark": "privacy_utility", "settings": settings, "seeds": seeds,
+                           "overrides": args.overrides, "seeded_noise": not args.os_noise}
+
+    def emit() -> str:
+        out["runs"] = runs
+        out["summary"] = summarise(runs)
+        out["acceptance_epsilon_8"] = acceptance(out["summary"], runs)
+        text = json.dumps(out, indent=2)
+        if args.json:
+            Path(args.json).write_text(text + "\n")
+        return text
+
+    for setting in settings:
+        for seed in seeds:
+            if any(r["setting"] == setting and r["seed"] == seed for r in runs):
+                continue
+            runs.append(run_one(setting, seed, args, work))
+            print(f"{setting} seed {seed}: done", file=sys.stderr)
+            emit()
+    text = emit()
+    plot(out["summary"], Path(args.png))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
