@@ -151,6 +151,27 @@ def test_client_refuses_a_missing_or_exposed_node_key(tmp_path, cohorts):
     assert res.exit_code == 2 and "fedrg keys new" in res.output, res.output
 
 
+def test_client_refuses_a_missing_or_foreign_roster_before_starting_anything(tmp_path, cohorts):
+    """Secure aggregation needs the pinned roster: checked when the client starts, not at the
+    first secure sum (nothing is started, the message says what to do)."""
+    from fedrg.secagg.roster import Roster, entry_from_files, write_roster
+
+    certs = init_certs(tmp_path / "certs")
+    keys = new_hospital_keys(tmp_path / "state", name="hospital-1")
+    cfg = _hospital_toml(tmp_path / "h.toml", cohort=cohorts[0], state=tmp_path / "state",
+                         ca=certs.ca_cert, key=keys.node_private)
+    res = runner.invoke(app, ["client", "--config", str(cfg)])
+    assert res.exit_code == 2 and "no federation roster" in res.output, res.output
+    # a roster that does not list this hospital
+    others = {h: new_hospital_keys(tmp_path / h, name=h) for h in ("hospital-2", "hospital-3")}
+    roster = write_roster(tmp_path / "roster.toml", Roster(
+        [entry_from_files(h, k.ledger_public, k.node_public) for h, k in others.items()]))
+    cfg.write_text(cfg.read_text().replace("[server]", f'roster = "{roster}"\n[server]'))
+    res = runner.invoke(app, ["client", "--config", str(cfg)])
+    assert res.exit_code == 2 and "roster" in res.output and "hospital-1" in res.output, res.output
+    assert not (tmp_path / "state" / "logs" / "supernode.log").exists()  # nothing was started
+
+
 def test_server_refuses_to_run_without_tls(tmp_path):
     cfg = tmp_path / "server.toml"
     cfg.write_text(f'state_dir = "{tmp_path / "st"}"\n[tls]\nca_cert = "nope/ca.crt"\n')

@@ -411,11 +411,28 @@ def client(
         s = load_hospital_settings(config)
         prepare_client(s, insecure=insecure)
         pin = approved_app(s)
+        trust = None
+        if s.site.policy.require_secagg:
+            from fedrg.federated.secure import client_trust
+
+            # up front, not at the first secure sum: the pinned roster must list this
+            # hospital under its own long-term key, and have enough other hospitals
+            trust = client_trust(s.site)
+            if len(trust.roster) - 1 < s.site.policy.min_secagg_peers:
+                raise FedrgError(
+                    f"roster {s.site.roster} lists {len(trust.roster) - 1} other hospital(s), "
+                    f"fewer than this site's policy.min_secagg_peers="
+                    f"{s.site.policy.min_secagg_peers}: no secure round could ever include "
+                    "this hospital. Get the federation's full roster from the operator, or "
+                    "lower min_secagg_peers in [policy]")
     except FedrgError as err:
         raise _fail(err) from None
     if insecure:
         err_console.print(INSECURE_BANNER)
     console.print(f"cohort {s.site.cohort}: valid")
+    if trust is not None:
+        console.print(f"roster {s.site.roster}: {len(trust.roster)} hospitals, digest "
+                      f"{trust.roster.digest()} (compare it with the operator's)")
     console.print(f"approved app: fedrg {pin.version}, {len(pin.files)} file(s), digest "
                   f"{pin_digest(pin)}; any other app bundle is refused before it runs")
     state = Path(s.site.state_dir)
