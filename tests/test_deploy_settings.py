@@ -79,9 +79,9 @@ def test_unknown_keys_and_bad_addresses_are_refused(tmp_path):
         load_hospital_settings(hosp)
 
 
-def test_example_hospital_policy_is_the_safe_default_but_for_its_two_hospitals():
+def test_example_hospital_policy_is_the_safe_default():
     h = load_hospital_settings(ROOT / "configs/hospital.example.toml")
-    assert h.site.policy == SitePolicy(min_secagg_peers=1)
+    assert h.site.policy == SitePolicy()
 
 
 def test_node_config_is_what_the_client_app_reads(tmp_path):

@@ -136,9 +136,18 @@ class ArithmeticHospitals:
                 r.put_array_list("update", [self.targets[node] - g])
                 out[node] = Reply(node, r)
             else:
+                # a release as a hospital makes it (zero noise here: the arithmetic is the point)
+                from fedrg.privacy.release import exact_aggregates, noisy_release
+
                 loss = float(np.abs(g - self.targets[node]).sum())
-                out[node] = Reply(node, Payload(meta={"site": f"h{node}", "n": 10,
-                                                      "metrics": {"loss": loss, "auroc": {"idh": 0.7}}}))
+                labels = np.array([[1.0], [0.0]] * 5)
+                probs = np.where(labels > 0, 0.75, 0.25)
+                agg = exact_aggregates(markers=["idh"], probs={"auroc": probs, "auroc_multimodal": probs},
+                                       labels=labels, mask=np.ones_like(labels),
+                                       loss=np.full(10, min(loss, 9.0)), findings_f1=None, rouge_l=None)
+                out[node] = Reply(node, Payload(meta={
+                    "site": f"h{node}", "status": "ok", "markers": ["idh"],
+                    "release": noisy_release(agg, noise_multiplier=0.0, n_markers=1)}))
         return out
 
 
