@@ -83,3 +83,7 @@ def test_round_progress_in_plain_text_names_each_phase(tmp_path) -> None:
         '{"round": 1, "mechanism": {"steps": 4}}\n{"round": 2, "mechanism": {"steps": 7}}\n')
     assert last_entry_steps([tmp_path / "h1", tmp_path / "missing"], 2) == [7]
     assert last_entry_steps([tmp_path / "h1"], 3) == []
+    # the round's evaluation release (one Gaussian "step") is not its DP-SGD steps
+    with (tmp_path / "h1" / "ledger.jsonl").open("a") as f:
+        f.write('{"round": 2, "kind": "evaluation", "mechanism": {"steps": 1}}\n')
+    assert last_entry_steps([tmp_path / "h1"], 2) == [7]

@@ -86,15 +86,22 @@ class RoundProgress:
 
 
 def last_entry_steps(state_dirs: list[Path], rnd: int) -> list[int]:
-    """DP-SGD steps each hospital recorded for round ``rnd`` (its ledger's last entry;
-    public ledger fields only)."""
+    """DP-SGD steps each hospital recorded for round ``rnd`` (its latest training entry of
+    that round; evaluation releases and re-initialisations are skipped; public fields only)."""
     steps = []
     for d in state_dirs:
         try:
             lines = (Path(d) / "ledger.jsonl").read_text().splitlines()
-            last = json.loads(lines[-1]) if lines else None
-        except (OSError, ValueError):
+        except OSError:
             continue
-        if last and last.get("round") == rnd:
-            steps.append(int(last["mechanism"]["steps"]))
+        for line in reversed(lines):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                break
+            if entry.get("kind", "train") != "train":
+                continue
+            if entry.get("round") == rnd:
+                steps.append(int(entry["mechanism"]["steps"]))
+            break
     return steps
