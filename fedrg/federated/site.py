@@ -47,24 +47,27 @@ def get_site(site: SiteConfig) -> HospitalSite:
 @dataclass
 class _CohortCache:
     key: str
-    cohort: Any
-    train_idx: list[int]
-    val_idx: list[int]
+    data: Any  # fedrg.data.loader.SiteData
     fingerprint: str
+
+    @property
+    def n_train(self) -> int:
+        return len(self.data.train)
 
 
 _MODELS: dict[str, Any] = {}
 
 
-def _model_for(cfg: ExperimentConfig) -> Any:
-    """One model per (model, data) config per process; adapter arrays are set per message."""
-    from fedrg.model.adapter import build_model
+def _model_for(cfg: ExperimentConfig, factory: Any = None) -> Any:
+    """One model per (factory, model, data) config per process; adapter arrays are set per message."""
+    from fedrg.model.factory import DEFAULT_MODEL_FACTORY
 
-    key = json.dumps([cfg.model.model_dump(mode="json"), cfg.data.model_dump(mode="json"),
-                      cfg.federation.seed], sort_keys=True)
+    factory = DEFAULT_MODEL_FACTORY if factory is None else factory
+    key = json.dumps([f"{type(factory).__qualname__}@{id(factory)}", cfg.model.model_dump(mode="json"),
+                      cfg.data.model_dump(mode="json"), cfg.federation.seed], sort_keys=True)
     if key not in _MODELS:
         _MODELS.clear()  # keep one model per worker process
-        _MODELS[key] = build_model(cfg.model, cfg.data, seed=cfg.federation.seed)
+        _MODELS[key] = factory.build(cfg.model, cfg.data, cfg.federation.seed)
     return _MODELS[key]
 
 
@@ -75,23 +78,25 @@ def _round_seed(*parts: Any) -> int:
 class HospitalSite:
     """One hospital: its cohort, ledger and state directory (all stay on site)."""
 
-    def __init__(self, site: SiteConfig) -> None:
+    def __init__(self, site: SiteConfig, *, model_factory: Any = None, cohort_loader: Any = None) -> None:
+        """``model_factory`` (:class:`~fedrg.model.factory.ModelFactory`) and ``cohort_loader``
+        (:class:`~fedrg.data.loader.CohortLoader`) default to the built-in ones; neither can
+        change what the site policy decides about DP or secure aggregation."""
+        from fedrg.data.loader import DEFAULT_COHORT_LOADER
+        from fedrg.model.factory import DEFAULT_MODEL_FACTORY
+
         self.site = site
+        self.model_factory = DEFAULT_MODEL_FACTORY if model_factory is None else model_factory
+        self.cohort_loader = DEFAULT_COHORT_LOADER if cohort_loader is None else cohort_loader
         self._cohort: _CohortCache | None = None
 
     # ------------------------------------------------------------------ helpers
     def cohort(self, cfg: ExperimentConfig) -> _CohortCache:
-        """Load and validate the cohort once per data config; deterministic split."""
-        from fedrg.data.cohort import load_cohort
-        from fedrg.data.dataset import split_indices
-
+        """Load the site's data once per data config (the loader validates and splits)."""
         key = cfg.data.model_dump_json()
         if self._cohort is None or self._cohort.key != key:
-            cohort = load_cohort(self.site.cohort, cfg.data)
-            train_idx, val_idx = split_indices(cohort, cfg.data)
-            manifest = Path(self.site.cohort) / "manifest.csv"
-            fingerprint = hashlib.sha256(manifest.read_bytes()).hexdigest()
-            self._cohort = _CohortCache(key, cohort, list(train_idx), list(val_idx), fingerprint)
+            data = self.cohort_loader.load(self.site, cfg.data)
+            self._cohort = _CohortCache(key, data, str(data.fingerprint))
         return self._cohort
 
     def _ledger(self) -> Any:
@@ -146,7 +151,7 @@ class HospitalSite:
         """
         from fedrg.model.payload import get_adapter_arrays
 
-        model = _model_for(cfg)
+        model = _model_for(cfg, self.model_factory)
         expected = get_adapter_arrays(model)
         try:
             got = [np.asarray(a) for a in payload.array_list("global")]
@@ -181,7 +186,6 @@ class HospitalSite:
         value used comes from the policy or from the hospital's own plan. A request outside
         the policy gets a typed refusal (``status: declined``, ``reason: policy_violation``).
         """
-        from fedrg.data.dataset import CohortDataset
         from fedrg.model.payload import get_adapter_arrays, set_adapter_arrays
         from fedrg.privacy.accounting import PrivacyHistory, epsilon_of
         from fedrg.privacy.budget import decline_reply, plan_round
@@ -207,7 +211,7 @@ class HospitalSite:
             cache = None
             if n_train is None:
                 cache = self.cohort(cfg)
-                n_train = len(cache.train_idx)
+                n_train = cache.n_train
                 self._remember_train_size(cfg, n_train)
             ledger = self._ledger()
             entries = ledger.read()
@@ -237,8 +241,8 @@ class HospitalSite:
                 return reply
         if cache is None:
             cache = self.cohort(cfg)
-            if len(cache.train_idx) != n_train:  # the cohort changed: plan again
-                self._remember_train_size(cfg, len(cache.train_idx))
+            if cache.n_train != n_train:  # the cohort changed: plan again
+                self._remember_train_size(cfg, cache.n_train)
                 return self.train(payload, state)
         if plan.private:
             from fedrg.privacy.dpsgd import DPSession
@@ -262,8 +266,7 @@ class HospitalSite:
         torch.manual_seed(seed)
         if cfg.training.threads:
             torch.set_num_threads(cfg.training.threads)
-        train_ds = CohortDataset(cache.cohort, cfg.data, cache.train_idx)
-        metrics = train_local(model, train_ds, cfg.training, steps=plan.steps, privacy=session,
+        metrics = train_local(model, cache.data.train, cfg.training, steps=plan.steps, privacy=session,
                               seed=seed)
         new_arrays = get_adapter_arrays(model)
         update = [(n - g).astype(np.float32) for n, g in zip(new_arrays, global_arrays, strict=True)]
@@ -326,7 +329,6 @@ class HospitalSite:
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, payload: Payload) -> Payload:
         """Aggregate metrics of the global adapter on this hospital's validation split."""
-        from fedrg.data.dataset import CohortDataset
         from fedrg.model.payload import set_adapter_arrays
         from fedrg.privacy.enforce import check_base_model, check_sizes
         from fedrg.train.evaluate import evaluate
@@ -338,9 +340,8 @@ class HospitalSite:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
             "val_fraction": self.site.policy.val_fraction, "split_seed": self.site.policy.split_seed})})
         cache = self.cohort(cfg)
-        model = _model_for(cfg)
+        model = _model_for(cfg, self.model_factory)
         set_adapter_arrays(model, [np.asarray(a) for a in payload.array_list("global")])
-        val_ds = CohortDataset(cache.cohort, cfg.data, cache.val_idx)
-        metrics = evaluate(model, val_ds)
+        metrics = evaluate(model, cache.data.val)
         keep = {k: metrics.get(k) for k in ("loss", "auroc", "auroc_multimodal", "rouge_l", "findings_f1")}
-        return Payload(meta={"site": self.site.name, "n": len(cache.val_idx), "metrics": keep})
+        return Payload(meta={"site": self.site.name, "n": len(cache.data.val), "metrics": keep})

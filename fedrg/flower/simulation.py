@@ -30,8 +30,12 @@ class SimulatedSites:
 def run_simulated_federation(cfg: ExperimentConfig, run_dir: str | Path, sites: list[SiteConfig], *,
                              resume: bool = False,
                              on_round: Callable[[dict[str, Any]], None] | None = None,
-                             num_cpus: int | None = None) -> Any:
+                             num_cpus: int | None = None, aggregator: Any = None) -> Any:
     """Run a whole federation of ``sites`` through Flower's simulation engine.
+
+    ``aggregator`` is a custom :class:`~fedrg.federated.aggregate.Aggregator` object for the
+    server (default: the one ``federation.server_optimizer`` names); DP and secure aggregation
+    stay as the hospitals' site policies decide.
 
     Returns the :class:`~fedrg.federated.server.ServerResult`. Raises :class:`FedrgError` when
     the ServerApp failed (its exception is re-raised with context).
@@ -51,7 +55,8 @@ def run_simulated_federation(cfg: ExperimentConfig, run_dir: str | Path, sites: 
         return cfg, Path(run_dir), resume
 
     # failures: the ServerApp's own exception, re-raised here instead of Flower's generic exit
-    server_app = build_server_app(provide, on_round=on_round, results=results, failures=failures)
+    server_app = build_server_app(provide, on_round=on_round, results=results, failures=failures,
+                                  aggregator=aggregator)
     client_app = build_client_app(SimulatedSites(sites))
     cpus = num_cpus or max(1, min(len(sites), os.cpu_count() or 1))
     backend_config = {
