@@ -38,9 +38,9 @@ def run_federation(transport: Transport, cfg: ExperimentConfig, run_dir: str | P
     from fedrg.federated.report import write_plots
     from fedrg.federated.secure import SecureAggregationDriver
     from fedrg.federated.tracking import open_trackers
+    from fedrg.model.adapter import RadiogenomicsModel
     from fedrg.model.factory import DEFAULT_MODEL_FACTORY
     from fedrg.model.io import save_adapter
-    from fedrg.model.adapter import RadiogenomicsModel
     from fedrg.model.payload import adapter_parameters, get_adapter_arrays, set_adapter_arrays
 
     run_dir = Path(run_dir)
