@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrg.deploy.pinning import PIN_FILE, AppNotApprovedError, AppPin, check_fab
+from fedrg.files import PRIVATE_MODE, atomic_write
 
 REFUSALS_LOG = "app-refusals.log"
 LAUNCHER_NAME = "flwr-clientapp"
@@ -36,17 +37,14 @@ def write_launcher(state_dir: str | Path, pin: AppPin) -> Path:
     """
     state = Path(state_dir)
     pin_path = state / PIN_FILE
-    pin_path.write_text(pin.to_json())
-    pin_path.chmod(0o600)
+    atomic_write(pin_path, pin.to_json(), mode=PRIVATE_MODE)
     bin_dir = state / "bin"
-    bin_dir.mkdir(parents=True, exist_ok=True)
     launcher = bin_dir / LAUNCHER_NAME
-    launcher.write_text(
-        "#!/bin/sh\n"
-        "# written by fedrg client: Flower's flwr-clientapp, refusing unapproved app bundles\n"
-        f"exec {shlex.quote(sys.executable)} -m fedrg.deploy.pinned_clientapp "
-        f"--fedrg-state-dir {shlex.quote(str(state.resolve()))} \"$@\"\n")
-    launcher.chmod(0o700)
+    atomic_write(launcher,
+                 "#!/bin/sh\n"
+                 "# written by fedrg client: Flower's flwr-clientapp, refusing unapproved app bundles\n"
+                 f"exec {shlex.quote(sys.executable)} -m fedrg.deploy.pinned_clientapp "
+                 f"--fedrg-state-dir {shlex.quote(str(state.resolve()))} \"$@\"\n", mode=0o700)
     return bin_dir
 
 

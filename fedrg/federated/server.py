@@ -25,6 +25,7 @@ from fedrg.errors import FedrgError, SecAggError
 from fedrg.federated.aggregate import Aggregator, ServerOptimizer, unflatten, weighted_mean
 from fedrg.federated.checkpoint import RunCheckpoint, load_checkpoint, save_checkpoint
 from fedrg.federated.payload import Payload, Reply, Transport
+from fedrg.files import atomic_write
 
 log = logging.getLogger("fedrg.server")
 
@@ -308,8 +309,4 @@ class FederationServer:
 
 def write_metrics(run_dir: str | Path, metrics: dict[str, Any]) -> Path:
     """Write ``run_dir/metrics.json`` atomically."""
-    path = Path(run_dir) / "metrics.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(Path(run_dir) / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))

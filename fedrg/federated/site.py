@@ -30,6 +30,7 @@ import torch
 from fedrg.config import ExperimentConfig, SiteConfig, from_run_config
 from fedrg.errors import BudgetExceededError, FedrgError, PolicyViolationError
 from fedrg.federated.payload import Payload
+from fedrg.files import atomic_write
 
 log = logging.getLogger("fedrg.site")
 
@@ -119,15 +120,12 @@ class HospitalSite:
 
     def _remember_train_size(self, cfg: ExperimentConfig, n_train: int) -> None:
         path = self._size_file()
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
             sizes = json.loads(path.read_text())
         except (OSError, ValueError):
             sizes = {}
         sizes[self._size_key(cfg)] = n_train
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(sizes))
-        tmp.replace(path)
+        atomic_write(path, json.dumps(sizes))
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, action: str, payload: Payload, state: Payload) -> Payload:
