@@ -141,10 +141,18 @@ def _request(site, base_dir, *extra):
 
 
 def test_the_site_trains_the_plugged_model_on_the_plugged_data_with_dp_and_masking(plugged_site, base_dir):
+    import torch
+
     site = plugged_site()
     state = Payload()
-    reply = site.handle("train", _request(site, base_dir), state)
-    assert reply.meta["status"] == "ok" and reply.meta["private"] is True
+    saved = torch.get_num_threads()
+    torch.set_num_threads(3)  # the host's own setting
+    try:
+        reply = site.handle("train", _request(site, base_dir, "training.threads=1"), state)
+        assert torch.get_num_threads() == 3  # training.threads applied to the round only
+    finally:
+        torch.set_num_threads(saved)
+    assert reply.meta["status"] == "ok" and reply.meta["private"] is True, reply.meta
     assert site.model_factory.builds >= 1 and site.cohort_loader.calls == 1
     assert not reply.arrays and state.array_list("pending")  # leaves only in the secure sum
     (entry,) = Ledger.open(site.site.state_dir, hospital="h1").read()

@@ -12,7 +12,6 @@ imported; Flower then answers the server with an error, and the refusal is appen
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 import time
@@ -22,6 +21,7 @@ from typing import Any
 
 from fedrg.deploy.pinning import PIN_FILE, AppNotApprovedError, AppPin, check_fab
 from fedrg.files import PRIVATE_MODE, atomic_write
+from fedrg.runtime import apply_offline_env
 
 REFUSALS_LOG = "app-refusals.log"
 LAUNCHER_NAME = "flwr-clientapp"
@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> None:  # pragma: no cover - a pro
     pin = AppPin.from_json((state_dir / PIN_FILE).read_text())
     runner.install_from_fab = verifying_installer(runner.install_from_fab, pin, state_dir)
     sys.argv = [LAUNCHER_NAME, *rest]
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    apply_offline_env()  # fedrg owns this process (fedrg.runtime)
     flwr_clientapp()
 
 

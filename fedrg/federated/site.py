@@ -31,6 +31,7 @@ from fedrg.config import ExperimentConfig, SiteConfig, from_run_config
 from fedrg.errors import BudgetExceededError, FedrgError, PolicyViolationError
 from fedrg.federated.payload import Payload
 from fedrg.files import atomic_write
+from fedrg.runtime import torch_threads
 
 log = logging.getLogger("fedrg.site")
 
@@ -262,10 +263,9 @@ class HospitalSite:
         # interrupted one; DP noise never comes from here (OS entropy, see privacy/dpsgd.py)
         seed = _round_seed(cfg.training.seed, cfg.federation.seed, rnd, self.site.name)
         torch.manual_seed(seed)
-        if cfg.training.threads:
-            torch.set_num_threads(cfg.training.threads)
-        metrics = train_local(model, cache.data.train, cfg.training, steps=plan.steps, privacy=session,
-                              seed=seed)
+        with torch_threads(cfg.training.threads):  # restored afterwards: the host process keeps its own
+            metrics = train_local(model, cache.data.train, cfg.training, steps=plan.steps,
+                                  privacy=session, seed=seed)
         new_arrays = get_adapter_arrays(model)
         update = [(n - g).astype(np.float32) for n, g in zip(new_arrays, global_arrays, strict=True)]
         # the signed entry is on disk before the update can leave the hospital; a

@@ -12,6 +12,7 @@ from typing import Any
 from fedrg.config import ExperimentConfig, SiteConfig
 from fedrg.errors import FedrgError
 from fedrg.flower.apps import build_client_app, build_server_app
+from fedrg.runtime import apply_offline_env
 
 log = logging.getLogger("fedrg.simulation")
 
@@ -40,8 +41,7 @@ def run_simulated_federation(cfg: ExperimentConfig, run_dir: str | Path, sites: 
     Returns the :class:`~fedrg.federated.server.ServerResult`. Raises :class:`FedrgError` when
     the ServerApp failed (its exception is re-raised with context).
     """
-    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
-    os.environ["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    apply_offline_env()  # the simulation's Ray workers inherit it (fedrg.runtime)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from flwr.simulation import run_simulation
