@@ -8,7 +8,8 @@
   train with DP-SGD, append the signed ledger entry, compute the update (delta from the
   global adapter). With secure aggregation the update stays in ``state``
   until the masked upload; without, it is returned with its weight.
-* ``secagg_*``: the four secure-aggregation stages (the update only leaves masked).
+* ``secagg_*``: the five secure-aggregation stages (:class:`~fedrg.secagg.stages.SecAggStage`;
+  the update only leaves masked).
 * ``evaluate``: aggregate validation metrics of the global adapter.
 
 Nothing in a reply names a patient, a path or a sample value.
@@ -32,6 +33,7 @@ from fedrg.errors import BudgetExceededError, FedrgError, PolicyViolationError
 from fedrg.federated.payload import Payload
 from fedrg.files import atomic_write
 from fedrg.runtime import torch_threads
+from fedrg.secagg.stages import ACTION_PREFIX
 
 log = logging.getLogger("fedrg.site")
 
@@ -135,7 +137,7 @@ class HospitalSite:
             return self.train(payload, state)
         if action == "evaluate":
             return self.evaluate(payload)
-        if action.startswith("secagg_"):
+        if action.startswith(ACTION_PREFIX):
             from fedrg.federated.secure import client_stage
 
             return client_stage(action, payload, state, site=self.site)

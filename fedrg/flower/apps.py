@@ -21,6 +21,7 @@ from fedrg.errors import FedrgError
 from fedrg.federated.payload import Payload
 from fedrg.flower.records import payload_to_record, record_to_payload
 from fedrg.flower.transport import ACTIONS, GridTransport
+from fedrg.secagg.stages import ACTION_PREFIX
 
 log = logging.getLogger("fedrg.flower")
 
@@ -88,7 +89,7 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
                 from fedrg.federated.ledger_copy import public_ledger_payload
 
                 reply = public_ledger_payload(site_cfg.state_dir, site_cfg.name)
-            elif action.startswith("secagg_"):
+            elif action.startswith(ACTION_PREFIX):
                 # no torch / model import: in deployment each message is a fresh process
                 from fedrg.federated.secure import client_stage
 
