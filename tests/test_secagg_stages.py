@@ -13,8 +13,8 @@ def test_stages_in_protocol_order_and_every_vocabulary_derives_from_them():
     from fedrg.flower.transport import ACTIONS
 
     assert [s.value for s in SecAggStage] == ["setup", "share", "masked", "consistency", "unmask"]
-    assert DROP_STAGES == tuple(s.value for s in SecAggStage)
-    assert STAGES == ("new", *DROP_STAGES)
+    assert tuple(s.value for s in SecAggStage) == DROP_STAGES
+    assert ("new", *DROP_STAGES) == STAGES
     secagg_actions = {a: t for a, t in ACTIONS.items() if a.startswith("secagg_")}
     assert secagg_actions == {f"secagg_{s.value}": f"train.secagg_{s.value}" for s in SecAggStage}
 
