@@ -18,14 +18,6 @@ app = typer.Typer(
 
 
 
-@app.callback()
-def _fedrg_process() -> None:
-    """Privacy-preserving federated learning for radiogenomics."""
-    # The fedrg command owns its process: offline, no telemetry, set before any command
-    # imports flwr/transformers (importing fedrg.cli itself changes nothing).
-    apply_offline_env()
-
-
 # One module per command group; each owns its commands via register(app).
 COMMAND_MODULES = [
     "fedrg.commands.data",  # synth, validate
@@ -53,6 +45,10 @@ def _root(
                                  help="print fedrg's version (every site must run the same one)"),
 ) -> None:
     """Privacy-preserving federated learning for radiogenomics."""
+    # The fedrg command owns its process: offline, no telemetry, set before any command
+    # imports flwr/transformers (importing fedrg.cli itself changes nothing). One callback
+    # only: a second @app.callback() replaces the first.
+    apply_offline_env()
 
 
 for _name in COMMAND_MODULES:

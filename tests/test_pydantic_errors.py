@@ -17,7 +17,7 @@ def test_site_config_errors_name_key_value_and_allowed_keys(tmp_path):
     assert msg.startswith(f"invalid site config {path}:\n  ")
     # the policy is written as its own [policy] table, and named so
     assert "'policy.epsilon_budget' = -1: Input should be greater than 0" in msg
-    assert "unknown key 'site.budgett'; allowed keys here: cohort, name, policy, signing_key, state_dir" in msg
+    assert "unknown key 'site.budgett'; allowed keys here: cohort, name, policy, roster, signing_key, state_dir" in msg
     path.write_text('[site]\ncohort = "c"\n')
     with pytest.raises(ConfigError, match="missing key 'site.state_dir'"):
         load_site_config(path)
