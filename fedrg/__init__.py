@@ -21,6 +21,7 @@ _EXPORTS = {
     "TrainingConfig": "fedrg.config",
     "TrackingConfig": "fedrg.config",
     "SiteConfig": "fedrg.config",
+    "SitePolicy": "fedrg.privacy.policy",
     "load_config": "fedrg.config",
     "FedrgError": "fedrg.errors",
     "ConfigError": "fedrg.errors",
@@ -35,8 +36,13 @@ _EXPORTS = {
     "RecordSchema": "fedrg.data.schema",
     "RADIOGENOMICS_RECORD": "fedrg.data.schema",
     "import_gdc": "fedrg.data.importers.build",
+    "CohortLoader": "fedrg.data.loader",
+    "DiskCohortLoader": "fedrg.data.loader",
+    "SiteData": "fedrg.data.loader",
     # model and training
     "build_model": "fedrg.model.adapter",
+    "ModelFactory": "fedrg.model.factory",
+    "MultimodalAdapterFactory": "fedrg.model.factory",
     "load_base": "fedrg.model.base",
     "save_adapter": "fedrg.model.io",
     "load_adapter": "fedrg.model.io",
@@ -55,6 +61,14 @@ _EXPORTS = {
     "run_federation": "fedrg.federated.runner",
     "LocalTransport": "fedrg.federated.local",
     "run_simulated_federation": "fedrg.flower.simulation",
+    "ServerResult": "fedrg.federated.server",
+    "HospitalSite": "fedrg.federated.site",
+    "provision_roster": "fedrg.federated.secure",
+    # privacy ledger and audit (fedrg.privacy.audit is being reorganised on another branch:
+    # keep this name pointing at wherever audit_path lives)
+    "Ledger": "fedrg.privacy.ledger",
+    "verify_ledger": "fedrg.privacy.ledger",
+    "audit_path": "fedrg.privacy.audit",
     # process environment
     "offline_env": "fedrg.runtime",
 }

@@ -46,7 +46,8 @@ def _root(
 ) -> None:
     """Privacy-preserving federated learning for radiogenomics."""
     # The fedrg command owns its process: offline, no telemetry, set before any command
-    # imports flwr/transformers (importing fedrg.cli itself changes nothing).
+    # imports flwr/transformers (importing fedrg.cli itself changes nothing). One callback
+    # only: a second @app.callback() replaces the first.
     apply_offline_env()
 
 

@@ -177,7 +177,7 @@ epsilon_budget = 20.0
     for proc, log in clients.values():
         _wait_for("connected to", log, proc, timeout=180)
     # the server prints round 1 while round 2 runs (the run is still going)
-    _wait_for("2 hospital(s) trained", server_log, server, timeout=1500)
+    _wait_for(f"{len(HOSPITALS)} hospital(s) trained", server_log, server, timeout=1500)
     assert server.poll() is None
 
     try:
@@ -207,7 +207,7 @@ epsilon_budget = 20.0
     # per-round progress: the server's round lines, one line per trained round at each hospital
     flat = " ".join(out.split())  # the server's console wraps long lines
     for r in (1, 2):
-        assert f"round {r} 2 hospital(s) trained loss " in flat, out[-3000:]
+        assert f"round {r} {len(HOSPITALS)} hospital(s) trained loss " in flat, out[-3000:]
     assert "epsilon hospital-1 " in flat and "hospital-2 " in flat
     assert (run_dir / "plots").is_dir() and any((run_dir / "plots").glob("*.png"))
     for h, (_, log) in clients.items():

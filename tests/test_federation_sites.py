@@ -49,7 +49,7 @@ def test_nearly_spent_hospital_declines_and_the_run_completes(tmp_path, base_dir
     probe = HospitalSite(SiteConfig(name="probe", cohort=str(cohorts[2]), state_dir=str(tmp_path / "p"),
                                     policy=policy))
     eff = check_request(cfg, policy, round_=1, hospitals_in_round=3)
-    n_train = len(probe.cohort(eff).train_idx)
+    n_train = probe.cohort(eff).n_train
     plan = plan_under_policy(eff, policy, n_train=n_train, round_=1)
     seg = (plan.noise_multiplier, plan.sample_rate, plan.steps)
 

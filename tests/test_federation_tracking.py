@@ -84,14 +84,18 @@ def test_run_federation_mirrors_metrics_json_to_tensorboard(tmp_path, fx_root, b
     from fedrg.config import SiteConfig, load_config
     from fedrg.federated.local import LocalTransport
     from fedrg.federated.runner import run_federation
+    from fedrg.model.fingerprint import model_content_hash
+    from fedrg.privacy.policy import SitePolicy
 
     cfg = load_config(None, [
         f"model.base={base_dir}", "model.encoder_width=16", "model.lora_rank=4",
         "model.max_report_tokens=24", "data.image_shape=[32, 32]", "training.local_epochs=0.5",
-        "training.batch_size=8", "federation.rounds=1", "federation.hospitals=2",
+        "training.batch_size=6", "federation.rounds=1", "federation.hospitals=2",
         "federation.min_hospitals=2", "secagg.enabled=false", "tracking.tensorboard=true"])
+    # the sites allow this test base and clear updates (tracking is what is tested here)
+    policy = SitePolicy(allowed_base_models=[model_content_hash(base_dir)], require_secagg=False)
     sites = [SiteConfig(name=f"h{i}", cohort=str(tiny_cohort(fx_root, patients=24, seed=10 + i)),
-                        state_dir=str(tmp_path / f"s{i}")) for i in (1, 2)]
+                        state_dir=str(tmp_path / f"s{i}"), policy=policy) for i in (1, 2)]
     run_federation(LocalTransport(sites), cfg, tmp_path / "run")
     [row] = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]
     scalars = _scalars(tmp_path / "run" / "tracking" / "tensorboard")

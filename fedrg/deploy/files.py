@@ -1,15 +1,15 @@
-"""Writing secret and public files with the right permissions."""
+"""Writing secret and public files with the right permissions (deployment wording of
+:mod:`fedrg.files`: an existing key or certificate is refused unless ``overwrite``)."""
 
 from __future__ import annotations
 
-import os
 import stat
 from pathlib import Path
 
 from fedrg.errors import DeployError
+from fedrg.files import PRIVATE_MODE, PUBLIC_MODE, atomic_write
 
-PRIVATE_MODE = 0o600
-PUBLIC_MODE = 0o644
+__all__ = ["PRIVATE_MODE", "PUBLIC_MODE", "check_private_mode", "write_private", "write_public"]
 
 
 def write_private(path: str | Path, data: bytes, *, overwrite: bool = False) -> Path:
@@ -47,18 +47,7 @@ def _write(path: Path, data: bytes, mode: int, *, overwrite: bool) -> Path:
             f"{path} already exists; refusing to overwrite it (a key or certificate would be "
             "lost). Choose another --out directory or pass --force to replace it"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, mode)  # umask may have removed bits we want (0644)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, data, mode=mode)
 
 
 def check_private_mode(path: str | Path) -> None:

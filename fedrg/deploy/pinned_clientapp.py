@@ -12,7 +12,6 @@ imported; Flower then answers the server with an error, and the refusal is appen
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from fedrg.deploy.pinning import PIN_FILE, AppNotApprovedError, AppPin, check_fab
+from fedrg.files import PRIVATE_MODE, atomic_write
+from fedrg.runtime import apply_offline_env
 
 REFUSALS_LOG = "app-refusals.log"
 LAUNCHER_NAME = "flwr-clientapp"
@@ -36,17 +37,14 @@ def write_launcher(state_dir: str | Path, pin: AppPin) -> Path:
     """
     state = Path(state_dir)
     pin_path = state / PIN_FILE
-    pin_path.write_text(pin.to_json())
-    pin_path.chmod(0o600)
+    atomic_write(pin_path, pin.to_json(), mode=PRIVATE_MODE)
     bin_dir = state / "bin"
-    bin_dir.mkdir(parents=True, exist_ok=True)
     launcher = bin_dir / LAUNCHER_NAME
-    launcher.write_text(
-        "#!/bin/sh\n"
-        "# written by fedrg client: Flower's flwr-clientapp, refusing unapproved app bundles\n"
-        f"exec {shlex.quote(sys.executable)} -m fedrg.deploy.pinned_clientapp "
-        f"--fedrg-state-dir {shlex.quote(str(state.resolve()))} \"$@\"\n")
-    launcher.chmod(0o700)
+    atomic_write(launcher,
+                 "#!/bin/sh\n"
+                 "# written by fedrg client: Flower's flwr-clientapp, refusing unapproved app bundles\n"
+                 f"exec {shlex.quote(sys.executable)} -m fedrg.deploy.pinned_clientapp "
+                 f"--fedrg-state-dir {shlex.quote(str(state.resolve()))} \"$@\"\n", mode=0o700)
     return bin_dir
 
 
@@ -109,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> None:  # pragma: no cover - a pro
     pin = AppPin.from_json((state_dir / PIN_FILE).read_text())
     runner.install_from_fab = verifying_installer(runner.install_from_fab, pin, state_dir)
     sys.argv = [LAUNCHER_NAME, *rest]
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    apply_offline_env()  # fedrg owns this process (fedrg.runtime)
     flwr_clientapp()
 
 

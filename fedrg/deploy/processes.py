@@ -1,767 +1,88 @@
 """Start, watch and stop Flower's processes (SuperLink, SuperNodes, the ``flwr`` CLI).
 
-Every long-running process is started in its own process group, tracked by PID in a
-:class:`ProcessGroup`, has its output captured to a log file, and is stopped (process
-group *and* every descendant, e.g. the detached ``flower-superexec`` and the
-``flwr-serverapp`` / ``flwr-clientapp`` it spawns) when the group is closed, on exit or on
-failure. Readiness waits are bounded in time and fail early when the process dies.
+The work is split along its three jobs; this module keeps the old import names working:
 
-This module launches Flower's command-line programs; it does not import ``flwr``.
+* :mod:`fedrg.deploy.supervise`: process groups, start, readiness of a process, stop;
+* :mod:`fedrg.deploy.flwr_cli`: the environment and command lines of Flower's programs and
+  the ``flwr`` CLI (register a node, stage and submit the app, wait for a run);
+* :mod:`fedrg.deploy.supernode_log`: reading a SuperNode's log (connected, gave up, why).
+
+None of them imports ``flwr``: they launch Flower's command-line programs.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import re
-import signal
-import socket
-import ssl
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-
-import psutil
-
-from fedrg.errors import DeployError
-from fedrg.runtime import OFFLINE_ENV
-
-# fedrg's offline environment (fedrg.runtime, the one place it is defined) plus: never let
-# Flower install an app's dependencies.
-TELEMETRY_OFF = {**OFFLINE_ENV, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-CONNECTION_NAME = "fedrg"
-
-
-# --------------------------------------------------------------------------- environment
-
-def flower_bin(name: str) -> str:
-    """Path of a Flower program installed next to this Python (falls back to ``PATH``)."""
-    local = Path(sys.executable).parent / name
-    if local.exists():
-        return str(local)
-    return name
-
-
-def flower_env(flwr_home: str | Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment for Flower processes: private ``FLWR_HOME``, telemetry and update checks off.
-
-    The directory of the running Python is put first on ``PATH``: the SuperLink and
-    SuperNode start ``flower-superexec`` by name and fail without it.
-    """
-    env = dict(os.environ if base is None else base)
-    env.update(TELEMETRY_OFF)
-    env["FLWR_HOME"] = str(Path(flwr_home).resolve())
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    # Flower's configurable poll: the SuperExec looks for new tasks (ServerApp/ClientApp
-    # runs) every second by default; a tenth of that removes most of its share of a message
-    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
-    return env
-
-
-def write_flwr_config(
-    flwr_home: str | Path,
-    *,
-    address: str,
-    root_certificates: str | Path | None,
-    insecure: bool = False,
-    name: str = CONNECTION_NAME,
-) -> Path:
-    """Write ``$FLWR_HOME/config.toml`` with one SuperLink connection, made the default.
-
-    Parameters
-    ----------
-    flwr_home : str or Path
-        A private directory (created with mode 0700).
-    address : str
-        ``host:port`` of the SuperLink.
-    root_certificates : str or Path or None
-        CA certificate that signed the SuperLink's certificate (TLS).
-    insecure : bool
-        Plain HTTP (only with ``fedrg server --insecure``).
-    name : str
-        Connection name used by ``flwr run`` / ``flwr supernode register``.
-    """
-    home = Path(flwr_home)
-    home.mkdir(parents=True, exist_ok=True)
-    home.chmod(0o700)
-    lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]",
-             f"address = {json.dumps(address)}"]
-    if insecure:
-        lines.append("insecure = true")
-    else:
-        if root_certificates is None:
-            raise DeployError("a TLS connection needs the CA certificate (root_certificates)")
-        lines.append(f"root-certificates = {json.dumps(str(Path(root_certificates).resolve()))}")
-    path = home / "config.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now (chosen by the OS)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def format_address(host: str, port: int) -> str:
-    """``host:port``, with brackets around IPv6 literals."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-# --------------------------------------------------------------------------- processes
-
-@dataclass
-class ManagedProcess:
-    """One started program: its Popen, name and log file."""
-
-    name: str
-    argv: list[str]
-    popen: subprocess.Popen
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        """True while the process runs."""
-        return self.popen.poll() is None
-
-    def returncode(self) -> int | None:
-        """Exit status, or None while running."""
-        return self.popen.poll()
-
-    def log_text(self) -> str:
-        """Everything the process has written so far (stdout and stderr)."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 25) -> str:
-        """The last ``lines`` lines of the log, ANSI colours removed."""
-        text = re.sub(r"\x1b\[[0-9;]*m", "", self.log_text())
-        return "\n".join(text.splitlines()[-lines:])
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Ask Linux to send SIGTERM to this (child) process when its parent dies."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-def _descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return []
-
-
-@dataclass
-class ProcessGroup:
-    """Owns every process it starts and stops all of them on :meth:`close` (also on error).
-
-    Use as a context manager::
-
-        with ProcessGroup(log_dir) as group:
-            link = group.start("superlink", [...], env=env)
-            ...
-    """
-
-    log_dir: Path
-    processes: list[ManagedProcess] = field(default_factory=list)
-    _seen: dict[int, psutil.Process] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.log_dir = Path(self.log_dir)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-
-    def __enter__(self) -> ProcessGroup:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def start(
-        self, name: str, argv: Sequence[str], *, env: Mapping[str, str], cwd: str | Path | None = None
-    ) -> ManagedProcess:
-        """Start ``argv`` in a new process group with output to ``log_dir/<name>.log``.
-
-        A previous log of the same name is kept as ``<name>.prev.log``. On Linux the
-        process also gets SIGTERM when the thread that started it ends without cleaning up
-        (even on SIGKILL), so start long-lived processes from the main thread.
-        """
-        log_path = self.log_dir / f"{name}.log"
-        if log_path.exists():
-            log_path.replace(self.log_dir / f"{name}.prev.log")
-        with open(log_path, "wb") as log:
-            try:
-                popen = subprocess.Popen(
-                    list(argv),
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    env=dict(env),
-                    cwd=cwd,
-                    start_new_session=True,
-                    preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-                )
-            except FileNotFoundError:
-                raise DeployError(
-                    f"cannot start {name}: program {argv[0]!r} not found; install fedrg "
-                    "(it brings flwr) into this Python environment"
-                ) from None
-        proc = ManagedProcess(name, list(argv), popen, log_path)
-        self.processes.append(proc)
-        self._remember(proc.pid)
-        return proc
-
-    def _remember(self, pid: int) -> None:
-        try:
-            self._seen.setdefault(pid, psutil.Process(pid))
-        except psutil.Error:
-            return
-        for child in _descendants(pid):
-            self._seen.setdefault(child.pid, child)
-
-    def refresh(self) -> None:
-        """Record the current descendants of every tracked process (call while waiting)."""
-        for proc in self.processes:
-            if proc.alive():
-                self._remember(proc.pid)
-
-    def tracked_pids(self) -> list[int]:
-        """PIDs of started processes and every descendant seen so far."""
-        self.refresh()
-        return sorted(self._seen)
-
-    def living(self) -> list[psutil.Process]:
-        """Tracked processes (and descendants seen) that still run."""
-        out = []
-        for p in self._seen.values():
-            try:
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                    out.append(p)
-            except psutil.Error:
-                continue
-        return out
-
-    def stop(self, proc: ManagedProcess, *, timeout: float = 10.0) -> int | None:
-        """Stop one process, its group and descendants; returns its exit status."""
-        self._terminate([proc], extra=[], timeout=timeout)
-        return proc.returncode()
-
-    def close(self, *, timeout: float = 10.0) -> None:
-        """Stop every process started by this group (SIGTERM, then SIGKILL after ``timeout``)."""
-        self.refresh()
-        self._terminate(
-            list(reversed(self.processes)), extra=list(self._seen.values()), timeout=timeout
-        )
-
-    def _terminate(
-        self, procs: list[ManagedProcess], *, extra: list[psutil.Process], timeout: float
-    ) -> None:
-        # Our own children are waited for through Popen (psutil would reap them and lose
-        # their exit status); descendants (e.g. the detached flower-superexec) through psutil.
-        own = {proc.pid for proc in self.processes}
-        targets: dict[int, psutil.Process] = {p.pid: p for p in extra if p.pid not in own}
-        for proc in procs:
-            if proc.alive():
-                self._remember(proc.pid)
-            for child in _descendants(proc.pid):
-                if child.pid not in own:
-                    targets[child.pid] = child
-        targets = {pid: p for pid, p in targets.items() if _same_running(p)}
-        for proc in procs:
-            if proc.alive():
-                _signal_group(proc.pid, signal.SIGTERM)
-        for p in targets.values():
-            _signal_proc(p, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-        _, alive = psutil.wait_procs(list(targets.values()),
-                                     timeout=max(0.1, deadline - time.monotonic()))
-        for proc in procs:
-            if proc.alive():
-                _signal_group(proc.pid, signal.SIGKILL)
-                with contextlib.suppress(ProcessLookupError):
-                    proc.popen.kill()
-        for p in alive:
-            _signal_proc(p, signal.SIGKILL)
-        psutil.wait_procs(alive, timeout=5)
-        for proc in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.popen.wait(timeout=5)
-
-
-def _same_running(p: psutil.Process) -> bool:
-    """True when ``p`` still runs and is the same process (PID not reused)."""
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)  # started with start_new_session: pgid == pid
-
-
-def _signal_proc(p: psutil.Process, sig: int) -> None:
-    with contextlib.suppress(psutil.Error):
-        p.send_signal(sig)
-
-
-# --------------------------------------------------------------------------- SuperLink
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """The SuperLink's TLS files."""
-
-    ca_cert: Path
-    server_cert: Path
-    server_key: Path
-
-
-def superlink_argv(
-    *,
-    host: str,
-    port: int,
-    tls: TlsFiles | None,
-    supernode_auth: bool = True,
-    database: str | Path | None = None,
-    public: tuple[str, int] | None = None,
-) -> list[str]:
-    """Command line of ``flower-superlink``.
-
-    ``tls=None`` means plain HTTP (``--insecure``); node authentication is refused with it.
-    With ``public=(host, port)`` the SuperLink runs behind :mod:`fedrg.deploy.superlink_gate`:
-    ``host:port`` is then the operator's listener (every API; bind it to a loopback
-    address) and ``public`` the hospitals' listener, which serves only the Fleet API.
-    """
-    if public is None:
-        argv = [flower_bin("flower-superlink")]
-    else:
-        argv = [sys.executable, "-m", "fedrg.deploy.superlink_gate",
-                "--public-host", public[0], "--public-port", str(public[1])]
-    argv += ["--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
-    if tls is None:
-        if supernode_auth:
-            raise DeployError(
-                "SuperNode authentication needs TLS; Flower refuses --enable-supernode-auth "
-                "together with --insecure"
-            )
-        argv.append("--insecure")
-    else:
-        argv += ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
-                 "--ssl-keyfile", str(tls.server_key)]
-    if supernode_auth:
-        argv.append("--enable-supernode-auth")
-    if database:
-        argv += ["--database", str(database)]
-    return argv
-
-
-def wait_http_ready(
-    proc: ManagedProcess,
-    address: str,
-    *,
-    ca_cert: str | Path | None,
-    timeout: float = 60.0,
-    group: ProcessGroup | None = None,
-) -> float:
-    """Wait until ``GET /health`` on ``address`` answers 200; fail early when ``proc`` dies.
-
-    Returns
-    -------
-    float
-        Seconds waited.
-
-    Raises
-    ------
-    DeployError
-        The process exited, or ``timeout`` passed.
-    """
-    scheme = "http" if ca_cert is None else "https"
-    url = f"{scheme}://{address}/health"
-    ctx = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else None
-    start = time.monotonic()
-    last = ""
-    while time.monotonic() - start < timeout:
-        if not proc.alive():
-            raise DeployError(
-                f"{proc.name} exited with status {proc.returncode()} before it was ready; "
-                f"log {proc.log_path}:\n{proc.log_tail()}"
-            )
-        try:
-            with urllib.request.urlopen(url, context=ctx, timeout=2) as resp:
-                if resp.status == 200:
-                    if group is not None:
-                        group.refresh()
-                    return time.monotonic() - start
-        except (urllib.error.URLError, OSError) as err:
-            last = str(err)
-        time.sleep(0.25)
-    raise DeployError(
-        f"{proc.name} did not answer {url} within {timeout:.0f} s (last error: {last}); "
-        f"log {proc.log_path}:\n{proc.log_tail()}"
-    )
-
-
-# --------------------------------------------------------------------------- flwr CLI
-
-def run_flwr(
-    args: Sequence[str], *, env: Mapping[str, str], timeout: float = 120.0,
-    cwd: str | Path | None = None,
-) -> subprocess.CompletedProcess:
-    """Run one ``flwr`` CLI command to completion (bounded by ``timeout``)."""
-    argv = [flower_bin("flwr"), *args]
-    try:
-        return subprocess.run(
-            argv, env=dict(env), cwd=cwd, capture_output=True, text=True, timeout=timeout,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-    except subprocess.TimeoutExpired:
-        raise DeployError(f"`flwr {' '.join(args)}` did not finish within {timeout:.0f} s") from None
-
-
-def _json_tail(text: str) -> dict:
-    """The last JSON object printed by a ``flwr ... --format json`` command."""
-    start = text.find("{")
-    while start != -1:
-        try:
-            return json.loads(text[start:])
-        except json.JSONDecodeError:
-            start = text.find("{", start + 1)
-    raise ValueError("no JSON object in output")
-
-
-def register_supernode(
-    public_key: str | Path, *, env: Mapping[str, str], name: str | None = None,
-    connection: str = CONNECTION_NAME, timeout: float = 60.0,
-) -> int | None:
-    """Register a hospital's node public key with the SuperLink (``flwr supernode register``).
-
-    Returns
-    -------
-    int or None
-        The node id the SuperLink assigned; None when the key was registered before (a
-        SuperLink with a persistent ``--database``).
-    """
-    args = ["supernode", "register", str(public_key), connection, "--format", "json"]
-    if name:
-        args += ["--name", name]
-    res = run_flwr(args, env=env, timeout=timeout)
-    out = res.stdout + res.stderr
-    try:
-        data = _json_tail(res.stdout)
-    except ValueError:
-        data = {}
-    if "Public key already in use" in out:
-        return None
-    if res.returncode != 0 or not data.get("success"):
-        raise DeployError(
-            f"registering node key {public_key} failed (exit {res.returncode}): "
-            f"{strip_ansi(out)[-800:]}"
-        )
-    return int(data["node-id"])
-
-
-def strip_ansi(text: str) -> str:
-    """Remove terminal colour codes and surrounding whitespace."""
-    return re.sub(r"\x1b\[[0-9;]*m", "", text).strip()
-
-
-def write_run_config(path: str | Path, run_config: Mapping[str, object]) -> Path:
-    """Write a flat run config as a TOML file that ``flwr run --run-config FILE`` accepts."""
-    lines = [f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in run_config.items()]
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text("\n".join(lines) + "\n")
-    return p
-
-
-def stage_app(app_dir: str | Path, dest: str | Path) -> Path:
-    """Copy the files of a Flower app that go into its bundle to ``dest`` and return ``dest``.
-
-    ``flwr run`` rewrites the app's ``pyproject.toml`` in place (it migrates a legacy
-    ``[tool.flwr.federations]`` table), so fedrg submits a staged copy and never lets it
-    touch the source tree. The copy holds ``pyproject.toml`` and the files matched by its
-    ``[tool.flwr.app] fab-include`` patterns.
-
-    Raises
-    ------
-    DeployError
-        No ``pyproject.toml``, or no ``fab-include`` list in it.
-    """
-    import shutil
-
-    import tomllib
-
-    src, out = Path(app_dir), Path(dest)
-    pyproject = src / "pyproject.toml"
-    if not pyproject.is_file():
-        raise DeployError(f"{src} holds no pyproject.toml; point run.app_dir at a Flower app")
-    app_cfg = tomllib.loads(pyproject.read_text()).get("tool", {}).get("flwr", {}).get("app", {})
-    patterns = app_cfg.get("fab-include")
-    if not patterns:
-        raise DeployError(
-            f"{pyproject} has no [tool.flwr.app] fab-include list; fedrg ships only the files "
-            "it names (e.g. fab-include = [\"server/*.py\", \"clients/*.py\"])"
-        )
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    shutil.copy2(pyproject, out / "pyproject.toml")
-    for pattern in patterns:
-        for f in src.glob(pattern.lstrip("/")):
-            if f.is_file() and "__pycache__" not in f.parts:
-                target = out / f.relative_to(src)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(f, target)
-    return out
-
-
-def submit_run(
-    app_dir: str | Path, *, env: Mapping[str, str], run_config: Mapping[str, object] | None = None,
-    config_file: str | Path | None = None, connection: str = CONNECTION_NAME,
-    timeout: float = 180.0,
-) -> int:
-    """Submit the Flower app in ``app_dir`` as a run (``flwr run APP CONNECTION``).
-
-    Parameters
-    ----------
-    app_dir : str or Path
-        Directory with the app's ``pyproject.toml`` (``[tool.flwr.app]``).
-    env : mapping
-        From :func:`flower_env` (its ``FLWR_HOME`` holds the connection).
-    run_config : mapping, optional
-        Flat run-config overrides (keys must exist in the app's ``[tool.flwr.app.config]``).
-    config_file : str or Path, optional
-        Where to write ``run_config`` as TOML (else it is passed inline).
-
-    Returns
-    -------
-    int
-        The run id.
-    """
-    args = ["run", str(app_dir), connection, "--format", "json"]
-    if run_config and config_file is not None:
-        args += ["--run-config", str(write_run_config(config_file, run_config))]
-    elif run_config:
-        args += ["--run-config", " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())]
-    res = run_flwr(args, env=env, timeout=timeout)
-    try:
-        data = _json_tail(res.stdout)
-    except ValueError:
-        data = {}
-    if res.returncode != 0 or not data.get("success"):
-        raise DeployError(
-            f"submitting the run failed (exit {res.returncode}): "
-            f"{strip_ansi(res.stdout + res.stderr)[-1500:]}"
-        )
-    return int(data["run-id"])
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))
-
-
-def run_status(run_id: int, *, env: Mapping[str, str], connection: str = CONNECTION_NAME) -> str:
-    """Status of a run as ``flwr list`` shows it (e.g. ``running``, ``finished:completed``)."""
-    res = run_flwr(["list", connection, "--run-id", str(run_id), "--format", "json"],
-                   env=env, timeout=60)
-    try:
-        data = _json_tail(res.stdout)
-        return str(data["runs"][0]["status"])
-    except (ValueError, KeyError, IndexError):
-        raise DeployError(
-            f"cannot read the status of run {run_id}: {strip_ansi(res.stdout + res.stderr)[-800:]}"
-        ) from None
-
-
-def wait_run(
-    run_id: int, *, env: Mapping[str, str], timeout: float, poll: float = 10.0,
-    watch: Sequence[ManagedProcess] = (), connection: str = CONNECTION_NAME,
-    group: ProcessGroup | None = None, on_tick: Callable[[], None] | None = None,
-) -> str:
-    """Wait until run ``run_id`` is finished; return its final status.
-
-    With a ``group``, the run's log is streamed (``flwr log RUN --stream``) into
-    ``<log_dir>/run-<id>.log``; the stream ends when the run does, so the status is asked
-    only then (each ``flwr`` CLI call costs seconds of CPU). Without one, or if the stream
-    stops early, the status is polled every ``poll`` seconds. Fails early when a watched
-    process (the SuperLink) exits. ``on_tick`` is called about twice a second (progress
-    output).
-    """
-    start = time.monotonic()
-    status = "unknown"
-    stream = None
-    if group is not None:
-        stream = group.start(f"run-{run_id}", [flower_bin("flwr"), "log", str(run_id), connection,
-                                               "--stream"], env=env)
-    last_poll = -float("inf")
-    while time.monotonic() - start < timeout:
-        for proc in watch:
-            if not proc.alive():
-                raise DeployError(
-                    f"{proc.name} exited with status {proc.returncode()} during run {run_id}; "
-                    f"log {proc.log_path}:\n{proc.log_tail()}"
-                )
-        if group is not None:
-            group.refresh()
-        if on_tick is not None:
-            on_tick()
-        streaming = stream is not None and stream.alive()
-        if not streaming and time.monotonic() - last_poll >= poll:
-            last_poll = time.monotonic()
-            status = run_status(run_id, env=env, connection=connection)
-            if status.startswith("finished"):
-                return status
-        time.sleep(0.5)
-    raise DeployError(f"run {run_id} did not finish within {timeout:.0f} s (status {status!r})")
-
-
-# --------------------------------------------------------------------------- SuperNode
-
-def node_config_arg(values: Mapping[str, object]) -> str:
-    """Render ``--node-config`` (space-separated ``key=value``, values as TOML literals)."""
-    for key in values:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", key):
-            raise DeployError(f"node-config key {key!r} may only hold letters, digits, '_.-'")
-    rendered = []
-    for key, value in values.items():
-        lit = _toml_value(value)
-        if "'" in lit or ("\\" in lit and isinstance(value, str)):
-            raise DeployError(
-                f"node-config value for {key} ({value!r}) holds a quote or backslash, which "
-                "Flower's --node-config parser cannot pass; use a path without them"
-            )
-        rendered.append(f"{key}={lit}")
-    return " ".join(rendered)
-
-
-def supernode_argv(
-    *,
-    superlink: str,
-    root_cert: str | Path | None,
-    auth_key: str | Path | None,
-    node_config: Mapping[str, object],
-    port: int,
-    host: str = "127.0.0.1",
-    max_wait_time: float | None = None,
-) -> list[str]:
-    """Command line of ``flower-supernode`` (``root_cert=None``: plain HTTP, test only).
-
-    Flower's SuperNode runs through :mod:`fedrg.deploy.fast_supernode` (its idle poll is
-    0.5 s instead of a hard-coded 3 s; ``FEDRG_SUPERNODE_POLL_S`` sets it).
-    """
-    argv = [sys.executable, "-m", "fedrg.deploy.fast_supernode", "--superlink", superlink,
-            "--host", host, "--port", str(port)]
-    if root_cert is None:
-        argv.append("--insecure")
-    else:
-        argv += ["--root-certificates", str(root_cert)]
-    if auth_key is not None:
-        argv += ["--auth-supernode-private-key", str(auth_key)]
-    if node_config:
-        argv += ["--node-config", node_config_arg(node_config)]
-    if max_wait_time is not None:
-        argv += ["--max-wait-time", f"{max_wait_time:g}"]
-    return argv
-
-
-CONNECTED_MARK = "SuperNode ID:"
-GAVE_UP_MARK = "Giving up reconnection"
-
-
-def connection_lost(log: str) -> bool:
-    """True when a SuperNode that had connected later gave up reconnecting.
-
-    Flower 1.42's SuperNode logs this and then keeps running without a connection, so the
-    caller has to stop it.
-    """
-    connected = log.find(CONNECTED_MARK)
-    return connected != -1 and log.find(GAVE_UP_MARK, connected) != -1
-
-
-def explain_supernode_failure(log: str, returncode: int | None, *, superlink: str) -> str:
-    """Turn a SuperNode's log into a message that says what went wrong and the fix."""
-    text = strip_ansi(log)
-    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
-        detail = ""
-        m = re.search(r"certificate verify failed: ([^(\n]+)", text)
-        if m:
-            detail = f" ({m.group(1).strip()})"
-        return (
-            f"TLS: the server at {superlink} presented a certificate that the configured CA "
-            f"certificate does not vouch for{detail}. Use the federation's ca.crt as "
-            "tls.root_certificates, and check that the server address matches a name in the "
-            "server certificate"
-        )
-    if "Failed to activate SuperNode" in text or "[code: 2004]" in text:
-        return (
-            f"the server at {superlink} refused this hospital's node key (not registered). "
-            "Send node_auth.pub (from `fedrg keys new`) to the federation operator and ask "
-            "them to add it to the server's allowed hospitals; check that auth.private_key is "
-            "the matching node_auth file"
-        )
-    if "Exit Code: 302" in text:
-        return "the node authentication key cannot be read: use node_auth from `fedrg keys new`"
-    if "Exit Code: 305" in text or returncode == 305:
-        m = re.search(r"Failed to initialize the connection to the SuperLink\.\n([^\n]+)", text)
-        why = m.group(1).strip() if m else "no connection"
-        return (
-            f"cannot reach the server at {superlink} ({why}). Check server.address and the "
-            "port, that the server runs, and that the firewall lets this machine reach it"
-        )
-    return (
-        f"the SuperNode stopped (exit status {returncode}); last log lines:\n"
-        + "\n".join(text.splitlines()[-15:])
-    )
-
-
-def wait_supernode_connected(
-    proc: ManagedProcess, *, superlink: str, timeout: float, group: ProcessGroup | None = None,
-) -> float:
-    """Wait until the SuperNode has been accepted by the SuperLink (``SuperNode ID:`` in its log).
-
-    Raises
-    ------
-    DeployError
-        With :func:`explain_supernode_failure`'s message when the SuperNode exits, or an
-        unreachable-server message after ``timeout``.
-    """
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        text = proc.log_text()
-        if CONNECTED_MARK in text:
-            if group is not None:
-                group.refresh()
-            return time.monotonic() - start
-        if not proc.alive():
-            raise DeployError(explain_supernode_failure(text, proc.returncode(),
-                                                        superlink=superlink))
-        time.sleep(0.25)
-    raise DeployError(
-        f"no answer from the server at {superlink} within {timeout:.0f} s. Check "
-        f"server.address, that the server runs, and the firewall; log {proc.log_path}:\n"
-        + proc.log_tail(10)
-    )
+from fedrg.deploy.flwr_cli import (
+    CONNECTION_NAME,
+    TELEMETRY_OFF,
+    TlsFiles,
+    _json_tail,
+    _toml_value,
+    flower_bin,
+    flower_env,
+    format_address,
+    free_port,
+    node_config_arg,
+    register_supernode,
+    run_flwr,
+    run_status,
+    stage_app,
+    strip_ansi,
+    submit_run,
+    superlink_argv,
+    supernode_argv,
+    wait_http_ready,
+    wait_run,
+    write_flwr_config,
+    write_run_config,
+)
+from fedrg.deploy.supernode_log import (
+    CONNECTED_MARK,
+    GAVE_UP_MARK,
+    connection_lost,
+    explain_supernode_failure,
+    wait_supernode_connected,
+)
+from fedrg.deploy.supervise import (
+    ManagedProcess,
+    ProcessGroup,
+    _descendants,
+    _die_with_parent,
+    _same_running,
+    _signal_group,
+    _signal_proc,
+)
+
+__all__ = [
+    "CONNECTED_MARK",
+    "CONNECTION_NAME",
+    "GAVE_UP_MARK",
+    "TELEMETRY_OFF",
+    "ManagedProcess",
+    "ProcessGroup",
+    "TlsFiles",
+    "connection_lost",
+    "explain_supernode_failure",
+    "flower_bin",
+    "flower_env",
+    "format_address",
+    "free_port",
+    "node_config_arg",
+    "register_supernode",
+    "run_flwr",
+    "run_status",
+    "stage_app",
+    "strip_ansi",
+    "submit_run",
+    "superlink_argv",
+    "supernode_argv",
+    "wait_http_ready",
+    "wait_run",
+    "wait_supernode_connected",
+    "write_flwr_config",
+    "write_run_config",
+]
+
+# private helpers kept importable under their old module (tests and callers used them)
+_PRIVATE = (_json_tail, _toml_value, _descendants, _die_with_parent, _same_running,
+            _signal_group, _signal_proc)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from fedrg.config import SiteConfig
 from fedrg.federated.payload import Payload
+from fedrg.secagg.stages import ACTION_PREFIX
 
 
 def answer(action: str, site: SiteConfig, payload: Payload, state: Payload) -> Payload:
@@ -35,7 +36,7 @@ def answer(action: str, site: SiteConfig, payload: Payload, state: Payload) -> P
         from fedrg.federated.ledger_copy import public_ledger_payload
 
         return public_ledger_payload(site.state_dir, site.name)
-    if action.startswith("secagg_"):
+    if action.startswith(ACTION_PREFIX):
         # no torch / model import: a fresh ClientApp process answers these quickly
         from fedrg.federated.secure import client_stage
 

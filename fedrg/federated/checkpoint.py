@@ -14,6 +14,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from fedrg.errors import FedrgError
+from fedrg.files import fsync_dir
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -54,6 +55,7 @@ def save_checkpoint(run_dir: str | Path, ckpt: RunCheckpoint) -> Path:
         if final.exists():
             final.rename(old)
         tmp.rename(final)
+        fsync_dir(run_dir)
         if old.exists():
             shutil.rmtree(old)
     except BaseException:

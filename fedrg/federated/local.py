@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 
 from fedrg.config import SiteConfig
+from fedrg.data.loader import CohortLoader
 from fedrg.errors import FedrgError
 from fedrg.federated.payload import Payload, Reply
 from fedrg.federated.site import HospitalSite
+from fedrg.model.factory import ModelFactory
 
 log = logging.getLogger("fedrg.local")
 
@@ -19,8 +21,11 @@ log = logging.getLogger("fedrg.local")
 class LocalTransport:
     """Node ``i + 1`` is ``sites[i]``; each node keeps its own state between messages."""
 
-    def __init__(self, sites: list[SiteConfig]) -> None:
-        self.sites = {i + 1: HospitalSite(s) for i, s in enumerate(sites)}
+    def __init__(self, sites: list[SiteConfig], *, model_factory: ModelFactory | None = None,
+                 cohort_loader: CohortLoader | None = None) -> None:
+        """``model_factory`` and ``cohort_loader`` are handed to every :class:`HospitalSite`."""
+        self.sites = {i + 1: HospitalSite(s, model_factory=model_factory, cohort_loader=cohort_loader)
+                      for i, s in enumerate(sites)}
         self.state = {node: Payload() for node in self.sites}
 
     def nodes(self) -> list[int]:

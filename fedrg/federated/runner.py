@@ -7,32 +7,46 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedrg.config import ExperimentConfig
+from fedrg.federated.aggregate import Aggregator
 from fedrg.federated.payload import Transport
 from fedrg.federated.server import FederationServer, ServerResult, write_metrics
+from fedrg.model.factory import ModelFactory
 
 log = logging.getLogger("fedrg.server")
 
 
 def run_federation(transport: Transport, cfg: ExperimentConfig, run_dir: str | Path, *,
                    resume: bool = False,
-                   on_round: Callable[[dict[str, Any]], None] | None = None) -> ServerResult:
+                   on_round: Callable[[dict[str, Any]], None] | None = None,
+                   model_factory: ModelFactory | None = None,
+                   aggregator: Aggregator | None = None) -> ServerResult:
     """Run (or resume) a federation and write its outputs into ``run_dir``.
 
+    ``model_factory`` builds the initial model (default the built-in multimodal adapter; the
+    hospitals must build the same one) and ``aggregator`` is a custom server update rule
+    (default ``federation.server_optimizer``). Neither can switch DP or secure aggregation
+    off: the hospitals' site policies decide those.
+
     Writes ``metrics.json`` after every round (and hands the row to the trackers of
-    ``[tracking]``), the final adapter to ``run_dir/adapter`` and
+    ``[tracking]``), the final adapter to ``run_dir/adapter`` (``adapter_arrays.npz`` for a
+    custom factory's model) and
     PNG plots to ``run_dir/plots``.
     """
     from fedrg.federated.report import privacy_label, write_plots
     from fedrg.federated.secure import SecureAggregationDriver
     from fedrg.federated.tracking import open_trackers
-    from fedrg.model.adapter import build_model
+    from fedrg.model.adapter import RadiogenomicsModel
+    from fedrg.model.factory import DEFAULT_MODEL_FACTORY
     from fedrg.model.io import save_adapter
-    from fedrg.model.payload import get_adapter_arrays, set_adapter_arrays
+    from fedrg.model.payload import adapter_parameters, get_adapter_arrays, set_adapter_arrays
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model = build_model(cfg.model, cfg.data, seed=cfg.federation.seed)
+    factory = DEFAULT_MODEL_FACTORY if model_factory is None else model_factory
+    model = factory.build(cfg.model, cfg.data, cfg.federation.seed)
     driver = SecureAggregationDriver(cfg) if cfg.secagg.enabled else None
     trackers = open_trackers(cfg.tracking, run_dir)  # opt-in, local files only
 
@@ -44,7 +58,8 @@ def run_federation(transport: Transport, cfg: ExperimentConfig, run_dir: str | P
             on_round(row)
 
     server = FederationServer(cfg, run_dir, get_adapter_arrays(model),
-                              secure_aggregate=driver, on_round=record)
+                              secure_aggregate=driver, on_round=record,
+                              aggregator=aggregator)
     if resume:
         server.resume()
     try:
@@ -53,7 +68,12 @@ def run_federation(transport: Transport, cfg: ExperimentConfig, run_dir: str | P
         for tracker in trackers:
             tracker.close()
     set_adapter_arrays(model, result.global_arrays)
-    save_adapter(model, run_dir / "adapter")
+    if isinstance(model, RadiogenomicsModel):
+        save_adapter(model, run_dir / "adapter")
+    else:  # a custom factory's model: its exchanged arrays, by parameter name
+        (run_dir / "adapter").mkdir(exist_ok=True)
+        arrays: dict[str, Any] = {name: p.detach().cpu().numpy() for name, p in adapter_parameters(model)}
+        np.savez(run_dir / "adapter" / "adapter_arrays.npz", **arrays)
     write_metrics(run_dir, result.metrics)
     write_plots(result.metrics, run_dir / "plots", dp_label=privacy_label(
         result.metrics, dp_enabled=cfg.privacy.enabled,

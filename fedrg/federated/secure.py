@@ -24,6 +24,7 @@ from fedrg.config import ExperimentConfig, SiteConfig
 from fedrg.errors import ConfigError, PolicyViolationError, SecAggError
 from fedrg.federated.payload import Payload, Transport
 from fedrg.privacy.policy import SitePolicy
+from fedrg.secagg.stages import SecAggStage
 
 if TYPE_CHECKING:
     from fedrg.secagg.client import ClientTrust
@@ -144,11 +145,11 @@ class SecureAggregationDriver:
 
         try:
             requests = agg.setup_requests()
-            requests = agg.receive_setup(exchange("secagg_setup", requests))
-            requests = agg.receive_shares(exchange("secagg_share", requests))
-            requests = agg.receive_masked(exchange("secagg_masked", requests))
-            requests = agg.receive_consistency(exchange("secagg_consistency", requests))
-            result = agg.receive_unmask(exchange("secagg_unmask", requests))
+            requests = agg.receive_setup(exchange(SecAggStage.SETUP.action, requests))
+            requests = agg.receive_shares(exchange(SecAggStage.SHARE.action, requests))
+            requests = agg.receive_masked(exchange(SecAggStage.MASKED.action, requests))
+            requests = agg.receive_consistency(exchange(SecAggStage.CONSISTENCY.action, requests))
+            result = agg.receive_unmask(exchange(SecAggStage.UNMASK.action, requests))
         except SecAggError as err:
             if not refusals:
                 raise
@@ -220,8 +221,12 @@ def client_stage(action: str, payload: Payload, state: Payload, *, site: SiteCon
     """
     from fedrg.secagg.client import ClientSession
 
+    try:
+        stage = SecAggStage.from_action(action)
+    except ValueError as err:
+        raise SecAggError(str(err)) from None
     request = from_payload(payload)
-    if action == "secagg_setup":
+    if stage is SecAggStage.SETUP:
         if "pending_weight" not in state.meta:
             raise SecAggError("secure aggregation setup before local training: no pending update")
         try:  # the site's own policy first: it needs nothing but the request
@@ -232,7 +237,7 @@ def client_stage(action: str, payload: Payload, state: Payload, *, site: SiteCon
             state.meta.pop("pending_weight", None)
             raise
     trust = client_trust(site, min_peers=min_peers, min_threshold_fraction=min_threshold_fraction)
-    if action == "secagg_setup":
+    if stage is SecAggStage.SETUP:
         round_id = bytes(request.get("round_id", b"")).hex()
         seen = list(state.meta.get(SEEN_ROUNDS_KEY, []))
         if round_id in seen:
@@ -245,19 +250,17 @@ def client_stage(action: str, payload: Payload, state: Payload, *, site: SiteCon
         if SESSION_KEY not in state.meta:
             raise SecAggError(f"{action} without a secure-aggregation session (setup missing)")
         session = ClientSession.from_bytes(bytes(state.meta[SESSION_KEY]), trust)
-        if action == "secagg_share":
+        if stage is SecAggStage.SHARE:
             reply = session.share(request)
-        elif action == "secagg_masked":
+        elif stage is SecAggStage.MASKED:
             update = np.concatenate([a.ravel() for a in state.array_list("pending")])
             reply = session.masked_input(request, update, float(state.meta["pending_weight"]))
             # the plain update is no longer needed on the node
             state.arrays = {}
             state.meta.pop("pending_weight", None)
-        elif action == "secagg_consistency":
+        elif stage is SecAggStage.CONSISTENCY:
             reply = session.consistency(request)
-        elif action == "secagg_unmask":
-            reply = session.unmask(request)
         else:
-            raise SecAggError(f"unknown secure-aggregation stage {action!r}")
+            reply = session.unmask(request)
     state.meta[SESSION_KEY] = session.to_bytes()
     return to_payload(reply)

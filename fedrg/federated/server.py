@@ -22,9 +22,10 @@ import numpy as np
 
 from fedrg.config import ExperimentConfig, to_run_config
 from fedrg.errors import FedrgError, SecAggError
-from fedrg.federated.aggregate import ServerOptimizer, unflatten, weighted_mean
+from fedrg.federated.aggregate import Aggregator, ServerOptimizer, unflatten, weighted_mean
 from fedrg.federated.checkpoint import RunCheckpoint, load_checkpoint, save_checkpoint
 from fedrg.federated.payload import Payload, Reply, Transport
+from fedrg.files import atomic_write
 
 log = logging.getLogger("fedrg.server")
 
@@ -100,17 +101,25 @@ class FederationServer:
         Secure-aggregation driver; required when ``cfg.secagg.enabled``.
     on_round
         Called with each round's metrics dict (progress display).
+    aggregator
+        A custom :class:`~fedrg.federated.aggregate.Aggregator` object; default the one
+        ``federation.server_optimizer`` names. It sees only the round's mean delta (after
+        secure aggregation, of DP-noised updates): it cannot switch either off.
     """
 
     def __init__(self, cfg: ExperimentConfig, run_dir: str | Path, initial_arrays: list[np.ndarray],
                  *, secure_aggregate: SecureAggregate | None = None,
                  on_round: Callable[[dict[str, Any]], None] | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, aggregator: Aggregator | None = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.global_arrays = [np.asarray(a, dtype=np.float32) for a in initial_arrays]
-        self.optimizer = ServerOptimizer(cfg.federation.server_optimizer, cfg.federation.server_lr)
-        if cfg.federation.server_optimizer == "fedadam" and cfg.federation.server_lr > 0.1:
+        if aggregator is not None and not isinstance(aggregator, Aggregator):
+            raise FedrgError(f"aggregator {aggregator!r} is not an Aggregator: it needs a name and "
+                             "apply/state_arrays/load_state_arrays (fedrg.federated.aggregate)")
+        self.optimizer = aggregator if aggregator is not None else ServerOptimizer(
+            cfg.federation.server_optimizer, cfg.federation.server_lr)
+        if aggregator is None and cfg.federation.server_optimizer == "fedadam" and cfg.federation.server_lr > 0.1:
             log.warning(
                 "federation.server_lr=%g with server_optimizer='fedadam': Adam moves every "
                 "adapter weight by about server_lr per round (1.0 was measured to wreck the "
@@ -348,8 +357,4 @@ class FederationServer:
 
 def write_metrics(run_dir: str | Path, metrics: dict[str, Any]) -> Path:
     """Write ``run_dir/metrics.json`` atomically."""
-    path = Path(run_dir) / "metrics.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(Path(run_dir) / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))

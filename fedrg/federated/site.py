@@ -8,7 +8,8 @@
   train with DP-SGD, append the signed ledger entry, compute the update (delta from the
   global adapter). With secure aggregation the update stays in ``state``
   until the masked upload; without, it is returned with its weight.
-* ``secagg_*``: the four secure-aggregation stages (the update only leaves masked).
+* ``secagg_*``: the five secure-aggregation stages (:class:`~fedrg.secagg.stages.SecAggStage`;
+  the update only leaves masked).
 * ``evaluate``: a DP release of validation aggregates of the global adapter (noisy, charged
   to the ledger, as the site's policy allows; see :mod:`fedrg.privacy.release`).
 
@@ -34,6 +35,9 @@ import torch
 from fedrg.config import ExperimentConfig, SiteConfig, from_run_config
 from fedrg.errors import BudgetExceededError, FedrgError, PolicyViolationError, PrivacyError
 from fedrg.federated.payload import Payload
+from fedrg.files import atomic_write
+from fedrg.runtime import torch_threads
+from fedrg.secagg.stages import ACTION_PREFIX
 
 log = logging.getLogger("fedrg.site")
 
@@ -62,24 +66,27 @@ def get_site(site: SiteConfig) -> HospitalSite:
 @dataclass
 class _CohortCache:
     key: str
-    cohort: Any
-    train_idx: list[int]
-    val_idx: list[int]
+    data: Any  # fedrg.data.loader.SiteData
     fingerprint: str
+
+    @property
+    def n_train(self) -> int:
+        return len(self.data.train)
 
 
 _MODELS: dict[str, Any] = {}
 
 
-def _model_for(cfg: ExperimentConfig) -> Any:
-    """One model per (model, data) config per process; adapter arrays are set per message."""
-    from fedrg.model.adapter import build_model
+def _model_for(cfg: ExperimentConfig, factory: Any = None) -> Any:
+    """One model per (factory, model, data) config per process; adapter arrays are set per message."""
+    from fedrg.model.factory import DEFAULT_MODEL_FACTORY
 
-    key = json.dumps([cfg.model.model_dump(mode="json"), cfg.data.model_dump(mode="json"),
-                      cfg.federation.seed], sort_keys=True)
+    factory = DEFAULT_MODEL_FACTORY if factory is None else factory
+    key = json.dumps([f"{type(factory).__qualname__}@{id(factory)}", cfg.model.model_dump(mode="json"),
+                      cfg.data.model_dump(mode="json"), cfg.federation.seed], sort_keys=True)
     if key not in _MODELS:
         _MODELS.clear()  # keep one model per worker process
-        _MODELS[key] = build_model(cfg.model, cfg.data, seed=cfg.federation.seed)
+        _MODELS[key] = factory.build(cfg.model, cfg.data, cfg.federation.seed)
     return _MODELS[key]
 
 
@@ -90,26 +97,25 @@ def _round_seed(*parts: Any) -> int:
 class HospitalSite:
     """One hospital: its cohort, ledger and state directory (all stay on site)."""
 
-    def __init__(self, site: SiteConfig) -> None:
+    def __init__(self, site: SiteConfig, *, model_factory: Any = None, cohort_loader: Any = None) -> None:
+        """``model_factory`` (:class:`~fedrg.model.factory.ModelFactory`) and ``cohort_loader``
+        (:class:`~fedrg.data.loader.CohortLoader`) default to the built-in ones; neither can
+        change what the site policy decides about DP or secure aggregation."""
+        from fedrg.data.loader import DEFAULT_COHORT_LOADER
+        from fedrg.model.factory import DEFAULT_MODEL_FACTORY
+
         self.site = site
+        self.model_factory = DEFAULT_MODEL_FACTORY if model_factory is None else model_factory
+        self.cohort_loader = DEFAULT_COHORT_LOADER if cohort_loader is None else cohort_loader
         self._cohort: _CohortCache | None = None
 
     # ------------------------------------------------------------------ helpers
     def cohort(self, cfg: ExperimentConfig) -> _CohortCache:
-        """Load and validate the cohort once per data config; deterministic split."""
-        from fedrg.data.cohort_cache import load_cohort_cached
-        from fedrg.data.dataset import split_indices
-
+        """Load the site's data once per data config (the loader validates and splits)."""
         key = cfg.data.model_dump_json()
         if self._cohort is None or self._cohort.key != key:
-            # parsed once per content: a cache in the state dir serves later processes
-            cohort = load_cohort_cached(self.site.cohort, cfg.data, self.site.state_dir)
-            train_idx, val_idx = split_indices(cohort, cfg.data,
-                                               val_fraction=self.site.policy.val_fraction,
-                                               split_seed=self.site.policy.split_seed)
-            manifest = Path(self.site.cohort) / "manifest.csv"
-            fingerprint = hashlib.sha256(manifest.read_bytes()).hexdigest()
-            self._cohort = _CohortCache(key, cohort, list(train_idx), list(val_idx), fingerprint)
+            data = self.cohort_loader.load(self.site, cfg.data)
+            self._cohort = _CohortCache(key, data, str(data.fingerprint))
         return self._cohort
 
     def _ledger(self) -> Any:
@@ -132,15 +138,12 @@ class HospitalSite:
 
     def _remember_train_size(self, cfg: ExperimentConfig, n_train: int) -> None:
         path = self._size_file()
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
             sizes = json.loads(path.read_text())
         except (OSError, ValueError):
             sizes = {}
         sizes[self._size_key(cfg)] = n_train
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(sizes))
-        tmp.replace(path)
+        atomic_write(path, json.dumps(sizes))
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, action: str, payload: Payload, state: Payload) -> Payload:
@@ -149,7 +152,7 @@ class HospitalSite:
             return self.train(payload, state)
         if action == "evaluate":
             return self.evaluate(payload)
-        if action.startswith("secagg_"):
+        if action.startswith(ACTION_PREFIX):
             from fedrg.federated.secure import client_stage
 
             return client_stage(action, payload, state, site=self.site)
@@ -164,7 +167,7 @@ class HospitalSite:
         """
         from fedrg.model.payload import get_adapter_arrays
 
-        model = _model_for(cfg)
+        model = _model_for(cfg, self.model_factory)
         expected = get_adapter_arrays(model)
         try:
             got = [np.asarray(a) for a in payload.array_list("global")]
@@ -221,7 +224,6 @@ class HospitalSite:
         value used comes from the policy or from the hospital's own plan. A request outside
         the policy gets a typed refusal (``status: declined``, ``reason: policy_violation``).
         """
-        from fedrg.data.dataset import CohortDataset
         from fedrg.model.payload import get_adapter_arrays, set_adapter_arrays
         from fedrg.privacy.accounting import PrivacyHistory, epsilon_of
         from fedrg.privacy.budget import decline_reply, plan_round
@@ -257,7 +259,7 @@ class HospitalSite:
             cache = None
             if n_train is None:
                 cache = self.cohort(cfg)
-                n_train = len(cache.train_idx)
+                n_train = cache.n_train
                 self._remember_train_size(cfg, n_train)
             entries = ledger.read()
             run_segments = [e.segment for e in entries if e.run_id == run_id and e.private and e.steps > 0]
@@ -292,8 +294,8 @@ class HospitalSite:
                 return reply
         if cache is None:
             cache = self.cohort(cfg)
-            if len(cache.train_idx) != n_train:  # the cohort changed: plan again
-                self._remember_train_size(cfg, len(cache.train_idx))
+            if cache.n_train != n_train:  # the cohort changed: plan again
+                self._remember_train_size(cfg, cache.n_train)
                 return self.train(payload, state)
         if plan.private:
             from fedrg.privacy.dpsgd import DPSession
@@ -315,11 +317,9 @@ class HospitalSite:
         # interrupted one; DP noise never comes from here (OS entropy, see privacy/dpsgd.py)
         seed = _round_seed(cfg.training.seed, cfg.federation.seed, rnd, self.site.name)
         torch.manual_seed(seed)
-        if cfg.training.threads:
-            torch.set_num_threads(cfg.training.threads)
-        train_ds = CohortDataset(cache.cohort, cfg.data, cache.train_idx)
-        train_local(model, train_ds, cfg.training, steps=plan.steps, privacy=session, seed=seed,
-                    frozen=cfg.privacy.frozen_under_dp if session else ())
+        with torch_threads(cfg.training.threads):  # restored afterwards: the host process keeps its own
+            train_local(model, cache.data.train, cfg.training, steps=plan.steps, privacy=session,
+                        seed=seed, frozen=cfg.privacy.frozen_under_dp if session else ())
         new_arrays = get_adapter_arrays(model)
         update = [(n - g).astype(np.float32) for n, g in zip(new_arrays, global_arrays, strict=True)]
         # the signed entry is on disk before the update can leave the hospital; a
@@ -433,7 +433,6 @@ class HospitalSite:
         split, and not at all with ``release = 'none'``. Every limit is checked before any
         patient file is read.
         """
-        from fedrg.data.dataset import CohortDataset
         from fedrg.model.payload import set_adapter_arrays
         from fedrg.privacy.accounting import calibrate_noise_multiplier, epsilon_of
         from fedrg.privacy.budget import plan_round
@@ -504,8 +503,7 @@ class HospitalSite:
             return self._decline_eval("privacy_budget_exhausted", err.public_message(), ledger)
         cache = self.cohort(cfg)
         set_adapter_arrays(model, global_arrays)
-        val_ds = CohortDataset(cache.cohort, cfg.data, cache.val_idx)
-        exact = release_aggregates(model, val_ds)
+        exact = release_aggregates(model, cache.data.val)
         # the signed entry is on disk before the release can leave the hospital
         ledger.append(run_id=run_id, round=rnd, noise_multiplier=sigma, sample_rate=1.0, steps=1,
                       max_grad_norm=sensitivity(k), accountant=policy.accountant,
@@ -534,7 +532,6 @@ class HospitalSite:
         recorded as non-private (accountant ``'none'``): no DP guarantee covers these metrics
         and ``fedrg audit`` says so. Meant for synthetic or public cohorts (``fedrg simulate``).
         """
-        from fedrg.data.dataset import CohortDataset
         from fedrg.model.payload import set_adapter_arrays
         from fedrg.privacy.ledger import NON_PRIVATE
         from fedrg.privacy.release import noisy_release, sensitivity
@@ -544,7 +541,7 @@ class HospitalSite:
         k = len(cfg.data.markers)
         cache = self.cohort(cfg)
         set_adapter_arrays(model, global_arrays)
-        exact = release_aggregates(model, CohortDataset(cache.cohort, cfg.data, cache.val_idx))
+        exact = release_aggregates(model, cache.data.val)
         eps_lifetime = ledger.epsilon_spent()
         ledger.append(run_id=run_id, round=rnd, noise_multiplier=0.0, sample_rate=1.0, steps=1,
                       max_grad_norm=sensitivity(k), accountant=NON_PRIVATE, target_delta=delta,

@@ -165,11 +165,13 @@ def build_server_app(provide: ConfigProvider,
                      results: list[Any] | None = None,
                      failures: list[BaseException] | None = None,
                      on_phase: Callable[[str, int, int], None] | None = None,
-                     *, ledgers: bool = False) -> ServerApp:
+                     *, ledgers: bool = False, aggregator: Any = None) -> ServerApp:
     """The coordinator: runs :func:`fedrg.federated.runner.run_federation` over the Grid.
 
     ``on_phase(action, round, n_hospitals)`` is called before each message exchange
-    (progress display of ``fedrg simulate``). With ``ledgers=True`` (deployment) the
+    (progress display of ``fedrg simulate``). ``aggregator`` is a custom
+    :class:`~fedrg.federated.aggregate.Aggregator` object (default: the one
+    ``federation.server_optimizer`` names). With ``ledgers=True`` (deployment) the
     hospitals' public ledger copies are collected into ``run_dir/ledgers`` after the last
     round, through the same Flower messages.
     """
@@ -183,7 +185,8 @@ def build_server_app(provide: ConfigProvider,
             cfg, run_dir, resume = provide(context)
             transport = GridTransport(grid, min_nodes=cfg.federation.min_hospitals,
                                       on_send=on_phase)
-            result = run_federation(transport, cfg, run_dir, resume=resume, on_round=on_round)
+            result = run_federation(transport, cfg, run_dir, resume=resume, on_round=on_round,
+                                    aggregator=aggregator)
             if ledgers:
                 try:  # the trained model is saved already: a missing copy fails no run
                     collect_ledgers(transport, Path(run_dir), round_=cfg.federation.rounds + 1)

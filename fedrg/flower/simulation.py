@@ -13,6 +13,7 @@ from typing import Any
 from fedrg.config import ExperimentConfig, SiteConfig
 from fedrg.errors import FedrgError
 from fedrg.flower.apps import build_client_app, build_server_app
+from fedrg.runtime import apply_offline_env
 
 log = logging.getLogger("fedrg.simulation")
 
@@ -114,7 +115,7 @@ def run_simulated_federation(cfg: ExperimentConfig, run_dir: str | Path, sites: 
                              on_round: Callable[[dict[str, Any]], None] | None = None,
                              num_cpus: int | None = None,
                              on_phase: Callable[[str, int, int], None] | None = None,
-                             ray_address: str | None = None) -> Any:
+                             ray_address: str | None = None, aggregator: Any = None) -> Any:
     """Run a whole federation of ``sites`` through Flower's simulation engine.
 
     Parameters
@@ -130,13 +131,16 @@ def run_simulated_federation(cfg: ExperimentConfig, run_dir: str | Path, sites: 
         ``127.0.0.1:6379``): the hospitals run as actors there, one CPU each. The cohorts,
         state directories and fedrg itself must be reachable at the same paths on every
         node. ``None`` starts a private local Ray instance.
+    aggregator
+        A custom :class:`~fedrg.federated.aggregate.Aggregator` object for the server
+        (default: the one ``federation.server_optimizer`` names); DP and secure aggregation
+        stay as the hospitals' site policies decide.
 
     Returns the :class:`~fedrg.federated.server.ServerResult`. Raises :class:`FedrgError` when
     the ServerApp failed (its exception is re-raised with context) or the cluster cannot be
     reached.
     """
-    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
-    os.environ["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    apply_offline_env()  # the simulation's Ray workers inherit it (fedrg.runtime)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from flwr.simulation import run_simulation
@@ -151,7 +155,7 @@ def run_simulated_federation(cfg: ExperimentConfig, run_dir: str | Path, sites: 
 
     # failures: the ServerApp's own exception, re-raised here instead of Flower's generic exit
     server_app = build_server_app(provide, on_round=on_round, results=results, failures=failures,
-                                  on_phase=on_phase)
+                                  on_phase=on_phase, aggregator=aggregator)
     client_app = build_client_app(SimulatedSites(sites, Path(run_dir) / "logs"))
     # workers' output stays in their logs (RUN/logs, Ray's session logs): Ray's own crash
     # reports of idle workers are not fedrg's console

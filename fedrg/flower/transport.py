@@ -11,17 +11,14 @@ from flwr.serverapp import Grid
 
 from fedrg.federated.payload import Payload, Reply
 from fedrg.flower.records import payload_to_record, record_to_payload
+from fedrg.secagg.stages import SecAggStage
 
 log = logging.getLogger("fedrg.flower")
 
 ACTIONS = {
     "train": "train",
     "evaluate": "evaluate",
-    "secagg_setup": "train.secagg_setup",
-    "secagg_share": "train.secagg_share",
-    "secagg_masked": "train.secagg_masked",
-    "secagg_consistency": "train.secagg_consistency",
-    "secagg_unmask": "train.secagg_unmask",
+    **{stage.action: stage.message_type for stage in SecAggStage},
     "ledger": "evaluate.ledger",  # the hospital's public ledger copy, after the last round
 }
 

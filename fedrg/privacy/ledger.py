@@ -43,7 +43,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -56,6 +55,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from fedrg.errors import BudgetExceededError, LedgerError
+from fedrg.files import atomic_write
 from fedrg.privacy import signing
 
 LEDGER_NAME = "ledger.jsonl"
@@ -468,35 +468,6 @@ def verify_ledger(
 
 
 # --------------------------------------------------------------------------- writing
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem supports it
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` atomically (temp file in the same dir, fsync, replace).
-
-    On any failure the temporary file is removed and ``path`` is left as it was.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
 
 @contextlib.contextmanager
 def _locked(lock_path: Path) -> Iterator[None]:

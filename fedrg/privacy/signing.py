@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from fedrg.errors import LedgerError
+from fedrg.files import atomic_write, create_private
 
 PRIVATE_KEY_NAME = "ledger_ed25519.pem"
 PUBLIC_KEY_NAME = "ledger_ed25519.pub"
@@ -36,29 +37,6 @@ def default_key_paths(state_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
 def public_path_for(private_path: str | os.PathLike[str]) -> Path:
     """The public key file that goes with ``private_path`` (same stem, ``.pub``)."""
     return Path(private_path).with_suffix(".pub")
-
-
-def _write_private_file(path: Path, data: bytes) -> None:
-    """Create ``path`` with mode 0600 (refuses to overwrite) and write ``data`` durably."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # umask cannot widen it, but make the mode explicit
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_public_file(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def public_key_pem(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
@@ -134,8 +112,8 @@ def write_keypair(
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_private_file(private_path, pem)
-    _write_public_file(public_path, public_key_pem(key))
+    create_private(private_path, pem)
+    atomic_write(public_path, public_key_pem(key))
     return key
 
 
@@ -177,7 +155,7 @@ def load_or_create_signing_key(path: str | os.PathLike[str]) -> Ed25519PrivateKe
         return write_keypair(path, pub_path)
     key = load_private_key(path)
     if not pub_path.exists():
-        _write_public_file(pub_path, public_key_pem(key))
+        atomic_write(pub_path, public_key_pem(key))
     return key
 
 

@@ -11,6 +11,7 @@ from fedrg.secagg.params import RoundParams, auto_neighbours, default_threshold,
 from fedrg.secagg.quantize import error_bound
 from fedrg.secagg.roster import Roster, RosterEntry, SigningIdentity, load_roster, write_roster
 from fedrg.secagg.server import AggregateResult, ServerAggregator
+from fedrg.secagg.stages import SecAggStage
 
 __all__ = [
     "AggregateResult",
@@ -19,6 +20,7 @@ __all__ = [
     "Roster",
     "RosterEntry",
     "RoundParams",
+    "SecAggStage",
     "ServerAggregator",
     "SigningIdentity",
     "auto_neighbours",

@@ -44,9 +44,11 @@ from fedrg.secagg import crypto, shamir
 from fedrg.secagg.params import RoundParams, holders_count, neighbours_of
 from fedrg.secagg.quantize import encode
 from fedrg.secagg.roster import Roster, SigningIdentity
+from fedrg.secagg.stages import SecAggStage
 
-STAGES = ("new", "setup", "shared", "masked", "checked", "unmasked")
-STATE_VERSION = 2
+#: session states: "new", then the value of the last :class:`SecAggStage` answered
+STAGES = ("new", *(stage.value for stage in SecAggStage))
+STATE_VERSION = 3  # 3: states named by SecAggStage
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,7 @@ class ClientSession:
     def __init__(self, trust: ClientTrust, entropy: crypto.Entropy | None = None) -> None:
         self.trust = trust
         self._entropy = entropy or os.urandom
-        self.stage = "new"
+        self.stage: str = "new"
         self.params: RoundParams | None = None
         self.index = 0
         self.enc_sk: bytes | None = None
@@ -207,7 +209,7 @@ class ClientSession:
         self.revealed: dict[int, str] = {}
 
     # ------------------------------------------------------------------ helpers
-    def _expect(self, stage: str, action: str) -> None:
+    def _expect(self, stage: str, action: str) -> None:  # stage: "new" or a SecAggStage
         if self.stage != stage:
             raise SecAggError(
                 f"secagg client cannot {action} in stage '{self.stage}' (expected '{stage}'); "
@@ -268,7 +270,7 @@ class ClientSession:
         name = self.trust.identity.name
         signature = self.trust.identity.sign(
             key_message(params.context(), index, name, self.enc_pk, self.mask_pk))
-        self.stage = "setup"
+        self.stage = SecAggStage.SETUP.value
         return {"index": index, "enc_pk": self.enc_pk, "mask_pk": self.mask_pk, "name": name,
                 "key_signature": signature}
 
@@ -294,7 +296,7 @@ class ClientSession:
             signature does not verify against the roster, fewer verified peers than the
             policy minimum, or a threshold below it.
         """
-        self._expect("setup", "share keys")
+        self._expect(SecAggStage.SETUP, "share keys")
         p = self._params()
         roster = self.trust.roster
         indices = _int_list(request, "indices")
@@ -376,7 +378,7 @@ class ClientSession:
                             self._entropy)
             )
         self.enc_sk = None  # the share keys are derived: the secret is no longer needed
-        self.stage = "shared"
+        self.stage = SecAggStage.SHARE.value
         return {
             "index": self.index,
             "recipients": list(neighbours),
@@ -410,7 +412,7 @@ class ClientSession:
             On a tampered or misrouted ciphertext, too few surviving neighbours, or a bad
             update / weight.
         """
-        self._expect("shared", "upload a masked input")
+        self._expect(SecAggStage.SHARE, "upload a masked input")
         p = self._params()
         senders = _int_list(request, "senders")
         ciphertexts = _bytes_list(request, "ciphertexts")
@@ -455,7 +457,7 @@ class ClientSession:
         # The secrets are shared and used: forget them.
         self.seed = self.mask_sk = self.enc_sk = None
         self.share_keys = {}
-        self.stage = "masked"
+        self.stage = SecAggStage.MASKED.value
         return {"index": self.index, "masked": y}
 
     # ------------------------------------------------------------------ stage 4
@@ -506,11 +508,11 @@ class ClientSession:
             neighbours that never sent this client shares, fewer than the threshold, or
             fewer surviving verified peers than the policy minimum.
         """
-        self._expect("masked", "sign the survivor set")
+        self._expect(SecAggStage.MASKED, "sign the survivor set")
         survivors = sorted(_int_list(request, "survivors"))
         self._check_survivors(survivors)
         self.survivors = survivors
-        self.stage = "checked"
+        self.stage = SecAggStage.CONSISTENCY.value
         name = self.trust.identity.name
         return {"index": self.index, "consistency_signature": self.trust.identity.sign(
             consistency_message(self.transcript, self.index, name, survivors))}
@@ -538,8 +540,8 @@ class ClientSession:
             not verify, fewer than ``threshold`` of its shareholders signed, or the other kind
             of share of a client was revealed before.
         """
-        if self.stage not in ("checked", "unmasked"):
-            self._expect("checked", "unmask")
+        if self.stage not in (SecAggStage.CONSISTENCY, SecAggStage.UNMASK):
+            self._expect(SecAggStage.CONSISTENCY, "unmask")
         p = self._params()
         survivors = sorted(_int_list(request, "survivors"))
         if survivors != self.survivors:
@@ -581,7 +583,7 @@ class ClientSession:
                 raise SecAggError(f"seed share of client {o} was revealed; refusing its mask-key share")
         self.revealed.update({o: "seed" for o in seed_owners})
         self.revealed.update({o: "key" for o in key_owners})
-        self.stage = "unmasked"
+        self.stage = SecAggStage.UNMASK.value
         return {
             "index": self.index,
             "seed_owners": seed_owners,

@@ -21,8 +21,9 @@ from fedrg.secagg.crypto import Entropy, seeded_entropy
 from fedrg.secagg.params import AUTO_NEIGHBOURS
 from fedrg.secagg.roster import Roster, SigningIdentity
 from fedrg.secagg.server import AggregateResult, ServerAggregator
+from fedrg.secagg.stages import SecAggStage
 
-DROP_STAGES = ("setup", "share", "masked", "consistency", "unmask")
+DROP_STAGES = tuple(s.value for s in SecAggStage)  # the drop_at keys, in protocol order
 
 
 def simulated_trusts(n: int, *, seed: int | None = None, min_peers: int = 1,
@@ -152,8 +153,8 @@ def run_secure_aggregation(
     state: dict[int, Any] = {i: ClientSession(trusts[i], entropy(i)) for i in range(n)}
     gone: set[int] = set()
 
-    def step(stage: str, requests: dict[Any, dict[str, Any]], act: Any) -> dict[Any, dict[str, Any]]:
-        gone.update(drops.get(stage, ()))
+    def step(stage: SecAggStage, requests: dict[Any, dict[str, Any]], act: Any) -> dict[Any, dict[str, Any]]:
+        gone.update(drops.get(stage.value, ()))
         replies = {}
         for cid, req in requests.items():
             if traffic is not None:
@@ -178,13 +179,13 @@ def run_secure_aggregation(
 
     try:
         req = agg.setup_requests()
-        req = agg.receive_setup(step("setup", req, lambda c, s, r: s.setup(r)))
-        req = agg.receive_shares(step("share", req, lambda c, s, r: s.share(r)))
+        req = agg.receive_setup(step(SecAggStage.SETUP, req, lambda c, s, r: s.setup(r)))
+        req = agg.receive_shares(step(SecAggStage.SHARE, req, lambda c, s, r: s.share(r)))
         req = agg.receive_masked(step(
-            "masked", req, lambda c, s, r: s.masked_input(r, updates[c], float(weights[c]))
+            SecAggStage.MASKED, req, lambda c, s, r: s.masked_input(r, updates[c], float(weights[c]))
         ))
-        req = agg.receive_consistency(step("consistency", req, lambda c, s, r: s.consistency(r)))
-        return agg.receive_unmask(step("unmask", req, lambda c, s, r: s.unmask(r)))
+        req = agg.receive_consistency(step(SecAggStage.CONSISTENCY, req, lambda c, s, r: s.consistency(r)))
+        return agg.receive_unmask(step(SecAggStage.UNMASK, req, lambda c, s, r: s.unmask(r)))
     finally:
         if traffic is not None:
             traffic["up"], traffic["down"] = up, down

@@ -35,6 +35,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedrg.errors import ConfigError
+from fedrg.files import PUBLIC_MODE, atomic_write
 
 ROSTER_VERSION = 1
 SIGNATURE_BYTES = 64
@@ -223,13 +224,7 @@ def load_roster(path: str | os.PathLike[str]) -> Roster:
 
 def write_roster(path: str | os.PathLike[str], roster: Roster) -> Path:
     """Write ``roster`` to ``path`` (atomically; the roster is public, mode 0644)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(roster.to_toml())
-    os.chmod(tmp, 0o644)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, roster.to_toml(), mode=PUBLIC_MODE)
 
 
 def entry_from_files(name: str, signing_public: str | os.PathLike[str],

@@ -43,6 +43,7 @@ from fedrg.secagg.params import (
     resolve_neighbours,
 )
 from fedrg.secagg.quantize import decode_sum, ring_dtype
+from fedrg.secagg.stages import SecAggStage
 
 _SUM_BLOCK = 1 << 15
 
@@ -141,7 +142,8 @@ class ServerAggregator:
         self.context = self.params.context()
         self.index_of = {cid: i + 1 for i, cid in enumerate(ids)}
         self.id_of = {i: cid for cid, i in self.index_of.items()}
-        self.stage = "setup"
+        # the stage whose replies are awaited; "aborted" or "done" once the round is over
+        self.stage: SecAggStage | str = SecAggStage.SETUP
         self.notes: list[str] = []
         self.aborted: str | None = None
         self.enc_pks: dict[int, bytes] = {}
@@ -180,12 +182,12 @@ class ServerAggregator:
         self.stage = "aborted"
         return SecAggError(f"secure aggregation aborted: {reason}; no update was revealed")
 
-    def _expect(self, stage: str) -> None:
+    def _expect(self, stage: SecAggStage) -> None:
         if self.stage != stage:
             raise SecAggError(f"secagg server is in stage '{self.stage}', not '{stage}'")
 
     def _valid_replies(self, replies: Mapping[Hashable, dict[str, Any]], allowed: list[int],
-                       stage: str) -> dict[int, dict[str, Any]]:
+                       stage: SecAggStage) -> dict[int, dict[str, Any]]:
         out: dict[int, dict[str, Any]] = {}
         malformed: set[int] = set()
         for cid, reply in replies.items():
@@ -214,14 +216,14 @@ class ServerAggregator:
     # ------------------------------------------------------------------ stage 1
     def setup_requests(self) -> dict[Hashable, dict[str, Any]]:
         """Stage 1 requests: the round parameters and each client's index."""
-        self._expect("setup")
+        self._expect(SecAggStage.SETUP)
         msg = self.params.to_message()
         return {cid: {**msg, "index": i} for cid, i in self.index_of.items()}
 
     def receive_setup(self, replies: Mapping[Hashable, dict[str, Any]]) -> dict[Hashable, dict[str, Any]]:
         """Collect public keys; return the stage 2 request (the key list) per client."""
-        self._expect("setup")
-        got = self._valid_replies(replies, list(self.id_of), "setup")
+        self._expect(SecAggStage.SETUP)
+        got = self._valid_replies(replies, list(self.id_of), SecAggStage.SETUP)
         seen: set[bytes] = set()
         seen_names: set[str] = set()
         for idx in sorted(got):
@@ -251,7 +253,7 @@ class ServerAggregator:
         mask = [self.mask_pks[i] for i in self.u1]
         names = [self.names[i] for i in self.u1]
         self.transcript = transcript_hash(self.context, self.u1, enc, mask, names)
-        self.stage = "share"
+        self.stage = SecAggStage.SHARE
         msg = {"indices": list(self.u1), "enc_pks": enc, "mask_pks": mask, "names": names,
                "key_signatures": [self.key_signatures[i] for i in self.u1]}
         return {self.id_of[i]: dict(msg) for i in self.u1}
@@ -259,8 +261,8 @@ class ServerAggregator:
     # ------------------------------------------------------------------ stage 2
     def receive_shares(self, replies: Mapping[Hashable, dict[str, Any]]) -> dict[Hashable, dict[str, Any]]:
         """Collect encrypted shares; return, per client, the ciphertexts addressed to it."""
-        self._expect("share")
-        got = self._valid_replies(replies, self.u1, "share")
+        self._expect(SecAggStage.SHARE)
+        got = self._valid_replies(replies, self.u1, SecAggStage.SHARE)
         routed: dict[int, dict[int, bytes]] = {}
         for idx in sorted(got):
             r = got[idx]
@@ -274,7 +276,7 @@ class ServerAggregator:
             routed[idx] = dict(zip(recipients, cts, strict=True))
         self.u2 = sorted(routed)
         self._need(len(self.u2), "completed key sharing")
-        self.stage = "masked"
+        self.stage = SecAggStage.MASKED
         requests = {}
         for v in self.u2:
             senders = [u for u in self.graph[v] if u in routed]
@@ -286,8 +288,8 @@ class ServerAggregator:
     # ------------------------------------------------------------------ stage 3
     def receive_masked(self, replies: Mapping[Hashable, dict[str, Any]]) -> dict[Hashable, dict[str, Any]]:
         """Sum the masked vectors; return the consistency-check request (the survivor set)."""
-        self._expect("masked")
-        got = self._valid_replies(replies, self.u2, "masked")
+        self._expect(SecAggStage.MASKED)
+        got = self._valid_replies(replies, self.u2, SecAggStage.MASKED)
         n = self.params.vector_length + 1
         dtype = ring_dtype(self.params.ring_bits)
         vectors = []
@@ -302,7 +304,7 @@ class ServerAggregator:
         self.u3 = included
         self._need(len(self.u3), "uploaded masked inputs")
         self.total = ring_sum(vectors, dtype)
-        self.stage = "consistency"
+        self.stage = SecAggStage.CONSISTENCY
         msg = {"survivors": list(self.u3)}
         return {self.id_of[v]: dict(msg) for v in self.u3}
 
@@ -313,8 +315,8 @@ class ServerAggregator:
         Each client gets the signatures of its own shareholders (its neighbours and itself);
         it verifies them against its roster before revealing anything.
         """
-        self._expect("consistency")
-        got = self._valid_replies(replies, self.u3, "consistency")
+        self._expect(SecAggStage.CONSISTENCY)
+        got = self._valid_replies(replies, self.u3, SecAggStage.CONSISTENCY)
         signatures: dict[int, bytes] = {}
         for idx in sorted(got):
             sig = bytes(got[idx].get("consistency_signature", b""))
@@ -324,7 +326,7 @@ class ServerAggregator:
             signatures[idx] = sig
         self.u4 = sorted(signatures)
         self._need(len(self.u4), "confirmed the survivor set")
-        self.stage = "unmask"
+        self.stage = SecAggStage.UNMASK
         requests = {}
         for v in self.u4:
             signers = [u for u in [v, *self.graph[v]] if u in signatures]
@@ -335,9 +337,9 @@ class ServerAggregator:
     # ------------------------------------------------------------------ stage 5
     def receive_unmask(self, replies: Mapping[Hashable, dict[str, Any]]) -> AggregateResult:
         """Reconstruct the secrets, remove all masks from the sum, decode the weighted mean."""
-        self._expect("unmask")
+        self._expect(SecAggStage.UNMASK)
         assert self.total is not None
-        got = self._valid_replies(replies, self.u4, "unmask")
+        got = self._valid_replies(replies, self.u4, SecAggStage.UNMASK)
         u2 = set(self.u2)
         u3 = set(self.u3)
         dropped = sorted(u2 - u3)

@@ -10,7 +10,6 @@ batches and the mean per-example loss.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, cast, runtime_checkable
@@ -143,10 +142,16 @@ def augment_images(
 
 
 def planned_steps(n_examples: int, training_cfg: TrainingConfig) -> int:
-    """Steps for ``training.local_epochs`` passes at ``training.batch_size``."""
+    """Steps for ``training.local_epochs`` passes at ``training.batch_size`` (0 without examples).
+
+    The formula is :func:`fedrg.privacy.accounting.local_steps`, the one the privacy plan uses.
+    """
+    from fedrg.privacy.accounting import local_steps
+
     if n_examples <= 0:
         return 0
-    return max(1, math.ceil(training_cfg.local_epochs * n_examples / training_cfg.batch_size))
+    return local_steps(local_epochs=training_cfg.local_epochs, batch_size=training_cfg.batch_size,
+                       n_records=n_examples)
 
 
 FAST_PARTS = ("lora_", "image_proj.", "genomics_proj.", "marker_head.image_linear.",

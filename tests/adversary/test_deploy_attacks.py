@@ -136,13 +136,16 @@ experiment = "experiment.toml"
 name = "hospital-1"
 cohort = "{cohort}"
 state_dir = "hospital-1"
-epsilon_budget = 20.0
 [server]
 address = "127.0.0.1:{port}"
 root_certificates = "{certs.ca_cert}"
 connect_timeout_s = 120
 [auth]
 private_key = "{h1.node_private}"
+[policy]
+epsilon_budget = 20.0
+# one hospital: these attacks are on the app bundle and the operator API, before any round
+require_secagg = false
 """)
     started: list[subprocess.Popen] = []
 
