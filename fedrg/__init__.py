@@ -64,11 +64,11 @@ _EXPORTS = {
     "ServerResult": "fedrg.federated.server",
     "HospitalSite": "fedrg.federated.site",
     "provision_roster": "fedrg.federated.secure",
-    # privacy ledger and audit (fedrg.privacy.audit is being reorganised on another branch:
+    # privacy ledger and audit (fedrg.audit.verify is being reorganised on another branch:
     # keep this name pointing at wherever audit_path lives)
     "Ledger": "fedrg.privacy.ledger",
     "verify_ledger": "fedrg.privacy.ledger",
-    "audit_path": "fedrg.privacy.audit",
+    "audit_path": "fedrg.audit.verify",
     # process environment
     "offline_env": "fedrg.runtime",
 }

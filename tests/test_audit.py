@@ -20,15 +20,15 @@ from privacy_ledger_helpers import (
 )
 from typer.testing import CliRunner
 
-from fedrg.commands import audit as audit_cmd
-from fedrg.privacy import signing
-from fedrg.privacy.audit import (
+from fedrg.audit.verify import (
     audit_path,
     find_ledgers,
     pld_epsilon,
     rdp_epsilons,
     relative_gap,
 )
+from fedrg.commands import audit as audit_cmd
+from fedrg.privacy import signing
 from fedrg.privacy.ledger import LEDGER_NAME, Ledger
 
 
@@ -147,7 +147,7 @@ def test_verdict_holds_for_many_rounds_and_large_epsilon(
     ledger with its last epsilon lowered below what PLD proves always fails."""
     from hypothesis import assume
 
-    from fedrg.privacy.audit import HospitalAudit, check_epsilons
+    from fedrg.audit.verify import HospitalAudit, check_epsilons
 
     per_round = max(1, lifetime_steps // rounds)
     segs = [(sigma, q, per_round)] * rounds
@@ -168,7 +168,7 @@ def test_verdict_holds_for_many_rounds_and_large_epsilon(
 def test_issue15_ledger_after_many_runs_passes() -> None:
     """Ten default-sized runs at q = 0.25: RDP figures differ by more than 1 % (orders
     1.1-1.8 dropped by dp_accounting), yet nothing is understated, so the verdict holds."""
-    from fedrg.privacy.audit import HospitalAudit, check_epsilons
+    from fedrg.audit.verify import HospitalAudit, check_epsilons
 
     segs = [(0.9, 0.25, 8)] * 30  # ten runs of three rounds
     recorded = [opacus_epsilon(segs[: i + 1], delta=1e-5) for i in range(len(segs))]

@@ -10,8 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedrg.errors import PrivacyError
-from fedrg.privacy.canary import (
+from fedrg.audit.canary import (
     audit_from_scores,
     count_correct,
     draw_inclusion,
@@ -19,6 +18,7 @@ from fedrg.privacy.canary import (
     guesses_from_scores,
     p_value,
 )
+from fedrg.errors import PrivacyError
 
 
 def _tail_exact(r: int, v: int, eps: float) -> float:

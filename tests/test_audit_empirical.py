@@ -1,4 +1,4 @@
-"""Empirical canary audit (fedrg.privacy.empirical, `fedrg audit --empirical`)."""
+"""Empirical canary audit (fedrg.audit.empirical, `fedrg audit --empirical`)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,7 @@ from hypothesis import strategies as st
 from model_fixtures import tiny_cohort, tiny_data_cfg, tiny_model_cfg
 from typer.testing import CliRunner
 
-from fedrg.cli import app
-from fedrg.data.cohort import load_cohort
-from fedrg.data.dataset import collate_samples, split_indices
-from fedrg.errors import PrivacyError
-from fedrg.model.adapter import build_model
-from fedrg.privacy.empirical import (
+from fedrg.audit.empirical import (
     RecordDataset,
     audit_training_config,
     design_canaries,
@@ -28,6 +23,11 @@ from fedrg.privacy.empirical import (
     run_canary_audit,
     score_canaries,
 )
+from fedrg.cli import app
+from fedrg.data.cohort import load_cohort
+from fedrg.data.dataset import collate_samples, split_indices
+from fedrg.errors import PrivacyError
+from fedrg.model.adapter import build_model
 
 
 @pytest.fixture(scope="session")

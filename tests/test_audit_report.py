@@ -14,9 +14,9 @@ import typer
 from privacy_ledger_helpers import STANDARD_ROUNDS, write_ledger
 from typer.testing import CliRunner
 
+from fedrg.audit.report import plain_words, render_html
+from fedrg.audit.verify import audit_path
 from fedrg.commands import audit as audit_cmd
-from fedrg.privacy.audit import audit_path
-from fedrg.privacy.audit_report import plain_words, render_html
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -136,8 +136,8 @@ def test_html_renders_in_headless_chromium(html_report: tuple[Path, str], tmp_pa
 
 def test_epsilon_chart_is_scaled_to_the_data_with_the_budget_marked(tmp_path) -> None:
     """Issue 15: a budget of 100 must not flatten a curve that ends near 4."""
-    from fedrg.privacy.audit import audit_path
-    from fedrg.privacy.audit_report import epsilon_figure
+    from fedrg.audit.report import epsilon_figure
+    from fedrg.audit.verify import audit_path
 
     far = tmp_path / "far" / "state"
     write_ledger(far, [("r", 1, 1.1, 0.05, 30), ("r", 2, 1.1, 0.05, 30)], budget=100.0)

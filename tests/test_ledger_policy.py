@@ -8,10 +8,10 @@ import json
 from privacy_ledger_helpers import CONFIG_HASH, FINGERPRINT, opacus_epsilon
 from typer.testing import CliRunner
 
+from fedrg.audit.verify import audit_path
 from fedrg.cli import app
 from fedrg.federated.ledger_heads import HeadBook
 from fedrg.privacy import signing
-from fedrg.privacy.audit import audit_path
 from fedrg.privacy.ledger import (
     Ledger,
     canonical_bytes,

@@ -204,8 +204,8 @@ def test_wide_rdp_orders_remove_the_largest_alpha_warning() -> None:
 
     from opacus.accountants import RDPAccountant
 
+    from fedrg.audit.verify import RDP_ORDERS
     from fedrg.privacy.accounting import RDP_ALPHAS, epsilon_of
-    from fedrg.privacy.audit import RDP_ORDERS
 
     assert tuple(RDP_ORDERS) == tuple(RDP_ALPHAS)  # the audit's own copy stays in step
     hist = [(6.0, 0.01, 10)]

@@ -187,8 +187,8 @@ def _request(cfg, rnd=1, run_id="r1"):
 
 
 def test_accepted_round_uses_the_sites_parameters_and_keeps_the_update(tiny_site, base_dir):
+    from fedrg.audit.verify import LedgerLocation, audit_ledger
     from fedrg.federated.payload import Payload
-    from fedrg.privacy.audit import LedgerLocation, audit_ledger
     from fedrg.privacy.ledger import Ledger
 
     site = tiny_site()
@@ -205,8 +205,8 @@ def test_accepted_round_uses_the_sites_parameters_and_keeps_the_update(tiny_site
 
 
 def test_non_private_round_is_ledgered_when_the_site_opted_out(tiny_site, base_dir, caplog):
+    from fedrg.audit.verify import LedgerLocation, audit_ledger
     from fedrg.federated.payload import Payload
-    from fedrg.privacy.audit import LedgerLocation, audit_ledger
     from fedrg.privacy.ledger import NON_PRIVATE, Ledger
 
     site = tiny_site(require_dp=False, require_secagg=False)
@@ -233,6 +233,6 @@ def test_evaluation_uses_the_sites_split(tiny_site, base_dir):
     greedy_cfg = _cfg(base_dir, "data.val_fraction=0.99", "data.split_seed=7")
     reply = site.handle("evaluate", _request(greedy_cfg), Payload())
     assert reply.meta["status"] == "declined" and "release" not in reply.meta
-    honest = site.cohort(_cfg(base_dir))
-    greedy = site.cohort(greedy_cfg)
-    assert greedy.val_idx == honest.val_idx and 0 < len(honest.val_idx) < 12
+    honest = site.cohort(_cfg(base_dir)).data.val
+    greedy = site.cohort(greedy_cfg).data.val
+    assert greedy.indices == honest.indices and 0 < len(honest.indices) < 12

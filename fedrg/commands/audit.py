@@ -77,7 +77,7 @@ def audit(
     from rich.console import Console
     from rich.table import Table
 
-    from fedrg.privacy.audit import audit_path
+    from fedrg.audit.verify import audit_path
 
     err_console = Console(stderr=True)
     if empirical:
@@ -91,7 +91,7 @@ def audit(
     try:
         policy = None
         if policy_file is not None:
-            from fedrg.privacy.policy_audit import load_policy
+            from fedrg.audit.policy_check import load_policy
 
             policy = load_policy(policy_file)
         result = audit_path(path, public_key=public_key, policy=policy, keys=keys, heads=heads)
@@ -101,7 +101,7 @@ def audit(
             typer.echo(json.dumps({"ok": False, "hospitals": []}))
         raise typer.Exit(1) from None
     if html_out is not None:
-        from fedrg.privacy.audit_report import write_html
+        from fedrg.audit.report import write_html
 
         write_html(result, html_out)
     if json_out:
@@ -165,7 +165,7 @@ def _empirical(*, cohort: Path | None, epsilon: float, canaries: int, steps: int
     from rich.console import Console
     from rich.table import Table
 
-    from fedrg.privacy.empirical import audit_data_config, run_empirical_pair
+    from fedrg.audit.empirical import audit_data_config, run_empirical_pair
 
     err_console = Console(stderr=True)
     try:

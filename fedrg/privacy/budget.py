@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedrg.errors import BudgetExceededError, PrivacyError
-from fedrg.privacy.ledger import EPS_TOL, MechanismSegment
+from fedrg.privacy.mechanism import EPS_TOL, MechanismSegment
 
 DECLINE_REASON = "privacy_budget_exhausted"
 

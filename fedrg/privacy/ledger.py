@@ -47,7 +47,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
@@ -57,6 +57,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from fedrg.errors import BudgetExceededError, LedgerError
 from fedrg.files import atomic_write
 from fedrg.privacy import signing
+from fedrg.privacy.mechanism import EPS_TOL, MechanismSegment  # re-exported: the ledger's record form
 
 LEDGER_NAME = "ledger.jsonl"
 HEAD_NAME = "ledger_head.json"
@@ -69,8 +70,6 @@ NON_PRIVATE = "none"
 #: mechanism, sample_rate 1, steps 1), or an explicit re-initialisation of a fresh ledger
 #: (no steps; names the previous head when it is known).
 KINDS = ("train", "evaluation", "reinit")
-# Slack for float comparisons of epsilon against the budget / the previous entry.
-EPS_TOL = 1e-9
 
 _ENTRY_KEYS_V1 = {
     "budget", "config_hash", "dataset_fingerprint", "delta", "epsilon", "hospital",
@@ -99,14 +98,6 @@ def sha256_hex(data: bytes) -> str:
 def signed_payload(entry: dict[str, Any]) -> bytes:
     """The bytes an entry's signature covers: the canonical entry without ``signature``."""
     return canonical_bytes({k: v for k, v in entry.items() if k != "signature"})
-
-
-class MechanismSegment(NamedTuple):
-    """One stretch of DP-SGD steps with fixed parameters (Opacus accountant history form)."""
-
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
 
 
 @dataclass(frozen=True)

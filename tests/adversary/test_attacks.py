@@ -10,9 +10,9 @@ import shutil
 import numpy as np
 import pytest
 
+from fedrg.audit.verify import LedgerLocation, audit_ledger
 from fedrg.federated.payload import Payload
 from fedrg.privacy.accounting import epsilon_of
-from fedrg.privacy.audit import LedgerLocation, audit_ledger
 from fedrg.privacy.ledger import Ledger
 
 from .conftest import ledger_bytes

@@ -483,7 +483,7 @@ def audit_ledger(
 
 
 def _check_policy(result: HospitalAudit, entries: list[LedgerEntry], policy: SitePolicy) -> None:
-    from fedrg.privacy.policy_audit import check_entries
+    from fedrg.audit.policy_check import check_entries
 
     def run_eps(run: Sequence[LedgerEntry]) -> float:
         return rdp_epsilons(list(run))[-1] if run else 0.0
@@ -699,7 +699,7 @@ def audit_path(
     LedgerError
         When ``path`` does not exist or holds no ledger, or the registry is unusable.
     """
-    from fedrg.privacy.key_registry import load_key_registry
+    from fedrg.audit.key_registry import load_key_registry
 
     registry = load_key_registry(keys) if keys is not None else None
     known_heads = find_heads(heads if heads is not None else path)

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from fedrg.privacy.audit import AuditResult, HospitalAudit
+from fedrg.audit.verify import AuditResult, HospitalAudit
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:

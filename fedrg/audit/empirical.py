@@ -1,7 +1,7 @@
 """Empirical privacy audit of the real training pipeline with canary patients in one run.
 
 Steinke, Nasr and Jagielski (2023), "Privacy auditing with one (1) training run"
-(arXiv:2305.08846). :mod:`fedrg.privacy.canary` holds the statistics; this module runs the
+(arXiv:2305.08846). :mod:`fedrg.audit.canary` holds the statistics; this module runs the
 experiment on the real fedrg model, data path and DP-SGD session:
 
 1. **Canaries.** ``m`` fabricated patients. Canary ``i`` borrows the image of a held-out
@@ -11,7 +11,7 @@ experiment on the real fedrg model, data path and DP-SGD session:
    0/1 labels for every marker (all known), an empty report and the id ``canary-<i>``.
    Each canary is **one training record** (one patient: the privacy unit).
 2. **Inclusion.** Each canary joins the training set independently with probability 1/2
-   (:func:`fedrg.privacy.canary.draw_inclusion`). The coins come from a seed drawn from OS
+   (:func:`fedrg.audit.canary.draw_inclusion`). The coins come from a seed drawn from OS
    entropy unless one is given; the seed is recorded in the result.
 3. **Training.** The training set is the cohort's training split plus the included canaries.
    The model (:func:`fedrg.model.adapter.build_model`) is trained by
@@ -24,7 +24,7 @@ experiment on the real fedrg model, data path and DP-SGD session:
    with an empty report that is the log-likelihood of its own random marker labels. A model
    that memorised a canary predicts its labels well.
 5. **Guesses and bound.** The ``k_pos`` highest scores are guessed "included", the ``k_neg``
-   lowest "excluded" (both fixed before training); :func:`fedrg.privacy.canary.audit_from_scores`
+   lowest "excluded" (both fixed before training); :func:`fedrg.audit.canary.audit_from_scores`
    turns the number of correct guesses into an epsilon lower bound at confidence
    ``1 - beta``. For a DP run the bound must stay at or below the accounted epsilon (up to
    probability ``beta``); a clearly larger bound means the implementation leaks more than it
@@ -49,9 +49,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fedrg.audit.canary import audit_from_scores, draw_inclusion
 from fedrg.config import DataConfig, ModelConfig, TrainingConfig
 from fedrg.errors import PrivacyError
-from fedrg.privacy.canary import audit_from_scores, draw_inclusion
 
 #: Defaults of the audit experiment (sized for about a minute per run on 2 CPU cores).
 DEFAULT_CANARIES = 256
