@@ -45,7 +45,7 @@ TOLERANCE = {"idh_mutant": 0.05, "codeletion_1p19q": 0.05, "mgmt_methylated": 0.
 
 def run_one(setting: str, seed: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Train one federation and evaluate its final adapter at every hospital."""
-    from fedrg.commands.federation import simulated_sites, synthetic_cohorts
+    from fedrg.commands.federation import simulated_policy, simulated_sites, synthetic_cohorts
     from fedrg.config import load_config, to_run_config
     from fedrg.federated.local import LocalTransport
     from fedrg.federated.payload import Payload
@@ -64,7 +64,10 @@ def run_one(setting: str, seed: int, args: argparse.Namespace, work: Path) -> di
     # the default federation's hospitals for every seed (their recipe uses the unseeded config)
     cohorts = synthetic_cohorts(load_config(args.config, args.overrides))
     name = f"{setting}-seed{seed}"
-    sites = simulated_sites(cohorts, work / name / "sites", 1e9)
+    # the simulated sites' own policy: what this benchmark runs (no DP, no secure sum) allowed
+    policy = simulated_policy({"require_dp": setting != NON_PRIVATE,
+                               "require_secagg": cfg.secagg.enabled}, budget=1e9)
+    sites = simulated_sites(cohorts, work / name / "sites", policy)
     t0 = time.perf_counter()
     noise = nullcontext() if args.os_noise else use_seeded_noise_for_tests(seed)
     with noise:

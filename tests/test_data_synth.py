@@ -236,6 +236,8 @@ def test_image_baselines_learn_idh_on_larger_cohorts(tmp_path):
     dirs = synthesize(tmp_path, hospitals=3, patients=160, seed=0, data_cfg=cfg)
     cohorts = [load_cohort(d, cfg) for d in dirs]
     auc = baseline_aurocs(cohorts, cfg)
-    assert auc["image"]["idh_mutant"] > 0.75, auc
+    # 0.747 with the label-independent split (a hash of the patient id; the stratified split
+    # it replaced gave 0.76): the held-out prevalence now varies with the ids
+    assert auc["image"]["idh_mutant"] > 0.72, auc
     assert auc["expression"]["idh_mutant"] > 0.9, auc
     assert cnn_auroc(cohorts, cfg, epochs=30) > 0.75

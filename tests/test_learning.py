@@ -49,7 +49,7 @@ def test_default_dp_federation_learns_image_and_multimodal_markers(tmp_path):
     tested in test_simulation_e2e / test_federation_secure). DP noise and Poisson sampling come from a seeded generator that only tests can
     select (use_seeded_noise_for_tests), so the run is the same every time: it cannot pass
     or fail by luck. Thresholds sit below the values measured with these seeds (printed)."""
-    from fedrg.commands.federation import simulated_sites, synthetic_cohorts
+    from fedrg.commands.federation import simulated_policy, simulated_sites, synthetic_cohorts
     from fedrg.config import load_config
     from fedrg.federated.local import LocalTransport
     from fedrg.federated.runner import run_federation
@@ -57,7 +57,9 @@ def test_default_dp_federation_learns_image_and_multimodal_markers(tmp_path):
 
     cfg = load_config(None, [f"data.synthetic_dir={tmp_path / 'cohorts'}", "secagg.enabled=false"])
     assert cfg.privacy.enabled and cfg.privacy.target_epsilon == 8.0
-    sites = simulated_sites(synthetic_cohorts(cfg), tmp_path / "sites", 1e9)
+    # the simulated sites' own policy allows this run without secure aggregation
+    policy = simulated_policy({"require_secagg": False}, budget=1e9)
+    sites = simulated_sites(synthetic_cohorts(cfg), tmp_path / "sites", policy)
     with use_seeded_noise_for_tests(0):
         result = run_federation(LocalTransport(sites), cfg, tmp_path / "run")
     rows = result.metrics["rounds"]

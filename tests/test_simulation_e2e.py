@@ -18,6 +18,13 @@ SMALL = ["--set", "data.synthetic_patients=32", "--set", "data.image_shape=[32, 
          "--set", "training.batch_size=8"]  # q = 8/24: within the sites' max_sample_rate
 
 
+def _two_hospital_policy(tmp_path):
+    """The simulated sites' own policy for a two-hospital federation (one other in each sum)."""
+    policy = tmp_path / "two-hospitals.toml"
+    policy.write_text("[policy]\nmin_secagg_peers = 1\n")
+    return policy
+
+
 def _simulate(tmp_path, *args, env_extra=None, check=True):
     env = {**__import__("os").environ, "FLWR_TELEMETRY_ENABLED": "0", **(env_extra or {})}
     cmd = [sys.executable, "-m", "fedrg.cli", "simulate", "--state-dir", str(tmp_path / "sites"),
@@ -79,8 +86,10 @@ def test_simulate_three_hospitals_two_rounds_dp_and_secagg(tmp_path):
     assert (run / "plots" / "auroc.png").is_file() and (run / "plots" / "epsilon.png").is_file()
     assert json.loads((run / "config.json").read_text())["federation"]["rounds"] == 2
     for h in ("hospital-1", "hospital-2", "hospital-3"):
-        ledger = tmp_path / "sites" / h / "ledger.jsonl"
-        assert len(ledger.read_text().splitlines()) == 2
+        entries = [json.loads(line) for line in
+                   (tmp_path / "sites" / h / "ledger.jsonl").read_text().splitlines()]
+        # each round: its DP-SGD training and its metric release (exact for synthetic sites)
+        assert [e["kind"] for e in entries] == ["train", "evaluation"] * 2
     # the adapter is usable by `fedrg predict`
     pred = subprocess.run([sys.executable, "-m", "fedrg.cli", "predict", "--adapter", str(run / "adapter"),
                            "--cohort", str(tmp_path / "cohorts" / "hospital-1")],
@@ -150,7 +159,7 @@ def test_ctrl_c_in_round_two_then_resume_completes_and_audit_passes(tmp_path):
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "fedrg.cli", "simulate", "--state-dir", str(tmp_path / "sites"),
            "--set", f"data.synthetic_dir={tmp_path / 'cohorts'}", *SMALL, "--hospitals", "2",
-           "--rounds", "3", "--out", str(run)]
+           "--rounds", "3", "--out", str(run), "--site-policy", str(_two_hospital_policy(tmp_path))]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, start_new_session=True)
     seen = ""

@@ -19,7 +19,8 @@ from fedrg.errors import FedrgError
 from fedrg.flower.simulation import _connect_ray
 
 SMALL = ["--set", "data.synthetic_patients=32", "--set", "data.image_shape=[32, 32]",
-         "--set", "training.local_epochs=0.5"]
+         "--set", "training.local_epochs=0.5",
+         "--set", "training.batch_size=8"]  # q = 8/24: within the sites' max_sample_rate
 
 
 def _free_port() -> int:
@@ -56,16 +57,20 @@ def test_simulate_on_an_existing_local_ray_cluster(tmp_path):
     try:
         assert start.returncode == 0, start.stdout[-3000:] + start.stderr[-3000:]
         run = tmp_path / "run"
+        policy = tmp_path / "two-hospitals.toml"  # the sites' own: one other in each sum
+        policy.write_text("[policy]\nmin_secagg_peers = 1\n")
         cmd = [sys.executable, "-m", "fedrg.cli", "simulate", "--ray-address", f"127.0.0.1:{port}",
                "--state-dir", str(tmp_path / "sites"), "--set",
                f"data.synthetic_dir={tmp_path / 'cohorts'}", *SMALL, "--hospitals", "2",
-               "--rounds", "1", "--out", str(run)]
+               "--rounds", "1", "--out", str(run), "--site-policy", str(policy)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
         rows = json.loads((run / "metrics.json").read_text())["rounds"]
         assert [r["participants"] for r in rows] == [2]
         for h in ("hospital-1", "hospital-2"):
-            assert len((tmp_path / "sites" / h / "ledger.jsonl").read_text().splitlines()) == 1
+            kinds = [json.loads(line)["kind"] for line in
+                     (tmp_path / "sites" / h / "ledger.jsonl").read_text().splitlines()]
+            assert kinds == ["train", "evaluation"]
         # the cluster outlives the run (it is the operator's, not fedrg's)
         status = subprocess.run([str(ray_bin), "status", "--address", f"127.0.0.1:{port}"],
                                 capture_output=True, text=True, env=env, timeout=120)

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from fedrg.errors import FedrgError
 
@@ -96,7 +97,7 @@ def audit(
             policy = load_policy(policy_file)
         result = audit_path(path, public_key=public_key, policy=policy, keys=keys, heads=heads)
     except FedrgError as err:
-        err_console.print(f"[red]error:[/red] {err}", highlight=False)
+        err_console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
         if json_out:
             typer.echo(json.dumps({"ok": False, "hospitals": []}))
         raise typer.Exit(1) from None
@@ -138,9 +139,9 @@ def audit(
                       "evaluation release(s), their epsilon included above)", highlight=False)
     for h in result.hospitals:
         for p in h.problems:
-            console.print(f"[red]{h.hospital}:[/red] {p}", highlight=False)
+            console.print(f"[red]{h.hospital}:[/red] {escape(p)}", highlight=False)
         for w in h.warnings:
-            console.print(f"[yellow]{h.hospital}:[/yellow] {w}", highlight=False)
+            console.print(f"[yellow]{h.hospital}:[/yellow] {escape(w)}", highlight=False)
     console.print(
         "eps PLD: what dp_accounting's PLD accountant proves from the recorded mechanism "
         "parameters alone (DP-SGD rounds and DP evaluation releases alike); a ledger fails "
@@ -181,7 +182,7 @@ def _empirical(*, cohort: Path | None, epsilon: float, canaries: int, steps: int
             pair = run_empirical_pair(cohort, target_epsilon=epsilon, canaries=canaries,
                                       steps=steps)
     except FedrgError as err:
-        err_console.print(f"[red]error:[/red] {err}", highlight=False)
+        err_console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
         if json_out:
             typer.echo(json.dumps({"ok": False, "error": str(err)}))
         raise typer.Exit(1) from None

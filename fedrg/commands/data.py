@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedrg.errors import FedrgError
@@ -33,7 +34,7 @@ def synth(
         cfg = _data_cfg(config, set_)
         dirs = synthesize(out, hospitals=hospitals, patients=patients, seed=seed, data_cfg=cfg)
     except FedrgError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
         raise typer.Exit(2) from None
     for d in dirs:
         n = sum(1 for _ in (d / "manifest.csv").open()) - 1
@@ -52,7 +53,7 @@ def validate(
     try:
         cfg = _data_cfg(config, set_)
     except FedrgError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
         raise typer.Exit(2) from None
     result = validate_cohort(cohort_dir, cfg)
     s = result.summary

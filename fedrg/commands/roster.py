@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fedrg.errors import FedrgError
 
@@ -43,7 +44,7 @@ def make(
         roster = Roster(entries, source=str(out))
         write_roster(out, roster)
     except FedrgError as err:
-        console.print(f"[red]error:[/red] {err}")
+        console.print(f"[red]error:[/red] {escape(str(err))}")
         raise typer.Exit(2) from None
     console.print(f"wrote {out}: {len(roster)} hospitals; digest {roster.digest()} "
                   "(hospitals compare it out of band before pinning the file)")
@@ -57,7 +58,7 @@ def show(path: Path = typer.Argument(..., help="roster file")) -> None:
     try:
         roster = load_roster(path)
     except FedrgError as err:
-        console.print(f"[red]error:[/red] {err}")
+        console.print(f"[red]error:[/red] {escape(str(err))}")
         raise typer.Exit(2) from None
     for name in roster.names:
         e = roster.entries[name]

@@ -465,7 +465,9 @@ class HospitalSite:
         trained = {e.round for e in entries if e.kind == "train" and e.run_id == run_id}
         released = [e for e in entries if e.kind == "evaluation" and e.run_id == run_id]
         seen_models = {e.details.get("model_hash") for e in entries if e.kind == "evaluation"}
-        if model_hash in seen_models:
+        if model_hash in seen_models and ev.release == "dp":
+            # a second noisy release of one model would let its noise be averaged away
+            # (an exact release of the same model again reveals nothing new)
             return self._decline_eval("evaluation_repeated", "metrics of this global model "
                                       "were already released once", ledger)
         if rnd not in trained or any(e.round == rnd for e in released):

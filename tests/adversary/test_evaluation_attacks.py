@@ -23,9 +23,17 @@ def test_attack_evaluation_queries(tmp_path, base_dir, fx_root):
     releases once per trained round (noisy aggregates of its own 25 % split, charged to its
     ledger) and refuses everything else; a 'none' policy releases nothing."""
     cohorts = [tiny_cohort(fx_root, patients=24, seed=s) for s in (31, 32)]
-    sites = [SiteConfig(name="h1", cohort=str(cohorts[0]), state_dir=str(tmp_path / "s1")),
-             SiteConfig(name="h2", cohort=str(cohorts[1]), state_dir=str(tmp_path / "s2"),
-                        policy=SitePolicy(evaluation=EvaluationPolicy(release="none")))]
+    from fedrg.federated.secure import provision_roster
+    from fedrg.model.fingerprint import model_content_hash
+
+    # two hospitals (each accepts one other in the sum) that allow the tiny test base
+    own = {"allowed_base_models": [model_content_hash(base_dir)], "min_secagg_peers": 1}
+    sites = provision_roster([
+        SiteConfig(name="h1", cohort=str(cohorts[0]), state_dir=str(tmp_path / "s1"),
+                   policy=SitePolicy(**own)),
+        SiteConfig(name="h2", cohort=str(cohorts[1]), state_dir=str(tmp_path / "s2"),
+                   policy=SitePolicy(**own, evaluation=EvaluationPolicy(release="none")))],
+        tmp_path / "roster.toml")
     cfg = load_config(None, [
         f"model.base={base_dir}", "model.encoder_width=16", "model.lora_rank=4",
         "model.max_report_tokens=24", "data.image_shape=[32, 32]", "training.local_epochs=0.25",
@@ -36,7 +44,7 @@ def test_attack_evaluation_queries(tmp_path, base_dir, fx_root):
     row = result.metrics["rounds"][0]
     h1, h2 = transport.sites[1], transport.sites[2]
     # the split is the site's own: about 25 % of the patients, not the 99 % asked for
-    n_val = len(h1.cohort(cfg).val_idx)
+    n_val = len(h1.cohort(cfg).data.val)
     assert 0 < n_val < 0.5 * 24
     # one release (h1's), noisy: the count is not the exact validation size
     assert row["auroc_multimodal"].keys() == set(cfg.data.markers)

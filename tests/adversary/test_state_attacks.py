@@ -35,8 +35,15 @@ def test_attack_state_wiped(tmp_path, base_dir, fx_root, caplog):
     After an explicit `fedrg site reinit` h1 trains again in round 3, and the reinit is
     visible in its ledger and in the audit."""
     cohorts = [tiny_cohort(fx_root, patients=24, seed=s) for s in (21, 22, 23)]
-    sites = [SiteConfig(name=f"h{i}", cohort=str(c), state_dir=str(tmp_path / f"s{i}"))
-             for i, c in enumerate(cohorts, 1)]
+    from fedrg.federated.secure import provision_roster
+    from fedrg.model.fingerprint import model_content_hash
+    from fedrg.privacy.policy import SitePolicy
+
+    # the tiny test base; round 2 sums the two others, so each accepts one other in a sum
+    policy = SitePolicy(allowed_base_models=[model_content_hash(base_dir)], min_secagg_peers=1)
+    sites = provision_roster([SiteConfig(name=f"h{i}", cohort=str(c), state_dir=str(tmp_path / f"s{i}"),
+                                         policy=policy)
+                              for i, c in enumerate(cohorts, 1)], tmp_path / "roster.toml")
     cfg = _cfg(base_dir, "federation.rounds=3")
     run_dir = tmp_path / "run"
     heads_file = run_dir / "ledger_heads.json"
@@ -55,6 +62,8 @@ def test_attack_state_wiped(tmp_path, base_dir, fx_root, caplog):
                 "site", "reinit", "--state-dir", sites[0].state_dir, "--name", "h1",
                 "--reason", "state disk replaced", "--previous-head", str(heads_file)])
             assert res.exit_code == 0, res.output
+            # the new long-term key reaches the roster the operator publishes (and h1 pins)
+            provision_roster(sites, tmp_path / "roster.toml")
 
     with caplog.at_level(logging.WARNING):
         result = run_federation(LocalTransport(sites), cfg, run_dir, on_round=attack)
