@@ -352,7 +352,10 @@ class HospitalSite:
             if cfg.secagg.enabled:  # the server sees only the sum: each hospital adds a noise share
                 update = privatize_update(update, hospital_noise_multiplier=cfg.privacy.hospital_noise_multiplier,
                                           hospital_clip=cfg.privacy.hospital_clip,
-                                          min_contributors=cfg.federation.min_hospitals)
+                                          # the site's own guarantee, never the
+                                          # server's federation.min_hospitals: its policy
+                                          # refuses any secure sum with fewer hospitals
+                                          min_contributors=policy.min_secagg_peers + 1)
             else:  # the server adds the noise to the mean
                 update, _ = clip_update(update, hospital_clip=cfg.privacy.hospital_clip)
         # no raw per-hospital training loss leaves (a statistic of the training patients that

@@ -204,3 +204,23 @@ def test_attack_malformed_global_adapter(hospital, base_dir, no_patient_reads):
     reply = hospital.handle("train", honest_request(base_dir, "model.encoder_width=100000"), Payload())
     assert_refused(reply, "model.encoder_width")
     assert ledger_bytes(hospital) == before
+
+
+def test_attack_hospital_noise_share_shrunk(hospital, base_dir):
+    """Hospital-level DP in a secure sum: each hospital adds sigma*C/sqrt(k) of noise, k the
+    hospitals in the sum. A server claiming a huge federation.min_hospitals would shrink every
+    share; the site uses its own guarantee (policy.min_secagg_peers + 1) instead."""
+    common = ["privacy.hospital_level=true", "privacy.hospital_clip=1.0",
+              "privacy.hospital_noise_multiplier=1.0"]
+    stds = []
+    for min_hospitals in ("3", "1000"):
+        state = Payload()
+        reply = hospital.handle("train", honest_request(
+            base_dir, *common, "federation.hospitals=1000",
+            f"federation.min_hospitals={min_hospitals}"), state)
+        assert reply.meta["status"] == "ok", reply.meta
+        stds.append(float(np.concatenate([a.ravel() for a in state.array_list("pending")]).std()))
+    k = hospital.site.policy.min_secagg_peers + 1
+    # the clipped update has norm <= 1 over ~10^5 coordinates: the noise dominates the std
+    assert stds[0] == pytest.approx(1.0 / np.sqrt(k), rel=0.05)
+    assert stds[1] == pytest.approx(stds[0], rel=0.05)
