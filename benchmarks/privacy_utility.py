@@ -12,9 +12,10 @@ come from ``fedrg.privacy.dpsgd.use_seeded_noise_for_tests(seed)`` so a run can 
 (``--os-noise``: OS entropy, as in production).
 
 The final global adapter is evaluated once, by each hospital on its own held-out patients
-(``HospitalSite.evaluate``, the federated evaluation), and the hospitals' metrics are
-averaged weighted by validation size, as the server does every round: per marker the
-image-only AUROC (genomics withheld) and the multimodal AUROC, findings F1 and ROUGE-L.
+(``HospitalSite.evaluate``, the federated evaluation), and the server computes the metrics
+from the sum of the hospitals' released aggregates, as it does every round (one pooled AUROC
+over all held-out patients): per marker the image-only AUROC (genomics withheld) and the
+multimodal AUROC, findings F1 and ROUGE-L. ``by_hospital`` holds each hospital's own AUROCs.
 
 Prints one JSON object: ``runs`` (one entry per setting and seed) and ``summary`` (per
 setting and metric: mean, standard deviation, min, max over seeds), plus ``acceptance``
@@ -85,12 +86,24 @@ def run_one(setting: str, seed: int, args: argparse.Namespace, work: Path) -> di
         "auroc_image": ev.get("auroc", {}), "auroc_multimodal": ev.get("auroc_multimodal", {}),
         "findings_f1": ev.get("findings_f1"), "rouge_l": ev.get("rouge_l"),
         "epsilon_recorded": max(eps.values()) if eps else None,
-        "by_hospital": {r["site"]: {"n": r["n"], "auroc": r["metrics"]["auroc"],
-                                    "auroc_multimodal": r["metrics"]["auroc_multimodal"]}
-                        for r in replies},
+        "by_hospital": _by_hospital(replies),
         "train_seconds": round(train_s, 1),
         "stopped_early": result.metrics.get("stopped_early") or None,
     }
+
+
+def _by_hospital(replies: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each hospital's own AUROCs, computed from its (exact or noisy) release alone."""
+    from fedrg.privacy.release import metrics_from_release
+
+    out: dict[str, Any] = {}
+    for r in replies:
+        if isinstance(r.get("release"), dict):
+            m = metrics_from_release(r["release"], list(r.get("markers") or []))
+            out[str(r.get("site"))] = {"auroc": m.get("auroc"), "auroc_multimodal": m.get("auroc_multimodal")}
+        else:
+            out[str(r.get("site"))] = {"declined": r.get("reason") or r.get("status")}
+    return out
 
 
 def _stats(values: list[float | None]) -> dict[str, float | None]:

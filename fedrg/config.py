@@ -136,6 +136,10 @@ class ModelConfig(StrictModel):
     marker_loss_weight: float = Field(
         3.0, ge=0.0, description="weight of the marker loss (3: under per-sample clipping the "
         "marker heads otherwise get little of each patient's gradient budget)")
+    public_init: str = Field(
+        "synthetic", min_length=1, description="initial global adapter: 'synthetic' = pre-trained "
+        "on public synthetic cohorts (public seed, no hospital data; built once, cached), 'none' "
+        "= random, or a local adapter directory (fedrg.model.public_init; docs/model.md)")
     genomics_dropout: float = Field(
         0.5, ge=0.0, le=1.0,
         description="probability of withholding genomics from a training example "

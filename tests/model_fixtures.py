@@ -23,7 +23,8 @@ def tiny_data_cfg(**changes) -> DataConfig:
 
 def tiny_model_cfg(base_dir: Path, **changes) -> ModelConfig:
     """A small adapter on the tiny test base."""
-    values = {"base": str(base_dir), "encoder_width": 16, "lora_rank": 4, "max_report_tokens": 24}
+    values = {"base": str(base_dir), "encoder_width": 16, "lora_rank": 4, "max_report_tokens": 24,
+              "public_init": "none"}
     values.update(changes)
     return ModelConfig(**values)
 

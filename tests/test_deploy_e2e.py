@@ -39,6 +39,8 @@ min_hospitals = 2
 fraction_evaluate = 0.0  # federated evaluation adds a message per round; not needed here
 [data]
 image_shape = [32, 32]
+[model]
+public_init = "none"   # random start: no public pre-training build for this small config
 [privacy]
 enabled = true
 target_epsilon = 8.0

@@ -33,7 +33,7 @@ def cohorts(fx_root):
 def _cfg(base_dir, *extra):
     return load_config(None, [
         f"model.base={base_dir}", "model.encoder_width=16", "model.lora_rank=4",
-        "model.max_report_tokens=24", "data.image_shape=[32, 32]", "training.local_epochs=0.5",
+        "model.max_report_tokens=24", "model.public_init=none", "data.image_shape=[32, 32]", "training.local_epochs=0.5",
         "training.batch_size=6", "federation.rounds=2", "federation.min_hospitals=2", *extra])
 
 

@@ -89,7 +89,7 @@ def test_run_federation_mirrors_metrics_json_to_tensorboard(tmp_path, fx_root, b
 
     cfg = load_config(None, [
         f"model.base={base_dir}", "model.encoder_width=16", "model.lora_rank=4",
-        "model.max_report_tokens=24", "data.image_shape=[32, 32]", "training.local_epochs=0.5",
+        "model.max_report_tokens=24", "model.public_init=none", "data.image_shape=[32, 32]", "training.local_epochs=0.5",
         "training.batch_size=6", "federation.rounds=1", "federation.hospitals=2",
         "federation.min_hospitals=2", "secagg.enabled=false", "tracking.tensorboard=true"])
     # the sites allow this test base and clear updates (tracking is what is tested here)

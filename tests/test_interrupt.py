@@ -31,7 +31,7 @@ def _env() -> dict[str, str]:
 def _train_args(fx_root: Path, out: Path, epochs: int) -> list[str]:
     base, cohort = tiny_base(fx_root), tiny_cohort(fx_root)
     sets = [f"model.base={json.dumps(str(base))}", "model.encoder_width=16",
-            "model.max_report_tokens=24", "data.image_shape=[32, 32]",
+            "model.max_report_tokens=24", "model.public_init=none", "data.image_shape=[32, 32]",
             f"training.train_epochs={epochs}", "training.batch_size=8"]
     args = ["train", "--cohort", str(cohort), "--out", str(out), "--no-dp"]
     for s in sets:

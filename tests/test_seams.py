@@ -133,7 +133,7 @@ def _request(site, base_dir, *extra):
 
     cfg = load_config(None, [
         f"model.base={base_dir}", "model.encoder_width=16", "model.lora_rank=4",
-        "model.max_report_tokens=24", "data.image_shape=[32, 32]", "training.local_epochs=0.5",
+        "model.max_report_tokens=24", "model.public_init=none", "data.image_shape=[32, 32]", "training.local_epochs=0.5",
         "training.batch_size=8", "federation.rounds=2", *extra])
     p = Payload(meta={"config": to_run_config(cfg), "round": 1, "run_id": "r1", "hospitals_in_round": 3})
     p.put_array_list("global", get_adapter_arrays(_model_for(cfg, site.model_factory)))

@@ -13,7 +13,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["--set", "data.synthetic_patients=32", "--set", "data.image_shape=[32, 32]",
+SMALL = ["--set", "model.public_init=none", "--set", "data.synthetic_patients=32", "--set", "data.image_shape=[32, 32]",
          "--set", "training.local_epochs=0.5",
          "--set", "training.batch_size=8"]  # q = 8/24: within the sites' max_sample_rate
 

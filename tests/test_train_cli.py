@@ -18,7 +18,7 @@ def test_train_then_predict(fx_root, tmp_path):
     cohort = tiny_cohort(fx_root)
     out = tmp_path / "run"
     sets = [f"model.base={json.dumps(str(base))}", "model.encoder_width=16",
-            "model.max_report_tokens=24", "data.image_shape=[32, 32]",
+            "model.max_report_tokens=24", "model.public_init=none", "data.image_shape=[32, 32]",
             "training.train_epochs=2", "training.batch_size=8"]
     args = ["train", "--cohort", str(cohort), "--out", str(out), "--no-dp"]
     for s in sets:

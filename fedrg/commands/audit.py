@@ -46,7 +46,7 @@ def audit(
     ),
     policy_file: Path | None = typer.Option(
         None, "--policy",
-        help="site policy (a hospital TOML with [policy], or the policy table): check every "
+        help="site policy (a hospital TOML with \\[policy], or the policy table): check every "
         "entry's mechanism against it",
     ),
     heads: Path | None = typer.Option(

@@ -146,7 +146,7 @@ def server(
     config: Path = typer.Option(..., "--config", help="server TOML (see configs/server.example.toml)"),
     insecure: bool = typer.Option(False, "--insecure", help="no TLS, no node authentication (testing only)"),
     resume: bool = typer.Option(
-        False, "--resume", help="continue the run in [run] run_dir from its last checkpoint"),
+        False, "--resume", help="continue the run in \\[run] run_dir from its last checkpoint"),
 ) -> None:
     """Start the SuperLink (TLS + hospital authentication), register hospitals, run fedrg."""
     from fedrg.config import load_config, to_run_config

@@ -34,11 +34,11 @@ DEFAULT_SIMULATED_BUDGET = 100.0
 
 def synthetic_cohorts(cfg: ExperimentConfig) -> list[Path]:
     """Synthetic cohorts for ``cfg`` (cached by their recipe; built once, atomically)."""
-    from fedrg.data.synth import synthesize
+    from fedrg.data.synth import GENERATOR_VERSION, synthesize
 
     recipe = {"hospitals": cfg.federation.hospitals, "patients": cfg.data.synthetic_patients,
               "seed": cfg.federation.seed, "data": cfg.data.model_dump(mode="json"),
-              "version": 1}
+              "version": GENERATOR_VERSION}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cfg.data.synthetic_dir) if cfg.data.synthetic_dir else cache_dir() / "synthetic" / digest
     dirs = [root / f"hospital-{i}" for i in range(1, cfg.federation.hospitals + 1)]
@@ -231,8 +231,8 @@ def register(app: typer.Typer) -> None:
         budget: float | None = typer.Option(None, help="lifetime epsilon budget of each simulated "
                                             f"hospital (default: the site policy's, else {DEFAULT_SIMULATED_BUDGET:g})"),
         site_policy: Path | None = typer.Option(
-            None, "--site-policy", help="the simulated hospitals' own policy (TOML with a [policy] "
-            "table); default: [site_policy] of --config, else the safe defaults"),
+            None, "--site-policy", help="the simulated hospitals' own policy (TOML with a \\[policy] "
+            "table); default: \\[site_policy] of --config, else the safe defaults"),
         set_: list[str] | None = typer.Option(None, "--set", help="override: section.key=value"),
         ray_address: str | None = typer.Option(
             None, "--ray-address", help="run the hospitals on this existing Ray cluster "
@@ -347,6 +347,12 @@ def register(app: typer.Typer) -> None:
                     from fedrg.model.base import load_base
 
                     load_base(cfg.model.base)
+                if cfg.model.public_init == "synthetic" and not resume:
+                    with phase(console, "preparing the public initial adapter (pre-trained on "
+                               "public synthetic data; built once, then cached)"):
+                        from fedrg.model.public_init import ensure_public_init
+
+                        ensure_public_init(cfg.model, cfg.data, cfg.training)
                 console.print(f"[bold]fedrg simulate[/bold]: {cfg.federation.hospitals} hospitals, "
                               f"{cfg.federation.rounds} rounds, "
                               + (f"DP on (target epsilon {cfg.privacy.target_epsilon})"

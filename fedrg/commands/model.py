@@ -111,12 +111,16 @@ def run_train(
     val_ds = CohortDataset(cohort, cfg.data, val_idx)
     torch.manual_seed(cfg.training.seed)
     model = build_model(cfg.model, cfg.data, seed=cfg.training.seed)
+    from fedrg.model.public_init import apply_public_init
+
+    init = apply_public_init(model, cfg.model, cfg.data, cfg.training)
     metrics: dict[str, Any] = {
         "cohort_patients": len(cohort),
         "train_patients": len(train_idx),
         "val_patients": len(val_idx),
         "parameters": model.parameter_counts(),
         "config_hash": cfg.config_hash(),
+        "initial_adapter": init,
     }
     if evaluate_before:
         metrics["untrained"] = evaluate(model, val_ds)

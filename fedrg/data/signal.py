@@ -19,7 +19,7 @@ import numpy as np
 from fedrg.config import DEFAULT_GENE_PANEL, DEFAULT_MARKERS, DataConfig
 from fedrg.data.cohort import Cohort
 from fedrg.data.reports import ENHANCEMENT, OEDEMA
-from fedrg.data.synth import _LOBES, Patient, _gene_baselines, expression_row, simulate_hospital
+from fedrg.data.synth import _LOBES, Patient, expression_row, gene_baselines, simulate_hospital
 
 
 def latent_image_features(p: Patient) -> list[float]:
@@ -67,7 +67,7 @@ def oracle_aurocs(seed: int = 1234, hospitals: int = 12, patients: int = 400) ->
     oracle is the better of logistic regression and gradient boosting on the latents.
     """
     genes = list(DEFAULT_GENE_PANEL)
-    baselines = _gene_baselines(seed, genes)
+    baselines = gene_baselines(genes)
     img, expr, y = [], [], []
     for h in range(1, hospitals + 1):
         profile, pats = simulate_hospital(seed, h, patients)

@@ -343,10 +343,22 @@ def write_dicom_series(volume: np.ndarray, folder: Path, *, patient_id: str, see
 
 # --------------------------------------------------------------------------- genomics
 
-def _gene_baselines(seed: int, genes: list[str]) -> dict[str, float]:
+#: Bumped whenever the generator's output changes (the simulate cache keys on it).
+GENERATOR_VERSION = 2
+
+
+def gene_baselines(genes: list[str]) -> dict[str, float]:
+    """Typical log-scale abundance level of each gene: a property of the gene, not of a cohort.
+
+    Drawn once per gene name from a fixed public seed, so every synthetic cohort (any seed,
+    any hospital) and the public constants of :mod:`fedrg.data.genomics` share the same
+    biology; hospitals differ only by their batch effects and patients. (Until generator
+    version 2 the levels were drawn from the cohort seed, which left public normalisation
+    constants off by 1-2 log units per gene on other seeds.)
+    """
     out = {}
     for g in genes:
-        r = np.random.default_rng([seed, 0xBA5E, *g.encode()])
+        r = np.random.default_rng([0xBA5E, *g.encode()])
         out[g] = float(r.uniform(1.5, 6.0))
     return out
 
@@ -514,7 +526,7 @@ def write_hospital(out: Path, seed: int, index: int, mean_patients: int,
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "genomics").mkdir(exist_ok=True)
     genes = list(data_cfg.gene_panel)
-    baselines = _gene_baselines(seed, sorted(set(genes) | set(DEFAULT_GENE_PANEL)))
+    baselines = gene_baselines(sorted(set(genes) | set(DEFAULT_GENE_PANEL)))
     brng = np.random.default_rng([seed, index, 0xBA7C])
     batch = {g: float(brng.normal(0, 0.15)) for g in sorted(baselines)}
     rows, expr, calls = [], [], []

@@ -47,6 +47,11 @@ def run_federation(transport: Transport, cfg: ExperimentConfig, run_dir: str | P
     run_dir.mkdir(parents=True, exist_ok=True)
     factory = DEFAULT_MODEL_FACTORY if model_factory is None else model_factory
     model = factory.build(cfg.model, cfg.data, cfg.federation.seed)
+    if isinstance(model, RadiogenomicsModel) and not resume:
+        from fedrg.model.public_init import apply_public_init
+
+        applied = apply_public_init(model, cfg.model, cfg.data, cfg.training)
+        log.info("initial global adapter: %s", applied)
     driver = SecureAggregationDriver(cfg) if cfg.secagg.enabled else None
     trackers = open_trackers(cfg.tracking, run_dir)  # opt-in, local files only
 

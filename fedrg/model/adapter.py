@@ -206,6 +206,13 @@ class RadiogenomicsModel(nn.Module):
 
     # ------------------------------------------------------------------ training
 
+    def marker_logits(self, image: torch.Tensor, expression: torch.Tensor, mutations: torch.Tensor,
+                      has_genomics: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(fused_logits, image_only_logits)`` ``[B, K]`` without running the LM (the
+        encoders and the marker head only; used by public pre-training)."""
+        _, img, other, linear = self._features(image, expression, mutations, has_genomics)
+        return self.marker_head(img, other, **linear)
+
     def forward(
         self,
         image: torch.Tensor,

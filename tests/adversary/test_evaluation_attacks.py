@@ -36,7 +36,7 @@ def test_attack_evaluation_queries(tmp_path, base_dir, fx_root):
         tmp_path / "roster.toml")
     cfg = load_config(None, [
         f"model.base={base_dir}", "model.encoder_width=16", "model.lora_rank=4",
-        "model.max_report_tokens=24", "data.image_shape=[32, 32]", "training.local_epochs=0.25",
+        "model.max_report_tokens=24", "model.public_init=none", "data.image_shape=[32, 32]", "training.local_epochs=0.25",
         "training.batch_size=8", "federation.rounds=1", "federation.hospitals=2",
         "data.val_fraction=0.99"])
     transport = LocalTransport(sites)

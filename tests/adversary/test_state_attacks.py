@@ -23,7 +23,7 @@ runner = CliRunner()
 def _cfg(base_dir, *extra):
     return load_config(None, [
         f"model.base={base_dir}", "model.encoder_width=16", "model.lora_rank=4",
-        "model.max_report_tokens=24", "data.image_shape=[32, 32]", "training.local_epochs=0.25",
+        "model.max_report_tokens=24", "model.public_init=none", "data.image_shape=[32, 32]", "training.local_epochs=0.25",
         "training.batch_size=8", "federation.hospitals=3", "federation.min_hospitals=2",
         "federation.fraction_evaluate=0", *extra])
 
