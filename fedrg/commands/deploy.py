@@ -338,6 +338,11 @@ def client(
         # the ClientApp Flower starts per message forwards to it (fedrg.deploy.worker)
         worker = group.start("worker", [sys.executable, "-m", "fedrg.deploy.worker",
                                         "--site", s.site.model_dump_json()], env=env)
+        # Flower's per-message `flwr-clientapp` is forked from a process that has Flower
+        # imported already (fedrg.deploy.clientapp_forkserver); same pinned code, same checks
+        group.start("clientapp-forkserver", [sys.executable, "-m",
+                                             "fedrg.deploy.clientapp_forkserver",
+                                             "--state-dir", str(state.resolve())], env=env)
         node = group.start("supernode", argv, env=env)
         P.wait_supernode_connected(node, superlink=s.server.address,
                                    timeout=s.server.connect_timeout_s + 30, group=group)

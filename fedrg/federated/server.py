@@ -203,6 +203,8 @@ class FederationServer:
                 break
             eval_nodes = _sample(nodes, fed.fraction_evaluate, 1, rng) if fed.fraction_evaluate > 0 else []
             evaluation, eb_up, eb_down = self._evaluate(transport, eval_nodes, rnd)
+            if hasattr(transport, "pop_message_seconds"):  # wall time per message exchange
+                outcome.metrics["message_seconds"] = transport.pop_message_seconds()
             self._record(rnd, outcome, bytes_up + eb_up, bytes_down + eb_down, t0, evaluation)
             save_checkpoint(self.run_dir, RunCheckpoint(
                 round=rnd, global_arrays=self.global_arrays,
@@ -344,6 +346,8 @@ class FederationServer:
         }
         if "secagg_seconds" in outcome.metrics:
             row["secagg_seconds"] = outcome.metrics["secagg_seconds"]
+        if outcome.metrics.get("message_seconds"):
+            row["message_seconds"] = outcome.metrics["message_seconds"]
         if "epsilon_hospital_level" in outcome.metrics:
             row["epsilon_hospital_level"] = outcome.metrics["epsilon_hospital_level"]
         if outcome.reason:
