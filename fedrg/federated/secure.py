@@ -269,6 +269,24 @@ def check_setup_policy(request: dict[str, Any], policy: SitePolicy) -> None:
             f"{policy.min_threshold_fraction})")
 
 
+def check_setup_replay(request: dict[str, Any], state: Payload) -> str:
+    """The setup's round id (hex), refused if this hospital has answered it before.
+
+    Raises
+    ------
+    SecAggError
+        When the round id is among those this node's state has seen (a replay).
+    """
+    try:
+        round_id = bytes(request.get("round_id", b"")).hex()
+    except (TypeError, ValueError):
+        raise SecAggError("the secure-aggregation round id is not bytes") from None
+    if round_id in list(state.meta.get(SEEN_ROUNDS_KEY, [])):
+        raise SecAggError("the server reuses a secure-aggregation round id this hospital has "
+                          "already answered (replay); refusing")
+    return round_id
+
+
 def answer_setup_in_train(request: dict[str, Any], reply: Payload, state: Payload, *,
                           site: SiteConfig) -> None:
     """After local training: answer the secure sum's stage 1 inside the train reply.
@@ -344,11 +362,8 @@ def client_stage(action: str, payload: Payload, state: Payload, *, site: SiteCon
             raise
     trust = client_trust(site, min_peers=min_peers, min_threshold_fraction=min_threshold_fraction)
     if stage is SecAggStage.SETUP:
-        round_id = bytes(request.get("round_id", b"")).hex()
+        round_id = check_setup_replay(request, state)
         seen = list(state.meta.get(SEEN_ROUNDS_KEY, []))
-        if round_id in seen:
-            raise SecAggError("the server reuses a secure-aggregation round id this hospital has "
-                              "already answered (replay); refusing")
         session = ClientSession(trust)
         reply = session.setup(request)
         state.meta[SEEN_ROUNDS_KEY] = [*seen, round_id][-SEEN_ROUNDS_KEPT:]

@@ -251,7 +251,7 @@ class HospitalSite:
             peers = payload.meta.get("hospitals_in_round")
             cfg = check_request(from_run_config(payload.meta["config"]), policy, round_=rnd,
                                 hospitals_in_round=None if peers is None else int(peers))
-            setup = self._secure_setup_request(cfg, payload)
+            setup = self._secure_setup_request(cfg, payload, state)
             model, global_arrays = self._global_arrays(cfg, payload)
             # 2. the plan needs only the training-set size: known from an earlier round (kept
             # in the state directory), so a refusal or decline reads no patient file. Only the
@@ -374,7 +374,8 @@ class HospitalSite:
             reply.meta["weight"] = weight
         return reply
 
-    def _secure_setup_request(self, cfg: ExperimentConfig, payload: Payload) -> dict[str, Any] | None:
+    def _secure_setup_request(self, cfg: ExperimentConfig, payload: Payload,
+                              state: Payload) -> dict[str, Any] | None:
         """The secure sum's stage-1 request sent with this train message, checked up front.
 
         The site's policy on the secure sum (peers, threshold) and its roster are checked
@@ -384,10 +385,12 @@ class HospitalSite:
         ------
         PolicyViolationError
             When the secure sum has too few peers or too low a threshold for the policy.
+        SecAggError
+            When the request is malformed or reuses a round id this hospital has answered.
         FedrgError
-            When the request is malformed or the hospital has no usable roster.
+            When the hospital has no usable roster.
         """
-        from fedrg.federated.secure import SETUP_FIELD, check_setup_policy, client_trust
+        from fedrg.federated.secure import SETUP_FIELD, check_setup_policy, check_setup_replay, client_trust
 
         request = payload.meta.get(SETUP_FIELD)
         if request is None or not cfg.secagg.enabled:
@@ -395,6 +398,7 @@ class HospitalSite:
         if not isinstance(request, dict):
             raise SecAggError("the secure-aggregation setup in the train request is not a mapping")
         check_setup_policy(request, self.site.policy)
+        check_setup_replay(request, state)  # a replayed round id must not cost budget either
         client_trust(self.site)  # a roster listing this hospital under its own key
         return request
 

@@ -28,7 +28,7 @@ class GridTransport:
 
     def __init__(self, grid: Grid, *, min_nodes: int = 1, wait_for_nodes: float = 60.0,
                  on_send: Callable[[str, int, int], None] | None = None,
-                 poll_min: float = 0.05, poll_max: float = 0.5) -> None:
+                 poll_min: float = 0.05, poll_max: float = 0.25) -> None:
         self.grid = grid
         self.poll_min = poll_min
         self.poll_max = poll_max
