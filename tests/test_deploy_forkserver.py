@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from fedrg.deploy.clientapp_forkserver import ForkServer, socket_path
+from fedrg.deploy.clientapp_forkserver import ForkServer
+from fedrg.deploy.clientapp_launch import socket_path
 from fedrg.deploy.pinned_clientapp import write_launcher
 from fedrg.deploy.pinning import PIN_FILE, installed_pin
 from fedrg.errors import FedrgError

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -33,19 +32,16 @@ import signal
 import socket
 import struct
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from fedrg.deploy.clientapp_launch import socket_path
 from fedrg.errors import FedrgError
 
 log = logging.getLogger("fedrg.forkserver")
 
-SOCKET_NAME = "clientapp.sock"
-LAUNCHER_SCRIPT = Path(__file__).with_name("clientapp_launch.py")
-_MAX_SOCKET_PATH = 100
 _HEADER = struct.Struct(">I")
 _MAX_REQUEST = 1 << 20
 PRELOAD = (
@@ -59,16 +55,6 @@ PRELOAD = (
     "fedrg.deploy.settings",
 )
 """Modules imported once in the server (never the app bundle's own modules)."""
-
-
-def socket_path(state_dir: str | Path) -> Path:
-    """Where the fork server of ``state_dir`` listens (system temp dir if the path is too long)."""
-    state = Path(state_dir).resolve()
-    path = state / SOCKET_NAME
-    if len(str(path)) <= _MAX_SOCKET_PATH:
-        return path
-    digest = hashlib.sha256(str(state).encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"fedrg-clientapp-{digest}.sock"
 
 
 def preload() -> None:

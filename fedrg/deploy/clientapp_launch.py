@@ -18,15 +18,31 @@ in a fresh interpreter as before (same checks, slower).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
 import socket
 import struct
 import sys
+import tempfile
+from pathlib import Path
 
 HEADER = struct.Struct(">I")  # length prefix of the request
 MAX_REQUEST = 1 << 20
+SOCKET_NAME = "clientapp.sock"
+LAUNCHER_SCRIPT = Path(__file__).resolve()
+_MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to about 107 bytes
+
+
+def socket_path(state_dir: str | Path) -> Path:
+    """Where the fork server of ``state_dir`` listens (system temp dir if the path is too long)."""
+    state = Path(state_dir).resolve()
+    path = state / SOCKET_NAME
+    if len(str(path)) <= _MAX_SOCKET_PATH:
+        return path
+    digest = hashlib.sha256(str(state).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"fedrg-clientapp-{digest}.sock"
 
 
 def send_request(sock: socket.socket, argv: list[str]) -> None:

@@ -42,7 +42,7 @@ def write_launcher(state_dir: str | Path, pin: AppPin) -> Path:
     atomic_write(pin_path, pin.to_json(), mode=PRIVATE_MODE)
     bin_dir = state / "bin"
     launcher = bin_dir / LAUNCHER_NAME
-    from fedrg.deploy.clientapp_forkserver import LAUNCHER_SCRIPT, socket_path
+    from fedrg.deploy.clientapp_launch import LAUNCHER_SCRIPT, socket_path
 
     python = shlex.quote(sys.executable)
     # stdlib only (-I -S): the fork server's child runs main() below; without a fork
