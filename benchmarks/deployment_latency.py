@@ -1,15 +1,20 @@
 """Deployed round latency: real SuperLink + 2 SuperNodes on localhost over TLS, DP + secagg.
 
 Starts ``fedrg server`` (SuperLink with TLS and SuperNode authentication) and two ``fedrg
-client`` hospitals (each with its long-lived worker) on synthetic cohorts, the same set-up
-as ``tests/test_deploy_e2e.py``, runs the federation and prints JSON:
+client`` hospitals (each with its long-lived worker and ClientApp fork server) on synthetic
+cohorts, the same set-up as ``tests/test_deploy_e2e.py`` but with two hospitals whose own
+``[policy]`` sets ``min_secagg_peers = 1`` (the default, 2, refuses a two-hospital secure
+sum), runs the federation and prints JSON:
 
 * ``per_round[].wall_s``: the server's wall time of the round (``metrics.json``);
 * ``per_round[].training_s``: the slowest hospital's time answering that round's ``train``
   message inside its worker (from the hospitals' local ``logs/worker.log``);
-* ``per_round[].round_overhead_s``: their difference (messages, polls, secure aggregation).
+* ``per_round[].round_overhead_s``: their difference (messages, polls, secure aggregation);
+* ``per_round[].message_seconds``: the server's wall time per message exchange;
+* ``messages_answered_by_workers``, ``clientapp_processes_forked``: per hospital;
+* ``load_average`` at the end (timings on a shared machine move with it).
 
-    python benchmarks/deployment_latency.py --rounds 2
+    python benchmarks/deployment_latency.py --rounds 3
 
 Every process it starts is stopped at the end (by process group id).
 """
