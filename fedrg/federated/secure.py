@@ -1,17 +1,21 @@
-"""Secure aggregation over the federation's transport: five message stages.
+"""Secure aggregation over the federation's transport: five stages, the first with training.
 
 Server: :class:`SecureAggregationDriver` runs :class:`fedrg.secagg.server.ServerAggregator`
-over the trained hospitals (``secagg_setup`` -> ``secagg_share`` -> ``secagg_masked`` ->
-``secagg_consistency`` -> ``secagg_unmask``). A hospital that misses a stage (or refuses it)
-counts as dropped; below the threshold the round aborts with
-:class:`~fedrg.errors.SecAggError` and the global model stays as it was.
+(``setup`` -> ``share`` -> ``masked`` -> ``consistency`` -> ``unmask``). In a federation
+round the setup travels with the ``train`` message (:meth:`SecureAggregationDriver.begin`:
+the stage-1 request under :data:`SETUP_FIELD` in the train request, the signed keys under
+:data:`KEYS_FIELD` in the train reply) and :meth:`SecureRound.finish` sends the other four
+stages as messages ``secagg_share`` ... ``secagg_unmask``; calling the driver sends all five
+as messages (``secagg_setup`` first). A hospital that misses a stage (or refuses it) counts
+as dropped; below the threshold the round aborts with :class:`~fedrg.errors.SecAggError`
+and the global model stays as it was.
 
 Hospital: :func:`client_stage` keeps its :class:`fedrg.secagg.client.ClientSession` (secret
 keys included) in the node's state between messages; the update itself only ever leaves
 masked. It trusts only its pinned roster (``SiteConfig.roster``), its own long-term key and
-its policy (:func:`client_trust`), and refuses a round id it has seen before.
+its policy (:func:`client_trust`), and refuses a round id it has seen before
+(:func:`check_setup_replay`; with the setup in the train request, before training).
 """
-
 from __future__ import annotations
 
 import logging
