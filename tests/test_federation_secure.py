@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedrg.config import SiteConfig, load_config
 from fedrg.errors import FedrgError, PolicyViolationError
@@ -168,3 +170,22 @@ def test_setup_in_the_train_reply_equals_the_five_message_protocol(tmp_path):
     mean, total = SecureAggregationDriver(cfg)(hospitals, hospitals.nodes(), 1, 5)
     np.testing.assert_allclose(folded.global_arrays[0], mean, atol=_bound(list(weights.values())))
     assert total == pytest.approx(sum(weights.values()), rel=1e-6)
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**16), dropped=st.sampled_from([None, 1, 2, 3, 4, 5]),
+       stage=st.sampled_from(["train", "secagg_share", "secagg_masked", "secagg_consistency",
+                              "secagg_unmask"]))
+def test_setup_with_train_sums_like_fedavg_of_the_survivors(tmp_path_factory, seed, dropped, stage):
+    """Property: with the setup in the train message, the secure mean equals the weighted
+    FedAvg of the hospitals in the sum, whatever single hospital drops at whatever stage."""
+    root = tmp_path_factory.mktemp("prop")
+    rng = np.random.default_rng(seed)
+    updates = {i: rng.uniform(-2, 2, size=5).astype(np.float32) for i in range(1, 6)}
+    weights = {i: float(rng.integers(1, 50)) for i in updates}
+    drop = {} if dropped is None else {dropped: stage}
+    result = _run(root, SecureHospitals(updates, weights, root, drop_at=drop), n=5)
+    late = stage in ("secagg_consistency", "secagg_unmask")  # its masked input is in the sum
+    included = [i for i in updates if i != dropped or late]
+    np.testing.assert_allclose(result.global_arrays[0], _fedavg(updates, weights, included),
+                               atol=_bound([weights[i] for i in included]))
