@@ -11,6 +11,8 @@ sum), runs the federation and prints JSON:
   message inside its worker (from the hospitals' local ``logs/worker.log``);
 * ``per_round[].round_overhead_s``: their difference (messages, polls, secure aggregation);
 * ``per_round[].message_seconds``: the server's wall time per message exchange;
+* ``per_round[].evaluation_s`` / ``messaging_overhead_s``: with ``--fraction-evaluate`` > 0,
+  the slowest hospital's evaluation work, and the overhead without it;
 * ``messages_answered_by_workers``, ``clientapp_processes_forked``: per hospital;
 * ``load_average`` at the end (timings on a shared machine move with it).
 
@@ -172,15 +174,22 @@ def run(root: Path, *, rounds: int, patients: int, fraction_evaluate: float) -> 
     if rc != 0:
         raise SystemExit(f"server exit {rc}:\n{(root / 'server.out').read_text(errors='replace')[-4000:]}")
     rows = json.loads((root / "run" / "metrics.json").read_text())["rounds"]
-    trains = {h: [s for a, s in worker_times(root / h / "logs" / "worker.log") if a == "train"]
-              for h in HOSPITALS}
+    times = {h: worker_times(root / h / "logs" / "worker.log") for h in HOSPITALS}
+    trains = {h: [s for a, s in t if a == "train"] for h, t in times.items()}
+    evals = {h: [s for a, s in t if a == "evaluate"] for h, t in times.items()}
     per_round = []
     for i, row in enumerate(rows):
         training = max((t[i] for t in trains.values() if len(t) > i), default=None)
+        evaluation = max((t[i] for t in evals.values() if len(t) > i), default=0.0)
         wall = float(row["seconds"])
         per_round.append({"round": row["round"], "wall_s": round(wall, 2),
                           "training_s": None if training is None else round(training, 2),
                           "round_overhead_s": None if training is None else round(wall - training, 2),
+                          # with fraction_evaluate > 0: the slowest hospital's evaluation
+                          # work, and what is left once it is taken out as well
+                          "evaluation_s": round(evaluation, 2),
+                          "messaging_overhead_s": None if training is None
+                          else round(wall - training - evaluation, 2),
                           # server wall time per message exchange (push to last reply)
                           "message_seconds": row.get("message_seconds", {})})
     messages = {h: len(worker_times(root / h / "logs" / "worker.log")) for h in HOSPITALS}
