@@ -29,6 +29,22 @@ def test_patch_replaces_the_idle_and_reply_sleeps_in_flowers_module_only(slept):
     assert sci.time.monotonic is time.monotonic  # everything else is the real module
 
 
+def test_poll_is_fast_only_while_messages_arrive(slept, monkeypatch):
+    # Flower's pull loop calls _pull_and_store_message by its module name: run id or None
+    answers = iter([None, 42, None])
+    monkeypatch.setattr(sci, "_pull_and_store_message", lambda **_: next(answers))
+    monkeypatch.setitem(fs._last_message, "at", -float("inf"))
+    assert fs.patch_supernode_poll(0.5, 0.1)
+    assert sci._pull_and_store_message() is None
+    sci.time.sleep(3)  # idle: the idle poll
+    assert sci._pull_and_store_message() == 42
+    sci.time.sleep(3)  # a message just arrived: the active poll
+    assert sci._pull_and_store_message() is None
+    monkeypatch.setitem(fs._last_message, "at", time.monotonic() - fs.ACTIVE_WINDOW_S - 1)
+    sci.time.sleep(3)  # nothing for longer than the window: idle again
+    assert slept == [0.5, 0.1, 0.5]
+
+
 def test_unexpected_flower_module_is_left_alone(slept, monkeypatch):
     other = object()
     monkeypatch.setattr(sci, "time", other)
@@ -45,6 +61,14 @@ def test_poll_setting_is_checked(monkeypatch, raw, ok):
             fs.poll_interval()
     else:
         assert fs.poll_interval() == ok
+
+
+def test_active_poll_setting_is_checked(monkeypatch):
+    monkeypatch.setenv(fs.ACTIVE_POLL_ENV, "")
+    assert fs.poll_interval(fs.ACTIVE_POLL_ENV, fs.DEFAULT_ACTIVE_POLL_S) == 0.1
+    monkeypatch.setenv(fs.ACTIVE_POLL_ENV, "0.01")
+    with pytest.raises(SystemExit, match=fs.ACTIVE_POLL_ENV):
+        fs.poll_interval(fs.ACTIVE_POLL_ENV, fs.DEFAULT_ACTIVE_POLL_S)
 
 
 def test_supernode_argv_runs_the_wrapper_with_flowers_arguments():

@@ -155,7 +155,9 @@ def test_launcher_runs_the_pinned_clientapp_module(tmp_path):
     bin_dir = write_launcher(tmp_path, installed_pin())
     launcher = bin_dir / "flwr-clientapp"
     text = launcher.read_text()
-    assert "-m fedrg.deploy.pinned_clientapp" in text and str(tmp_path.resolve()) in text
+    # through the fork server (fedrg.deploy.clientapp_launch), which runs
+    # pinned_clientapp.main, or `python -m fedrg.deploy.pinned_clientapp` without one
+    assert "clientapp_launch.py" in text and str(tmp_path.resolve()) in text
     assert os.access(launcher, os.X_OK)
     assert stat.S_IMODE((tmp_path / "app-pin.json").stat().st_mode) == 0o600
     assert AppPin.from_json((tmp_path / "app-pin.json").read_text()) == installed_pin()

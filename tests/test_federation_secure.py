@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedrg.config import SiteConfig, load_config
-from fedrg.errors import FedrgError
+from fedrg.errors import FedrgError, PolicyViolationError
 from fedrg.federated.payload import Payload, Reply
-from fedrg.federated.secure import SecureAggregationDriver, client_stage, provision_roster
+from fedrg.federated.secure import (
+    SETUP_FIELD,
+    SecureAggregationDriver,
+    answer_setup_in_train,
+    check_setup_policy,
+    client_stage,
+    provision_roster,
+)
 from fedrg.federated.server import FederationServer
+from fedrg.privacy.enforce import refusal_reply
 
 
 class SecureHospitals:
@@ -34,11 +44,22 @@ class SecureHospitals:
             if self.drop_at.get(node) == action:
                 continue
             if action == "train":
+                reply = Payload(meta={"site": f"h{node}", "status": "ok"})
+                setup = p.meta.get(SETUP_FIELD)
+                if setup is not None:  # the hospital's checks before training, as the site's
+                    try:
+                        check_setup_policy(setup, self.sites[node].policy)
+                    except PolicyViolationError as err:
+                        reply.meta.update(refusal_reply(err))
+                        out[node] = Reply(node, reply)
+                        continue
                 st = self.state[node]
                 st.arrays = {}
                 st.put_array_list("pending", [self.updates[node]])
                 st.meta["pending_weight"] = float(self.weights[node])
-                out[node] = Reply(node, Payload(meta={"site": f"h{node}", "status": "ok"}))
+                if setup is not None:  # the real hospital code: round keys in the train reply
+                    answer_setup_in_train(setup, reply, st, site=self.sites[node])
+                out[node] = Reply(node, reply)
             elif action == "evaluate":
                 out[node] = Reply(node, Payload(meta={"site": f"h{node}", "n": 1, "metrics": {"loss": 0.0}}))
             else:
@@ -94,12 +115,13 @@ def test_secure_round_equals_plain_fedavg_and_server_sees_only_masked(tmp_path):
         assert not np.allclose(masked[:5].astype(np.float64), updates[node], atol=1)
 
 
-@pytest.mark.parametrize("stage", ["secagg_setup", "secagg_share", "secagg_masked",
+# the setup (stage 1) travels with the train message: a hospital that drops there sends no keys
+@pytest.mark.parametrize("stage", ["train", "secagg_share", "secagg_masked",
                                    "secagg_consistency", "secagg_unmask"])
 def test_dropout_at_each_stage_gives_fedavg_of_survivors(tmp_path, stage):
     updates, weights = _data(seed=1)
     result = _run(tmp_path, SecureHospitals(updates, weights, tmp_path, drop_at={2: stage}))
-    included = [1, 3, 4] if stage in ("secagg_setup", "secagg_share", "secagg_masked") else [1, 2, 3, 4]
+    included = [1, 3, 4] if stage in ("train", "secagg_share", "secagg_masked") else [1, 2, 3, 4]
     np.testing.assert_allclose(result.global_arrays[0], _fedavg(updates, weights, included),
                                atol=_bound([weights[i] for i in included]))
 
@@ -114,9 +136,56 @@ def test_below_threshold_aborts_cleanly_and_keeps_global(tmp_path):
 
 
 def test_policy_refusals_are_named_when_the_round_aborts(tmp_path):
-    # two hospitals: each one's default policy wants two other hospitals in the sum
+    # two hospitals: each one's default policy wants two other hospitals in the sum. The
+    # setup comes with the train request, so each refuses before training (nothing spent)
     updates, weights = _data(n=2, seed=3)
-    result = _run(tmp_path, SecureHospitals(updates, weights, tmp_path), n=2)
-    assert "secure aggregation aborted" in result.stopped_early
+    hospitals = SecureHospitals(updates, weights, tmp_path)
+    result = _run(tmp_path, hospitals, n=2)
+    assert "0 hospital(s) trained" in result.stopped_early
     assert "min_secagg_peers" in result.stopped_early
+    assert all("pending_weight" not in st.meta for st in hospitals.state.values())
     np.testing.assert_array_equal(result.global_arrays[0], 0)
+
+
+def test_standalone_setup_message_still_refused_by_policy_and_named(tmp_path):
+    # the driver's five-message path (a setup message of its own) keeps naming the refusal
+    updates, weights = _data(n=2, seed=3)
+    hospitals = SecureHospitals(updates, weights, tmp_path)
+    cfg = load_config(None, ["federation.hospitals=2", "federation.min_hospitals=2"])
+    for node in hospitals.nodes():
+        hospitals.send("train", {node: Payload()}, round_=1)
+    with pytest.raises(FedrgError, match="min_secagg_peers"):
+        SecureAggregationDriver(cfg)(hospitals, hospitals.nodes(), 1, 5)
+
+
+def test_setup_in_the_train_reply_equals_the_five_message_protocol(tmp_path):
+    # the same hospitals, the same updates: folded setup and standalone setup sum alike
+    updates, weights = _data(seed=4)
+    folded = _run(tmp_path / "a", SecureHospitals(updates, weights, tmp_path / "a"))
+    hospitals = SecureHospitals(updates, weights, tmp_path / "b")
+    cfg = load_config(None, ["federation.hospitals=4", "federation.min_hospitals=2",
+                             "secagg.threshold_fraction=0.6"])
+    for node in hospitals.nodes():
+        hospitals.send("train", {node: Payload()}, round_=1)
+    mean, total = SecureAggregationDriver(cfg)(hospitals, hospitals.nodes(), 1, 5)
+    np.testing.assert_allclose(folded.global_arrays[0], mean, atol=_bound(list(weights.values())))
+    assert total == pytest.approx(sum(weights.values()), rel=1e-6)
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**16), dropped=st.sampled_from([None, 1, 2, 3, 4, 5]),
+       stage=st.sampled_from(["train", "secagg_share", "secagg_masked", "secagg_consistency",
+                              "secagg_unmask"]))
+def test_setup_with_train_sums_like_fedavg_of_the_survivors(tmp_path_factory, seed, dropped, stage):
+    """Property: with the setup in the train message, the secure mean equals the weighted
+    FedAvg of the hospitals in the sum, whatever single hospital drops at whatever stage."""
+    root = tmp_path_factory.mktemp("prop")
+    rng = np.random.default_rng(seed)
+    updates = {i: rng.uniform(-2, 2, size=5).astype(np.float32) for i in range(1, 6)}
+    weights = {i: float(rng.integers(1, 50)) for i in updates}
+    drop = {} if dropped is None else {dropped: stage}
+    result = _run(root, SecureHospitals(updates, weights, root, drop_at=drop), n=5)
+    late = stage in ("secagg_consistency", "secagg_unmask")  # its masked input is in the sum
+    included = [i for i in updates if i != dropped or late]
+    np.testing.assert_allclose(result.global_arrays[0], _fedavg(updates, weights, included),
+                               atol=_bound([weights[i] for i in included]))

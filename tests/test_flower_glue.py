@@ -62,6 +62,42 @@ def test_node_state_round_trips_through_context_state() -> None:
     np.testing.assert_array_equal(back.array_list("pending")[0], state.array_list("pending")[0])
 
 
+def test_all_arrays_of_a_message_travel_as_one_flower_array() -> None:
+    # Flower stores and moves each Array as its own object (one request per object and hop):
+    # an adapter's ~50 tensors go as one packed array, and the state is kept the same way
+    p = Payload(meta={"round": 1})
+    p.put_array_list("global", [np.full((3, 4), i, dtype=np.float32) for i in range(50)])
+    record = payload_to_record(p)
+    assert list(record["arrays"].keys()) == ["packed"]
+    back = record_to_payload(record)
+    assert [a.tolist() for a in back.array_list("global")] == [a.tolist() for a in p.array_list("global")]
+    ctx = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
+    _save_state(ctx, p)
+    assert len(ctx.state["fedrg_state_arrays"]) == 1
+    assert _load_state(ctx).meta == p.meta
+
+
+@pytest.mark.parametrize("layout", [
+    '[["a","<f4",[4],0,16]]',  # 16 bytes claimed, 8 in the buffer
+    '[["a","<f4",[3],0,8]]',  # size does not match the shape
+    '[["a","|O",[1],0,8]]',  # object dtype: never unpacked
+    '[["a","<f4",[-2],0,8]]',  # negative shape
+    '[["a","<f4",[1],6,4]]',  # runs past the end
+    '[["a","<f4",[1],0,4],["a","<f4",[1],4,4]]',  # a name twice
+    '{"a": 1}',  # not a list
+    'not json',
+])
+def test_a_hostile_packed_layout_is_refused(layout) -> None:
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    from fedrg.flower.records import RecordLayoutError
+
+    content = RecordDict({"arrays": ArrayRecord(array_dict={"packed": Array(np.zeros(8, np.uint8))}),
+                          "meta": ConfigRecord({"json": "{}", "packed_layout": layout})})
+    with pytest.raises(RecordLayoutError, match="malformed packed arrays"):
+        record_to_payload(content)
+
+
 # ------------------------------------------------------------------ ClientApp + GridTransport
 
 class InProcessGrid:

@@ -338,12 +338,17 @@ def client(
         # the ClientApp Flower starts per message forwards to it (fedrg.deploy.worker)
         worker = group.start("worker", [sys.executable, "-m", "fedrg.deploy.worker",
                                         "--site", s.site.model_dump_json()], env=env)
+        # Flower's per-message `flwr-clientapp` is forked from a process that has Flower
+        # imported already (fedrg.deploy.clientapp_forkserver); same pinned code, same checks
+        forkserver = group.start("clientapp-forkserver", [
+            sys.executable, "-m", "fedrg.deploy.clientapp_forkserver",
+            "--state-dir", str(state.resolve())], env=env)
         node = group.start("supernode", argv, env=env)
         P.wait_supernode_connected(node, superlink=s.server.address,
                                    timeout=s.server.connect_timeout_s + 30, group=group)
         console.print(f"{s.site.name}: connected to {s.server.address}; waiting for training "
                       f"rounds (log {node.log_path}); Ctrl-C stops")
-        worker_warned = False
+        worker_warned = forkserver_warned = False
         while node.alive():
             group.refresh()
             if not worker.alive() and not worker_warned:
@@ -351,6 +356,11 @@ def client(
                 err_console.print(f"[yellow]the hospital worker stopped (log {worker.log_path}); "
                                   "messages are answered in Flower's per-message process "
                                   "instead (slower)[/yellow]")
+            if not forkserver.alive() and not forkserver_warned:
+                forkserver_warned = True
+                err_console.print(f"[yellow]the ClientApp fork server stopped (log "
+                                  f"{forkserver.log_path}); each message starts a fresh "
+                                  "`flwr-clientapp` instead (slower, same checks)[/yellow]")
             _print_hospital_progress(ledger, refusals)
             if P.connection_lost(node.log_text()):
                 # Flower's SuperNode logs that it gave up but keeps running: end it here

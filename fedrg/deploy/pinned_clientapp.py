@@ -2,7 +2,9 @@
 
 Flower's SuperExec starts one ``flwr-clientapp`` process per task, by name from ``PATH``.
 ``fedrg client`` puts a private directory first on its SuperNode's ``PATH`` holding a
-``flwr-clientapp`` that runs this module (:func:`write_launcher`). It runs Flower's own
+``flwr-clientapp`` that runs this module (:func:`write_launcher`; through the hospital's
+ClientApp fork server, :mod:`fedrg.deploy.clientapp_forkserver`, when it runs, so Python and
+Flower are not started and imported again for every message). It runs Flower's own
 ``flwr-clientapp`` with one change: before Flower installs the server's app bundle (FAB),
 the bundle is checked against the hospital's pin (:func:`fedrg.deploy.pinning.check_fab`).
 A bundle that is not the approved app is refused before any file of it is written or
@@ -40,11 +42,17 @@ def write_launcher(state_dir: str | Path, pin: AppPin) -> Path:
     atomic_write(pin_path, pin.to_json(), mode=PRIVATE_MODE)
     bin_dir = state / "bin"
     launcher = bin_dir / LAUNCHER_NAME
+    from fedrg.deploy.clientapp_launch import LAUNCHER_SCRIPT, socket_path
+
+    python = shlex.quote(sys.executable)
+    # stdlib only (-I -S): the fork server's child runs main() below; without a fork
+    # server the launch script execs `python -m fedrg.deploy.pinned_clientapp` instead
     atomic_write(launcher,
                  "#!/bin/sh\n"
                  "# written by fedrg client: Flower's flwr-clientapp, refusing unapproved app bundles\n"
-                 f"exec {shlex.quote(sys.executable)} -m fedrg.deploy.pinned_clientapp "
-                 f"--fedrg-state-dir {shlex.quote(str(state.resolve()))} \"$@\"\n", mode=0o700)
+                 f"exec {python} -I -S {shlex.quote(str(LAUNCHER_SCRIPT))} "
+                 f"{shlex.quote(str(socket_path(state)))} {shlex.quote(str(state.resolve()))} "
+                 f"{python} -- \"$@\"\n", mode=0o700)
     return bin_dir
 
 

@@ -1,17 +1,21 @@
-"""Secure aggregation over the federation's transport: five message stages.
+"""Secure aggregation over the federation's transport: five stages, the first with training.
 
 Server: :class:`SecureAggregationDriver` runs :class:`fedrg.secagg.server.ServerAggregator`
-over the trained hospitals (``secagg_setup`` -> ``secagg_share`` -> ``secagg_masked`` ->
-``secagg_consistency`` -> ``secagg_unmask``). A hospital that misses a stage (or refuses it)
-counts as dropped; below the threshold the round aborts with
-:class:`~fedrg.errors.SecAggError` and the global model stays as it was.
+(``setup`` -> ``share`` -> ``masked`` -> ``consistency`` -> ``unmask``). In a federation
+round the setup travels with the ``train`` message (:meth:`SecureAggregationDriver.begin`:
+the stage-1 request under :data:`SETUP_FIELD` in the train request, the signed keys under
+:data:`KEYS_FIELD` in the train reply) and :meth:`SecureRound.finish` sends the other four
+stages as messages ``secagg_share`` ... ``secagg_unmask``; calling the driver sends all five
+as messages (``secagg_setup`` first). A hospital that misses a stage (or refuses it) counts
+as dropped; below the threshold the round aborts with :class:`~fedrg.errors.SecAggError`
+and the global model stays as it was.
 
 Hospital: :func:`client_stage` keeps its :class:`fedrg.secagg.client.ClientSession` (secret
 keys included) in the node's state between messages; the update itself only ever leaves
 masked. It trusts only its pinned roster (``SiteConfig.roster``), its own long-term key and
-its policy (:func:`client_trust`), and refuses a round id it has seen before.
+its policy (:func:`client_trust`), and refuses a round id it has seen before
+(:func:`check_setup_replay`; with the setup in the train request, before training).
 """
-
 from __future__ import annotations
 
 import logging
@@ -21,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedrg.config import ExperimentConfig, SiteConfig
-from fedrg.errors import ConfigError, PolicyViolationError, SecAggError
+from fedrg.errors import ConfigError, FedrgError, PolicyViolationError, SecAggError
 from fedrg.federated.payload import Payload, Transport
 from fedrg.privacy.policy import SitePolicy
 from fedrg.secagg.stages import SecAggStage
@@ -32,6 +36,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedrg.secagg")
 
 SESSION_KEY = "secagg_session"
+SETUP_FIELD = "secagg_setup"
+"""Train-request meta key holding this hospital's stage-1 secure-aggregation request."""
+KEYS_FIELD = "secagg_keys"
+"""Train-reply meta key holding the hospital's signed round keys (its stage-1 reply)."""
 SEEN_ROUNDS_KEY = "secagg_seen_rounds"
 SEEN_ROUNDS_KEPT = 1000
 ROSTER_FILE = "roster.toml"
@@ -111,50 +119,121 @@ def from_payload(payload: Payload) -> dict[str, Any]:
     return out
 
 
+class SecureRound:
+    """One secure-aggregation round on the server, begun before local training.
+
+    The stage-1 requests (round parameters and each hospital's index) travel inside the
+    ``train`` message (under :data:`SETUP_FIELD`) and each hospital's signed round keys come
+    back inside its ``train`` reply (:data:`KEYS_FIELD`), saving one message per round; the
+    remaining four stages are messages of their own (:meth:`finish`). A sampled hospital that
+    declines, fails or sends no keys counts as dropped at setup.
+    """
+
+    def __init__(self, driver: SecureAggregationDriver, participants: list[int], rnd: int,
+                 n_params: int) -> None:
+        from fedrg.secagg.server import ServerAggregator
+
+        self.driver = driver
+        self.rnd = rnd
+        self.agg = ServerAggregator.from_config(driver.cfg.secagg, participants,
+                                                vector_length=n_params)
+        self.up = self.down = 0
+        self.refusals: list[str] = []
+        self._setup = self.agg.setup_requests()
+
+    def setup_requests(self) -> dict[Any, dict[str, Any]]:
+        """Stage-1 request per participant (to send with the train message)."""
+        self.down += sum(to_payload(r).nbytes() for r in self._setup.values())
+        return self._setup
+
+    def _exchange(self, transport: Transport, action: str,
+                  requests: dict[Any, dict[str, Any]]) -> dict[Any, dict[str, Any]]:
+        payloads = {node: to_payload(req) for node, req in requests.items()}
+        self.down += sum(p.nbytes() for p in payloads.values())
+        replies = transport.send(action, payloads, round_=self.rnd, timeout=self.driver.timeout)
+        self.up += sum(r.payload.nbytes() for r in replies.values() if r.payload is not None)
+        ok = {}
+        for node, reply in replies.items():
+            if reply.ok:
+                ok[node] = from_payload(reply.payload)
+            else:
+                log.warning("round %d %s: node %s dropped: %s", self.rnd, action, node, reply.error)
+                self._note_refusal(f"{action}: {reply.error}" if reply.error else "")
+        return ok
+
+    def _note_refusal(self, text: str) -> None:
+        if text and len(self.refusals) < 3:
+            self.refusals.append(text)
+
+    def finish(self, transport: Transport, setup_replies: dict[Any, dict[str, Any]],
+               refusals: dict[Any, str] | None = None, *,
+               keys_counted: bool = False) -> tuple[np.ndarray, float]:
+        """Run stages 2-5 from the keys the hospitals returned; (weighted mean, total weight).
+
+        Parameters
+        ----------
+        transport
+            The federation's transport.
+        setup_replies
+            ``{node: keys}``: each hospital's stage-1 reply (from its train reply).
+        refusals
+            ``{node: why}`` of sampled hospitals that sent no keys (named if the round aborts).
+        keys_counted
+            The keys came in a message of their own whose bytes are counted already.
+
+        Raises
+        ------
+        SecAggError
+            When the round aborts (too few survivors at some stage, or fewer than
+            ``federation.min_hospitals`` in the sum).
+        """
+        for node, why in (refusals or {}).items():
+            self._note_refusal(f"{SecAggStage.SETUP.action}: node {node}: {why}")
+        if not keys_counted:
+            self.up += sum(to_payload(r).nbytes() for r in setup_replies.values())
+        agg = self.agg
+        try:
+            requests = agg.receive_setup(setup_replies)
+            requests = agg.receive_shares(self._exchange(transport, SecAggStage.SHARE.action, requests))
+            requests = agg.receive_masked(self._exchange(transport, SecAggStage.MASKED.action, requests))
+            requests = agg.receive_consistency(
+                self._exchange(transport, SecAggStage.CONSISTENCY.action, requests))
+            result = agg.receive_unmask(self._exchange(transport, SecAggStage.UNMASK.action, requests))
+        except SecAggError as err:
+            if not self.refusals:
+                raise
+            # say why hospitals refused (e.g. their policy wants more peers than the round has)
+            raise SecAggError(f"{err} (hospitals answered: {'; '.join(self.refusals)})") from None
+        return self.driver.conclude(transport, result, self.rnd, (self.up, self.down))
+
+
 class SecureAggregationDriver:
-    """Runs one secure-aggregation round per call (server side)."""
+    """Runs one secure-aggregation round per call (server side).
+
+    :meth:`begin` starts a round whose setup travels with the train message (what
+    :class:`~fedrg.federated.server.FederationServer` uses); calling the driver runs all
+    five stages as messages of their own, after training.
+    """
 
     def __init__(self, cfg: ExperimentConfig, *, timeout: float | None = None) -> None:
         self.cfg = cfg
         self.timeout = timeout
 
+    def begin(self, participants: list[int], rnd: int, n_params: int) -> SecureRound:
+        """A round over ``participants`` whose stage-1 requests go out with the train message."""
+        return SecureRound(self, participants, rnd, n_params)
+
     def __call__(self, transport: Transport, participants: list[int], rnd: int,
                  n_params: int) -> tuple[np.ndarray, float]:
         """Return (weighted mean of the participants' flat updates, total weight)."""
-        from fedrg.secagg.server import ServerAggregator
+        sa = self.begin(participants, rnd, n_params)
+        setup = sa._exchange(transport, SecAggStage.SETUP.action, sa.setup_requests())
+        return sa.finish(transport, setup, keys_counted=True)
 
-        agg = ServerAggregator.from_config(self.cfg.secagg, participants, vector_length=n_params)
-        up = down = 0
-        refusals: list[str] = []
-
-        def exchange(action: str, requests: dict[Any, dict[str, Any]]) -> dict[Any, dict[str, Any]]:
-            nonlocal up, down
-            payloads = {node: to_payload(req) for node, req in requests.items()}
-            down += sum(p.nbytes() for p in payloads.values())
-            replies = transport.send(action, payloads, round_=rnd, timeout=self.timeout)
-            up += sum(r.payload.nbytes() for r in replies.values() if r.payload is not None)
-            ok = {}
-            for node, reply in replies.items():
-                if reply.ok:
-                    ok[node] = from_payload(reply.payload)
-                else:
-                    log.warning("round %d %s: node %s dropped: %s", rnd, action, node, reply.error)
-                    if reply.error and len(refusals) < 3:
-                        refusals.append(f"{action}: {reply.error}")
-            return ok
-
-        try:
-            requests = agg.setup_requests()
-            requests = agg.receive_setup(exchange(SecAggStage.SETUP.action, requests))
-            requests = agg.receive_shares(exchange(SecAggStage.SHARE.action, requests))
-            requests = agg.receive_masked(exchange(SecAggStage.MASKED.action, requests))
-            requests = agg.receive_consistency(exchange(SecAggStage.CONSISTENCY.action, requests))
-            result = agg.receive_unmask(exchange(SecAggStage.UNMASK.action, requests))
-        except SecAggError as err:
-            if not refusals:
-                raise
-            # say why hospitals refused (e.g. their policy wants more peers than the round has)
-            raise SecAggError(f"{err} (hospitals answered: {'; '.join(refusals)})") from None
+    def conclude(self, transport: Transport, result: Any, rnd: int,
+                 traffic: tuple[int, int]) -> tuple[np.ndarray, float]:
+        """Check a finished round's survivors; return (mean, total weight)."""
+        up, down = traffic
         transport.last_secagg_bytes = (up, down)  # type: ignore[attr-defined]
         if len(result.included) < self.cfg.federation.min_hospitals:
             # also keeps hospital-level noise shares sound: at least min_hospitals shares summed
@@ -192,6 +271,55 @@ def check_setup_policy(request: dict[str, Any], policy: SitePolicy) -> None:
             setting="secure-sum threshold", requested=params.threshold,
             allowed=f">= {need} of {holders} share holders (policy.min_threshold_fraction="
             f"{policy.min_threshold_fraction})")
+
+
+def check_setup_replay(request: dict[str, Any], state: Payload) -> str:
+    """The setup's round id (hex), refused if this hospital has answered it before.
+
+    Raises
+    ------
+    SecAggError
+        When the round id is among those this node's state has seen (a replay).
+    """
+    try:
+        round_id = bytes(request.get("round_id", b"")).hex()
+    except (TypeError, ValueError):
+        raise SecAggError("the secure-aggregation round id is not bytes") from None
+    if round_id in list(state.meta.get(SEEN_ROUNDS_KEY, [])):
+        raise SecAggError("the server reuses a secure-aggregation round id this hospital has "
+                          "already answered (replay); refusing")
+    return round_id
+
+
+def answer_setup_in_train(request: dict[str, Any], reply: Payload, state: Payload, *,
+                          site: SiteConfig) -> None:
+    """After local training: answer the secure sum's stage 1 inside the train reply.
+
+    The signed round keys go into ``reply.meta[KEYS_FIELD]``. A refusal (e.g. a replayed
+    round id, a setup the policy refuses) drops the pending update at the hospital and puts
+    the public reason under ``reply.meta["secagg_error"]`` instead, so the server counts this
+    hospital as dropped at setup.
+
+    Parameters
+    ----------
+    request
+        The stage-1 request that came with the train message (:data:`SETUP_FIELD`).
+    reply
+        The train reply, completed in place.
+    state
+        The node's state, holding the pending update (``pending.*``, ``pending_weight``).
+    site
+        This hospital's settings.
+    """
+    try:
+        keys = client_stage(SecAggStage.SETUP.action, to_payload(request), state, site=site)
+    except FedrgError as err:
+        log.warning("%s refuses the secure sum's setup: %s", site.name, err)
+        state.arrays = {}  # the update is dropped, never sent
+        state.meta.pop("pending_weight", None)
+        reply.meta["secagg_error"] = err.public_message()
+        return
+    reply.meta[KEYS_FIELD] = from_payload(keys)
 
 
 def client_stage(action: str, payload: Payload, state: Payload, *, site: SiteConfig,
@@ -238,11 +366,8 @@ def client_stage(action: str, payload: Payload, state: Payload, *, site: SiteCon
             raise
     trust = client_trust(site, min_peers=min_peers, min_threshold_fraction=min_threshold_fraction)
     if stage is SecAggStage.SETUP:
-        round_id = bytes(request.get("round_id", b"")).hex()
+        round_id = check_setup_replay(request, state)
         seen = list(state.meta.get(SEEN_ROUNDS_KEY, []))
-        if round_id in seen:
-            raise SecAggError("the server reuses a secure-aggregation round id this hospital has "
-                              "already answered (replay); refusing")
         session = ClientSession(trust)
         reply = session.setup(request)
         state.meta[SEEN_ROUNDS_KEY] = [*seen, round_id][-SEEN_ROUNDS_KEPT:]

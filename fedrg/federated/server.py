@@ -86,6 +86,24 @@ def aggregate_evaluation(replies: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _why_no_keys(sampled: list[int], replies: dict[int, Reply], keys: dict[int, Any]) -> dict[int, str]:
+    """Why each sampled hospital without secure-aggregation keys sent none (for the log)."""
+    out: dict[int, str] = {}
+    for node in sampled:
+        reply = replies.get(node)
+        if node in keys:
+            continue
+        if reply is None:
+            out[node] = "no reply"
+        elif not reply.ok:
+            out[node] = reply.error or "failed"
+        elif reply.payload.meta.get("status") == "declined":
+            out[node] = f"declined: {reply.payload.meta.get('reason', '')}"
+        else:
+            out[node] = str(reply.payload.meta.get("secagg_error") or "sent no round keys")
+    return out
+
+
 class FederationServer:
     """Runs the rounds of one federated training run.
 
@@ -203,6 +221,8 @@ class FederationServer:
                 break
             eval_nodes = _sample(nodes, fed.fraction_evaluate, 1, rng) if fed.fraction_evaluate > 0 else []
             evaluation, eb_up, eb_down = self._evaluate(transport, eval_nodes, rnd)
+            if hasattr(transport, "pop_message_seconds"):  # wall time per message exchange
+                outcome.metrics["message_seconds"] = transport.pop_message_seconds()
             self._record(rnd, outcome, bytes_up + eb_up, bytes_down + eb_down, t0, evaluation)
             save_checkpoint(self.run_dir, RunCheckpoint(
                 round=rnd, global_arrays=self.global_arrays,
@@ -220,8 +240,19 @@ class FederationServer:
                      ) -> tuple[RoundOutcome, int, int]:
         outcome = RoundOutcome(round=rnd)
         payload = self._train_payload(rnd, hospitals_in_round=len(sampled))
-        replies = transport.send("train", self._payloads(payload, sampled), round_=rnd,
-                                 timeout=self.timeout)
+        payloads = self._payloads(payload, sampled)
+        secure_round = None
+        if self.cfg.secagg.enabled and hasattr(self.secure_aggregate, "begin"):
+            # the secure sum's setup rides on the train message and the signed round keys on
+            # its reply: one message fewer per round (fedrg.federated.secure.SecureRound)
+            from fedrg.federated.secure import SETUP_FIELD
+
+            secure_round = self.secure_aggregate.begin(  # type: ignore[union-attr]
+                sampled, rnd, sum(a.size for a in self.global_arrays))
+            setup = secure_round.setup_requests()
+            payloads = {node: Payload(meta={**p.meta, SETUP_FIELD: setup[node]}, arrays=p.arrays)
+                        for node, p in payloads.items()}
+        replies = transport.send("train", payloads, round_=rnd, timeout=self.timeout)
         bytes_down = payload.nbytes() * len(sampled)
         bytes_up = sum(r.payload.nbytes() for r in replies.values() if r.payload is not None)
         trained: dict[int, Reply] = {}
@@ -262,7 +293,20 @@ class FederationServer:
                               + (f" ({outcome.failed} failed)" if outcome.failed else ""))
             return outcome, bytes_up, bytes_down
         try:
-            if self.cfg.secagg.enabled:
+            if secure_round is not None:
+                from fedrg.federated.secure import KEYS_FIELD
+
+                t_sa = time.perf_counter()
+                keys = {node: r.payload.meta[KEYS_FIELD] for node, r in trained.items()
+                        if isinstance(r.payload.meta.get(KEYS_FIELD), dict)}
+                flat, _total = secure_round.finish(transport, keys, _why_no_keys(sampled, replies, keys))
+                # wall time of the whole protocol after training (its messages included)
+                outcome.metrics["secagg_seconds"] = round(time.perf_counter() - t_sa, 3)
+                delta = unflatten(np.asarray(flat, dtype=np.float32), self.global_arrays)
+                sa_up, sa_down = getattr(transport, "last_secagg_bytes", (0, 0))
+                bytes_up += sa_up
+                bytes_down += sa_down
+            elif self.cfg.secagg.enabled:
                 n_params = sum(a.size for a in self.global_arrays)
                 t_sa = time.perf_counter()
                 flat, _total = self.secure_aggregate(transport, sorted(trained), rnd, n_params)
@@ -344,6 +388,8 @@ class FederationServer:
         }
         if "secagg_seconds" in outcome.metrics:
             row["secagg_seconds"] = outcome.metrics["secagg_seconds"]
+        if outcome.metrics.get("message_seconds"):
+            row["message_seconds"] = outcome.metrics["message_seconds"]
         if "epsilon_hospital_level" in outcome.metrics:
             row["epsilon_hospital_level"] = outcome.metrics["epsilon_hospital_level"]
         if outcome.reason:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from fedrg.config import ExperimentConfig, SiteConfig, from_run_config
-from fedrg.errors import BudgetExceededError, FedrgError, PolicyViolationError, PrivacyError
+from fedrg.errors import BudgetExceededError, FedrgError, PolicyViolationError, PrivacyError, SecAggError
 from fedrg.federated.payload import Payload
 from fedrg.files import atomic_write
 from fedrg.runtime import torch_threads
@@ -251,6 +251,7 @@ class HospitalSite:
             peers = payload.meta.get("hospitals_in_round")
             cfg = check_request(from_run_config(payload.meta["config"]), policy, round_=rnd,
                                 hospitals_in_round=None if peers is None else int(peers))
+            setup = self._secure_setup_request(cfg, payload, state)
             model, global_arrays = self._global_arrays(cfg, payload)
             # 2. the plan needs only the training-set size: known from an earlier round (kept
             # in the state directory), so a refusal or decline reads no patient file. Only the
@@ -366,10 +367,45 @@ class HospitalSite:
             state.put_array_list("pending", update)
             state.meta["pending_weight"] = weight
             state.meta["pending_round"] = rnd
+            if setup is not None:
+                self._secure_setup(setup, reply, state)
         else:
             reply.put_array_list("update", update)
             reply.meta["weight"] = weight
         return reply
+
+    def _secure_setup_request(self, cfg: ExperimentConfig, payload: Payload,
+                              state: Payload) -> dict[str, Any] | None:
+        """The secure sum's stage-1 request sent with this train message, checked up front.
+
+        The site's policy on the secure sum (peers, threshold) and its roster are checked
+        before any patient file is read, so a sum it would refuse costs no budget.
+
+        Raises
+        ------
+        PolicyViolationError
+            When the secure sum has too few peers or too low a threshold for the policy.
+        SecAggError
+            When the request is malformed or reuses a round id this hospital has answered.
+        FedrgError
+            When the hospital has no usable roster.
+        """
+        from fedrg.federated.secure import SETUP_FIELD, check_setup_policy, check_setup_replay, client_trust
+
+        request = payload.meta.get(SETUP_FIELD)
+        if request is None or not cfg.secagg.enabled:
+            return None
+        if not isinstance(request, dict):
+            raise SecAggError("the secure-aggregation setup in the train request is not a mapping")
+        check_setup_policy(request, self.site.policy)
+        check_setup_replay(request, state)  # a replayed round id must not cost budget either
+        client_trust(self.site)  # a roster listing this hospital under its own key
+        return request
+
+    def _secure_setup(self, request: dict[str, Any], reply: Payload, state: Payload) -> None:
+        from fedrg.federated.secure import answer_setup_in_train
+
+        answer_setup_in_train(request, reply, state, site=self.site)
 
     def check_known_head(self, ledger: Any, known: Any) -> str:
         """Why this hospital refuses to train on its ledger given the head a server last saw

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -21,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedrg.config import ExperimentConfig, SiteConfig
 from fedrg.errors import FedrgError
 from fedrg.federated.payload import Payload
-from fedrg.flower.records import payload_to_record, record_to_payload
+from fedrg.flower.records import PACKED_KEY, pack_arrays, payload_to_record, record_to_payload, unpack_arrays
 from fedrg.flower.transport import ACTIONS, GridTransport
 
 log = logging.getLogger("fedrg.flower")
@@ -32,6 +31,7 @@ SiteResolver = Callable[[Context], SiteConfig]
 ERROR_CODE = 4100  # fedrg: the hospital could not answer (reason carries no site data)
 STATE_BYTES = "fedrg_state"
 STATE_ARRAYS = "fedrg_state_arrays"
+STATE_LAYOUT = "fedrg_state_layout"
 
 
 # --------------------------------------------------------------------------- client side
@@ -42,14 +42,23 @@ def _load_state(context: Context) -> Payload:
     if STATE_BYTES in context.state:
         meta = dict(context.state[STATE_BYTES].items())
     if STATE_ARRAYS in context.state:
-        arrays = {k: v.numpy() for k, v in context.state[STATE_ARRAYS].items()}
+        stored = context.state[STATE_ARRAYS]
+        layout = meta.pop(STATE_LAYOUT, None)
+        if layout is not None and PACKED_KEY in stored:  # one packed array (see records.py)
+            arrays = unpack_arrays(stored[PACKED_KEY].numpy(), str(layout))
+        else:
+            arrays = {k: v.numpy() for k, v in stored.items()}
     return Payload(meta=meta, arrays=arrays)
 
 
 def _save_state(context: Context, state: Payload) -> None:
-    context.state[STATE_BYTES] = ConfigRecord(dict(state.meta))
-    context.state[STATE_ARRAYS] = ArrayRecord(
-        array_dict={k: Array(np.ascontiguousarray(v)) for k, v in state.arrays.items()})
+    meta = dict(state.meta)
+    arrays: dict[str, Array] = {}
+    if state.arrays:  # one object for Flower to store and move, not one per tensor
+        buf, meta[STATE_LAYOUT] = pack_arrays(state.arrays)
+        arrays[PACKED_KEY] = Array(buf)
+    context.state[STATE_BYTES] = ConfigRecord(meta)
+    context.state[STATE_ARRAYS] = ArrayRecord(array_dict=arrays)
 
 
 def site_from_node_config(context: Context) -> SiteConfig:

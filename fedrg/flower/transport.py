@@ -28,7 +28,7 @@ class GridTransport:
 
     def __init__(self, grid: Grid, *, min_nodes: int = 1, wait_for_nodes: float = 60.0,
                  on_send: Callable[[str, int, int], None] | None = None,
-                 poll_min: float = 0.05, poll_max: float = 0.5) -> None:
+                 poll_min: float = 0.05, poll_max: float = 0.25) -> None:
         self.grid = grid
         self.poll_min = poll_min
         self.poll_max = poll_max
@@ -36,6 +36,12 @@ class GridTransport:
         self.wait_for_nodes = wait_for_nodes
         self.on_send = on_send  # (action, round, number of nodes): progress display
         self.last_secagg_bytes = (0, 0)
+        self._message_seconds: dict[str, float] = {}
+
+    def pop_message_seconds(self) -> dict[str, float]:
+        """Server wall time per action since the last call (push to last reply), then reset."""
+        out, self._message_seconds = self._message_seconds, {}
+        return {k: round(v, 3) for k, v in out.items()}
 
     def nodes(self) -> list[int]:
         """Connected node ids; waits (bounded) until ``min_nodes`` are connected."""
@@ -79,7 +85,11 @@ class GridTransport:
         out = [Message(content=payload_to_record(p), dst_node_id=node, message_type=message_type,
                        group_id=str(round_)) for node, p in messages.items()]
         replies: dict[int, Reply] = {}
-        for msg in self._exchange(out, timeout):
+        t0 = time.perf_counter()
+        got = self._exchange(out, timeout)
+        self._message_seconds[action] = (self._message_seconds.get(action, 0.0)
+                                         + time.perf_counter() - t0)
+        for msg in got:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 replies[node] = Reply(node=node, error=str(msg.error.reason))

@@ -138,6 +138,73 @@ def test_attack_secagg_setup_below_policy(hospital, base_dir):
     assert not state.arrays and "pending_weight" not in state.meta
 
 
+def _setup_for(cfg, clients, *, vector_length=4):
+    from fedrg.secagg.server import ServerAggregator
+
+    agg = ServerAggregator.from_config(cfg.secagg, clients, vector_length=vector_length)
+    return agg, agg.setup_requests()[clients[0]]
+
+
+def test_attack_secagg_setup_in_train_below_policy(hospital, base_dir, no_patient_reads):
+    """The setup that rides on the train request: a two-client sum is refused before training,
+    with nothing spent, no patient file read and nothing pending."""
+    from fedrg.federated.secure import SETUP_FIELD
+
+    before = ledger_bytes(hospital)
+    req = honest_request(base_dir, hospitals_in_round=3)
+    req.meta[SETUP_FIELD] = _setup_for(tiny_config(base_dir), [1, 2])[1]
+    state = Payload()
+    assert_refused(hospital.handle("train", req, state), "secure-sum clients", state)
+    assert ledger_bytes(hospital) == before
+
+
+def test_attack_replayed_secagg_round_id_in_train(hospital, base_dir, no_patient_reads):
+    """A train request whose setup reuses a round id the hospital answered: refused before
+    training (a replay cannot make the hospital spend budget), nothing pending."""
+    from fedrg.errors import SecAggError
+    from fedrg.federated.secure import SEEN_ROUNDS_KEY, SETUP_FIELD
+
+    before = ledger_bytes(hospital)
+    _, setup = _setup_for(tiny_config(base_dir), [1, 2, 3])
+    req = honest_request(base_dir, hospitals_in_round=3)
+    req.meta[SETUP_FIELD] = setup
+    state = Payload(meta={SEEN_ROUNDS_KEY: [bytes(setup["round_id"]).hex()]})
+    with pytest.raises(SecAggError, match="replay"):
+        hospital.handle("train", req, state)
+    assert ledger_bytes(hospital) == before
+    assert not state.arrays and "pending_weight" not in state.meta
+
+
+def test_secagg_setup_in_train_reply_carries_only_signed_keys(hospital, base_dir, tmp_path):
+    """The honest folded setup: the train reply carries the hospital's signed round keys (and
+    no update); the update waits in the node's state for the masked upload."""
+    from fedrg.config import SiteConfig
+    from fedrg.federated.secure import KEYS_FIELD, SETUP_FIELD, provision_roster
+    from fedrg.federated.site import HospitalSite
+    from fedrg.secagg.client import key_message
+    from fedrg.secagg.roster import load_roster
+
+    peers = [SiteConfig(name=f"p{i}", cohort=str(tmp_path / "none"), state_dir=str(tmp_path / f"p{i}"))
+             for i in (2, 3)]
+    site = provision_roster([hospital.site, *peers], tmp_path / "roster.toml")[0]
+    h = HospitalSite(site)
+    cfg = tiny_config(base_dir)
+    agg, setup = _setup_for(cfg, [1, 2, 3], vector_length=sum(a.size for a in
+                                                               honest_request(base_dir).array_list("global")))
+    req = honest_request(base_dir, round_=2, run_id=HONEST_RUN, hospitals_in_round=3)
+    req.meta[SETUP_FIELD] = setup
+    state = Payload()
+    reply = h.handle("train", req, state)
+    assert reply.meta["status"] == "ok", reply.meta
+    keys = reply.meta[KEYS_FIELD]
+    assert not reply.arrays and "weight" not in reply.meta
+    assert set(keys) == {"index", "enc_pk", "mask_pk", "name", "key_signature"}
+    roster = load_roster(site.roster)
+    assert roster.verify("h1", key_message(agg.context, 1, "h1", keys["enc_pk"], keys["mask_pk"]),
+                         keys["key_signature"])
+    assert state.array_list("pending") and state.meta["pending_weight"] > 0
+
+
 def test_attack_rounds_inflated(hospital, base_dir, no_patient_reads):
     """Too many rounds, a round past the schedule: refused up front."""
     before = ledger_bytes(hospital)

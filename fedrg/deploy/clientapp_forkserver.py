@@ -1,0 +1,274 @@
+"""Fork server for the hospital's ``flwr-clientapp`` processes (Flower imported once).
+
+Flower starts a new ``flwr-clientapp`` for every message; each start paid Python and Flower
+imports (about 1.3 s of CPU, 2-3 s wall on a busy 2-core machine) for a message the hospital
+worker answers in milliseconds. ``fedrg client`` starts this server next to the worker. It
+imports Flower's ClientApp runtime and fedrg's pinned launcher once, then, for each request
+of :mod:`fedrg.deploy.clientapp_launch`, forks a child that runs
+:func:`fedrg.deploy.pinned_clientapp.main` with the launcher's arguments, environment,
+working directory and standard streams. The child is the same code Flower would have
+started (the app bundle is checked against the hospital's pin before anything of it is
+written or imported); only the interpreter start and imports are skipped.
+
+* **Who may ask**: the socket is ``clientapp.sock`` in the hospital's state directory (0700),
+  created 0600, and every connection's peer must run as this user (``SO_PEERCRED``).
+* **No app code in the server**: the server never imports the bundle's modules
+  (``clients.app``, ``server.app``); each child imports them after the bundle check.
+* **Failure**: if the server is not running, the launcher starts the pinned ClientApp in a
+  fresh interpreter (slower, same result).
+
+Run by ``fedrg client``; by hand: ``python -m fedrg.deploy.clientapp_forkserver --state-dir DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from fedrg.deploy.clientapp_launch import socket_path
+from fedrg.errors import FedrgError
+
+log = logging.getLogger("fedrg.forkserver")
+
+_HEADER = struct.Struct(">I")
+_MAX_REQUEST = 1 << 20
+PRELOAD = (
+    "flwr.supernode.runtime.run_clientapp",
+    "flwr.supernode.cli.flwr_clientapp",
+    "flwr.clientapp",
+    "flwr.serverapp",
+    "fedrg.deploy.pinned_clientapp",
+    "fedrg.flower.apps",
+    "fedrg.deploy.worker",
+    "fedrg.deploy.settings",
+)
+"""Modules imported once in the server (never the app bundle's own modules)."""
+
+
+def preload() -> None:
+    """Import Flower's ClientApp runtime and fedrg's ClientApp glue (once, before any fork)."""
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+
+
+def _recv_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    msg, fds, _flags, _addr = socket.recv_fds(conn, _HEADER.size + _MAX_REQUEST, 3)
+    if len(msg) < _HEADER.size:
+        raise ValueError("short fork-server request")
+    (size,) = _HEADER.unpack_from(msg)
+    if size > _MAX_REQUEST:
+        raise ValueError("fork-server request too large")
+    body = msg[_HEADER.size:]
+    while len(body) < size:
+        chunk = conn.recv(size - len(body))
+        if not chunk:
+            raise ValueError("truncated fork-server request")
+        body += chunk
+    request = json.loads(body)
+    if (not isinstance(request.get("argv"), list) or not isinstance(request.get("env"), dict)
+            or not isinstance(request.get("cwd"), str) or len(fds) != 3):
+        for fd in fds:
+            os.close(fd)
+        raise ValueError("malformed fork-server request")
+    return request, fds
+
+
+def _run_child(request: dict[str, Any], fds: list[int]) -> int:
+    """In the forked child: become the launcher's process and run the pinned ClientApp."""
+    from fedrg.deploy import pinned_clientapp
+
+    log.handlers.clear()  # the server's own log handler writes to its log, not the task's
+    log.propagate = True
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    os.environ.clear()
+    os.environ.update({str(k): str(v) for k, v in request["env"].items()})
+    os.chdir(request["cwd"])
+    sys.argv = ["flwr-clientapp", *map(str, request["argv"])]
+    try:
+        pinned_clientapp.main([str(a) for a in request["argv"]])
+    except SystemExit as done:
+        code = done.code
+        if code is None:
+            return 0
+        if isinstance(code, int):
+            return code
+        print(code, file=sys.stderr)
+        return 1
+    except BaseException:  # report like an interpreter would, then fail the task
+        import traceback
+
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+class ForkServer:
+    """Forks a ready ClientApp process per request, on a user-only Unix socket."""
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.state_dir = Path(state_dir)
+        self.address = socket_path(self.state_dir)
+        self._sock: socket.socket | None = None
+        self._children: dict[int, socket.socket] = {}
+
+    def open(self) -> None:
+        """Listen on the socket (a stopped server's socket is replaced).
+
+        Raises
+        ------
+        FedrgError
+            If another fork server already listens for this state directory.
+        """
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.address.exists():
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.settimeout(2.0)
+            try:
+                probe.connect(str(self.address))
+            except OSError:
+                self.address.unlink()
+            else:
+                raise FedrgError(
+                    f"a ClientApp fork server already listens on {self.address} for state dir "
+                    f"{self.state_dir}; stop that `fedrg client` first (one per hospital)")
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # created 0600
+        try:
+            sock.bind(str(self.address))
+        finally:
+            os.umask(old)
+        os.chmod(self.address, 0o600)
+        sock.listen(16)
+        self._sock = sock
+
+    def _peer_is_us(self, conn: socket.socket) -> bool:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        return uid == os.getuid()
+
+    def _spawn(self, conn: socket.socket) -> None:
+        if not self._peer_is_us(conn):
+            log.warning("refused a fork-server connection from another user")
+            conn.close()
+            return
+        conn.settimeout(5.0)
+        try:
+            request, fds = _recv_request(conn)
+        except (OSError, ValueError) as err:
+            log.warning("unreadable fork-server request: %s", err)
+            conn.close()
+            return
+        t0 = time.perf_counter()
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 1
+            try:
+                assert self._sock is not None
+                self._sock.close()
+                for other in self._children.values():
+                    other.close()
+                conn.close()
+                code = _run_child(request, fds)
+            finally:
+                with contextlib.suppress(Exception):
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                os._exit(code)
+        for fd in fds:
+            os.close(fd)
+        log.info("forked ClientApp process %d in %.3f s", pid, time.perf_counter() - t0)
+        with contextlib.suppress(OSError):
+            conn.sendall(f"{pid}\n".encode())
+        self._children[pid] = conn
+
+    def _reap(self) -> None:
+        for pid in list(self._children):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 1 << 8
+            if done == 0:
+                continue
+            conn = self._children.pop(pid)
+            code = os.waitstatus_to_exitcode(status)
+            code = 128 - code if code < 0 else code  # killed by a signal: like a shell
+            with contextlib.suppress(OSError):
+                conn.sendall(f"{code}\n".encode())
+            conn.close()
+
+    def serve(self, stop: threading.Event | None = None) -> None:
+        """Serve requests until ``stop`` is set (or forever)."""
+        assert self._sock is not None, "call open() first"
+        while stop is None or not stop.is_set():
+            ready, _, _ = select.select([self._sock], [], [], 0.02 if self._children else 0.2)
+            if ready:
+                conn, _ = self._sock.accept()
+                self._spawn(conn)
+            self._reap()
+
+    def close(self) -> None:
+        """Stop listening; remove the socket (running children finish on their own)."""
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+            self._sock = None
+        with contextlib.suppress(OSError):
+            self.address.unlink()
+        for conn in self._children.values():
+            conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fedrg.deploy.clientapp_forkserver --state-dir DIR``: serve until SIGTERM."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--state-dir", required=True, help="the hospital's state directory")
+    args = parser.parse_args(argv)
+    # this logger only: a forked child must start with the logging a fresh process has
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    t0 = time.perf_counter()
+    preload()
+    server = ForkServer(args.state_dir)
+    server.open()
+
+    def stop(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    log.info("ClientApp fork server ready on %s (imports %.1f s)", server.address,
+             time.perf_counter() - t0)
+    print(f"fedrg ClientApp fork server ready: {server.address}", flush=True)
+    try:
+        server.serve()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
