@@ -48,6 +48,8 @@ min_hospitals = 2
 fraction_evaluate = {fraction_evaluate}
 [data]
 image_shape = [32, 32]
+[model]
+public_init = "none"   # the initial adapter does not change a round's messaging cost
 [privacy]
 enabled = true
 target_epsilon = 8.0

@@ -41,7 +41,42 @@ from pathlib import Path
 from typing import Any
 
 NON_PRIVATE = "non-private"
+PUBLIC_ONLY = "public-only"  # the initial adapter (model.public_init) with no federated training
 TOLERANCE = {"idh_mutant": 0.05, "codeletion_1p19q": 0.05, "mgmt_methylated": 0.08}
+
+
+def run_public_only(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The initial global adapter alone (``model.public_init``, no hospital data), scored on
+    the same held-out patients with the same pooled computation: what the federation adds."""
+    from fedrg.commands.federation import simulated_policy, simulated_sites, synthetic_cohorts
+    from fedrg.config import load_config
+    from fedrg.federated.site import HospitalSite
+    from fedrg.model.adapter import build_model
+    from fedrg.model.public_init import apply_public_init
+    from fedrg.privacy.release import EXACT_BINS, metrics_from_release, noisy_release, sum_releases
+    from fedrg.train.evaluate import release_aggregates
+
+    cfg = load_config(args.config, args.overrides)
+    model = build_model(cfg.model, cfg.data, seed=cfg.federation.seed)
+    applied = apply_public_init(model, cfg.model, cfg.data, cfg.training)
+    sites = simulated_sites(synthetic_cohorts(cfg), work / PUBLIC_ONLY / "sites",
+                            simulated_policy({}, budget=1e9))
+    k = len(cfg.data.markers)
+    releases = {site.name: noisy_release(release_aggregates(model, HospitalSite(site).cohort(cfg).data.val,
+                                                            bins=EXACT_BINS),
+                                         noise_multiplier=0.0, n_markers=k)
+                for site in sites}
+    ev = metrics_from_release(sum_releases(list(releases.values())), list(cfg.data.markers))
+    return {
+        "setting": PUBLIC_ONLY, "seed": 0, "initial_adapter": applied,
+        "auroc_image": ev.get("auroc", {}), "auroc_multimodal": ev.get("auroc_multimodal", {}),
+        "findings_f1": ev.get("findings_f1"), "rouge_l": ev.get("rouge_l"),
+        "epsilon_recorded": 0.0,
+        "by_hospital": {name: {k2: metrics_from_release(r, list(cfg.data.markers)).get(k2)
+                               for k2 in ("auroc", "auroc_multimodal")}
+                        for name, r in releases.items()},
+        "train_seconds": 0.0, "stopped_early": None,
+    }
 
 
 def run_one(setting: str, seed: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -75,10 +110,13 @@ def run_one(setting: str, seed: int, args: argparse.Namespace, work: Path) -> di
         result = run_federation(LocalTransport(sites), cfg, work / name / "run")
     train_s = time.perf_counter() - t0
     payload = Payload(meta={"config": to_run_config(cfg), "round": cfg.federation.rounds,
-                            "run_id": "privacy-utility"})
+                            "run_id": result.metrics["run_id"]})  # the run the sites trained in
     payload.put_array_list("global", result.global_arrays)
     replies = [HospitalSite(site).evaluate(payload).meta for site in sites]
     ev = aggregate_evaluation(replies)
+    if not ev:  # every hospital declined: a benchmark row without metrics is a bug, not a zero
+        reasons = {r.get("site"): r.get("reason") for r in replies}
+        raise SystemExit(f"{name}: no hospital released metrics of the final adapter: {reasons}")
     rows = result.metrics["rounds"]
     eps = rows[-1].get("epsilon") or {}
     return {
@@ -162,13 +200,14 @@ def acceptance(summary: dict[str, Any], runs: list[dict[str, Any]], setting: str
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
-    """AUROC (mean +- std over seeds) against epsilon; non-private drawn at the right."""
+    """AUROC (mean +- std over seeds) against epsilon; non-private drawn at the right, the
+    public initial adapter alone as dashed lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    eps = sorted(float(s) for s in summary if s != NON_PRIVATE)
+    eps = sorted(float(s) for s in summary if s not in (NON_PRIVATE, PUBLIC_ONLY))
     xs = list(range(len(eps)))
     labels = [f"{e:g}" for e in eps]
     if NON_PRIVATE in summary:
@@ -182,14 +221,20 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         for m in markers:
             mean = [summary[s][kind][m]["mean"] for s in settings]
             std = [summary[s][kind][m]["std"] for s in settings]
-            ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=m)
+            line = ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=m)
+            if PUBLIC_ONLY in summary and summary[PUBLIC_ONLY][kind].get(m, {}).get("mean"):
+                ax.axhline(summary[PUBLIC_ONLY][kind][m]["mean"], color=line[0].get_color(),
+                           lw=0.8, ls="--")
         ax.axhline(0.5, color="grey", lw=0.8, ls=":")
         ax.set_xticks(xs, labels)
         ax.set_xlabel("epsilon per hospital (delta as configured)")
         ax.set_title(f"AUROC, {title}")
         ax.set_ylim(0.3, 1.0)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("hospital-mean AUROC (held-out patients)")
+    axes[0].set_ylabel("pooled AUROC (held-out patients)")
+    if PUBLIC_ONLY in summary:
+        axes[0].text(0.02, 0.02, "dashed: the public initial adapter alone", fontsize=8,
+                     transform=axes[0].transAxes)
     axes[1].legend(loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epsilons", default="1,2,4,8", help="comma-separated target epsilons")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated integer seeds")
     ap.add_argument("--skip-non-private", action="store_true")
+    ap.add_argument("--skip-public-only", action="store_true",
+                    help="leave out the initial adapter alone (no federated training)")
     ap.add_argument("--config", default=None, help="TOML config of the DP runs (default: defaults)")
     ap.add_argument("--non-private-config", default="configs/non-private.toml")
     ap.add_argument("--set", action="append", default=[], dest="overrides",
@@ -219,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                  "numbers, e.g. --seeds 0,1,2 --epsilons 1,2,4,8")
     if not args.skip_non_private:
         settings.append(NON_PRIVATE)
+    if not args.skip_public_only:
+        settings.append(PUBLIC_ONLY)
     if args.resume and not args.json:
         ap.error("--resume needs --json FILE (the runs to continue from)")
     runs: list[dict[str, Any]] = []
@@ -239,9 +288,13 @@ def main(argv: list[str] | None = None) -> int:
 
     for setting in settings:
         for seed in seeds:
-            if any(r["setting"] == setting and r["seed"] == seed for r in runs):
+            if setting == PUBLIC_ONLY and seed != seeds[0]:
+                continue  # deterministic: one row
+            if any(r["setting"] == setting and r["seed"] in (seed, 0 if setting == PUBLIC_ONLY else seed)
+                   for r in runs):
                 continue
-            runs.append(run_one(setting, seed, args, work))
+            runs.append(run_public_only(args, work) if setting == PUBLIC_ONLY
+                        else run_one(setting, seed, args, work))
             print(f"{setting} seed {seed}: done", file=sys.stderr)
             emit()
     text = emit()

@@ -6,6 +6,8 @@ directories, small synthetic cohorts unless told otherwise) and prints JSON per 
 * ``wall_s_per_round``: the server's wall time of each round (``metrics.json``);
 * ``secagg_s_per_round``: wall time of the secure-aggregation protocol inside each round
   (its messages included);
+* ``secagg_server_s_per_round``: the server's own secure-aggregation work in each round
+  (key checks, share routing, Shamir reconstruction, unmasking; waiting excluded);
 * ``peak_rss_mb``: peak resident memory of the whole process tree (driver, Ray, actors),
   sampled every 0.5 s;
 * ``total_wall_s`` and ``peak_rss_ratio_to_first`` (peak RSS / that of the first count).
@@ -29,7 +31,8 @@ from pathlib import Path
 
 import psutil
 
-SMALL = ["--set", "data.synthetic_patients=32", "--set", "data.image_shape=[32, 32]",
+SMALL = ["--set", "model.public_init=none", "--set", "data.synthetic_patients=32",
+         "--set", "data.image_shape=[32, 32]",
          "--set", "training.local_epochs=0.5"]
 
 
@@ -80,6 +83,7 @@ def run_one(root: Path, hospitals: int, rounds: int, extra: list[str]) -> dict:
             "participants_per_round": [r["participants"] for r in rows],
             "wall_s_per_round": [r["seconds"] for r in rows],
             "secagg_s_per_round": [r.get("secagg_seconds") for r in rows],
+            "secagg_server_s_per_round": [r.get("secagg_server_seconds") for r in rows],
             "peak_rss_mb": round(peak / 2**20, 1), "total_wall_s": round(total, 1)}
 
 

@@ -46,7 +46,7 @@ def test_none_keeps_the_seeded_random_start(base_dir):
 def test_synthetic_build_is_cached_and_reproducible(base_dir, built, tmp_path):
     directory, root = built
     mcfg, dcfg, tcfg = _cfgs(base_dir)
-    assert directory.name == cache_key(mcfg, dcfg, recipe=RECIPE)
+    assert directory.name == cache_key(mcfg, dcfg, recipe=RECIPE, training_cfg=tcfg)
     stamp = (directory / ARRAYS_FILE).stat().st_mtime_ns
     assert ensure_public_init(mcfg, dcfg, tcfg, recipe=RECIPE, root=root) == directory
     assert (directory / ARRAYS_FILE).stat().st_mtime_ns == stamp  # not rebuilt
@@ -57,10 +57,13 @@ def test_synthetic_build_is_cached_and_reproducible(base_dir, built, tmp_path):
 
 
 def test_cache_key_follows_the_model_not_the_run(base_dir):
-    mcfg, dcfg, _ = _cfgs(base_dir)
-    key = cache_key(mcfg, dcfg, recipe=RECIPE)
-    assert cache_key(mcfg, dcfg.model_copy(update={"val_fraction": 0.4}), recipe=RECIPE) == key
+    mcfg, dcfg, tcfg = _cfgs(base_dir)
+    key = cache_key(mcfg, dcfg, recipe=RECIPE, training_cfg=tcfg)
+    assert cache_key(mcfg, dcfg.model_copy(update={"val_fraction": 0.4}), recipe=RECIPE,
+                     training_cfg=tcfg.model_copy(update={"lr": 0.1, "seed": 9})) == key
     assert cache_key(mcfg.model_copy(update={"lora_rank": 2}), dcfg, recipe=RECIPE) != key
+    assert cache_key(mcfg, dcfg, recipe=RECIPE,
+                     training_cfg=tcfg.model_copy(update={"train_lr": 0.1})) != key
     assert cache_key(mcfg, dcfg, recipe=PublicInitRecipe(encoder_epochs=1)) != key
 
 

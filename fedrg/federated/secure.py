@@ -19,6 +19,7 @@ its policy (:func:`client_trust`), and refuses a round id it has seen before
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -139,7 +140,9 @@ class SecureRound:
                                                 vector_length=n_params)
         self.up = self.down = 0
         self.refusals: list[str] = []
-        self._setup = self.agg.setup_requests()
+        #: the server's own secure-aggregation work (waiting for hospitals excluded)
+        self.server_seconds = 0.0
+        self._setup = self._timed(self.agg.setup_requests)
 
     def setup_requests(self) -> dict[Any, dict[str, Any]]:
         """Stage-1 request per participant (to send with the train message)."""
@@ -160,6 +163,13 @@ class SecureRound:
                 log.warning("round %d %s: node %s dropped: %s", self.rnd, action, node, reply.error)
                 self._note_refusal(f"{action}: {reply.error}" if reply.error else "")
         return ok
+
+    def _timed(self, work: Any, *args: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return work(*args)
+        finally:
+            self.server_seconds += time.perf_counter() - t0
 
     def _note_refusal(self, text: str) -> None:
         if text and len(self.refusals) < 3:
@@ -193,17 +203,19 @@ class SecureRound:
             self.up += sum(to_payload(r).nbytes() for r in setup_replies.values())
         agg = self.agg
         try:
-            requests = agg.receive_setup(setup_replies)
-            requests = agg.receive_shares(self._exchange(transport, SecAggStage.SHARE.action, requests))
-            requests = agg.receive_masked(self._exchange(transport, SecAggStage.MASKED.action, requests))
-            requests = agg.receive_consistency(
-                self._exchange(transport, SecAggStage.CONSISTENCY.action, requests))
-            result = agg.receive_unmask(self._exchange(transport, SecAggStage.UNMASK.action, requests))
+            t = self._timed
+            requests = t(agg.receive_setup, setup_replies)
+            requests = t(agg.receive_shares, self._exchange(transport, SecAggStage.SHARE.action, requests))
+            requests = t(agg.receive_masked, self._exchange(transport, SecAggStage.MASKED.action, requests))
+            requests = t(agg.receive_consistency,
+                         self._exchange(transport, SecAggStage.CONSISTENCY.action, requests))
+            result = t(agg.receive_unmask, self._exchange(transport, SecAggStage.UNMASK.action, requests))
         except SecAggError as err:
             if not self.refusals:
                 raise
             # say why hospitals refused (e.g. their policy wants more peers than the round has)
             raise SecAggError(f"{err} (hospitals answered: {'; '.join(self.refusals)})") from None
+        transport.last_secagg_server_seconds = self.server_seconds  # type: ignore[attr-defined]
         return self.driver.conclude(transport, result, self.rnd, (self.up, self.down))
 
 

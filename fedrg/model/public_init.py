@@ -79,8 +79,14 @@ def _base_identity(base: str) -> str:
     return model_content_hash(base)
 
 
+#: The training settings pre-training uses (the others, e.g. ``lr`` of federated rounds, do not
+#: change the public adapter).
+TRAINING_KEYS = ("train_lr", "train_lora_lr", "weight_decay", "max_physical_batch_size")
+
+
 def cache_key(model_cfg: ModelConfig, data_cfg: DataConfig, *,
-              recipe: PublicInitRecipe = DEFAULT_RECIPE) -> str:
+              recipe: PublicInitRecipe = DEFAULT_RECIPE,
+              training_cfg: TrainingConfig | None = None) -> str:
     """SHA-256 (hex, 16 chars) of everything that determines the public adapter."""
     from fedrg.data.genomics import PUBLIC_SEED
     from fedrg.data.synth import GENERATOR_VERSION
@@ -93,6 +99,7 @@ def cache_key(model_cfg: ModelConfig, data_cfg: DataConfig, *,
         "base": _base_identity(model_cfg.base),
         "generator": GENERATOR_VERSION,
         "public_seed": PUBLIC_SEED,
+        "training": (training_cfg or TrainingConfig()).model_dump(mode="json", include=set(TRAINING_KEYS)),
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -159,7 +166,7 @@ def pretrain_public(model: Any, data_cfg: DataConfig, training_cfg: TrainingConf
             "local_epochs": recipe.full_epochs, "batch_size": recipe.batch_size,
             "lr": training_cfg.train_lr,
             "lora_lr_scale": training_cfg.train_lora_lr / training_cfg.train_lr,
-            "augment": True, "seed": recipe.seed})
+            "augment": True, "seed": recipe.seed, "threads": 0})
         full = train_local(model, dataset, tcfg)
     return {"patients": len(dataset), "encoder_loss_last": encoder_loss,
             "full_loss_mean": full["loss_mean"], "full_steps": full["steps"]}
@@ -203,7 +210,7 @@ def ensure_public_init(model_cfg: ModelConfig, data_cfg: DataConfig, training_cf
     from fedrg.model.base import _file_lock
 
     root = Path(root) if root is not None else cache_dir() / "public-init"
-    target = root / cache_key(model_cfg, data_cfg, recipe=recipe)
+    target = root / cache_key(model_cfg, data_cfg, recipe=recipe, training_cfg=training_cfg)
     if (target / META_FILE).is_file():
         return target
     with _file_lock(root / f"{target.name}.lock"):
