@@ -33,7 +33,8 @@ import psutil
 
 SMALL = ["--set", "model.public_init=none", "--set", "data.synthetic_patients=32",
          "--set", "data.image_shape=[32, 32]",
-         "--set", "training.local_epochs=0.5"]
+         "--set", "training.local_epochs=0.5",
+         "--set", "training.batch_size=8"]  # q = 8/24 within the sites' policy max_sample_rate 0.5
 
 
 def _tree_rss(proc: psutil.Process) -> int:
@@ -116,6 +117,9 @@ def main() -> None:
             r["peak_rss_ratio_to_first"] = round(r["peak_rss_mb"] / first, 2)
     print(json.dumps({"benchmark": "scale", "rounds": args.rounds, "small": not args.full_size,
                       "load_average": os.getloadavg(), "results": results}, indent=1))
+    failed = [r["hospitals"] for r in results if "error" in r]
+    if failed:  # a run that did not complete is a failure, not a data point
+        raise SystemExit(f"scale: the runs with {failed} hospitals did not complete (see 'error')")
 
 
 if __name__ == "__main__":

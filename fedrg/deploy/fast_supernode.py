@@ -73,7 +73,7 @@ def patch_supernode_poll(interval: float, active: float | None = None) -> bool:
             return run_id
 
         noting_pull._fedrg_noted = True  # type: ignore[attr-defined]
-        sci._pull_and_store_message = noting_pull
+        sci._pull_and_store_message = noting_pull  # type: ignore[assignment]
 
     def sleep(seconds: float) -> None:
         if seconds >= 3:

@@ -157,7 +157,7 @@ class SecureRound:
         self.up += sum(r.payload.nbytes() for r in replies.values() if r.payload is not None)
         ok = {}
         for node, reply in replies.items():
-            if reply.ok:
+            if reply.ok and reply.payload is not None:
                 ok[node] = from_payload(reply.payload)
             else:
                 log.warning("round %d %s: node %s dropped: %s", self.rnd, action, node, reply.error)
