@@ -217,3 +217,26 @@ def test_wide_rdp_orders_remove_the_largest_alpha_warning() -> None:
         warnings.simplefilter("error")
         ours = epsilon_of(hist, target_delta=1e-5, accountant="rdp")
     assert 0 < ours < default
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    history=st.lists(st.tuples(st.floats(0.3, 5.0), st.floats(0.001, 1.0), st.integers(1, 500)),
+                     min_size=1, max_size=6),
+    delta=st.sampled_from([1e-5, 1e-6, 1 / 1210]),
+)
+def test_memoised_rdp_epsilon_is_bit_identical_to_opacus(history, delta):
+    """The per-step RDP vectors are memoised per (sigma, q); the epsilon must be exactly
+    what Opacus's RDPAccountant gives for the same history and orders."""
+    from fedrg.privacy.accounting import RDP_ALPHAS, clear_accounting_caches
+
+    clear_accounting_caches()
+    acc = create_accountant(mechanism="rdp")
+    acc.history = [tuple(h) for h in history]
+    want = float(acc.get_epsilon(delta=delta, alphas=list(RDP_ALPHAS)))
+    hist = PrivacyHistory(history)
+    first = epsilon_of(hist, target_delta=delta, accountant="rdp")
+    clear_accounting_caches()
+    epsilon_of(PrivacyHistory(history[:1]), target_delta=delta, accountant="rdp")  # warm one vector
+    again = epsilon_of(hist, target_delta=delta, accountant="rdp")
+    assert first == want and again == want
