@@ -35,14 +35,20 @@ LAUNCHER_SCRIPT = Path(__file__).resolve()
 _MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to about 107 bytes
 
 
-def socket_path(state_dir: str | Path) -> Path:
-    """Where the fork server of ``state_dir`` listens (system temp dir if the path is too long)."""
+def state_socket_path(state_dir: str | Path, name: str, fallback_prefix: str) -> Path:
+    """``state_dir/name``, or a per-state-dir name in the system temp dir when that path is
+    too long for ``AF_UNIX`` (about 107 bytes)."""
     state = Path(state_dir).resolve()
-    path = state / SOCKET_NAME
+    path = state / name
     if len(str(path)) <= _MAX_SOCKET_PATH:
         return path
     digest = hashlib.sha256(str(state).encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"fedrg-clientapp-{digest}.sock"
+    return Path(tempfile.gettempdir()) / f"{fallback_prefix}-{digest}.sock"
+
+
+def socket_path(state_dir: str | Path) -> Path:
+    """Where the fork server of ``state_dir`` listens (system temp dir if the path is too long)."""
+    return state_socket_path(state_dir, SOCKET_NAME, "fedrg-clientapp")
 
 
 def send_request(sock: socket.socket, argv: list[str]) -> None:

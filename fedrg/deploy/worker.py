@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -34,7 +33,6 @@ import secrets
 import signal
 import socket
 import sys
-import tempfile
 import time
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
@@ -50,7 +48,6 @@ log = logging.getLogger("fedrg.worker")
 
 KEY_NAME = "worker.key"
 SOCKET_NAME = "worker.sock"
-_MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to about 107 bytes
 
 
 class WorkerError(FedrgError):
@@ -66,12 +63,9 @@ class WorkerError(FedrgError):
 
 def socket_path(state_dir: str | Path) -> Path:
     """Where the worker of ``state_dir`` listens (in the state dir unless that path is too long)."""
-    state = Path(state_dir).resolve()
-    path = state / SOCKET_NAME
-    if len(str(path)) <= _MAX_SOCKET_PATH:
-        return path
-    digest = hashlib.sha256(str(state).encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"fedrg-worker-{digest}.sock"
+    from fedrg.deploy.clientapp_launch import state_socket_path
+
+    return state_socket_path(state_dir, SOCKET_NAME, "fedrg-worker")
 
 
 # --------------------------------------------------------------------------- wire format
