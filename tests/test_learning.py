@@ -69,6 +69,7 @@ def test_default_dp_federation_learns_image_and_multimodal_markers(tmp_path):
         result = run_federation(LocalTransport(sites), cfg, tmp_path / "run")
     rows = result.metrics["rounds"]
     assert len(rows) == 3
+    assert result.metrics["initial_adapter"].startswith("synthetic:")  # the public adapter
     last = rows[-1]
     image, multimodal = last["auroc"], last["auroc_multimodal"]
     print(f"\nround 3: image {image}; multimodal {multimodal}; findings F1 {last['findings_f1']}; "

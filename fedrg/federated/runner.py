@@ -47,6 +47,7 @@ def run_federation(transport: Transport, cfg: ExperimentConfig, run_dir: str | P
     run_dir.mkdir(parents=True, exist_ok=True)
     factory = DEFAULT_MODEL_FACTORY if model_factory is None else model_factory
     model = factory.build(cfg.model, cfg.data, cfg.federation.seed)
+    applied = None
     if isinstance(model, RadiogenomicsModel) and not resume:
         from fedrg.model.public_init import apply_public_init
 
@@ -67,6 +68,8 @@ def run_federation(transport: Transport, cfg: ExperimentConfig, run_dir: str | P
                               aggregator=aggregator)
     if resume:
         server.resume()
+    elif applied is not None:  # provenance of round 1's start (model.public_init)
+        server.metrics["initial_adapter"] = applied
     try:
         result = server.run(transport)
     finally:
