@@ -6,7 +6,8 @@ lever (Yu et al. 2022; Tramer & Boneh 2021) is to start private fine-tuning from
 trained on *public* data. fedrg's public data is the synthetic generator
 (:mod:`fedrg.data.synth`) run with the public seed :data:`fedrg.data.genomics.PUBLIC_SEED`:
 no hospital's record enters it, so the initial adapter costs no privacy, and every hospital
-and the server can rebuild it bit for bit.
+and the server can rebuild it (bit for bit on the same machine and software; the test
+checks that a second build gives the same bytes).
 
 ``model.public_init`` chooses the initial global adapter of a federation (and of
 ``fedrg train``):
