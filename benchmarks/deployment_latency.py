@@ -64,58 +64,12 @@ _ANSWERED = re.compile(r"answered (\w+) in ([0-9.]+) s")
 
 
 def _setup(root: Path, rounds: int, patients: int, fraction_evaluate: float) -> None:
-    from fedrg.config import load_config
-    from fedrg.data.synth import synthesize
-    from fedrg.deploy.certs import init_certs
-    from fedrg.deploy.keys import new_hospital_keys
-    from fedrg.deploy.processes import free_port
+    from fedrg.deploy.testbed import write_testbed
 
-    (root / "experiment.toml").write_text(EXPERIMENT.format(rounds=rounds,
-                                                            fraction_evaluate=fraction_evaluate))
-    cfg = load_config(root / "experiment.toml")
-    cohorts = synthesize(root / "cohorts", hospitals=len(HOSPITALS), patients=patients, seed=11,
-                         data_cfg=cfg.data)
-    certs = init_certs(root / "certs")
-    keys = {h: new_hospital_keys(root / h, name=h) for h in HOSPITALS}
-    from fedrg.secagg.roster import Roster, entry_from_files, write_roster
-
-    roster = write_roster(root / "roster.toml", Roster(
-        [entry_from_files(h, k.ledger_public, k.node_public) for h, k in keys.items()]))
-    port = free_port()
-    allowed = "".join(f'[[auth.hospitals]]\nname = "{h}"\npublic_key = "{k.node_public}"\n'
-                      for h, k in keys.items())
-    (root / "server.toml").write_text(f"""
-state_dir = "server-state"
-[superlink]
-port = {port}
-[tls]
-ca_cert = "{certs.ca_cert}"
-server_cert = "{certs.server_cert}"
-server_key = "{certs.server_key}"
-{allowed}
-[run]
-experiment = "experiment.toml"
-run_dir = "run"
-timeout_s = 3000
-""")
-    for h, cohort in zip(HOSPITALS, cohorts, strict=True):
-        (root / f"{h}.toml").write_text(f"""
-experiment = "experiment.toml"
-[site]
-name = "{h}"
-cohort = "{cohort}"
-state_dir = "{h}"
-roster = "{roster}"
-[server]
-address = "127.0.0.1:{port}"
-root_certificates = "{certs.ca_cert}"
-connect_timeout_s = 180
-[auth]
-private_key = "{keys[h].node_private}"
-[policy]
-epsilon_budget = 50.0
-min_secagg_peers = {MIN_SECAGG_PEERS}
-""")
+    write_testbed(root, experiment=EXPERIMENT.format(rounds=rounds, fraction_evaluate=fraction_evaluate),
+                  hospitals=HOSPITALS, patients=patients, seed=11,
+                  policy=f"epsilon_budget = 50.0\nmin_secagg_peers = {MIN_SECAGG_PEERS}\n",
+                  run="timeout_s = 3000\n", connect_timeout_s=180)
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:

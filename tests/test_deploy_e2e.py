@@ -22,8 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from fedrg.deploy.processes import free_port
-
 pytestmark = pytest.mark.slow
 
 # three hospitals: each one's default policy (min_secagg_peers=2) wants two other hospitals
@@ -118,56 +116,11 @@ def _wait_for(text: str, log: Path, proc: subprocess.Popen, timeout: float) -> N
 
 
 def test_tls_federation_three_hospitals_two_rounds_dp_secagg(tmp_path, procs):
-    from fedrg.config import load_config
-    from fedrg.data.synth import synthesize
-    from fedrg.deploy.certs import init_certs
-    from fedrg.deploy.keys import new_hospital_keys
+    from fedrg.deploy.testbed import write_testbed
 
     source_pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_bytes()
-    (tmp_path / "experiment.toml").write_text(EXPERIMENT)
-    cfg = load_config(tmp_path / "experiment.toml")
-    cohorts = synthesize(tmp_path / "cohorts", hospitals=len(HOSPITALS), patients=24, seed=11, data_cfg=cfg.data)
-    certs = init_certs(tmp_path / "certs")
-    keys = {h: new_hospital_keys(tmp_path / h, name=h) for h in HOSPITALS}
-    from fedrg.secagg.roster import Roster, entry_from_files, write_roster
-
-    roster = write_roster(tmp_path / "roster.toml", Roster(
-        [entry_from_files(h, k.ledger_public, k.node_public) for h, k in keys.items()]))
-    port = free_port()
+    write_testbed(tmp_path, experiment=EXPERIMENT, hospitals=HOSPITALS, patients=24, seed=11)
     run_dir = tmp_path / "run"
-    allowed = "".join(f'[[auth.hospitals]]\nname = "{h}"\npublic_key = "{k.node_public}"\n'
-                      for h, k in keys.items())
-    (tmp_path / "server.toml").write_text(f"""
-state_dir = "server-state"
-[superlink]
-port = {port}
-[tls]
-ca_cert = "{certs.ca_cert}"
-server_cert = "{certs.server_cert}"
-server_key = "{certs.server_key}"
-{allowed}
-[run]
-experiment = "experiment.toml"
-run_dir = "run"
-timeout_s = 1500
-""")
-    for h, cohort in zip(HOSPITALS, cohorts, strict=True):
-        (tmp_path / f"{h}.toml").write_text(f"""
-experiment = "experiment.toml"
-[site]
-name = "{h}"
-cohort = "{cohort}"
-state_dir = "{h}"
-roster = "{roster}"
-[server]
-address = "127.0.0.1:{port}"
-root_certificates = "{certs.ca_cert}"
-connect_timeout_s = 120
-[auth]
-private_key = "{keys[h].node_private}"
-[policy]
-epsilon_budget = 20.0
-""")
 
     server_log = tmp_path / "server.out"
     server = procs(["server", "--config", str(tmp_path / "server.toml")], server_log)

@@ -91,62 +91,25 @@ def _json(res: subprocess.CompletedProcess) -> dict:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    from fedrg.config import load_config
-    from fedrg.data.synth import synthesize
-    from fedrg.deploy.certs import init_certs
-    from fedrg.deploy.keys import new_hospital_keys
+    from fedrg.deploy.testbed import write_testbed
 
     root = tmp_path_factory.mktemp("attacks")
     mark = uuid.uuid4().hex
     env = {**os.environ, MARK: mark}
-    (root / "experiment.toml").write_text(EXPERIMENT)
-    cfg = load_config(root / "experiment.toml")
-    cohort = synthesize(root / "cohorts", hospitals=1, patients=12, seed=3, data_cfg=cfg.data)[0]
-    certs = init_certs(root / "certs")
-    h1 = new_hospital_keys(root / "hospital-1", name="hospital-1")
-    outsider = new_hospital_keys(root / "outsider", name="outsider")
     # the hostile operator's bundle: fedrg's app with a clients/app.py that acts on import
     evil = P.stage_app(ROOT, root / "evil-app")
     pwned = root / "pwned"
     client_app = evil / "clients" / "app.py"
     client_app.write_text(f"from pathlib import Path\nPath({str(pwned)!r}).write_text('ran')\n"
                           + client_app.read_text())
-    port = P.free_port()
-    (root / "server.toml").write_text(f"""
-state_dir = "server-state"
-[superlink]
-port = {port}
-[tls]
-ca_cert = "{certs.ca_cert}"
-server_cert = "{certs.server_cert}"
-server_key = "{certs.server_key}"
-[[auth.hospitals]]
-name = "hospital-1"
-public_key = "{h1.node_public}"
-[run]
-app_dir = "{evil}"
-experiment = "experiment.toml"
-run_dir = "run"
-timeout_s = 900
-keep_running = true
-""")
-    (root / "hospital-1.toml").write_text(f"""
-experiment = "experiment.toml"
-[site]
-name = "hospital-1"
-cohort = "{cohort}"
-state_dir = "hospital-1"
-[server]
-address = "127.0.0.1:{port}"
-root_certificates = "{certs.ca_cert}"
-connect_timeout_s = 120
-[auth]
-private_key = "{h1.node_private}"
-[policy]
-epsilon_budget = 20.0
-# one hospital: these attacks are on the app bundle and the operator API, before any round
-require_secagg = false
-""")
+    bed = write_testbed(
+        root, experiment=EXPERIMENT, hospitals=["hospital-1"], patients=12, seed=3,
+        extra_keys=["outsider"], roster=False,
+        run=f'app_dir = "{evil}"\ntimeout_s = 900\nkeep_running = true\n',
+        # one hospital: these attacks are on the app bundle and the operator API, before any round
+        policy="epsilon_budget = 20.0\nrequire_secagg = false\n")
+    certs, port = bed.certs, bed.port
+    h1, outsider = bed.keys["hospital-1"], bed.keys["outsider"]
     started: list[subprocess.Popen] = []
 
     def start(args: list[str], log: Path) -> subprocess.Popen:

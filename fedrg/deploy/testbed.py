@@ -1,0 +1,117 @@
+"""A local deployment test bed: certificates, keys, roster, cohorts and the TOML files.
+
+What `fedrg server` and each `fedrg client` need to run a real TLS federation on one
+machine (localhost), written into one directory: a private CA and server certificate, each
+hospital's node and ledger keys, the roster they pin, synthetic cohorts, the experiment, the
+server's TOML (its authorised hospitals) and each hospital's TOML (its own ``[policy]``).
+Used by the deployment tests, the attack tests and ``benchmarks/deployment_latency.py``;
+docs/deployment.md shows the same steps by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Testbed:
+    """Where :func:`write_testbed` put everything."""
+
+    root: Path
+    port: int
+    certs: Any  # fedrg.deploy.certs.CertPaths
+    keys: dict[str, Any]  # hospital name -> fedrg.deploy.keys.HospitalKeys
+    cohorts: dict[str, Path]  # hospital name -> cohort directory (hospitals with a TOML)
+    roster: Path | None
+    server_toml: Path
+
+    def hospital_toml(self, name: str) -> Path:
+        """The ``fedrg client --config`` file of hospital ``name``."""
+        return self.root / f"{name}.toml"
+
+
+def write_testbed(root: str | Path, *, experiment: str, hospitals: Sequence[str],
+                  patients: int, seed: int, extra_keys: Sequence[str] = (),
+                  roster: bool = True, policy: str = "epsilon_budget = 20.0\n",
+                  run: str = "timeout_s = 1500\n", connect_timeout_s: int = 120) -> Testbed:
+    """Write a local deployment into ``root`` and return its paths.
+
+    Parameters
+    ----------
+    root
+        The directory (created); ``fedrg server``/``client`` run with it as working directory
+        or with the absolute paths in the TOML files.
+    experiment
+        The experiment TOML text (``root/experiment.toml``).
+    hospitals
+        Hospital names: each gets keys, a synthetic cohort, a TOML and a place in the
+        server's authorised list (and in the roster).
+    patients, seed
+        Synthetic cohort size (mean) and seed.
+    extra_keys
+        Names that get keys only (not authorised, no TOML): an outsider for attack tests.
+    roster
+        Write ``roster.toml`` of ``hospitals`` and pin it in each hospital's TOML.
+    policy
+        The body of each hospital's ``[policy]`` table.
+    run
+        Extra lines of the server's ``[run]`` table (after experiment and run_dir).
+    connect_timeout_s
+        How long a hospital waits for the server.
+    """
+    from fedrg.config import load_config
+    from fedrg.data.synth import synthesize
+    from fedrg.deploy.certs import init_certs
+    from fedrg.deploy.keys import new_hospital_keys
+    from fedrg.deploy.processes import free_port
+    from fedrg.secagg.roster import Roster, entry_from_files, write_roster
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "experiment.toml").write_text(experiment)
+    cfg = load_config(root / "experiment.toml")
+    dirs = synthesize(root / "cohorts", hospitals=len(hospitals), patients=patients, seed=seed,
+                      data_cfg=cfg.data)
+    cohorts = dict(zip(hospitals, dirs, strict=True))
+    certs = init_certs(root / "certs")
+    keys = {h: new_hospital_keys(root / h, name=h) for h in (*hospitals, *extra_keys)}
+    roster_path = write_roster(root / "roster.toml", Roster(
+        [entry_from_files(h, keys[h].ledger_public, keys[h].node_public) for h in hospitals])
+    ) if roster else None
+    port = free_port()
+    allowed = "".join(f'[[auth.hospitals]]\nname = "{h}"\npublic_key = "{keys[h].node_public}"\n'
+                      for h in hospitals)
+    server_toml = root / "server.toml"
+    server_toml.write_text(f"""
+state_dir = "server-state"
+[superlink]
+port = {port}
+[tls]
+ca_cert = "{certs.ca_cert}"
+server_cert = "{certs.server_cert}"
+server_key = "{certs.server_key}"
+{allowed}
+[run]
+experiment = "experiment.toml"
+run_dir = "run"
+{run}""")
+    pin = f'roster = "{roster_path}"\n' if roster_path else ""
+    for h in hospitals:
+        (root / f"{h}.toml").write_text(f"""
+experiment = "experiment.toml"
+[site]
+name = "{h}"
+cohort = "{cohorts[h]}"
+state_dir = "{h}"
+{pin}[server]
+address = "127.0.0.1:{port}"
+root_certificates = "{certs.ca_cert}"
+connect_timeout_s = {connect_timeout_s}
+[auth]
+private_key = "{keys[h].node_private}"
+[policy]
+{policy}""")
+    return Testbed(root, port, certs, keys, cohorts, roster_path, server_toml)
