@@ -27,9 +27,7 @@ import argparse
 import json
 import os
 import re
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -72,35 +70,6 @@ def _setup(root: Path, rounds: int, patients: int, fraction_evaluate: float) -> 
                   run="timeout_s = 3000\n", connect_timeout_s=180)
 
 
-def _start(args: list[str], log: Path) -> subprocess.Popen:
-    with open(log, "wb") as fh:
-        return subprocess.Popen([sys.executable, "-m", "fedrg.cli", *args], stdout=fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:  # SIGTERM: fedrg stops its Flower processes and the worker itself
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(timeout=10)
-
-
-def _wait_for(text: str, log: Path, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if log.exists() and text in log.read_text(errors="replace"):
-            return
-        if proc.poll() is not None:
-            break
-        time.sleep(0.5)
-    raise SystemExit(f"{text!r} not seen in {log}:\n{log.read_text(errors='replace')[-3000:]}")
-
-
 def worker_times(log: Path) -> list[tuple[str, float]]:
     """``(action, seconds)`` of every message a hospital's worker answered, in order."""
     if not log.is_file():
@@ -114,19 +83,21 @@ def _count(log: Path, text: str) -> int:
 
 def run(root: Path, *, rounds: int, patients: int, fraction_evaluate: float) -> dict:
     """Run the deployed federation under ``root``; return the JSON-ready measurements."""
+    from fedrg.deploy.testbed import start_fedrg, stop_all, wait_for_text
+
     _setup(root, rounds, patients, fraction_evaluate)
     procs: list[subprocess.Popen] = []
     t0 = time.perf_counter()
     try:
-        server = _start(["server", "--config", str(root / "server.toml")], root / "server.out")
+        server = start_fedrg(["server", "--config", str(root / "server.toml")], root / "server.out")
         procs.append(server)
-        _wait_for("submitted", root / "server.out", server, timeout=300)
+        wait_for_text("submitted", root / "server.out", server, timeout=300)
         for h in HOSPITALS:
-            procs.append(_start(["client", "--config", str(root / f"{h}.toml")], root / f"{h}.out"))
+            procs.append(start_fedrg(["client", "--config", str(root / f"{h}.toml")], root / f"{h}.out"))
         rc = server.wait(timeout=3600)
         total = time.perf_counter() - t0
     finally:
-        _stop(procs)
+        stop_all(procs, timeout=60)
     if rc != 0:
         raise SystemExit(f"server exit {rc}:\n{(root / 'server.out').read_text(errors='replace')[-4000:]}")
     rows = json.loads((root / "run" / "metrics.json").read_text())["rounds"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from fedrg.deploy.testbed import start_fedrg, stop_all, wait_for_text
 
 pytestmark = pytest.mark.slow
 
@@ -76,22 +77,12 @@ def procs():
     started: list[subprocess.Popen] = []
 
     def start(args: list[str], log: Path) -> subprocess.Popen:
-        with open(log, "wb") as fh:
-            p = subprocess.Popen([sys.executable, "-m", "fedrg.cli", *args], env=env,
-                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        p = start_fedrg(args, log, env=env)
         started.append(p)
         return p
 
     yield start
-    for p in started:  # SIGTERM: fedrg stops its Flower processes in `finally`
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in started:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(timeout=10)
+    stop_all(started)  # SIGTERM: fedrg stops its Flower processes in `finally`
     deadline = time.monotonic() + 20
     left = _marked(mark)
     while left and time.monotonic() < deadline:
@@ -103,18 +94,6 @@ def procs():
     assert not left, f"processes left running: {[(p.pid, p.name()) for p in left]}"
 
 
-def _wait_for(text: str, log: Path, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if log.exists() and text in log.read_text(errors="replace"):
-            return
-        if proc.poll() is not None:
-            break
-        time.sleep(0.5)
-    raise AssertionError(f"{text!r} not seen in {log} (exit {proc.poll()}):\n"
-                         f"{log.read_text(errors='replace')[-4000:] if log.exists() else ''}")
-
-
 def test_tls_federation_three_hospitals_two_rounds_dp_secagg(tmp_path, procs):
     from fedrg.deploy.testbed import write_testbed
 
@@ -124,15 +103,15 @@ def test_tls_federation_three_hospitals_two_rounds_dp_secagg(tmp_path, procs):
 
     server_log = tmp_path / "server.out"
     server = procs(["server", "--config", str(tmp_path / "server.toml")], server_log)
-    _wait_for("submitted", server_log, server, timeout=120)
+    wait_for_text("submitted", server_log, server, timeout=120)
     clients = {}
     for h in HOSPITALS:
         log = tmp_path / f"{h}.out"
         clients[h] = (procs(["client", "--config", str(tmp_path / f"{h}.toml")], log), log)
     for proc, log in clients.values():
-        _wait_for("connected to", log, proc, timeout=180)
+        wait_for_text("connected to", log, proc, timeout=180)
     # the server prints round 1 while round 2 runs (the run is still going)
-    _wait_for(f"{len(HOSPITALS)} hospital(s) trained", server_log, server, timeout=1500)
+    wait_for_text(f"{len(HOSPITALS)} hospital(s) trained", server_log, server, timeout=1500)
     assert server.poll() is None
 
     try:

@@ -115,3 +115,56 @@ private_key = "{keys[h].node_private}"
 [policy]
 {policy}""")
     return Testbed(root, port, certs, keys, cohorts, roster_path, server_toml)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def start_fedrg(args: list[str], log: Path, *, env: dict[str, str] | None = None) -> Any:
+    """``python -m fedrg.cli ARGS`` in its own process group, output into ``log``."""
+    import subprocess
+    import sys
+
+    with open(log, "wb") as fh:
+        return subprocess.Popen([sys.executable, "-m", "fedrg.cli", *args], env=env, stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_all(procs: Sequence[Any], *, timeout: float = 30.0) -> None:
+    """SIGTERM each still-running process (fedrg stops its Flower processes and worker
+    itself), wait ``timeout`` s, then SIGKILL the process group of any that did not stop."""
+    import os
+    import signal
+    import subprocess
+
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=10)
+
+
+def wait_for_text(text: str, log: Path, proc: Any, timeout: float) -> str:
+    """Wait until ``text`` appears in ``log``; return the log.
+
+    Raises
+    ------
+    TimeoutError
+        If ``proc`` exits or ``timeout`` s pass first (with the log's tail).
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = log.read_text(errors="replace") if log.exists() else ""
+        if text in out:
+            return out
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
+    raise TimeoutError(f"{text!r} not seen in {log} (exit {proc.poll()}):\n{tail}")

@@ -23,11 +23,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import ssl
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -37,6 +34,7 @@ import pytest
 
 from fedrg.deploy import processes as P
 from fedrg.deploy.superlink_gate import REFUSAL
+from fedrg.deploy.testbed import start_fedrg, stop_all, wait_for_text, write_testbed
 from tests.test_deploy_processes import MARK, assert_none_left
 
 pytestmark = pytest.mark.slow
@@ -64,19 +62,6 @@ threads = 1
 """
 
 
-def _wait_for(text: str, log: Path, proc: subprocess.Popen, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        out = log.read_text(errors="replace") if log.exists() else ""
-        if text in out:
-            return out
-        if proc.poll() is not None:
-            break
-        time.sleep(0.5)
-    raise AssertionError(f"{text!r} not seen in {log} (exit {proc.poll()}):\n"
-                         f"{log.read_text(errors='replace')[-4000:] if log.exists() else ''}")
-
-
 def _flwr_home(path: Path, *, address: str, ca: Path, base: dict[str, str]) -> dict[str, str]:
     P.write_flwr_config(path, address=address, root_certificates=ca)
     return P.flower_env(path, base=base)
@@ -91,7 +76,6 @@ def _json(res: subprocess.CompletedProcess) -> dict:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    from fedrg.deploy.testbed import write_testbed
 
     root = tmp_path_factory.mktemp("attacks")
     mark = uuid.uuid4().hex
@@ -113,22 +97,20 @@ def deployment(tmp_path_factory):
     started: list[subprocess.Popen] = []
 
     def start(args: list[str], log: Path) -> subprocess.Popen:
-        with open(log, "wb") as fh:
-            p = subprocess.Popen([sys.executable, "-m", "fedrg.cli", *args], env=env, stdout=fh,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+        p = start_fedrg(args, log, env=env)
         started.append(p)
         return p
 
     try:
         server_log, client_log = root / "server.out", root / "hospital-1.out"
         server = start(["server", "--config", str(root / "server.toml")], server_log)
-        out = _wait_for("registered hospital-1", server_log, server, timeout=180)
+        out = wait_for_text("registered hospital-1", server_log, server, timeout=180)
         operator = next(line for line in out.splitlines() if "operator API on" in line)
         operator_address = operator.split("operator API on ")[1].split(" ")[0]
         # connect before the run starts, so the ServerApp finds the hospital at once
         client = start(["client", "--config", str(root / "hospital-1.toml")], client_log)
-        _wait_for("connected to", client_log, client, timeout=180)
-        _wait_for("submitted", server_log, server, timeout=180)
+        wait_for_text("connected to", client_log, client, timeout=180)
+        wait_for_text("submitted", server_log, server, timeout=180)
         yield {
             "root": root, "certs": certs, "h1": h1, "outsider": outsider, "pwned": pwned,
             "public": f"127.0.0.1:{port}", "operator": operator_address, "env": env,
@@ -137,15 +119,7 @@ def deployment(tmp_path_factory):
             "client_log": client_log, "evil": evil,
         }
     finally:
-        for p in started:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in started:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=10)
+        stop_all(started)
         assert_none_left(mark, grace=20)
 
 
@@ -176,14 +150,14 @@ def _refused(res: subprocess.CompletedProcess) -> str:
 
 def test_attack_modified_bundle(deployment):
     d = deployment
-    out = _wait_for("refused:", d["client_log"], d["client"], timeout=420)
+    out = wait_for_text("refused:", d["client_log"], d["client"], timeout=420)
     assert "clients/app.py differs" in out, out[-3000:]
     assert "Nothing from it ran" in out
     # nothing of the bundle ran at the hospital: no marker file, no training, no ledger entry
     assert not d["pwned"].exists()
     assert not (d["root"] / "hospital-1" / "ledger.jsonl").exists()
     # the server got an error instead of an update: the round trained no hospital
-    srv = _wait_for("0 hospital(s) trained", d["server_log"], d["server"], timeout=300)
+    srv = wait_for_text("0 hospital(s) trained", d["server_log"], d["server"], timeout=300)
     assert "1 failed" in srv
     # the hospital stays connected, ready for an approved run
     assert d["client"].poll() is None
