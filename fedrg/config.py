@@ -205,6 +205,9 @@ class SecAggConfig(StrictModel):
     rounding: Literal["nearest", "stochastic"] = Field(
         "nearest", description="fixed-point rounding: deterministic or unbiased stochastic"
     )
+    pipelined: bool = Field(
+        True, description="set each round's secure sum up during the previous round's last two "
+        "messages: 3 messages per round instead of 5 (fresh keys and shares every round)")
 
 
 class TrainingConfig(StrictModel):

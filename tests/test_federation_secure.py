@@ -11,9 +11,12 @@ from fedrg.config import SiteConfig, load_config
 from fedrg.errors import FedrgError, PolicyViolationError
 from fedrg.federated.payload import Payload, Reply
 from fedrg.federated.secure import (
+    MASKED_FIELD,
     SETUP_FIELD,
     SecureAggregationDriver,
+    answer_masked_in_train,
     answer_setup_in_train,
+    check_masked_in_train,
     check_setup_policy,
     client_stage,
     provision_roster,
@@ -34,31 +37,44 @@ class SecureHospitals:
         self.state = {n: Payload() for n in updates}
         self.drop_at = drop_at or {}  # node -> action at which it stops answering
         self.seen_masked = {}
+        self.trained = {}  # node -> train messages it trained on
+        self.actions = []  # (round, action) of every message sent
 
     def nodes(self):
         return sorted(self.updates)
 
     def send(self, action, messages, *, round_, timeout=None):
         out = {}
+        self.actions.append((round_, action))
         for node, p in messages.items():
-            if self.drop_at.get(node) == action:
+            if self.drop_at.get(node) in (action, (round_, action)):
                 continue
             if action == "train":
                 reply = Payload(meta={"site": f"h{node}", "status": "ok"})
-                setup = p.meta.get(SETUP_FIELD)
-                if setup is not None:  # the hospital's checks before training, as the site's
-                    try:
-                        check_setup_policy(setup, self.sites[node].policy)
-                    except PolicyViolationError as err:
-                        reply.meta.update(refusal_reply(err))
-                        out[node] = Reply(node, reply)
-                        continue
+                setup, masked = p.meta.get(SETUP_FIELD), p.meta.get(MASKED_FIELD)
                 st = self.state[node]
+                try:  # the hospital's checks before training, as the site's
+                    if setup is not None:
+                        check_setup_policy(setup, self.sites[node].policy)
+                    if masked is not None:
+                        check_masked_in_train(masked, st, site=self.sites[node])
+                except PolicyViolationError as err:
+                    reply.meta.update(refusal_reply(err))
+                    out[node] = Reply(node, reply)
+                    continue
+                except FedrgError as err:
+                    out[node] = Reply(node, error=str(err))
+                    continue
+                self.trained[node] = self.trained.get(node, 0) + 1
                 st.arrays = {}
                 st.put_array_list("pending", [self.updates[node]])
                 st.meta["pending_weight"] = float(self.weights[node])
                 if setup is not None:  # the real hospital code: round keys in the train reply
                     answer_setup_in_train(setup, reply, st, site=self.sites[node])
+                if masked is not None:  # pipelined: the masked update in the train reply
+                    answer_masked_in_train(masked, reply, st, site=self.sites[node])
+                    if "sa.masked" in reply.arrays:
+                        self.seen_masked[node] = reply.arrays["sa.masked"].copy()
                 out[node] = Reply(node, reply)
             elif action == "evaluate":
                 out[node] = Reply(node, Payload(meta={"site": f"h{node}", "n": 1, "metrics": {"loss": 0.0}}))
@@ -189,3 +205,98 @@ def test_setup_with_train_sums_like_fedavg_of_the_survivors(tmp_path_factory, se
     included = [i for i in updates if i != dropped or late]
     np.testing.assert_allclose(result.global_arrays[0], _fedavg(updates, weights, included),
                                atol=_bound([weights[i] for i in included]))
+
+
+# ---------------------------------------------------------------- pipelined set-up
+SECAGG_STAGES = ["secagg_share", "secagg_masked", "secagg_consistency", "secagg_unmask"]
+
+
+def _run_rounds(root, hospitals, *, n=4, rounds=3, pipelined=True):
+    cfg = load_config(None, [f"federation.rounds={rounds}", f"federation.hospitals={n}",
+                             "federation.min_hospitals=2", "secagg.threshold_fraction=0.6",
+                             "federation.fraction_evaluate=0", f"secagg.pipelined={str(pipelined).lower()}"])
+    server = FederationServer(cfg, root, [np.zeros(5, np.float32)],
+                              secure_aggregate=SecureAggregationDriver(cfg))
+    return server.run(hospitals)
+
+
+def _messages_per_round(hospitals, rounds):
+    return [[a for r, a in hospitals.actions if r == rnd] for rnd in range(1, rounds + 1)]
+
+
+def test_pipelined_rounds_take_three_messages_and_sum_like_fedavg(tmp_path):
+    updates, weights = _data(seed=5)
+    hospitals = SecureHospitals(updates, weights, tmp_path)
+    result = _run_rounds(tmp_path, hospitals)
+    # round 1 sets itself up (keys in the train reply) and the next round on its last two
+    # messages; every later round is train -> consistency -> unmask
+    assert _messages_per_round(hospitals, 3) == [
+        ["train", *SECAGG_STAGES], ["train", "secagg_consistency", "secagg_unmask"],
+        ["train", "secagg_consistency", "secagg_unmask"]]
+    np.testing.assert_allclose(result.global_arrays[0], 3 * _fedavg(updates, weights, [1, 2, 3, 4]),
+                               atol=3 * _bound(list(weights.values())))
+    assert hospitals.trained == dict.fromkeys(updates, 3)
+    for node, masked in hospitals.seen_masked.items():  # round 3's masked input, from the train reply
+        assert masked.dtype.kind == "u"
+        assert not np.allclose(masked[:5].astype(np.float64), updates[node] * weights[node], atol=1)
+    assert all(r["aggregated"] for r in result.metrics["rounds"])
+
+
+def test_pipelined_and_fresh_set_ups_sum_alike(tmp_path):
+    updates, weights = _data(seed=6)
+    fresh_hospitals = SecureHospitals(updates, weights, tmp_path / "b")
+    piped = _run_rounds(tmp_path / "a", SecureHospitals(updates, weights, tmp_path / "a"))
+    fresh = _run_rounds(tmp_path / "b", fresh_hospitals, pipelined=False)
+    assert _messages_per_round(fresh_hospitals, 3) == [["train", *SECAGG_STAGES]] * 3
+    np.testing.assert_allclose(piped.global_arrays[0], fresh.global_arrays[0],
+                               atol=6 * _bound(list(weights.values())))
+
+
+def test_each_pipelined_round_has_its_own_keys_and_round_id(tmp_path):
+    updates, weights = _data(seed=7)
+    hospitals = SecureHospitals(updates, weights, tmp_path)
+    _run_rounds(tmp_path, hospitals)
+    # every round's set-up was answered once, under a round id of its own
+    for state in hospitals.state.values():
+        seen = list(state.meta["secagg_seen_rounds"])
+        assert len(seen) == 3 and len(set(seen)) == 3
+        assert "secagg_next_session" not in state.meta  # the last round sets nothing up ahead
+
+
+@pytest.mark.parametrize("stage", ["train", *SECAGG_STAGES])
+def test_a_dropout_in_round_1_falls_back_to_a_fresh_set_up(tmp_path, stage):
+    updates, weights = _data(seed=8)
+    hospitals = SecureHospitals(updates, weights, tmp_path, drop_at={3: (1, stage)})
+    result = _run_rounds(tmp_path, hospitals, rounds=2)
+    late = stage in ("secagg_consistency", "secagg_unmask")
+    first = [1, 2, 3, 4] if late else [1, 2, 4]
+    expected = _fedavg(updates, weights, first) + _fedavg(updates, weights, [1, 2, 3, 4])
+    np.testing.assert_allclose(result.global_arrays[0], expected, atol=2 * _bound(list(weights.values())))
+    # hospital 3 missed a pipelined part: round 2 is set up afresh, with everyone
+    assert _messages_per_round(hospitals, 2)[1] == ["train", *SECAGG_STAGES]
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**16), dropped=st.sampled_from([None, 1, 2, 3, 4, 5]),
+       rnd=st.integers(1, 3), stage=st.sampled_from(["train", *SECAGG_STAGES]))
+def test_pipelined_rounds_sum_like_fedavg_of_the_survivors(tmp_path_factory, seed, dropped, rnd, stage):
+    """Property: over three pipelined rounds, the global model is the sum of each round's
+    weighted FedAvg of the hospitals in its sum, whichever hospital drops at whichever
+    message of whichever round."""
+    root = tmp_path_factory.mktemp("piped")
+    rng = np.random.default_rng(seed)
+    updates = {i: rng.uniform(-2, 2, size=5).astype(np.float32) for i in range(1, 6)}
+    weights = {i: float(rng.integers(1, 50)) for i in updates}
+    drop = {} if dropped is None else {dropped: (rnd, stage)}
+    hospitals = SecureHospitals(updates, weights, root, drop_at=drop)
+    result = _run_rounds(root, hospitals, n=5)
+    messages = _messages_per_round(hospitals, 3)
+    expected = np.zeros(5)
+    for r in (1, 2, 3):
+        # a pipelined round has no share or masked message: a drop there cannot happen
+        missed = dropped is not None and r == rnd and stage in messages[r - 1]
+        late = stage in ("secagg_consistency", "secagg_unmask")  # its masked input is in the sum
+        expected += _fedavg(updates, weights, [i for i in updates if not (missed and i == dropped and not late)])
+    np.testing.assert_allclose(result.global_arrays[0], expected,
+                               atol=3 * _bound(list(weights.values())))
+    assert all(r["aggregated"] for r in result.metrics["rounds"])

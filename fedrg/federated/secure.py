@@ -32,7 +32,7 @@ from fedrg.privacy.policy import SitePolicy
 from fedrg.secagg.stages import SecAggStage
 
 if TYPE_CHECKING:
-    from fedrg.secagg.client import ClientTrust
+    from fedrg.secagg.client import ClientSession, ClientTrust
 
 log = logging.getLogger("fedrg.secagg")
 
@@ -41,6 +41,21 @@ SETUP_FIELD = "secagg_setup"
 """Train-request meta key holding this hospital's stage-1 secure-aggregation request."""
 KEYS_FIELD = "secagg_keys"
 """Train-reply meta key holding the hospital's signed round keys (its stage-1 reply)."""
+NEXT_SESSION_KEY = "secagg_next_session"
+"""Node-state key of the next round's session, set up while this round finishes."""
+NEXT_SETUP_FIELD = "secagg_next_setup"
+"""Consistency-request key: the next round's stage-1 request (pipelined set-up)."""
+NEXT_KEYS_FIELD = "secagg_next_keys"
+"""Consistency-reply key: the hospital's signed keys for the next round."""
+NEXT_SHARE_FIELD = "secagg_next_share"
+"""Unmask-request key: the next round's signed key list (its stage-2 request)."""
+NEXT_SHARES_FIELD = "secagg_next_shares"
+"""Unmask-reply key: the hospital's encrypted shares for the next round."""
+NEXT_ERROR_FIELD = "secagg_next_error"
+"""Reply key: why the hospital refused the pipelined next-round part (public reason)."""
+MASKED_FIELD = "secagg_masked"
+"""Train-request key: the shares routed to this hospital in a pipelined round (plus its
+round id); train-reply key: ``{"index"}`` of the masked update (array ``sa.masked``)."""
 SEEN_ROUNDS_KEY = "secagg_seen_rounds"
 SEEN_ROUNDS_KEPT = 1000
 ROSTER_FILE = "roster.toml"
@@ -123,11 +138,22 @@ def from_payload(payload: Payload) -> dict[str, Any]:
 class SecureRound:
     """One secure-aggregation round on the server, begun before local training.
 
-    The stage-1 requests (round parameters and each hospital's index) travel inside the
-    ``train`` message (under :data:`SETUP_FIELD`) and each hospital's signed round keys come
-    back inside its ``train`` reply (:data:`KEYS_FIELD`), saving one message per round; the
-    remaining four stages are messages of their own (:meth:`finish`). A sampled hospital that
-    declines, fails or sends no keys counts as dropped at setup.
+    Fresh (:meth:`SecureAggregationDriver.begin`): the stage-1 requests (round parameters
+    and each hospital's index) travel inside the ``train`` message (under
+    :data:`SETUP_FIELD`) and each hospital's signed round keys come back inside its
+    ``train`` reply (:data:`KEYS_FIELD`); :meth:`finish` sends the other four stages as
+    messages of their own. A sampled hospital that declines, fails or sends no keys counts
+    as dropped at setup.
+
+    Pipelined: while this round finishes, the *next* round is set up on the same messages
+    (:meth:`finish` with ``next_participants``): its stage-1 request rides on this round's
+    consistency request and the signed keys on the reply, its key list on the unmask
+    request and the encrypted shares on the reply. When every next participant completed
+    both, :attr:`next_round` is ready: the next train message carries the shares routed to
+    each hospital (:meth:`masked_requests`, under :data:`MASKED_FIELD`), the train reply
+    the masked update, and :meth:`finish_masked` needs only the consistency and unmask
+    messages. Three messages per round instead of five; each round keeps its own fresh
+    keys, round id and Shamir shares, so the protocol's guarantees are those of one round.
     """
 
     def __init__(self, driver: SecureAggregationDriver, participants: list[int], rnd: int,
@@ -136,6 +162,8 @@ class SecureRound:
 
         self.driver = driver
         self.rnd = rnd
+        self.participants = sorted(participants)
+        self.n_params = n_params
         self.agg = ServerAggregator.from_config(driver.cfg.secagg, participants,
                                                 vector_length=n_params)
         self.up = self.down = 0
@@ -143,11 +171,28 @@ class SecureRound:
         #: the server's own secure-aggregation work (waiting for hospitals excluded)
         self.server_seconds = 0.0
         self._setup = self._timed(self.agg.setup_requests)
+        self._routed: dict[Any, dict[str, Any]] = {}
+        #: the next round, set up during this one's last two messages (None: set up afresh)
+        self.next_round: SecureRound | None = None
 
     def setup_requests(self) -> dict[Any, dict[str, Any]]:
         """Stage-1 request per participant (to send with the train message)."""
         self.down += sum(to_payload(r).nbytes() for r in self._setup.values())
         return self._setup
+
+    @property
+    def ready(self) -> bool:
+        """Pipelined and complete: every participant's keys and shares are in."""
+        return bool(self._routed) and sorted(self._routed) == self.participants
+
+    def masked_requests(self) -> dict[Any, dict[str, Any]]:
+        """Per participant, the shares routed to it and the round id (for the train message)."""
+        if not self.ready:
+            raise SecAggError(f"round {self.rnd}'s secure sum was not set up ahead")
+        rid = self.agg.params.round_id
+        out = {node: {**req, "round_id": rid} for node, req in self._routed.items()}
+        self.down += sum(to_payload(r).nbytes() for r in out.values())
+        return out
 
     def _exchange(self, transport: Transport, action: str,
                   requests: dict[Any, dict[str, Any]]) -> dict[Any, dict[str, Any]]:
@@ -176,8 +221,8 @@ class SecureRound:
             self.refusals.append(text)
 
     def finish(self, transport: Transport, setup_replies: dict[Any, dict[str, Any]],
-               refusals: dict[Any, str] | None = None, *,
-               keys_counted: bool = False) -> tuple[np.ndarray, float]:
+               refusals: dict[Any, str] | None = None, *, keys_counted: bool = False,
+               next_participants: list[int] | None = None) -> tuple[np.ndarray, float]:
         """Run stages 2-5 from the keys the hospitals returned; (weighted mean, total weight).
 
         Parameters
@@ -190,6 +235,9 @@ class SecureRound:
             ``{node: why}`` of sampled hospitals that sent no keys (named if the round aborts).
         keys_counted
             The keys came in a message of their own whose bytes are counted already.
+        next_participants
+            The next round's hospitals: set that round up during this one's consistency
+            and unmask messages (:attr:`next_round`); None: no next round.
 
         Raises
         ------
@@ -197,26 +245,103 @@ class SecureRound:
             When the round aborts (too few survivors at some stage, or fewer than
             ``federation.min_hospitals`` in the sum).
         """
-        for node, why in (refusals or {}).items():
-            self._note_refusal(f"{SecAggStage.SETUP.action}: node {node}: {why}")
+        self._note_refusals(refusals)
         if not keys_counted:
             self.up += sum(to_payload(r).nbytes() for r in setup_replies.values())
-        agg = self.agg
-        try:
-            t = self._timed
+
+        def stages() -> Any:
+            t, agg = self._timed, self.agg
             requests = t(agg.receive_setup, setup_replies)
             requests = t(agg.receive_shares, self._exchange(transport, SecAggStage.SHARE.action, requests))
-            requests = t(agg.receive_masked, self._exchange(transport, SecAggStage.MASKED.action, requests))
-            requests = t(agg.receive_consistency,
-                         self._exchange(transport, SecAggStage.CONSISTENCY.action, requests))
-            result = t(agg.receive_unmask, self._exchange(transport, SecAggStage.UNMASK.action, requests))
+            masked = self._exchange(transport, SecAggStage.MASKED.action, requests)
+            return self._after_masked(transport, masked, next_participants)
+
+        return self._run(transport, stages)
+
+    def finish_masked(self, transport: Transport, masked_replies: dict[Any, dict[str, Any]],
+                      refusals: dict[Any, str] | None = None, *,
+                      next_participants: list[int] | None = None) -> tuple[np.ndarray, float]:
+        """A pipelined round: the masked updates came with the train replies; run stages 4-5.
+
+        Parameters are those of :meth:`finish`; ``masked_replies`` is ``{node: {"index",
+        "masked"}}`` from the train replies (their bytes are counted with the train reply).
+        """
+        self._note_refusals(refusals)
+        return self._run(transport, lambda: self._after_masked(transport, masked_replies,
+                                                               next_participants))
+
+    def _note_refusals(self, refusals: dict[Any, str] | None) -> None:
+        for node, why in (refusals or {}).items():
+            self._note_refusal(f"{SecAggStage.SETUP.action}: node {node}: {why}")
+
+    def _run(self, transport: Transport, stages: Any) -> tuple[np.ndarray, float]:
+        try:
+            result = stages()
         except SecAggError as err:
+            self.next_round = None
             if not self.refusals:
                 raise
             # say why hospitals refused (e.g. their policy wants more peers than the round has)
             raise SecAggError(f"{err} (hospitals answered: {'; '.join(self.refusals)})") from None
         transport.last_secagg_server_seconds = self.server_seconds  # type: ignore[attr-defined]
         return self.driver.conclude(transport, result, self.rnd, (self.up, self.down))
+
+    def _after_masked(self, transport: Transport, masked: dict[Any, dict[str, Any]],
+                      next_participants: list[int] | None) -> Any:
+        """Stages 3-5 from the masked inputs; sets up the next round on the way if asked."""
+        t, agg = self._timed, self.agg
+        requests = t(agg.receive_masked, masked)
+        nxt = None
+        if next_participants and set(next_participants) <= set(requests):
+            nxt = self.driver.begin(next_participants, self.rnd + 1, self.n_params)
+            setup = nxt.setup_requests()
+            requests = {node: ({**req, NEXT_SETUP_FIELD: setup[node]} if node in setup else req)
+                        for node, req in requests.items()}
+        replies = self._exchange(transport, SecAggStage.CONSISTENCY.action, requests)
+        next_keys = _pop_next(replies, NEXT_KEYS_FIELD)
+        requests = t(agg.receive_consistency, replies)
+        if nxt is not None:
+            share = nxt._next_stage(nxt.agg.receive_setup, next_keys)
+            if share is not None and set(share) <= set(requests):
+                nxt.down += sum(to_payload(r).nbytes() for r in share.values())
+                requests = {node: ({**req, NEXT_SHARE_FIELD: share[node]} if node in share else req)
+                            for node, req in requests.items()}
+            else:
+                nxt = None
+        replies = self._exchange(transport, SecAggStage.UNMASK.action, requests)
+        next_shares = _pop_next(replies, NEXT_SHARES_FIELD)
+        result = t(agg.receive_unmask, replies)
+        if nxt is not None:
+            nxt._routed = nxt._next_stage(nxt.agg.receive_shares, next_shares) or {}
+            if nxt.ready:
+                self.next_round = nxt
+            else:
+                log.info("round %d: the pipelined set-up of round %d is incomplete; it will be "
+                         "set up afresh", self.rnd, self.rnd + 1)
+        return result
+
+    def _next_stage(self, receive: Any, replies: dict[Any, dict[str, Any]]) -> Any:
+        """One pipelined stage of this (next) round; None when it cannot go on."""
+        self.up += sum(to_payload(r).nbytes() for r in replies.values())
+        try:
+            return self._timed(receive, replies)
+        except SecAggError as err:
+            log.info("round %d: pipelined set-up stopped (%s); it will be set up afresh",
+                     self.rnd, err)
+            return None
+
+
+def _pop_next(replies: dict[Any, dict[str, Any]], field: str) -> dict[Any, dict[str, Any]]:
+    """Take the pipelined next-round answers out of this round's replies."""
+    out = {}
+    for node, reply in replies.items():
+        value = reply.pop(field, None)
+        reason = reply.pop(NEXT_ERROR_FIELD, None)
+        if isinstance(value, dict):
+            out[node] = value
+        elif reason:
+            log.info("node %s refused the pipelined next round: %s", node, reason)
+    return out
 
 
 class SecureAggregationDriver:
@@ -377,12 +502,14 @@ def client_stage(action: str, payload: Payload, state: Payload, *, site: SiteCon
             state.meta.pop("pending_weight", None)
             raise
     trust = client_trust(site, min_peers=min_peers, min_threshold_fraction=min_threshold_fraction)
+    # a pipelined next-round part rides on the consistency and unmask messages
+    next_setup = request.pop(NEXT_SETUP_FIELD, None) if stage is SecAggStage.CONSISTENCY else None
+    next_share = request.pop(NEXT_SHARE_FIELD, None) if stage is SecAggStage.UNMASK else None
+    extra: dict[str, Any] = {}
     if stage is SecAggStage.SETUP:
-        round_id = check_setup_replay(request, state)
-        seen = list(state.meta.get(SEEN_ROUNDS_KEY, []))
-        session = ClientSession(trust)
+        state.meta.pop(NEXT_SESSION_KEY, None)  # a fresh set-up replaces any pipelined one
+        session = _new_session(request, state, trust)
         reply = session.setup(request)
-        state.meta[SEEN_ROUNDS_KEY] = [*seen, round_id][-SEEN_ROUNDS_KEPT:]
     else:
         if SESSION_KEY not in state.meta:
             raise SecAggError(f"{action} without a secure-aggregation session (setup missing)")
@@ -397,7 +524,121 @@ def client_stage(action: str, payload: Payload, state: Payload, *, site: SiteCon
             state.meta.pop("pending_weight", None)
         elif stage is SecAggStage.CONSISTENCY:
             reply = session.consistency(request)
+            if next_setup is not None:
+                extra = _answer_next(next_setup, state, trust, site=site, setup=True)
         else:
             reply = session.unmask(request)
+            if next_share is not None:
+                extra = _answer_next(next_share, state, trust, site=site, setup=False)
     state.meta[SESSION_KEY] = session.to_bytes()
-    return to_payload(reply)
+    out = to_payload(reply)
+    out.meta.update(extra)
+    return out
+
+
+def _new_session(request: dict[str, Any], state: Payload, trust: ClientTrust) -> ClientSession:
+    """A fresh session for a set-up request, after the replay check; records its round id."""
+    from fedrg.secagg.client import ClientSession
+
+    round_id = check_setup_replay(request, state)
+    session = ClientSession(trust)
+    state.meta[SEEN_ROUNDS_KEY] = [*list(state.meta.get(SEEN_ROUNDS_KEY, [])),
+                                   round_id][-SEEN_ROUNDS_KEPT:]
+    return session
+
+
+def _answer_next(request: Any, state: Payload, trust: ClientTrust, *, site: SiteConfig,
+                 setup: bool) -> dict[str, Any]:
+    """Answer the pipelined next-round part of a consistency (set-up) or unmask (share) message.
+
+    The next round's session is independent of this round's (fresh keys, a fresh round id,
+    its own policy and replay checks). A refusal never affects this round's answer: the
+    pending next session is dropped and the public reason returned under
+    :data:`NEXT_ERROR_FIELD`, so that round falls back to a fresh set-up or goes without
+    this hospital.
+    """
+    from fedrg.secagg.client import ClientSession
+
+    try:
+        if not isinstance(request, dict):
+            raise SecAggError("the pipelined next-round request is not a mapping")
+        request = dict(request)
+        if setup:
+            state.meta.pop(NEXT_SESSION_KEY, None)
+            check_setup_policy(request, site.policy)
+            session = _new_session(request, state, trust)
+            answer = session.setup(request)
+            field = NEXT_KEYS_FIELD
+        else:
+            if NEXT_SESSION_KEY not in state.meta:
+                raise SecAggError("next-round key list without a pipelined next-round set-up")
+            session = ClientSession.from_bytes(bytes(state.meta[NEXT_SESSION_KEY]), trust)
+            answer = session.share(request)
+            field = NEXT_SHARES_FIELD
+    except FedrgError as err:
+        log.warning("%s refuses the pipelined next-round secure sum: %s", site.name, err)
+        state.meta.pop(NEXT_SESSION_KEY, None)
+        return {NEXT_ERROR_FIELD: err.public_message()}
+    state.meta[NEXT_SESSION_KEY] = session.to_bytes()
+    return {field: answer}
+
+
+def check_masked_in_train(request: Any, state: Payload, *, site: SiteConfig) -> dict[str, Any]:
+    """Before training: the train request's pipelined masked-input request, checked.
+
+    A pipelined round was set up and its shares exchanged during the previous round's
+    consistency and unmask messages; the train request carries the shares routed to this
+    hospital and that round's id. It is accepted only for the pending next session, once
+    (the session is consumed when the update is masked), so a hostile server cannot have
+    the same session mask two updates, and a refusal costs no privacy budget.
+
+    Raises
+    ------
+    SecAggError
+        When no pipelined session is pending, the round id differs from it, or it is not
+        waiting for its masked input.
+    """
+    from fedrg.secagg.client import ClientSession
+
+    if not isinstance(request, dict):
+        raise SecAggError("the pipelined secure-aggregation request in the train message is "
+                          "not a mapping")
+    raw = state.meta.get(NEXT_SESSION_KEY)
+    if raw is None:
+        raise SecAggError("the train request asks for a pipelined secure sum this hospital has "
+                          "not set up (or has used already); refusing before training")
+    session = ClientSession.from_bytes(bytes(raw), client_trust(site))
+    try:
+        round_id = bytes(request.get("round_id", b""))
+    except (TypeError, ValueError):
+        raise SecAggError("the pipelined secure-aggregation round id is not bytes") from None
+    if session.params is None or round_id != session.params.round_id:
+        raise SecAggError("the train request names another pipelined secure-aggregation round "
+                          "than the one this hospital set up; refusing before training")
+    if session.stage != SecAggStage.SHARE.value:
+        raise SecAggError(f"the pipelined secure-aggregation session is in stage "
+                          f"'{session.stage}', not waiting for its masked input; refusing")
+    return request
+
+
+def answer_masked_in_train(request: dict[str, Any], reply: Payload, state: Payload, *,
+                           site: SiteConfig) -> None:
+    """After local training: mask the update in the pipelined session, into the train reply.
+
+    The masked vector goes under ``reply.arrays["sa.masked"]`` and its index under
+    ``reply.meta[MASKED_FIELD]``; the pipelined session becomes this round's session (its
+    consistency and unmask messages follow). A refusal drops the update at the hospital
+    and puts the public reason under ``reply.meta["secagg_error"]``.
+    """
+    state.meta[SESSION_KEY] = state.meta.pop(NEXT_SESSION_KEY, b"")
+    routed = {k: v for k, v in request.items() if k != "round_id"}
+    try:
+        masked = client_stage(SecAggStage.MASKED.action, to_payload(routed), state, site=site)
+    except FedrgError as err:
+        log.warning("%s refuses the pipelined secure sum: %s", site.name, err)
+        state.arrays = {}  # the update is dropped, never sent
+        state.meta.pop("pending_weight", None)
+        reply.meta["secagg_error"] = err.public_message()
+        return
+    reply.arrays["sa.masked"] = masked.arrays["sa.masked"]
+    reply.meta[MASKED_FIELD] = dict(masked.meta)

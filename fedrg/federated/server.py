@@ -100,7 +100,7 @@ def _why_no_keys(sampled: list[int], replies: dict[int, Reply], keys: dict[int, 
         elif reply.payload.meta.get("status") == "declined":
             out[node] = f"declined: {reply.payload.meta.get('reason', '')}"
         else:
-            out[node] = str(reply.payload.meta.get("secagg_error") or "sent no round keys")
+            out[node] = str(reply.payload.meta.get("secagg_error") or "sent no secure-aggregation answer")
     return out
 
 
@@ -155,6 +155,8 @@ class FederationServer:
 
         self.heads = HeadBook(self.run_dir)
         self.node_sites: dict[int, str] = {}
+        # the next round's secure sum, set up during this round's last messages
+        self._pipelined: Any = None
         if cfg.secagg.enabled and secure_aggregate is None:
             raise FedrgError("secagg.enabled=true but no secure-aggregation driver was given")
 
@@ -242,15 +244,22 @@ class FederationServer:
         payload = self._train_payload(rnd, hospitals_in_round=len(sampled))
         payloads = self._payloads(payload, sampled)
         secure_round = None
+        pipelined, self._pipelined = self._pipelined, None
         if self.cfg.secagg.enabled and hasattr(self.secure_aggregate, "begin"):
-            # the secure sum's setup rides on the train message and the signed round keys on
-            # its reply: one message fewer per round (fedrg.federated.secure.SecureRound)
-            from fedrg.federated.secure import SETUP_FIELD
+            from fedrg.federated.secure import MASKED_FIELD, SETUP_FIELD
 
-            secure_round = self.secure_aggregate.begin(  # type: ignore[union-attr]
-                sampled, rnd, sum(a.size for a in self.global_arrays))
-            setup = secure_round.setup_requests()
-            payloads = {node: Payload(meta={**p.meta, SETUP_FIELD: setup[node]}, arrays=p.arrays)
+            if pipelined is not None and pipelined.participants == sampled and pipelined.ready:
+                # set up during the last round: the routed shares ride on the train message
+                # and the masked update comes back in its reply
+                secure_round = pipelined
+                field, requests = MASKED_FIELD, pipelined.masked_requests()
+            else:
+                # the secure sum's setup rides on the train message and the signed round keys
+                # on its reply: one message fewer per round (fedrg.federated.secure.SecureRound)
+                secure_round = self.secure_aggregate.begin(  # type: ignore[union-attr]
+                    sampled, rnd, sum(a.size for a in self.global_arrays))
+                field, requests = SETUP_FIELD, secure_round.setup_requests()
+            payloads = {node: Payload(meta={**p.meta, field: requests[node]}, arrays=p.arrays)
                         for node, p in payloads.items()}
         replies = transport.send("train", payloads, round_=rnd, timeout=self.timeout)
         bytes_down = payload.nbytes() * len(sampled)
@@ -294,12 +303,27 @@ class FederationServer:
             return outcome, bytes_up, bytes_down
         try:
             if secure_round is not None:
-                from fedrg.federated.secure import KEYS_FIELD
+                from fedrg.federated.secure import KEYS_FIELD, MASKED_FIELD
 
                 t_sa = time.perf_counter()
-                keys = {node: r.payload.meta[KEYS_FIELD] for node, r in trained.items()
-                        if isinstance(r.payload.meta.get(KEYS_FIELD), dict)}
-                flat, _total = secure_round.finish(transport, keys, _why_no_keys(sampled, replies, keys))
+                next_sampled = (self._predicted_sample(transport, rnd)
+                                if self.cfg.secagg.pipelined else None)
+                if secure_round.ready:  # pipelined: the masked updates are in the train replies
+                    masked = {node: {**r.payload.meta[MASKED_FIELD],
+                                     "masked": r.payload.arrays["sa.masked"]}
+                              for node, r in trained.items()
+                              if isinstance(r.payload.meta.get(MASKED_FIELD), dict)
+                              and "sa.masked" in r.payload.arrays}
+                    flat, _total = secure_round.finish_masked(
+                        transport, masked, _why_no_keys(sampled, replies, masked),
+                        next_participants=next_sampled)
+                else:
+                    keys = {node: r.payload.meta[KEYS_FIELD] for node, r in trained.items()
+                            if isinstance(r.payload.meta.get(KEYS_FIELD), dict)}
+                    flat, _total = secure_round.finish(
+                        transport, keys, _why_no_keys(sampled, replies, keys),
+                        next_participants=next_sampled)
+                self._pipelined = secure_round.next_round
                 # wall time of the whole protocol after training (its messages included), and
                 # the server's own share of it (its crypto; waiting for hospitals excluded)
                 outcome.metrics["secagg_seconds"] = round(time.perf_counter() - t_sa, 3)
@@ -331,6 +355,17 @@ class FederationServer:
         self.global_arrays = self.optimizer.apply(self.global_arrays, delta)
         outcome.aggregated = True
         return outcome, bytes_up, bytes_down
+
+    def _predicted_sample(self, transport: Transport, rnd: int) -> list[int] | None:
+        """The hospitals round ``rnd + 1`` will sample if the connected set stays (None: last
+        round or too few). The same draw as :meth:`run`'s, so a pipelined set-up matches."""
+        fed = self.cfg.federation
+        if rnd >= fed.rounds:
+            return None
+        nodes = transport.nodes()
+        if len(nodes) < fed.min_hospitals:
+            return None
+        return _sample(nodes, fed.fraction_train, fed.min_hospitals, random.Random(f"{fed.seed}-{rnd + 1}"))
 
     def _hospital_level_noise(self, delta: list[np.ndarray], *, n_trained: int, rnd: int,
                               outcome: RoundOutcome) -> list[np.ndarray]:

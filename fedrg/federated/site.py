@@ -368,44 +368,70 @@ class HospitalSite:
             state.meta["pending_weight"] = weight
             state.meta["pending_round"] = rnd
             if setup is not None:
-                self._secure_setup(setup, reply, state)
+                self._secure_answer(setup, reply, state)
         else:
             reply.put_array_list("update", update)
             reply.meta["weight"] = weight
         return reply
 
     def _secure_setup_request(self, cfg: ExperimentConfig, payload: Payload,
-                              state: Payload) -> dict[str, Any] | None:
-        """The secure sum's stage-1 request sent with this train message, checked up front.
+                              state: Payload) -> tuple[str, dict[str, Any]] | None:
+        """The secure sum's request sent with this train message, checked up front.
 
-        The site's policy on the secure sum (peers, threshold) and its roster are checked
-        before any patient file is read, so a sum it would refuse costs no budget.
+        Either a fresh set-up (stage 1, :data:`~fedrg.federated.secure.SETUP_FIELD`) or, for
+        a round set up during the previous one, the shares routed to this hospital
+        (:data:`~fedrg.federated.secure.MASKED_FIELD`). The site's policy on the secure sum
+        (peers, threshold), its roster, replays and the pending pipelined session are
+        checked before any patient file is read, so a sum it would refuse costs no budget.
+
+        Returns
+        -------
+        tuple or None
+            ``(field, request)``; None without secure aggregation.
 
         Raises
         ------
         PolicyViolationError
             When the secure sum has too few peers or too low a threshold for the policy.
         SecAggError
-            When the request is malformed or reuses a round id this hospital has answered.
+            When the request is malformed, carries both kinds, reuses a round id this
+            hospital has answered, or names a pipelined round it has not set up.
         FedrgError
             When the hospital has no usable roster.
         """
-        from fedrg.federated.secure import SETUP_FIELD, check_setup_policy, check_setup_replay, client_trust
+        from fedrg.federated.secure import (
+            MASKED_FIELD,
+            SETUP_FIELD,
+            check_masked_in_train,
+            check_setup_policy,
+            check_setup_replay,
+            client_trust,
+        )
 
-        request = payload.meta.get(SETUP_FIELD)
-        if request is None or not cfg.secagg.enabled:
+        if not cfg.secagg.enabled:
             return None
-        if not isinstance(request, dict):
+        setup, masked = payload.meta.get(SETUP_FIELD), payload.meta.get(MASKED_FIELD)
+        if setup is not None and masked is not None:
+            raise SecAggError("the train request carries both a fresh and a pipelined secure "
+                              "sum; refusing before training")
+        if masked is not None:
+            return MASKED_FIELD, check_masked_in_train(masked, state, site=self.site)
+        if setup is None:
+            return None
+        if not isinstance(setup, dict):
             raise SecAggError("the secure-aggregation setup in the train request is not a mapping")
-        check_setup_policy(request, self.site.policy)
-        check_setup_replay(request, state)  # a replayed round id must not cost budget either
+        check_setup_policy(setup, self.site.policy)
+        check_setup_replay(setup, state)  # a replayed round id must not cost budget either
         client_trust(self.site)  # a roster listing this hospital under its own key
-        return request
+        return SETUP_FIELD, setup
 
-    def _secure_setup(self, request: dict[str, Any], reply: Payload, state: Payload) -> None:
-        from fedrg.federated.secure import answer_setup_in_train
+    def _secure_answer(self, request: tuple[str, dict[str, Any]], reply: Payload,
+                       state: Payload) -> None:
+        from fedrg.federated.secure import SETUP_FIELD, answer_masked_in_train, answer_setup_in_train
 
-        answer_setup_in_train(request, reply, state, site=self.site)
+        field, body = request
+        answer = answer_setup_in_train if field == SETUP_FIELD else answer_masked_in_train
+        answer(body, reply, state, site=self.site)
 
     def check_known_head(self, ledger: Any, known: Any) -> str:
         """Why this hospital refuses to train on its ledger given the head a server last saw
