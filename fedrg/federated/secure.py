@@ -517,6 +517,9 @@ def client_stage(action: str, payload: Payload, state: Payload, *, site: SiteCon
         if stage is SecAggStage.SHARE:
             reply = session.share(request)
         elif stage is SecAggStage.MASKED:
+            if "pending_weight" not in state.meta:
+                raise SecAggError("masked input requested but this hospital holds no trained "
+                                  "update for the round; refusing")
             update = np.concatenate([a.ravel() for a in state.array_list("pending")])
             reply = session.masked_input(request, update, float(state.meta["pending_weight"]))
             # the plain update is no longer needed on the node
@@ -588,9 +591,10 @@ def check_masked_in_train(request: Any, state: Payload, *, site: SiteConfig) -> 
 
     A pipelined round was set up and its shares exchanged during the previous round's
     consistency and unmask messages; the train request carries the shares routed to this
-    hospital and that round's id. It is accepted only for the pending next session, once
-    (the session is consumed when the update is masked), so a hostile server cannot have
-    the same session mask two updates, and a refusal costs no privacy budget.
+    hospital and that round's id. It is accepted only for the pending next session, and
+    only once: the check consumes it (it becomes this round's session), so whatever
+    happens next (training, a decline, a refusal) no later request can use it, a hostile
+    server cannot have one session mask two updates, and a refusal here costs no budget.
 
     Raises
     ------
@@ -618,6 +622,7 @@ def check_masked_in_train(request: Any, state: Payload, *, site: SiteConfig) -> 
     if session.stage != SecAggStage.SHARE.value:
         raise SecAggError(f"the pipelined secure-aggregation session is in stage "
                           f"'{session.stage}', not waiting for its masked input; refusing")
+    state.meta[SESSION_KEY] = state.meta.pop(NEXT_SESSION_KEY)  # used once, whatever follows
     return request
 
 
@@ -626,11 +631,10 @@ def answer_masked_in_train(request: dict[str, Any], reply: Payload, state: Paylo
     """After local training: mask the update in the pipelined session, into the train reply.
 
     The masked vector goes under ``reply.arrays["sa.masked"]`` and its index under
-    ``reply.meta[MASKED_FIELD]``; the pipelined session becomes this round's session (its
-    consistency and unmask messages follow). A refusal drops the update at the hospital
-    and puts the public reason under ``reply.meta["secagg_error"]``.
+    ``reply.meta[MASKED_FIELD]``, in the session :func:`check_masked_in_train` made this
+    round's (its consistency and unmask messages follow). A refusal drops the update at
+    the hospital and puts the public reason under ``reply.meta["secagg_error"]``.
     """
-    state.meta[SESSION_KEY] = state.meta.pop(NEXT_SESSION_KEY, b"")
     routed = {k: v for k, v in request.items() if k != "round_id"}
     try:
         masked = client_stage(SecAggStage.MASKED.action, to_payload(routed), state, site=site)

@@ -30,6 +30,7 @@ from fedrg.federated.secure import (
     SETUP_FIELD,
     check_masked_in_train,
     provision_roster,
+    to_payload,
 )
 from fedrg.federated.site import HospitalSite
 from fedrg.secagg.crypto import seeded_entropy
@@ -237,6 +238,25 @@ def test_attack_pipelined_train_names_another_round(pipelined_site, base_dir, no
     with pytest.raises(SecAggError, match="another pipelined"):
         site.handle("train", req, state)
     assert ledger_bytes(site) == before and NEXT_SESSION_KEY in state.meta
+
+
+def test_attack_refused_pipelined_train_burns_the_session(pipelined_site, base_dir):
+    """A pipelined train request the hospital refuses after the secure-sum check (here NaN
+    in the global adapter) uses the session up: the honest request that follows is
+    refused too, so no pipelined session is ever left for a later round to reuse."""
+    site, state, agg2, routed = pipelined_site
+    bad = _pipelined_train(agg2, routed, base_dir=base_dir)
+    arrays = bad.array_list("global")
+    arrays[0] = np.full_like(arrays[0], np.nan)
+    bad.put_array_list("global", arrays)
+    assert site.handle("train", bad, state).meta["status"] == "declined"
+    assert NEXT_SESSION_KEY not in state.meta
+    before = ledger_bytes(site)
+    with pytest.raises(SecAggError, match="not set up"):
+        site.handle("train", _pipelined_train(agg2, routed, base_dir=base_dir), state)
+    with pytest.raises(SecAggError, match="no trained update"):  # nor a standalone masked upload
+        site.handle("secagg_masked", to_payload(routed[0]), state)
+    assert ledger_bytes(site) == before
 
 
 def test_attack_train_with_both_fresh_and_pipelined_sums(pipelined_site, base_dir, no_patient_reads):
