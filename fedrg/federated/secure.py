@@ -1,20 +1,25 @@
-"""Secure aggregation over the federation's transport: five stages, the first with training.
+"""Secure aggregation over the federation's transport: five stages in three to five messages.
 
 Server: :class:`SecureAggregationDriver` runs :class:`fedrg.secagg.server.ServerAggregator`
 (``setup`` -> ``share`` -> ``masked`` -> ``consistency`` -> ``unmask``). In a federation
 round the setup travels with the ``train`` message (:meth:`SecureAggregationDriver.begin`:
 the stage-1 request under :data:`SETUP_FIELD` in the train request, the signed keys under
 :data:`KEYS_FIELD` in the train reply) and :meth:`SecureRound.finish` sends the other four
-stages as messages ``secagg_share`` ... ``secagg_unmask``; calling the driver sends all five
-as messages (``secagg_setup`` first). A hospital that misses a stage (or refuses it) counts
-as dropped; below the threshold the round aborts with :class:`~fedrg.errors.SecAggError`
-and the global model stays as it was.
+stages as messages ``secagg_share`` ... ``secagg_unmask``. With ``secagg.pipelined`` the
+next round is set up on this round's consistency and unmask messages, and its train
+message carries the routed shares and its reply the masked update (:class:`SecureRound`):
+three messages per round after the first, each round with fresh keys. Calling the driver
+sends all five stages as messages (``secagg_setup`` first). A hospital that misses a stage
+(or refuses it) counts as dropped; below the threshold the round aborts with
+:class:`~fedrg.errors.SecAggError` and the global model stays as it was.
 
 Hospital: :func:`client_stage` keeps its :class:`fedrg.secagg.client.ClientSession` (secret
 keys included) in the node's state between messages; the update itself only ever leaves
 masked. It trusts only its pinned roster (``SiteConfig.roster``), its own long-term key and
-its policy (:func:`client_trust`), and refuses a round id it has seen before
-(:func:`check_setup_replay`; with the setup in the train request, before training).
+its policy (:func:`client_trust`), refuses a round id it has seen before
+(:func:`check_setup_replay`; with the setup in the train request, before training), and
+accepts a pipelined train request only for its pending next session, once
+(:func:`check_masked_in_train`, before training).
 """
 from __future__ import annotations
 
