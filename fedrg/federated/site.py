@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,7 +235,11 @@ class HospitalSite:
 
         if EVALUATE_FIELD not in payload.meta:
             return self._train(payload, state)
+        t0 = time.perf_counter()
         answer = self._folded_evaluation(payload)
+        # (local log only; benchmarks/deployment_latency.py reads it from the worker's log)
+        log.info("folded evaluation of round %s answered in %.3f s", payload.meta.get(EVALUATE_FIELD),
+                 time.perf_counter() - t0)
         reply = self._train(Payload(meta={k: v for k, v in payload.meta.items() if k != EVALUATE_FIELD},
                                     arrays=payload.arrays), state)
         reply.meta[EVALUATION_FIELD] = answer
