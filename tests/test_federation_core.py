@@ -345,3 +345,21 @@ def test_resume_keeps_the_pending_evaluation(tmp_path, monkeypatch, crash_after)
         state = json.loads(bad.read_text())
         bad.write_text(json.dumps({**state, "pending_evaluation": {"round": 3}}))
         FederationServer(cfg, tmp_path / "cut", [np.zeros(3, np.float32)]).resume()
+
+
+def test_resume_with_renumbered_nodes_still_gets_the_pending_evaluation(tmp_path, monkeypatch):
+    """A resumed simulation numbers its nodes anew: the pending evaluators are drawn again
+    (the round's own draws) from the nodes connected now, and the row gets its evaluation."""
+    cfg = _moving(2)
+    monkeypatch.setenv("FEDRG_CRASH_AFTER_ROUND", "1")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        FederationServer(cfg, tmp_path, [np.zeros(3, np.float32)]).run(ArithmeticHospitals(TARGETS))
+    monkeypatch.delenv("FEDRG_CRASH_AFTER_ROUND")
+    assert load_checkpoint(tmp_path).pending_evaluation["nodes"] == [1, 2, 3]
+    renumbered = ArithmeticHospitals({node + 10: t for node, t in TARGETS.items()})
+    resumed = FederationServer(cfg, tmp_path, [np.zeros(3, np.float32)])
+    resumed.resume()
+    rows = resumed.run(renumbered).metrics["rounds"]
+    assert renumbered.exchanges[0] == ("train", 2, [11, 12, 13])
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["auroc"] == {"idh": pytest.approx(1.0)} for r in rows)

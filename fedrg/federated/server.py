@@ -230,6 +230,7 @@ class FederationServer:
                            f"federation.min_hospitals={fed.min_hospitals}")
                 break
             sampled = _sample(nodes, fed.fraction_train, fed.min_hospitals, rng)
+            self._rebind_pending(nodes)
             # the last round's evaluators that do not train now get a plain `evaluate`; the
             # others answer it in their train reply (see _fold_requests / _take_evaluations)
             self._evaluate_pending(transport, [n for n in self._pending_nodes() if n not in sampled])
@@ -252,6 +253,7 @@ class FederationServer:
             if crash_after and int(crash_after) == rnd:
                 raise RuntimeError(f"FEDRG_CRASH_AFTER_ROUND={rnd}: simulated crash after checkpoint")
         if self.pending is not None:  # the last round's evaluation: a plain `evaluate` message
+            self._rebind_pending(transport.nodes())
             self._evaluate_pending(transport, self._pending_nodes())
             self._finish_pending()
         if stopped:
@@ -385,6 +387,19 @@ class FederationServer:
     # ------------------------------------------------------------ evaluation
     def _pending_nodes(self) -> list[int]:
         return [] if self.pending is None else list(self.pending.nodes)
+
+    def _rebind_pending(self, nodes: list[int]) -> None:
+        """A resumed run's pending evaluators when none of their node ids is connected (a new
+        simulation numbers its nodes anew): drawn again from ``nodes`` with that round's draws."""
+        pending = self.pending
+        if pending is None or not pending.nodes or set(pending.nodes) & set(nodes):
+            return
+        fed = self.cfg.federation
+        rng = random.Random(f"{fed.seed}-{pending.round}")
+        _sample(nodes, fed.fraction_train, fed.min_hospitals, rng)  # the round's first draw
+        pending.nodes = _sample(nodes, fed.fraction_evaluate, 1, rng)
+        log.info("round %d's evaluation hospitals are no longer connected under their node ids; "
+                 "drawn again from the %d connected", pending.round, len(nodes))
 
     def _evaluate_pending(self, transport: Transport, nodes: list[int]) -> None:
         """A plain ``evaluate`` message for the pending round to ``nodes`` (the global adapter
