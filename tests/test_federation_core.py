@@ -363,3 +363,18 @@ def test_resume_with_renumbered_nodes_still_gets_the_pending_evaluation(tmp_path
     assert renumbered.exchanges[0] == ("train", 2, [11, 12, 13])
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["auroc"] == {"idh": pytest.approx(1.0)} for r in rows)
+
+
+def test_a_run_stopped_for_too_few_hospitals_still_gets_the_pending_evaluation(tmp_path):
+    class Leaving(ArithmeticHospitals):
+        def nodes(self):  # two hospitals leave after round 1
+            return [1, 2, 3] if not self.exchanges else [1]
+
+    hospitals = Leaving(TARGETS)
+    result = FederationServer(_moving(3), tmp_path, [np.zeros(3, np.float32)]).run(hospitals)
+    assert "only 1 hospital(s) connected" in result.stopped_early
+    assert hospitals.exchanges == [("train", 1, [1, 2, 3]), ("evaluate", 1, [1, 2, 3])]
+    rows = result.metrics["rounds"]
+    assert [r["round"] for r in rows] == [1] and rows[0]["auroc"] == {"idh": pytest.approx(1.0)}
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt.round == 1 and ckpt.pending_evaluation is None and ckpt.metrics["rounds"] == rows

@@ -221,6 +221,7 @@ class FederationServer:
         """Run rounds ``start_round .. cfg.federation.rounds``."""
         fed = self.cfg.federation
         stopped = ""
+        nodes: list[int] | None = None
         for rnd in range(self.start_round, fed.rounds + 1):
             t0 = time.perf_counter()
             rng = random.Random(f"{fed.seed}-{rnd}")
@@ -253,7 +254,7 @@ class FederationServer:
             if crash_after and int(crash_after) == rnd:
                 raise RuntimeError(f"FEDRG_CRASH_AFTER_ROUND={rnd}: simulated crash after checkpoint")
         if self.pending is not None:  # the last round's evaluation: a plain `evaluate` message
-            self._rebind_pending(transport.nodes())
+            self._rebind_pending(transport.nodes() if nodes is None else nodes)
             self._evaluate_pending(transport, self._pending_nodes())
             self._finish_pending()
         if stopped:
