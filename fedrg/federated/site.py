@@ -230,6 +230,18 @@ class HospitalSite:
         planned, so the plan sees its cost. A declined or refused evaluation does not stop
         the training, and a declined training still carries the evaluation answer. See
         :meth:`_train` for the training itself.
+
+        Parameters
+        ----------
+        payload
+            The server's train request (global adapter arrays, run config, round, run id).
+        state
+            What the hospital keeps between messages of the run (updated in place).
+
+        Returns
+        -------
+        Payload
+            The train reply, with ``meta["evaluation"]`` when an evaluation was asked for.
         """
         from fedrg.federated.evaluation_fold import EVALUATE_FIELD, EVALUATION_FIELD
 
@@ -238,7 +250,7 @@ class HospitalSite:
         t0 = time.perf_counter()
         answer = self._folded_evaluation(payload)
         # (local log only; benchmarks/deployment_latency.py reads it from the worker's log)
-        log.info("folded evaluation of round %s answered in %.3f s", payload.meta.get(EVALUATE_FIELD),
+        log.info("folded evaluation of round %.40r answered in %.3f s", payload.meta.get(EVALUATE_FIELD),
                  time.perf_counter() - t0)
         reply = self._train(Payload(meta={k: v for k, v in payload.meta.items() if k != EVALUATE_FIELD},
                                     arrays=payload.arrays), state)
