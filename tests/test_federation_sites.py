@@ -152,6 +152,8 @@ def test_evaluation_rides_on_the_next_train_message_at_real_hospitals(tmp_path, 
                                          policy=_policy(base_dir))
                               for i, c in enumerate(cohorts[:3], 1)], tmp_path / "roster.toml")
     transport = LocalTransport(sites)
+    for node, site in transport.sites.items():
+        site._release_seed = 100 + node  # tests only: seeded release noise
     exchanges = []
     original = transport.send
 
@@ -169,9 +171,10 @@ def test_evaluation_rides_on_the_next_train_message_at_real_hospitals(tmp_path, 
                for meta in m.values())
     rows = result.metrics["rounds"]
     assert [r["round"] for r in rows] == [1, 2]
-    for row in rows:  # every round's row holds its evaluation (three DP releases summed)
-        assert set(row["auroc"]) == set(cfg.data.markers) and row["loss"] is not None
-        assert row["participants"] == 3
+    for row in rows:  # every round's row holds its evaluation (three DP releases summed;
+        # on 24-patient cohorts a noisy count can fall below 1, leaving loss None)
+        assert set(row["auroc"]) == set(cfg.data.markers) == set(row["auroc_multimodal"])
+        assert "loss" in row and "findings_f1" in row and row["participants"] == 3
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"] == rows
     for site in sites:
         entries = Ledger.open(site.state_dir, hospital=site.name).read()
