@@ -8,11 +8,15 @@ sum), runs the federation and prints JSON:
 
 * ``per_round[].wall_s``: the server's wall time of the round (``metrics.json``);
 * ``per_round[].training_s``: the slowest hospital's time answering that round's ``train``
-  message inside its worker (from the hospitals' local ``logs/worker.log``);
+  message inside its worker (from the hospitals' local ``logs/worker.log``), without the
+  previous round's evaluation folded into that message;
 * ``per_round[].round_overhead_s``: their difference (messages, polls, secure aggregation);
 * ``per_round[].message_seconds``: the server's wall time per message exchange;
 * ``per_round[].evaluation_s`` / ``messaging_overhead_s``: with ``--fraction-evaluate`` > 0,
-  the slowest hospital's evaluation work, and the overhead without it;
+  the slowest hospital's evaluation work inside the round's wall time (the previous round's
+  evaluation, folded into this round's ``train`` message; after the last round also its own,
+  a plain ``evaluate``), and the overhead without it;
+* ``per_round[].messages``: message exchanges the server started for the round;
 * ``messages_answered_by_workers``, ``clientapp_processes_forked``: per hospital;
 * ``load_average`` at the end (timings on a shared machine move with it).
 
@@ -59,6 +63,7 @@ batch_size = 8
 threads = 1
 """
 _ANSWERED = re.compile(r"answered (\w+) in ([0-9.]+) s")
+_FOLDED = re.compile(r"folded evaluation of round (\d+) answered in ([0-9.]+) s")
 
 
 def _setup(root: Path, rounds: int, patients: int, fraction_evaluate: float) -> None:
@@ -75,6 +80,13 @@ def worker_times(log: Path) -> list[tuple[str, float]]:
     if not log.is_file():
         return []
     return [(m.group(1), float(m.group(2))) for m in _ANSWERED.finditer(log.read_text(errors="replace"))]
+
+
+def folded_times(log: Path) -> dict[int, float]:
+    """Seconds of each evaluation a hospital answered inside a train message, by evaluated round."""
+    if not log.is_file():
+        return {}
+    return {int(m.group(1)): float(m.group(2)) for m in _FOLDED.finditer(log.read_text(errors="replace"))}
 
 
 def _count(log: Path, text: str) -> int:
@@ -103,11 +115,16 @@ def run(root: Path, *, rounds: int, patients: int, fraction_evaluate: float) -> 
     rows = json.loads((root / "run" / "metrics.json").read_text())["rounds"]
     times = {h: worker_times(root / h / "logs" / "worker.log") for h in HOSPITALS}
     trains = {h: [s for a, s in t if a == "train"] for h, t in times.items()}
-    evals = {h: [s for a, s in t if a == "evaluate"] for h, t in times.items()}
+    evals = {h: [s for a, s in t if a == "evaluate"] for h, t in times.items()}  # the last round's
+    folded = {h: folded_times(root / h / "logs" / "worker.log") for h in HOSPITALS}
     per_round = []
     for i, row in enumerate(rows):
-        training = max((t[i] for t in trains.values() if len(t) > i), default=None)
-        evaluation = max((t[i] for t in evals.values() if len(t) > i), default=0.0)
+        rnd = int(row["round"])
+        # in round rnd's train message: its training and round rnd - 1's evaluation
+        training = max((t[i] - folded[h].get(rnd - 1, 0.0) for h, t in trains.items() if len(t) > i),
+                       default=None)
+        evaluation = max((folded[h].get(rnd - 1, 0.0) + (evals[h][-1] if i == len(rows) - 1 and evals[h]
+                                                          else 0.0) for h in HOSPITALS), default=0.0)
         wall = float(row["seconds"])
         per_round.append({"round": row["round"], "wall_s": round(wall, 2),
                           "training_s": None if training is None else round(training, 2),
@@ -118,7 +135,8 @@ def run(root: Path, *, rounds: int, patients: int, fraction_evaluate: float) -> 
                           "messaging_overhead_s": None if training is None
                           else round(wall - training - evaluation, 2),
                           # server wall time per message exchange (push to last reply)
-                          "message_seconds": row.get("message_seconds", {})})
+                          "message_seconds": row.get("message_seconds", {}),
+                          "messages": len(row.get("message_seconds", {}))})
     messages = {h: len(worker_times(root / h / "logs" / "worker.log")) for h in HOSPITALS}
     forks = {h: _count(root / h / "logs" / "clientapp-forkserver.log", "forked ClientApp process")
              for h in HOSPITALS}

@@ -104,20 +104,37 @@ def test_aggregate_evaluation_sums_releases_before_computing_metrics():
 class ArithmeticHospitals:
     """In-process hospitals whose update is a fixed function of the global model.
 
-    Exercises the server loop (sampling, declines, FedAvg, checkpoints, resume); the real
-    hospital side is tested with the model in the simulation tests.
+    Exercises the server loop (sampling, declines, FedAvg, checkpoints, resume, evaluation
+    folded into the train message); the real hospital side is tested with the model in the
+    simulation tests and tests/adversary.
     """
 
-    def __init__(self, targets, declines=(), fail=()):
+    def __init__(self, targets, declines=(), fail=(), decline_rounds=None):
         self.targets = targets  # node -> target vector; update = target - global
         self.declines = set(declines)
+        self.decline_rounds = decline_rounds or {}  # round -> nodes declining that round
         self.fail = set(fail)
         self.calls = []
+        self.exchanges = []  # (action, round, nodes): one per message exchange of the server
 
     def nodes(self):
         return sorted(self.targets)
 
+    def _release(self, node, g):
+        # a release as a hospital makes it (zero noise here: the arithmetic is the point)
+        from fedrg.privacy.release import exact_aggregates, noisy_release
+
+        loss = float(np.abs(g - self.targets[node]).sum())
+        labels = np.array([[1.0], [0.0]] * 5)
+        probs = np.where(labels > 0, 0.75, 0.25)
+        agg = exact_aggregates(markers=["idh"], probs={"auroc": probs, "auroc_multimodal": probs},
+                               labels=labels, mask=np.ones_like(labels),
+                               loss=np.full(10, min(loss, 9.0)), findings_f1=None, rouge_l=None)
+        return {"site": f"h{node}", "status": "ok", "markers": ["idh"],
+                "release": noisy_release(agg, noise_multiplier=0.0, n_markers=1)}
+
     def send(self, action, messages, *, round_, timeout=None):
+        self.exchanges.append((action, round_, sorted(messages)))
         out = {}
         for node, p in messages.items():
             self.calls.append((action, node, round_))
@@ -126,28 +143,19 @@ class ArithmeticHospitals:
                 continue
             g = p.array_list("global")[0]
             if action == "train":
-                if node in self.declines:
-                    out[node] = Reply(node, Payload(meta={"site": f"h{node}", "status": "declined",
-                                                           "reason": "privacy_budget_exhausted",
-                                                           "epsilon": 7.9}))
-                    continue
-                r = Payload(meta={"site": f"h{node}", "status": "ok", "weight": float(node),
-                                  "epsilon": 1.0 * round_, "train_loss": 0.5})
-                r.put_array_list("update", [self.targets[node] - g])
+                if node in self.declines or node in self.decline_rounds.get(round_, ()):
+                    r = Payload(meta={"site": f"h{node}", "status": "declined",
+                                      "reason": "privacy_budget_exhausted", "epsilon": 7.9})
+                else:
+                    r = Payload(meta={"site": f"h{node}", "status": "ok", "weight": float(node),
+                                      "epsilon": 1.0 * round_, "train_loss": 0.5})
+                    r.put_array_list("update", [self.targets[node] - g])
+                if "evaluate_round" in p.meta:  # the arrays it carries are the round's result
+                    assert p.meta["evaluate_round"] == round_ - 1
+                    r.meta["evaluation"] = self._release(node, g)
                 out[node] = Reply(node, r)
             else:
-                # a release as a hospital makes it (zero noise here: the arithmetic is the point)
-                from fedrg.privacy.release import exact_aggregates, noisy_release
-
-                loss = float(np.abs(g - self.targets[node]).sum())
-                labels = np.array([[1.0], [0.0]] * 5)
-                probs = np.where(labels > 0, 0.75, 0.25)
-                agg = exact_aggregates(markers=["idh"], probs={"auroc": probs, "auroc_multimodal": probs},
-                                       labels=labels, mask=np.ones_like(labels),
-                                       loss=np.full(10, min(loss, 9.0)), findings_f1=None, rouge_l=None)
-                out[node] = Reply(node, Payload(meta={
-                    "site": f"h{node}", "status": "ok", "markers": ["idh"],
-                    "release": noisy_release(agg, noise_multiplier=0.0, n_markers=1)}))
+                out[node] = Reply(node, Payload(meta=self._release(node, g)))
         return out
 
 
@@ -206,3 +214,167 @@ def test_server_resume_equals_uninterrupted(tmp_path, monkeypatch):
     other = _cfg(**{"federation.rounds": 4})
     with pytest.raises(FedrgError, match="another configuration"):
         FederationServer(other, tmp_path / "cut", [np.zeros(3, np.float32)]).resume()
+
+
+# ------------------------------------------------ evaluation folded into the next train message
+EVAL_KEYS = ("loss", "auroc", "auroc_multimodal", "findings_f1", "rouge_l")
+
+
+def _moving(rounds, **over):
+    """A run whose global adapter changes every round (FedAdam), so each round's evaluation differs."""
+    return _cfg(**{"federation.rounds": rounds, "federation.server_optimizer": "fedadam",
+                   "federation.server_lr": 0.3, **over})
+
+
+TARGETS = {i: np.full(3, float(i), np.float32) for i in (1, 2, 3)}
+
+
+def test_evaluation_rides_on_the_next_train_message_one_exchange_fewer_per_round(tmp_path):
+    rows_seen = []
+    hospitals = ArithmeticHospitals(TARGETS)
+    server = FederationServer(_moving(3), tmp_path, [np.zeros(3, np.float32)],
+                              on_round=lambda row: rows_seen.append((row["round"], len(hospitals.exchanges))))
+    result = server.run(hospitals)
+    # before: train + evaluate per round (6 exchanges); now one train message per round and
+    # one plain `evaluate` after the last round
+    assert hospitals.exchanges == [("train", 1, [1, 2, 3]), ("train", 2, [1, 2, 3]),
+                                   ("train", 3, [1, 2, 3]), ("evaluate", 3, [1, 2, 3])]
+    # one complete row per round, in order, each one train message later than before
+    assert rows_seen == [(1, 2), (2, 3), (3, 4)]
+    rows = result.metrics["rounds"]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["auroc"] == {"idh": pytest.approx(1.0)} and r["loss"] is not None
+        assert r["participants"] == 3 and r["bytes_up"] > 0 and r["bytes_down"] > 0
+    assert len({tuple(sorted(r)) for r in rows}) == 1  # one shape for every row
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt.round == 3 and ckpt.pending_evaluation is None and ckpt.metrics["rounds"] == rows
+
+
+def test_folded_evaluation_equals_a_plain_evaluate_of_the_same_round(tmp_path):
+    """Differential: round r's row of a 3-round run (folded into round r + 1's train
+    message) equals the last row of an r-round run (a plain `evaluate` of the same adapter)."""
+    full = FederationServer(_moving(3), tmp_path / "full", [np.zeros(3, np.float32)]).run(
+        ArithmeticHospitals(TARGETS)).metrics["rounds"]
+    losses = set()
+    for k in (1, 2):
+        hospitals = ArithmeticHospitals(TARGETS)
+        short = FederationServer(_moving(k), tmp_path / f"r{k}", [np.zeros(3, np.float32)]).run(
+            hospitals).metrics["rounds"]
+        assert hospitals.exchanges[-1] == ("evaluate", k, [1, 2, 3])
+        assert {key: short[-1][key] for key in EVAL_KEYS} == {key: full[k - 1][key] for key in EVAL_KEYS}
+        losses.add(full[k - 1]["loss"])
+    assert len(losses) == 2  # the rounds' adapters differ: the rows are not all the same
+    # the rest of the row is as without evaluation (train part, participants, epsilon)
+    plain = FederationServer(_moving(3, **{"federation.fraction_evaluate": 0.0}), tmp_path / "none",
+                             [np.zeros(3, np.float32)]).run(ArithmeticHospitals(TARGETS)).metrics["rounds"]
+    skip = (*EVAL_KEYS, "seconds", "bytes_up", "bytes_down")
+    assert [{k: v for k, v in r.items() if k not in skip} for r in full] == \
+        [{k: v for k, v in r.items() if k not in skip} for r in plain]
+    # evaluation bytes count in the row of the round they evaluate
+    assert all(f["bytes_up"] > p["bytes_up"] and f["bytes_down"] > p["bytes_down"]
+               for f, p in zip(full, plain, strict=True))
+
+
+def test_fraction_evaluate_zero_sends_no_evaluation_at_all(tmp_path):
+    hospitals = ArithmeticHospitals(TARGETS)
+    rows_seen = []
+    server = FederationServer(_moving(2, **{"federation.fraction_evaluate": 0.0}), tmp_path,
+                              [np.zeros(3, np.float32)],
+                              on_round=lambda row: rows_seen.append((row["round"], len(hospitals.exchanges))))
+    server.run(hospitals)
+    assert [a for a, _, _ in hospitals.exchanges] == ["train", "train"]
+    assert rows_seen == [(1, 1), (2, 2)]  # each row right after its own round, as before
+    assert load_checkpoint(tmp_path).pending_evaluation is None
+
+
+def test_evaluators_not_sampled_to_train_get_a_plain_evaluate(tmp_path):
+    cfg = _moving(3, **{"federation.fraction_train": 0.67})
+    hospitals = ArithmeticHospitals(TARGETS)
+    result = FederationServer(cfg, tmp_path, [np.zeros(3, np.float32)]).run(hospitals)
+    trains = {rnd: nodes for action, rnd, nodes in hospitals.exchanges if action == "train"}
+    for action, rnd, nodes in hospitals.exchanges:
+        if action == "evaluate" and rnd < 3:  # before round rnd + 1's train message
+            assert nodes == sorted(set(TARGETS) - set(trains[rnd + 1]))
+    assert hospitals.exchanges[-1] == ("evaluate", 3, [1, 2, 3])
+    for r in result.metrics["rounds"]:
+        assert r["auroc"] == {"idh": pytest.approx(1.0)} and r["participants"] == 2
+    # every evaluator answered every round: 3 releases summed per row
+    assert result.metrics["rounds"][0]["loss"] is not None
+
+
+def test_a_round_that_stops_the_run_still_carries_the_previous_evaluation(tmp_path):
+    hospitals = ArithmeticHospitals(TARGETS, decline_rounds={2: {1, 2, 3}})
+    result = FederationServer(_moving(3), tmp_path, [np.zeros(3, np.float32)]).run(hospitals)
+    rows = result.metrics["rounds"]
+    assert "fewer than federation.min_hospitals" in result.stopped_early
+    assert [r["round"] for r in rows] == [1, 2] and not rows[1]["aggregated"]
+    assert rows[0]["auroc"] == {"idh": pytest.approx(1.0)}  # from the declined train replies
+    assert [a for a, _, _ in hospitals.exchanges] == ["train", "train"]
+    ckpt = load_checkpoint(tmp_path)  # round 1, its row complete: a resume redoes round 2 only
+    assert ckpt.round == 1 and ckpt.pending_evaluation is None and len(ckpt.metrics["rounds"]) == 1
+
+
+@pytest.mark.parametrize("crash_after", [1, 3])
+def test_resume_keeps_the_pending_evaluation(tmp_path, monkeypatch, crash_after):
+    from fedrg.federated.checkpoint import completed_rounds
+
+    cfg = _moving(3, **{"federation.fraction_train": 0.67})
+    full = FederationServer(cfg, tmp_path / "full", [np.zeros(3, np.float32)]).run(ArithmeticHospitals(TARGETS))
+    monkeypatch.setenv("FEDRG_CRASH_AFTER_ROUND", str(crash_after))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        FederationServer(cfg, tmp_path / "cut", [np.zeros(3, np.float32)]).run(ArithmeticHospitals(TARGETS))
+    monkeypatch.delenv("FEDRG_CRASH_AFTER_ROUND")
+    ckpt = load_checkpoint(tmp_path / "cut")
+    assert ckpt.round == crash_after and ckpt.pending_evaluation["round"] == crash_after
+    assert [r["round"] for r in ckpt.metrics["rounds"]] == list(range(1, crash_after))
+    assert completed_rounds(tmp_path / "cut") == crash_after - 1  # its row is not written yet
+    resumed = FederationServer(cfg, tmp_path / "cut", [np.ones(3, np.float32)])
+    resumed.resume()
+    hospitals = ArithmeticHospitals(TARGETS)
+    out = resumed.run(hospitals)
+    if crash_after == 3:  # nothing left to train: only the last round's evaluation
+        assert hospitals.exchanges == [("evaluate", 3, [1, 2, 3])]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(out.metrics["rounds"]) == strip(full.metrics["rounds"])
+    assert completed_rounds(tmp_path / "cut") == 3
+    with pytest.raises(FedrgError, match="pending_evaluation"):
+        bad = tmp_path / "cut" / "checkpoint" / "state.json"
+        import json
+
+        state = json.loads(bad.read_text())
+        bad.write_text(json.dumps({**state, "pending_evaluation": {"round": 3}}))
+        FederationServer(cfg, tmp_path / "cut", [np.zeros(3, np.float32)]).resume()
+
+
+def test_resume_with_renumbered_nodes_still_gets_the_pending_evaluation(tmp_path, monkeypatch):
+    """A resumed simulation numbers its nodes anew: the pending evaluators are drawn again
+    (the round's own draws) from the nodes connected now, and the row gets its evaluation."""
+    cfg = _moving(2)
+    monkeypatch.setenv("FEDRG_CRASH_AFTER_ROUND", "1")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        FederationServer(cfg, tmp_path, [np.zeros(3, np.float32)]).run(ArithmeticHospitals(TARGETS))
+    monkeypatch.delenv("FEDRG_CRASH_AFTER_ROUND")
+    assert load_checkpoint(tmp_path).pending_evaluation["nodes"] == [1, 2, 3]
+    renumbered = ArithmeticHospitals({node + 10: t for node, t in TARGETS.items()})
+    resumed = FederationServer(cfg, tmp_path, [np.zeros(3, np.float32)])
+    resumed.resume()
+    rows = resumed.run(renumbered).metrics["rounds"]
+    assert renumbered.exchanges[0] == ("train", 2, [11, 12, 13])
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["auroc"] == {"idh": pytest.approx(1.0)} for r in rows)
+
+
+def test_a_run_stopped_for_too_few_hospitals_still_gets_the_pending_evaluation(tmp_path):
+    class Leaving(ArithmeticHospitals):
+        def nodes(self):  # two hospitals leave after round 1
+            return [1, 2, 3] if not self.exchanges else [1]
+
+    hospitals = Leaving(TARGETS)
+    result = FederationServer(_moving(3), tmp_path, [np.zeros(3, np.float32)]).run(hospitals)
+    assert "only 1 hospital(s) connected" in result.stopped_early
+    assert hospitals.exchanges == [("train", 1, [1, 2, 3]), ("evaluate", 1, [1, 2, 3])]
+    rows = result.metrics["rounds"]
+    assert [r["round"] for r in rows] == [1] and rows[0]["auroc"] == {"idh": pytest.approx(1.0)}
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt.round == 1 and ckpt.pending_evaluation is None and ckpt.metrics["rounds"] == rows

@@ -141,3 +141,44 @@ def test_hospital_level_dp_end_to_end_accounts_every_round_in_full(tmp_path, bas
     amplified = hospital_level_epsilon(hospital_noise_multiplier=2.0, sample_rate=2 / 3,
                                        rounds=2, target_delta=1e-4)
     assert rows[-1]["epsilon_hospital_level"] > amplified  # no credit for sampling
+
+
+def test_evaluation_rides_on_the_next_train_message_at_real_hospitals(tmp_path, base_dir, cohorts):
+    """Real sites with DP-SGD, DP metric releases and secure aggregation: one `evaluate`
+    exchange in the whole run (after the last round); round 1's evaluation comes back inside
+    round 2's train replies, and each ledger reads train 1, evaluation 1, train 2, evaluation 2."""
+    cfg = _cfg(base_dir)
+    sites = provision_roster([SiteConfig(name=f"h{i}", cohort=str(c), state_dir=str(tmp_path / f"s{i}"),
+                                         policy=_policy(base_dir))
+                              for i, c in enumerate(cohorts[:3], 1)], tmp_path / "roster.toml")
+    transport = LocalTransport(sites)
+    for node, site in transport.sites.items():
+        site._release_seed = 100 + node  # tests only: seeded release noise
+    exchanges = []
+    original = transport.send
+
+    def spy(action, messages, **kw):
+        exchanges.append((action, kw["round_"], {n: dict(p.meta) for n, p in messages.items()}))
+        return original(action, messages, **kw)
+
+    transport.send = spy
+    result = run_federation(transport, cfg, tmp_path / "run")
+    actions = [(a, r) for a, r, _ in exchanges]
+    assert actions.count(("evaluate", 2)) == 1 and ("evaluate", 1) not in actions
+    train2 = next(m for a, r, m in exchanges if (a, r) == ("train", 2))
+    assert all(meta["evaluate_round"] == 1 for meta in train2.values()) and len(train2) == 3
+    assert all("evaluate_round" not in meta for a, r, m in exchanges if (a, r) == ("train", 1)
+               for meta in m.values())
+    rows = result.metrics["rounds"]
+    assert [r["round"] for r in rows] == [1, 2]
+    for row in rows:  # every round's row holds its evaluation (three DP releases summed;
+        # on 24-patient cohorts a noisy count can fall below 1, leaving loss None)
+        assert set(row["auroc"]) == set(cfg.data.markers) == set(row["auroc_multimodal"])
+        assert "loss" in row and "findings_f1" in row and row["participants"] == 3
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"] == rows
+    for site in sites:
+        entries = Ledger.open(site.state_dir, hospital=site.name).read()
+        assert [(e.kind, e.round) for e in entries] == [("train", 1), ("evaluation", 1),
+                                                         ("train", 2), ("evaluation", 2)]
+        # round 2 was planned after round 1's release: its lifetime epsilon includes it
+        assert entries[2].epsilon > entries[1].epsilon > entries[0].epsilon

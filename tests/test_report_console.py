@@ -87,3 +87,8 @@ def test_round_progress_in_plain_text_names_each_phase(tmp_path) -> None:
     with (tmp_path / "h1" / "ledger.jsonl").open("a") as f:
         f.write('{"round": 2, "kind": "evaluation", "mechanism": {"steps": 1}}\n')
     assert last_entry_steps([tmp_path / "h1"], 2) == [7]
+    # round 2's row comes with round 3's train reply (its evaluation rides on that message)
+    with (tmp_path / "h1" / "ledger.jsonl").open("a") as f:
+        f.write('{"round": 3, "mechanism": {"steps": 5}}\n')
+    assert last_entry_steps([tmp_path / "h1"], 2) == [7]
+    assert last_entry_steps([tmp_path / "h1"], 3) == [5]

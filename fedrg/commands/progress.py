@@ -87,19 +87,27 @@ class RoundProgress:
 
 def last_entry_steps(state_dirs: list[Path], rnd: int) -> list[int]:
     """DP-SGD steps each hospital recorded for round ``rnd`` (its latest training entry of
-    that round; evaluation releases and re-initialisations are skipped; public fields only)."""
+    that round; evaluation releases and re-initialisations are skipped; public fields only).
+
+    Round ``rnd``'s row can come after the next round's training (its evaluation rides on
+    that train message): one training entry of round ``rnd + 1`` after it is skipped too.
+    """
     steps = []
     for d in state_dirs:
         try:
             lines = (Path(d) / "ledger.jsonl").read_text().splitlines()
         except OSError:
             continue
+        skipped_next = False
         for line in reversed(lines):
             try:
                 entry = json.loads(line)
             except ValueError:
                 break
             if entry.get("kind", "train") != "train":
+                continue
+            if entry.get("round") == rnd + 1 and not skipped_next:
+                skipped_next = True
                 continue
             if entry.get("round") == rnd:
                 steps.append(int(entry["mechanism"]["steps"]))

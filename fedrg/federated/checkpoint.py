@@ -1,4 +1,5 @@
-"""Atomic run checkpoints: global adapter, server optimiser state, metrics so far."""
+"""Atomic run checkpoints: global adapter, server optimiser state, metrics so far, and the
+last round's evaluation still to be asked for (it rides on the next train message)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ class RunCheckpoint:
     metrics: dict[str, Any]
     config_hash: str
     run_id: str
+    #: round ``round``'s metrics row waiting for its evaluation
+    #: (:meth:`fedrg.federated.evaluation_fold.PendingEvaluation.to_json`); None when none
+    pending_evaluation: dict[str, Any] | None = None
 
 
 def save_checkpoint(run_dir: str | Path, ckpt: RunCheckpoint) -> Path:
@@ -44,7 +48,7 @@ def save_checkpoint(run_dir: str | Path, ckpt: RunCheckpoint) -> Path:
             save_file({k: np.ascontiguousarray(v) for k, v in ckpt.optimizer_state.items()},
                       str(tmp / "server_optimizer.safetensors"))
         state = {"round": ckpt.round, "config_hash": ckpt.config_hash, "run_id": ckpt.run_id,
-                 "metrics": ckpt.metrics}
+                 "metrics": ckpt.metrics, "pending_evaluation": ckpt.pending_evaluation}
         (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -86,17 +90,24 @@ def load_checkpoint(run_dir: str | Path) -> RunCheckpoint:
         metrics=state["metrics"],
         config_hash=state["config_hash"],
         run_id=state["run_id"],
+        pending_evaluation=state.get("pending_evaluation"),
     )
 
 
 def completed_rounds(run_dir: str | Path) -> int | None:
     """Rounds finished by the run in ``run_dir`` per its checkpoint (or the backup of an
-    interrupted save); ``None`` when there is no readable checkpoint."""
+    interrupted save), with their metrics row recorded; ``None`` when there is no readable
+    checkpoint.
+
+    A round whose evaluation is still pending (it rides on the next train message) is not
+    counted: a resumed run still asks for it and records its row.
+    """
     for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old"):
         state = Path(run_dir) / name / "state.json"
         if state.is_file():
             try:
-                return int(json.loads(state.read_text())["round"])
+                obj = json.loads(state.read_text())
+                return int(obj["round"]) - (1 if obj.get("pending_evaluation") else 0)
             except (OSError, ValueError, KeyError, TypeError):
                 return None
     return None

@@ -30,8 +30,9 @@ def run_federation(transport: Transport, cfg: ExperimentConfig, run_dir: str | P
     (default ``federation.server_optimizer``). Neither can switch DP or secure aggregation
     off: the hospitals' site policies decide those.
 
-    Writes ``metrics.json`` after every round (and hands the row to the trackers of
-    ``[tracking]``), the final adapter to ``run_dir/adapter`` (``adapter_arrays.npz`` for a
+    Writes ``metrics.json`` after every round's row is complete (and hands the row to the
+    trackers of ``[tracking]`` and to ``on_round``; with federated evaluation that is one
+    train message after the round, when its evaluation arrives), the final adapter to ``run_dir/adapter`` (``adapter_arrays.npz`` for a
     custom factory's model) and
     PNG plots to ``run_dir/plots``.
     """

@@ -2,7 +2,10 @@
 
 Per round: sample hospitals, send the global adapter, collect typed replies (trained or
 declined), aggregate the deltas (secure aggregation or plain weighted FedAvg), apply the
-server optimiser, run federated evaluation, checkpoint, record metrics.
+server optimiser, checkpoint, record metrics. Federated evaluation of round ``r``'s adapter
+rides on round ``r + 1``'s train message (:mod:`fedrg.federated.evaluation_fold`), so
+round ``r``'s metrics row is recorded one train message later; hospitals that do not train
+in round ``r + 1``, and the last round, get a plain ``evaluate`` message.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from fedrg.config import ExperimentConfig, to_run_config
 from fedrg.errors import FedrgError, SecAggError
 from fedrg.federated.aggregate import Aggregator, ServerOptimizer, unflatten, weighted_mean
 from fedrg.federated.checkpoint import RunCheckpoint, load_checkpoint, save_checkpoint
-from fedrg.federated.payload import Payload, Reply, Transport
+from fedrg.federated.evaluation_fold import EVALUATE_FIELD, EVALUATION_FIELD, PendingEvaluation, request_bytes
+from fedrg.federated.payload import Payload, Reply, Transport, meta_to_json
 from fedrg.files import atomic_write
 
 log = logging.getLogger("fedrg.server")
@@ -118,7 +122,9 @@ class FederationServer:
     secure_aggregate
         Secure-aggregation driver; required when ``cfg.secagg.enabled``.
     on_round
-        Called with each round's metrics dict (progress display).
+        Called with each round's complete metrics dict (progress display). With federated
+        evaluation on, round ``r``'s row comes when its evaluation arrives: with round
+        ``r + 1``'s train replies (the last round's after a plain ``evaluate`` message).
     aggregator
         A custom :class:`~fedrg.federated.aggregate.Aggregator` object; default the one
         ``federation.server_optimizer`` names. It sees only the round's mean delta (after
@@ -157,6 +163,8 @@ class FederationServer:
         self.node_sites: dict[int, str] = {}
         # the next round's secure sum, set up during this round's last messages
         self._pipelined: Any = None
+        #: the last aggregated round's row, waiting for its evaluation (fedrg.federated.evaluation_fold)
+        self.pending: PendingEvaluation | None = None
         if cfg.secagg.enabled and secure_aggregate is None:
             raise FedrgError("secagg.enabled=true but no secure-aggregation driver was given")
 
@@ -174,6 +182,14 @@ class FederationServer:
         self.metrics = ckpt.metrics
         self.run_id = ckpt.run_id
         self.start_round = ckpt.round + 1
+        if ckpt.pending_evaluation is not None:  # asked for with the next train message
+            try:
+                self.pending = PendingEvaluation.from_json(ckpt.pending_evaluation)
+            except (ValueError, KeyError, TypeError) as err:
+                raise FedrgError(
+                    f"cannot resume {self.run_dir}: pending_evaluation in its checkpoint "
+                    f"(checkpoint/state.json) is unreadable ({err}); restore the checkpoint "
+                    "from a backup") from None
         log.info("resuming run %s after round %d", self.run_id, ckpt.round)
 
     # ----------------------------------------------------------------- rounds
@@ -207,6 +223,7 @@ class FederationServer:
         """Run rounds ``start_round .. cfg.federation.rounds``."""
         fed = self.cfg.federation
         stopped = ""
+        nodes: list[int] | None = None
         for rnd in range(self.start_round, fed.rounds + 1):
             t0 = time.perf_counter()
             rng = random.Random(f"{fed.seed}-{rnd}")
@@ -216,33 +233,51 @@ class FederationServer:
                            f"federation.min_hospitals={fed.min_hospitals}")
                 break
             sampled = _sample(nodes, fed.fraction_train, fed.min_hospitals, rng)
+            self._rebind_pending(nodes)
+            # the last round's evaluators that do not train now get a plain `evaluate`; the
+            # others answer it in their train reply (see _fold_requests / _take_evaluations)
+            self._evaluate_pending(transport, [n for n in self._pending_nodes() if n not in sampled])
             outcome, bytes_up, bytes_down = self._train_round(transport, sampled, rnd)
+            self._finish_pending()  # when the train message did not run (or carried none)
             if not outcome.aggregated:
                 stopped = outcome.reason
                 self._record(rnd, outcome, bytes_up, bytes_down, t0, {})
                 break
             eval_nodes = _sample(nodes, fed.fraction_evaluate, 1, rng) if fed.fraction_evaluate > 0 else []
-            evaluation, eb_up, eb_down = self._evaluate(transport, eval_nodes, rnd)
             if hasattr(transport, "pop_message_seconds"):  # wall time per message exchange
                 outcome.metrics["message_seconds"] = transport.pop_message_seconds()
-            self._record(rnd, outcome, bytes_up + eb_up, bytes_down + eb_down, t0, evaluation)
-            save_checkpoint(self.run_dir, RunCheckpoint(
-                round=rnd, global_arrays=self.global_arrays,
-                optimizer_state=self.optimizer.state_arrays(), metrics=self.metrics,
-                config_hash=self.cfg.config_hash(), run_id=self.run_id))
+            row = self._row(rnd, outcome, bytes_up, bytes_down, t0)
+            if eval_nodes:  # its row is complete when the evaluation arrives
+                self.pending = PendingEvaluation(round=rnd, nodes=eval_nodes, row=row)
+            else:
+                self._emit(row, {})
+            self._checkpoint(rnd)
             crash_after = os.environ.get("FEDRG_CRASH_AFTER_ROUND")
             if crash_after and int(crash_after) == rnd:
                 raise RuntimeError(f"FEDRG_CRASH_AFTER_ROUND={rnd}: simulated crash after checkpoint")
+        if self.pending is not None:  # the last round's evaluation: a plain `evaluate` message
+            self._rebind_pending(transport.nodes() if nodes is None else nodes)
+            self._evaluate_pending(transport, self._pending_nodes())
+            self._finish_pending()
         if stopped:
             self.metrics["stopped_early"] = stopped
             log.warning("run stopped early: %s", stopped)
         return ServerResult(self.global_arrays, self.metrics, stopped)
+
+    def _checkpoint(self, rnd: int) -> None:
+        """Save the run after round ``rnd`` (with its pending evaluation, if any)."""
+        save_checkpoint(self.run_dir, RunCheckpoint(
+            round=rnd, global_arrays=self.global_arrays,
+            optimizer_state=self.optimizer.state_arrays(), metrics=self.metrics,
+            config_hash=self.cfg.config_hash(), run_id=self.run_id,
+            pending_evaluation=None if self.pending is None else self.pending.to_json()))
 
     def _train_round(self, transport: Transport, sampled: list[int], rnd: int
                      ) -> tuple[RoundOutcome, int, int]:
         outcome = RoundOutcome(round=rnd)
         payload = self._train_payload(rnd, hospitals_in_round=len(sampled))
         payloads = self._payloads(payload, sampled)
+        payloads = self._fold_requests(payloads, rnd)  # the last round's evaluation rides along
         secure_round = None
         pipelined, self._pipelined = self._pipelined, None
         if self.cfg.secagg.enabled and hasattr(self.secure_aggregate, "begin"):
@@ -262,6 +297,7 @@ class FederationServer:
             payloads = {node: Payload(meta={**p.meta, field: requests[node]}, arrays=p.arrays)
                         for node, p in payloads.items()}
         replies = transport.send("train", payloads, round_=rnd, timeout=self.timeout)
+        self._take_evaluations(replies)  # (and out of the replies: their bytes count there)
         bytes_down = payload.nbytes() * len(sampled)
         bytes_up = sum(r.payload.nbytes() for r in replies.values() if r.payload is not None)
         trained: dict[int, Reply] = {}
@@ -384,26 +420,107 @@ class FederationServer:
             accountant=p.accountant)
         return delta
 
-    def _evaluate(self, transport: Transport, nodes: list[int], rnd: int
-                  ) -> tuple[dict[str, Any], int, int]:
-        if not nodes:
-            return {}, 0, 0
-        payload = self._train_payload(rnd)
-        replies = transport.send("evaluate", self._payloads(payload, nodes), round_=rnd,
+    # ------------------------------------------------------------ evaluation
+    def _pending_nodes(self) -> list[int]:
+        return [] if self.pending is None else list(self.pending.nodes)
+
+    def _rebind_pending(self, nodes: list[int]) -> None:
+        """A resumed run's pending evaluators when none of their node ids is connected (a new
+        simulation numbers its nodes anew): drawn again from ``nodes`` with that round's draws."""
+        pending = self.pending
+        if pending is None or not pending.nodes or set(pending.nodes) & set(nodes):
+            return
+        fed = self.cfg.federation
+        rng = random.Random(f"{fed.seed}-{pending.round}")
+        _sample(nodes, fed.fraction_train, fed.min_hospitals, rng)  # the round's first draw
+        pending.nodes = _sample(nodes, fed.fraction_evaluate, 1, rng)
+        log.info("round %d's evaluation hospitals are no longer connected under their node ids; "
+                 "drawn again from the %d connected", pending.round, len(nodes))
+
+    def _evaluate_pending(self, transport: Transport, nodes: list[int]) -> None:
+        """A plain ``evaluate`` message for the pending round to ``nodes`` (the global adapter
+        is still that round's result); the answers wait in ``self.pending``."""
+        pending = self.pending
+        if pending is None or not nodes:
+            return
+        t0 = time.perf_counter()
+        payload = self._train_payload(pending.round)
+        replies = transport.send("evaluate", self._payloads(payload, nodes), round_=pending.round,
                                  timeout=self.timeout)
         for node, r in replies.items():
             if r.ok and r.payload is not None:
-                self._note_head(node, r.payload.meta, rnd)
-        ok = [r.payload.meta for r in replies.values() if r.ok and "release" in r.payload.meta]
-        for r in replies.values():
-            if r.ok and r.payload.meta.get("status") == "declined":
-                log.info("round %d: %s released no metrics: %s", rnd, r.payload.meta.get("site"),
-                         r.payload.meta.get("reason"))
-        up = sum(r.payload.nbytes() for r in replies.values() if r.payload is not None)
-        return aggregate_evaluation(ok), up, payload.nbytes() * len(nodes)
+                self._note_head(node, r.payload.meta, pending.round)
+                pending.answers.append(r.payload.meta)
+        row = pending.row
+        row["bytes_up"] += sum(r.payload.nbytes() for r in replies.values() if r.payload is not None)
+        row["bytes_down"] += payload.nbytes() * len(nodes)
+        row["seconds"] = round(row["seconds"] + time.perf_counter() - t0, 3)
+        if hasattr(transport, "pop_message_seconds"):  # only this exchange since the last pop
+            seconds = {**row.get("message_seconds", {})}
+            for action, s in transport.pop_message_seconds().items():
+                seconds[action] = round(seconds.get(action, 0.0) + s, 3)
+            row["message_seconds"] = seconds
+        pending.nodes = [n for n in pending.nodes if n not in nodes]
 
+    def _fold_requests(self, payloads: dict[int, Payload], rnd: int) -> dict[int, Payload]:
+        """Ask the pending round's evaluators among ``payloads``' nodes to evaluate the global
+        adapter their train message carries (round ``rnd - 1``'s result)."""
+        pending = self.pending
+        if pending is None or pending.round != rnd - 1:
+            return payloads
+        asked = [n for n in pending.nodes if n in payloads]
+        pending.row["bytes_down"] += request_bytes(pending.round) * len(asked)
+        return {node: p if node not in asked else Payload(
+                    meta={**p.meta, EVALUATE_FIELD: pending.round}, arrays=p.arrays)
+                for node, p in payloads.items()}
+
+    def _take_evaluations(self, replies: dict[int, Reply]) -> None:
+        """Move the evaluation answers out of the train ``replies`` into the pending round's
+        row, and record that row (its bytes count there, not in the train round's)."""
+        pending = self.pending
+        answered: set[int] = set()
+        for node, reply in replies.items():
+            if not reply.ok or EVALUATION_FIELD not in reply.payload.meta:
+                continue
+            answer = reply.payload.meta.pop(EVALUATION_FIELD)
+            if pending is None or node not in pending.nodes or not isinstance(answer, dict):
+                log.warning("node %s sent an evaluation nobody asked for; ignored", node)
+                continue
+            pending.row["bytes_up"] += len(meta_to_json({EVALUATION_FIELD: answer})) - 1
+            self._note_head(node, answer, pending.round)
+            pending.answers.append(answer)
+            answered.add(node)
+        for node in [] if pending is None else sorted(set(pending.nodes) - answered):
+            # no plain `evaluate` again: a hospital that made the release refuses a second
+            # one of the same model, and one that failed to answer would likely fail again
+            log.warning("round %d: node %s sent no evaluation with its train reply",
+                        pending.round, node)
+        self._finish_pending()
+
+    def _finish_pending(self) -> None:
+        """Record the pending round's row with the evaluation answers it got, and checkpoint
+        that round again without it (the global adapter is still that round's result)."""
+        pending = self.pending
+        if pending is None:
+            return
+        for meta in pending.answers:
+            if meta.get("status") == "declined":
+                log.info("round %d: %s released no metrics: %s", pending.round, meta.get("site"),
+                         meta.get("reason"))
+        self.pending = None
+        self._emit(pending.row, aggregate_evaluation(
+            [a for a in pending.answers if "release" in a]))
+        self._checkpoint(pending.round)
+
+    # ------------------------------------------------------------ metrics rows
     def _record(self, rnd: int, outcome: RoundOutcome, bytes_up: int, bytes_down: int,
                 t0: float, evaluation: dict[str, Any]) -> None:
+        self._emit(self._row(rnd, outcome, bytes_up, bytes_down, t0), evaluation)
+
+    def _row(self, rnd: int, outcome: RoundOutcome, bytes_up: int, bytes_down: int,
+             t0: float) -> dict[str, Any]:
+        """Round ``rnd``'s metrics row, its evaluation fields still empty (see :meth:`_emit`)."""
+        evaluation: dict[str, Any] = {}
         row: dict[str, Any] = {
             "round": rnd,
             "loss": evaluation.get("loss"),
@@ -432,7 +549,18 @@ class FederationServer:
             row["epsilon_hospital_level"] = outcome.metrics["epsilon_hospital_level"]
         if outcome.reason:
             row["reason"] = outcome.reason
-        alerts = [a for a in self.metrics.get("ledger_alerts", []) if a.get("round") == rnd]
+        return row
+
+    def _emit(self, row: dict[str, Any], evaluation: dict[str, Any]) -> None:
+        """Fill ``row``'s evaluation fields, append it to the metrics and hand it to ``on_round``."""
+        row.update({
+            "loss": evaluation.get("loss"),
+            "auroc": evaluation.get("auroc", {}),
+            "auroc_multimodal": evaluation.get("auroc_multimodal", {}),
+            "findings_f1": evaluation.get("findings_f1"),
+            "rouge_l": evaluation.get("rouge_l"),
+        })
+        alerts = [a for a in self.metrics.get("ledger_alerts", []) if a.get("round") == row["round"]]
         if alerts:
             row["ledger_alerts"] = alerts
         self.metrics["rounds"].append(row)

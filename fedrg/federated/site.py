@@ -7,7 +7,10 @@
   round against the privacy budget (decline before touching data if it would pass it),
   train with DP-SGD, append the signed ledger entry, compute the update (delta from the
   global adapter). With secure aggregation the update stays in ``state``
-  until the masked upload; without, it is returned with its weight.
+  until the masked upload; without, it is returned with its weight. A train request may
+  also ask for the evaluation of the global adapter it carries (the previous round's result,
+  ``meta["evaluate_round"]``): answered first, exactly as an ``evaluate`` message, in
+  ``reply.meta["evaluation"]`` (:mod:`fedrg.federated.evaluation_fold`).
 * ``secagg_*``: the five secure-aggregation stages (:class:`~fedrg.secagg.stages.SecAggStage`;
   the update only leaves masked).
 * ``evaluate``: a DP release of validation aggregates of the global adapter (noisy, charged
@@ -24,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,6 +221,57 @@ class HospitalSite:
             return None
 
     def train(self, payload: Payload, state: Payload) -> Payload:
+        """Answer a train request: first the evaluation it may fold in, then the training.
+
+        A request with ``meta["evaluate_round"] = r`` (its round minus one: the arrays it
+        carries are round ``r``'s result) gets, in ``reply.meta["evaluation"]``, exactly what
+        :meth:`evaluate` answers for those arrays and round ``r``, under every limit of an
+        ``evaluate`` message; the release (if any) is in the ledger before training is
+        planned, so the plan sees its cost. A declined or refused evaluation does not stop
+        the training, and a declined training still carries the evaluation answer. See
+        :meth:`_train` for the training itself.
+
+        Parameters
+        ----------
+        payload
+            The server's train request (global adapter arrays, run config, round, run id).
+        state
+            What the hospital keeps between messages of the run (updated in place).
+
+        Returns
+        -------
+        Payload
+            The train reply, with ``meta["evaluation"]`` when an evaluation was asked for.
+        """
+        from fedrg.federated.evaluation_fold import EVALUATE_FIELD, EVALUATION_FIELD
+
+        if EVALUATE_FIELD not in payload.meta:
+            return self._train(payload, state)
+        t0 = time.perf_counter()
+        answer = self._folded_evaluation(payload)
+        # (local log only; benchmarks/deployment_latency.py reads it from the worker's log)
+        log.info("folded evaluation of round %.40r answered in %.3f s", payload.meta.get(EVALUATE_FIELD),
+                 time.perf_counter() - t0)
+        reply = self._train(Payload(meta={k: v for k, v in payload.meta.items() if k != EVALUATE_FIELD},
+                                    arrays=payload.arrays), state)
+        reply.meta[EVALUATION_FIELD] = answer
+        return reply
+
+    def _folded_evaluation(self, payload: Payload) -> dict[str, Any]:
+        """The :meth:`evaluate` answer to the evaluation a train request asks for (its meta)."""
+        from fedrg.federated.evaluation_fold import check_evaluate_round
+
+        rnd, why = check_evaluate_round(payload.meta)
+        if rnd is None:
+            return self._decline_eval("evaluation_request_invalid", why, self._ledger()).meta
+        request = Payload(meta={"config": payload.meta.get("config"), "round": rnd,
+                                "run_id": payload.meta.get("run_id")}, arrays=payload.arrays)
+        try:
+            return self.evaluate(request).meta
+        except FedrgError as err:  # e.g. an unreadable config: the training part says so too
+            return self._decline_eval("evaluation_failed", err.public_message(), self._ledger()).meta
+
+    def _train(self, payload: Payload, state: Payload) -> Payload:
         """Train one round locally and prepare the update.
 
         The server's config is a request: it is checked against the site's policy

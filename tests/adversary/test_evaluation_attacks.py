@@ -78,3 +78,152 @@ def test_attack_evaluation_queries(tmp_path, base_dir, fx_root):
     # the one release is in the ledger and in the audit, within the budget
     audit = audit_path(sites[0].state_dir)
     assert audit.ok and audit.hospitals[0].evaluation_releases == 1
+
+
+# ------------------------------------------- evaluation folded into the next train message
+def _fold(request: Payload, evaluate_round) -> Payload:
+    """A train request that also asks for an evaluation (as FederationServer folds it)."""
+    request.meta["evaluate_round"] = evaluate_round
+    return request
+
+
+def _evaluate(base_dir, arrays, rnd, run_id=None):
+    """A plain `evaluate` message of ``arrays`` for round ``rnd``."""
+    from .hostile import HONEST_RUN, honest_request
+
+    return honest_request(base_dir, round_=rnd, run_id=run_id or HONEST_RUN, arrays=arrays)
+
+
+def _evaluations(site):
+    return [e for e in Ledger.open(site.site.state_dir, hospital="h1").read() if e.kind == "evaluation"]
+
+
+def _copy(tmp_path, veteran_state, cohort, policy, name="copy"):
+    import shutil
+
+    from fedrg.federated.site import HospitalSite
+
+    state = tmp_path / name
+    shutil.copytree(veteran_state, state)
+    site = HospitalSite(SiteConfig(name="h1", cohort=str(cohort), state_dir=str(state), policy=policy))
+    site._release_seed = 7  # tests only: the same release noise for both copies
+    return site
+
+
+def test_folded_evaluation_is_exactly_an_evaluate_message_then_training(tmp_path, base_dir,
+                                                                      veteran_state, cohort):
+    """Differential: one hospital answers `evaluate` (round 1) and then `train` (round 2);
+    its copy gets the same two as one folded train message. Same release, same ledger
+    (evaluation before training, so the plan saw the release's cost)."""
+    from .hostile import HONEST_RUN, global_arrays, honest_request, site_policy, tiny_config
+
+    arrays = global_arrays(tiny_config(base_dir))
+    plain = _copy(tmp_path, veteran_state, cohort, site_policy(base_dir), "plain")
+    folded = _copy(tmp_path, veteran_state, cohort, site_policy(base_dir), "folded")
+    ev = plain.handle("evaluate", _evaluate(base_dir, arrays, 1), Payload()).meta
+    tr = plain.handle("train", honest_request(base_dir, round_=2, run_id=HONEST_RUN), Payload()).meta
+    both = folded.handle("train", _fold(honest_request(base_dir, round_=2, run_id=HONEST_RUN), 1),
+                         Payload()).meta
+    answer = both.pop("evaluation")
+    assert ev["status"] == "ok" and answer["status"] == "ok" and tr["status"] == both["status"] == "ok"
+    assert answer["release"] == ev["release"] and answer["epsilon_lifetime"] == ev["epsilon_lifetime"]
+    assert set(answer) == set(ev) and set(both) == set(tr)
+    assert both["epsilon_lifetime"] == pytest.approx(tr["epsilon_lifetime"], rel=1e-12)
+
+    def mechanisms(site):
+        return [(e.kind, e.round, e.noise_multiplier, e.sample_rate, e.steps, e.epsilon)
+                for e in Ledger.open(site.site.state_dir, hospital="h1").read()]
+
+    assert mechanisms(folded) == mechanisms(plain)
+    assert [m[:2] for m in mechanisms(folded)] == [("train", 1), ("evaluation", 1), ("train", 2)]
+    assert mechanisms(folded)[2][-1] > mechanisms(folded)[1][-1]  # training planned after the release
+
+
+def test_attack_folded_evaluation_of_a_round_not_trained_or_malformed(hospital, base_dir):
+    """Folding asks nothing an `evaluate` message could not: a round this hospital did not
+    train (another run), a round other than the one the train message's arrays are the
+    result of, and malformed values are refused; none costs anything, and a refused
+    evaluation does not stop the training."""
+    from .hostile import HONEST_RUN, honest_request
+
+    before = len(Ledger.open(hospital.site.state_dir, hospital="h1").read())
+    refused_training = ("privacy.enabled=false",)  # refused up front: only the evaluation part runs
+    cases = [("run-evil", 1, "evaluation_not_after_training")]
+    cases += [(HONEST_RUN, value, "evaluation_request_invalid")
+              for value in (2, 0, -1, "1", True, 1.5, None, [1])]
+    for run_id, value, reason in cases:
+        reply = hospital.handle("train", _fold(honest_request(base_dir, *refused_training, round_=2,
+                                                              run_id=run_id), value), Payload()).meta
+        assert reply["status"] == "declined" and reply["reason"] == "policy_violation"
+        answer = reply["evaluation"]
+        assert answer["status"] == "declined" and answer["reason"] == reason, (value, answer)
+        assert "release" not in answer and "ledger_head" in answer
+        if reason == "evaluation_request_invalid":
+            assert "evaluate_round" in answer["message"]
+    assert len(Ledger.open(hospital.site.state_dir, hospital="h1").read()) == before
+    # a refused evaluation does not stop an honest training
+    reply = hospital.handle("train", _fold(honest_request(base_dir, round_=2, run_id=HONEST_RUN), 7),
+                            Payload()).meta
+    assert reply["status"] == "ok" and reply["evaluation"]["reason"] == "evaluation_request_invalid"
+    kinds = [e.kind for e in Ledger.open(hospital.site.state_dir, hospital="h1").read()]
+    assert kinds == ["train", "train"]
+
+
+def test_attack_same_model_folded_and_as_evaluate(tmp_path, base_dir, veteran_state, cohort):
+    """One global model is released once, whichever way it is asked for first."""
+    from .hostile import HONEST_RUN, global_arrays, honest_request, site_policy, tiny_config
+
+    arrays = global_arrays(tiny_config(base_dir))
+    refused = ("privacy.enabled=false",)
+    first_folded = _copy(tmp_path, veteran_state, cohort, site_policy(base_dir), "a")
+    reply = first_folded.handle("train", _fold(honest_request(base_dir, *refused, round_=2,
+                                                              run_id=HONEST_RUN), 1), Payload()).meta
+    # a declined training still carries the evaluation it made
+    assert reply["status"] == "declined" and reply["evaluation"]["status"] == "ok"
+    again = first_folded.handle("evaluate", _evaluate(base_dir, arrays, 1), Payload()).meta
+    assert again["status"] == "declined" and again["reason"] == "evaluation_repeated"
+    assert len(_evaluations(first_folded)) == 1
+
+    first_plain = _copy(tmp_path, veteran_state, cohort, site_policy(base_dir), "b")
+    assert first_plain.handle("evaluate", _evaluate(base_dir, arrays, 1), Payload()).meta["status"] == "ok"
+    reply = first_plain.handle("train", _fold(honest_request(base_dir, *refused, round_=2,
+                                                             run_id=HONEST_RUN), 1), Payload()).meta
+    assert reply["evaluation"]["status"] == "declined"
+    assert reply["evaluation"]["reason"] == "evaluation_repeated"
+    assert "release" not in reply["evaluation"]
+    assert len(_evaluations(first_plain)) == 1
+
+
+def test_attack_folded_evaluations_beyond_max_releases_per_run(tmp_path, base_dir, veteran_state, cohort):
+    """policy.evaluation.max_releases_per_run counts folded and plain releases together."""
+    from .hostile import HONEST_RUN, global_arrays, honest_request, site_policy, tiny_config
+
+    arrays = global_arrays(tiny_config(base_dir))
+    site = _copy(tmp_path, veteran_state, cohort,
+                 site_policy(base_dir, evaluation=EvaluationPolicy(max_releases_per_run=1)))
+    reply = site.handle("train", _fold(honest_request(base_dir, round_=2, run_id=HONEST_RUN), 1),
+                        Payload()).meta
+    assert reply["status"] == "ok" and reply["evaluation"]["status"] == "ok"
+    # round 2 trained: its evaluation would be the run's second release, folded or not
+    newer = [a + np.float32(0.01) for a in arrays]
+    folded = site.handle("train", _fold(honest_request(base_dir, round_=3, run_id=HONEST_RUN,
+                                                       arrays=newer), 2), Payload()).meta
+    assert folded["evaluation"]["status"] == "declined"
+    assert folded["evaluation"]["reason"] == "evaluation_release_cap"
+    plain = site.handle("evaluate", _evaluate(base_dir, newer, 2), Payload()).meta
+    assert plain["status"] == "declined" and plain["reason"] == "evaluation_release_cap"
+    assert len(_evaluations(site)) == 1
+
+
+def test_attack_folded_evaluation_with_release_none(base_dir, tmp_path, veteran_state, cohort):
+    """evaluation.release = 'none': nothing leaves, folded or not; training goes on."""
+    from .hostile import HONEST_RUN, honest_request, site_policy
+
+    site = _copy(tmp_path, veteran_state, cohort,
+                 site_policy(base_dir, evaluation=EvaluationPolicy(release="none")))
+    reply = site.handle("train", _fold(honest_request(base_dir, round_=2, run_id=HONEST_RUN), 1),
+                        Payload()).meta
+    assert reply["status"] == "ok"
+    assert reply["evaluation"]["status"] == "declined"
+    assert reply["evaluation"]["reason"] == "evaluation_not_released"
+    assert "release" not in reply["evaluation"] and not _evaluations(site)

@@ -1,0 +1,107 @@
+"""Federated evaluation folded into the next round's train message (issue 16 item 2).
+
+After round ``r`` the server does not send a separate ``evaluate`` message: the train
+request of round ``r + 1`` carries the new global adapter anyway (it *is* round ``r``'s
+result), so the hospitals sampled for round ``r``'s evaluation that also train in round
+``r + 1`` find ``meta["evaluate_round"] = r`` in it and answer the evaluation inside their
+train reply (``meta["evaluation"]``, exactly what ``HospitalSite.evaluate`` returns). The
+other evaluation hospitals of round ``r``, and every evaluation hospital of the last round,
+still get a plain ``evaluate`` message.
+
+This module holds the wire names, the hospital's check of the request field and the
+server's :class:`PendingEvaluation` (round ``r``'s metrics row waiting for its evaluation;
+it is part of the run checkpoint, so a resumed run still gets it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedrg.federated.payload import meta_to_json
+
+#: Meta field of a train request: the round whose global adapter (the arrays it carries) to evaluate.
+EVALUATE_FIELD = "evaluate_round"
+#: Meta field of a train reply: the hospital's answer to that request (an ``evaluate`` reply's meta).
+EVALUATION_FIELD = "evaluation"
+
+__all__ = ["EVALUATE_FIELD", "EVALUATION_FIELD", "PendingEvaluation", "check_evaluate_round",
+           "request_bytes"]
+
+
+def check_evaluate_round(meta: dict[str, Any]) -> tuple[int | None, str]:
+    """The round a train request asks to evaluate, or why the request is refused.
+
+    Only the round just before the train request's own round is valid: the arrays of a
+    round ``r + 1`` train message are round ``r``'s result, nothing else.
+
+    Parameters
+    ----------
+    meta
+        The train request's meta (``round`` and ``evaluate_round``).
+
+    Returns
+    -------
+    tuple[int | None, str]
+        ``(round, "")`` for a valid request, ``(None, message)`` otherwise.
+    """
+    raw = meta.get(EVALUATE_FIELD)
+    train_round = meta.get("round")
+    if isinstance(train_round, bool) or not isinstance(train_round, int):
+        return None, (f"{EVALUATE_FIELD}={raw!r:.40} came with a train request whose round "
+                      f"{train_round!r:.40} is not an integer; no evaluation is made for it")
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        return None, (f"{EVALUATE_FIELD}={raw!r:.40} in the train request of round {train_round} "
+                      f"is not a round number; it must be the integer {train_round - 1} (the "
+                      "round whose result the request carries)")
+    if raw != train_round - 1 or raw < 1:
+        return None, (f"{EVALUATE_FIELD}={raw} in the train request of round {train_round}: a "
+                      f"train message may ask only for the evaluation of round {train_round - 1}, "
+                      "whose result it carries; send an `evaluate` message for any other round")
+    return raw, ""
+
+
+def request_bytes(round_: int) -> int:
+    """Bytes the evaluation request adds to one train message (its meta field)."""
+    return len(meta_to_json({EVALUATE_FIELD: int(round_)})) - 1  # no braces, one comma
+
+
+@dataclass
+class PendingEvaluation:
+    """Round ``round``'s metrics row, waiting for its evaluation.
+
+    Parameters
+    ----------
+    round
+        The evaluated round (its global adapter is the run's current one until the next
+        round aggregates).
+    nodes
+        The hospitals sampled to evaluate it.
+    row
+        Its metrics row without the evaluation (bytes and seconds of the round so far).
+    answers
+        Evaluation replies collected so far (in memory only: not checkpointed).
+    """
+
+    round: int
+    nodes: list[int]
+    row: dict[str, Any]
+    answers: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """What the run checkpoint keeps (``state.json`` ``pending_evaluation``)."""
+        return {"round": self.round, "nodes": list(self.nodes), "row": self.row}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> PendingEvaluation:
+        """Inverse of :meth:`to_json`.
+
+        Raises
+        ------
+        ValueError
+            When ``obj`` is not a checkpoint's pending evaluation.
+        """
+        if not isinstance(obj, dict) or not isinstance(obj.get("row"), dict):
+            raise ValueError(f"not a pending evaluation: {obj!r:.200}")
+        return cls(round=int(obj["round"]), nodes=[int(n) for n in obj["nodes"]],
+                   row=dict(obj["row"]))
