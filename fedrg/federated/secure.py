@@ -453,15 +453,22 @@ def answer_setup_in_train(request: dict[str, Any], reply: Payload, state: Payloa
     site
         This hospital's settings.
     """
+    keys = _stage_in_train(SecAggStage.SETUP, request, reply, state, site=site)
+    if keys is not None:
+        reply.meta[KEYS_FIELD] = from_payload(keys)
+
+
+def _stage_in_train(stage: SecAggStage, request: dict[str, Any], reply: Payload, state: Payload,
+                    *, site: SiteConfig) -> Payload | None:
+    """Answer ``stage`` for the train reply; on a refusal drop the update (None)."""
     try:
-        keys = client_stage(SecAggStage.SETUP.action, to_payload(request), state, site=site)
+        return client_stage(stage.action, to_payload(request), state, site=site)
     except FedrgError as err:
-        log.warning("%s refuses the secure sum's setup: %s", site.name, err)
+        log.warning("%s refuses the secure sum (%s): %s", site.name, stage, err)
         state.arrays = {}  # the update is dropped, never sent
         state.meta.pop("pending_weight", None)
         reply.meta["secagg_error"] = err.public_message()
-        return
-    reply.meta[KEYS_FIELD] = from_payload(keys)
+        return None
 
 
 def client_stage(action: str, payload: Payload, state: Payload, *, site: SiteConfig,
@@ -604,8 +611,9 @@ def check_masked_in_train(request: Any, state: Payload, *, site: SiteConfig) -> 
     Raises
     ------
     SecAggError
-        When no pipelined session is pending, the round id differs from it, or it is not
-        waiting for its masked input.
+        When no pipelined session is pending, the round id differs from it, it is not
+        waiting for its masked input, or the routed shares do not open (tampered,
+        misrouted, too few for the threshold).
     """
     from fedrg.secagg.client import ClientSession
 
@@ -628,6 +636,7 @@ def check_masked_in_train(request: Any, state: Payload, *, site: SiteConfig) -> 
         raise SecAggError(f"the pipelined secure-aggregation session is in stage "
                           f"'{session.stage}', not waiting for its masked input; refusing")
     state.meta[SESSION_KEY] = state.meta.pop(NEXT_SESSION_KEY)  # used once, whatever follows
+    session.open_shares(request)  # tampered or misrouted shares: refused before training
     return request
 
 
@@ -641,13 +650,7 @@ def answer_masked_in_train(request: dict[str, Any], reply: Payload, state: Paylo
     the hospital and puts the public reason under ``reply.meta["secagg_error"]``.
     """
     routed = {k: v for k, v in request.items() if k != "round_id"}
-    try:
-        masked = client_stage(SecAggStage.MASKED.action, to_payload(routed), state, site=site)
-    except FedrgError as err:
-        log.warning("%s refuses the pipelined secure sum: %s", site.name, err)
-        state.arrays = {}  # the update is dropped, never sent
-        state.meta.pop("pending_weight", None)
-        reply.meta["secagg_error"] = err.public_message()
-        return
-    reply.arrays["sa.masked"] = masked.arrays["sa.masked"]
-    reply.meta[MASKED_FIELD] = dict(masked.meta)
+    masked = _stage_in_train(SecAggStage.MASKED, routed, reply, state, site=site)
+    if masked is not None:
+        reply.arrays["sa.masked"] = masked.arrays["sa.masked"]
+        reply.meta[MASKED_FIELD] = dict(masked.meta)

@@ -387,6 +387,48 @@ class ClientSession:
         }
 
     # ------------------------------------------------------------------ stage 3
+    def open_shares(self, request: dict[str, Any]) -> dict[int, tuple[int, int]]:
+        """Open and check the shares routed to this client (stage 3's request), changing nothing.
+
+        :meth:`masked_input` starts with this; a hospital may call it first to refuse a
+        tampered or misrouted request before it trains.
+
+        Returns
+        -------
+        dict
+            ``{sender: (seed share, mask-key share)}``.
+
+        Raises
+        ------
+        SecAggError
+            On a tampered or misrouted ciphertext, shares from non-neighbours, or too few
+            neighbours to meet the threshold.
+        """
+        self._expect(SecAggStage.SHARE, "open its shares")
+        p = self._params()
+        senders = _int_list(request, "senders")
+        ciphertexts = _bytes_list(request, "ciphertexts")
+        if len(senders) != len(ciphertexts) or len(set(senders)) != len(senders):
+            raise SecAggError("secagg share routing: senders and ciphertexts do not match")
+        unknown = set(senders) - set(self.neighbours)
+        if unknown:
+            raise SecAggError(f"secagg shares from non-neighbours {sorted(unknown)}; refusing")
+        received: dict[int, tuple[int, int]] = {}
+        for u, ct in zip(senders, ciphertexts, strict=True):
+            plain = crypto.open_sealed(self.share_keys[u], ct, share_associated_data(self.transcript, u, self.index))
+            if len(plain) != 2 * shamir.SHARE_BYTES:
+                raise SecAggError(f"share from client {u} has the wrong length")
+            received[u] = (
+                shamir.share_from_bytes(plain[: shamir.SHARE_BYTES]),
+                shamir.share_from_bytes(plain[shamir.SHARE_BYTES:]),
+            )
+        if len(received) + 1 < p.threshold:
+            raise SecAggError(
+                f"only {len(received)} neighbours of client {self.index} survived key sharing; "
+                f"threshold {p.threshold} cannot be met"
+            )
+        return received
+
     def masked_input(self, request: dict[str, Any], update: np.ndarray, weight: float) -> dict[str, Any]:
         """Stage 3: store the shares received, then upload the masked weighted update.
 
@@ -414,28 +456,8 @@ class ClientSession:
         """
         self._expect(SecAggStage.SHARE, "upload a masked input")
         p = self._params()
-        senders = _int_list(request, "senders")
-        ciphertexts = _bytes_list(request, "ciphertexts")
-        if len(senders) != len(ciphertexts) or len(set(senders)) != len(senders):
-            raise SecAggError("secagg share routing: senders and ciphertexts do not match")
-        unknown = set(senders) - set(self.neighbours)
-        if unknown:
-            raise SecAggError(f"secagg shares from non-neighbours {sorted(unknown)}; refusing")
+        received = self.open_shares(request)
         assert self.mask_sk is not None and self.seed is not None
-        received: dict[int, tuple[int, int]] = {}
-        for u, ct in zip(senders, ciphertexts, strict=True):
-            plain = crypto.open_sealed(self.share_keys[u], ct, share_associated_data(self.transcript, u, self.index))
-            if len(plain) != 2 * shamir.SHARE_BYTES:
-                raise SecAggError(f"share from client {u} has the wrong length")
-            received[u] = (
-                shamir.share_from_bytes(plain[: shamir.SHARE_BYTES]),
-                shamir.share_from_bytes(plain[shamir.SHARE_BYTES:]),
-            )
-        if len(received) + 1 < p.threshold:
-            raise SecAggError(
-                f"only {len(received)} neighbours of client {self.index} survived key sharing; "
-                f"threshold {p.threshold} cannot be met"
-            )
         x = np.asarray(update)
         if x.size != p.vector_length:
             raise SecAggError(

@@ -281,3 +281,17 @@ def test_attack_pipelined_train_without_a_set_up(hospital, base_dir, tmp_path, n
     with pytest.raises(SecAggError, match="not set up"):
         site.handle("train", req, Payload())
     assert ledger_bytes(site) == before
+
+
+def test_attack_tampered_shares_in_the_pipelined_train(pipelined_site, base_dir):
+    """Routed shares with one ciphertext flipped: refused before training (nothing spent),
+    and the session is used up."""
+    site, state, agg2, routed = pipelined_site
+    before = ledger_bytes(site)
+    req = _pipelined_train(agg2, routed, base_dir=base_dir)
+    cts = list(req.meta[MASKED_FIELD]["ciphertexts"])
+    cts[0] = bytes([cts[0][0] ^ 1]) + bytes(cts[0][1:])
+    req.meta[MASKED_FIELD]["ciphertexts"] = cts
+    with pytest.raises(SecAggError):
+        site.handle("train", req, state)
+    assert ledger_bytes(site) == before and NEXT_SESSION_KEY not in state.meta
