@@ -131,6 +131,11 @@ def test_tls_federation_three_hospitals_two_rounds_dp_secagg(tmp_path, procs):
     rounds = metrics["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["participants"] == len(HOSPITALS) for r in rounds)
+    # secure aggregation over real Flower messages: round 1 sets itself up (five messages),
+    # round 2 was set up during round 1's last two and takes three
+    assert {"secagg_share", "secagg_masked"} <= set(rounds[0]["message_seconds"])
+    assert {"train", "secagg_consistency", "secagg_unmask"} <= set(rounds[1]["message_seconds"])
+    assert not {"secagg_share", "secagg_masked"} & set(rounds[1]["message_seconds"])
     # every hospital kept its own signed privacy ledger: one entry per round
     for h in HOSPITALS:
         ledger = tmp_path / h / "ledger.jsonl"
