@@ -83,6 +83,21 @@ class Reply:
     def ok(self) -> bool:
         return self.error is None and self.payload is not None
 
+    @property
+    def body(self) -> Payload:
+        """The payload of a reply that has one (check :attr:`ok` first).
+
+        Raises
+        ------
+        FedrgError
+            For an error reply (no payload), naming the node and its error.
+        """
+        if self.payload is None:
+            from fedrg.errors import FedrgError
+
+            raise FedrgError(f"node {self.node} sent no payload ({self.error or 'empty reply'})")
+        return self.payload
+
 
 class Transport(Protocol):
     """How the server loop talks to hospitals (Flower Grid in production, in-process in tests)."""

@@ -101,10 +101,10 @@ def _why_no_keys(sampled: list[int], replies: dict[int, Reply], keys: dict[int, 
             out[node] = "no reply"
         elif not reply.ok:
             out[node] = reply.error or "failed"
-        elif reply.payload.meta.get("status") == "declined":
-            out[node] = f"declined: {reply.payload.meta.get('reason', '')}"
+        elif reply.body.meta.get("status") == "declined":
+            out[node] = f"declined: {reply.body.meta.get('reason', '')}"
         else:
-            out[node] = str(reply.payload.meta.get("secagg_error") or "sent no secure-aggregation answer")
+            out[node] = str(reply.body.meta.get("secagg_error") or "sent no secure-aggregation answer")
     return out
 
 
@@ -310,7 +310,7 @@ class FederationServer:
                 log.warning("round %d: hospital node %s failed: %s", rnd, node,
                             reply.error if reply else "no reply")
                 continue
-            meta = reply.payload.meta
+            meta = reply.body.meta
             site = str(meta.get("site", node))
             self._note_head(node, meta, rnd)
             if meta.get("epsilon") is not None:
@@ -329,7 +329,7 @@ class FederationServer:
         outcome.metrics["epsilon"] = epsilons
         outcome.metrics["epsilon_lifetime"] = lifetime
         outcome.metrics["train_loss"] = _mean_metric(
-            [(1.0, r.payload.meta.get("train_loss")) for r in trained.values()])
+            [(1.0, r.body.meta.get("train_loss")) for r in trained.values()])
         if len(trained) < self.cfg.federation.min_hospitals:
             why = "; ".join(f"{s}: {r}" for s, r in outcome.declined.items())
             outcome.reason = (f"round {rnd}: {len(trained)} hospital(s) trained, fewer than "
@@ -345,17 +345,17 @@ class FederationServer:
                 next_sampled = (self._predicted_sample(transport, rnd)
                                 if self.cfg.secagg.pipelined else None)
                 if secure_round.ready:  # pipelined: the masked updates are in the train replies
-                    masked = {node: {**r.payload.meta[MASKED_FIELD],
-                                     "masked": r.payload.arrays["sa.masked"]}
+                    masked = {node: {**r.body.meta[MASKED_FIELD],
+                                     "masked": r.body.arrays["sa.masked"]}
                               for node, r in trained.items()
-                              if isinstance(r.payload.meta.get(MASKED_FIELD), dict)
-                              and "sa.masked" in r.payload.arrays}
+                              if isinstance(r.body.meta.get(MASKED_FIELD), dict)
+                              and "sa.masked" in r.body.arrays}
                     flat, _total = secure_round.finish_masked(
                         transport, masked, _why_no_keys(sampled, replies, masked),
                         next_participants=next_sampled)
                 else:
-                    keys = {node: r.payload.meta[KEYS_FIELD] for node, r in trained.items()
-                            if isinstance(r.payload.meta.get(KEYS_FIELD), dict)}
+                    keys = {node: r.body.meta[KEYS_FIELD] for node, r in trained.items()
+                            if isinstance(r.body.meta.get(KEYS_FIELD), dict)}
                     flat, _total = secure_round.finish(
                         transport, keys, _why_no_keys(sampled, replies, keys),
                         next_participants=next_sampled)
@@ -369,6 +369,7 @@ class FederationServer:
                 bytes_up += sa_up
                 bytes_down += sa_down
             elif self.cfg.secagg.enabled:
+                assert self.secure_aggregate is not None  # checked in __init__
                 n_params = sum(a.size for a in self.global_arrays)
                 t_sa = time.perf_counter()
                 flat, _total = self.secure_aggregate(transport, sorted(trained), rnd, n_params)
@@ -379,8 +380,8 @@ class FederationServer:
                 bytes_up += sa_up
                 bytes_down += sa_down
             else:
-                updates = [r.payload.array_list("update") for r in trained.values()]
-                weights = [float(r.payload.meta["weight"]) for r in trained.values()]
+                updates = [r.body.array_list("update") for r in trained.values()]
+                weights = [float(r.body.meta["weight"]) for r in trained.values()]
                 delta = weighted_mean(updates, weights)
             if self.cfg.privacy.hospital_level:
                 delta = self._hospital_level_noise(delta, n_trained=len(trained), rnd=rnd, outcome=outcome)
@@ -480,9 +481,9 @@ class FederationServer:
         pending = self.pending
         answered: set[int] = set()
         for node, reply in replies.items():
-            if not reply.ok or EVALUATION_FIELD not in reply.payload.meta:
+            if not reply.ok or EVALUATION_FIELD not in reply.body.meta:
                 continue
-            answer = reply.payload.meta.pop(EVALUATION_FIELD)
+            answer = reply.body.meta.pop(EVALUATION_FIELD)
             if pending is None or node not in pending.nodes or not isinstance(answer, dict):
                 log.warning("node %s sent an evaluation nobody asked for; ignored", node)
                 continue
@@ -490,11 +491,12 @@ class FederationServer:
             self._note_head(node, answer, pending.round)
             pending.answers.append(answer)
             answered.add(node)
-        for node in [] if pending is None else sorted(set(pending.nodes) - answered):
-            # no plain `evaluate` again: a hospital that made the release refuses a second
-            # one of the same model, and one that failed to answer would likely fail again
-            log.warning("round %d: node %s sent no evaluation with its train reply",
-                        pending.round, node)
+        # no plain `evaluate` again for the others: a hospital that made the release refuses
+        # a second one of the same model, and one that failed to answer would likely fail again
+        if pending is not None:
+            for node in sorted(set(pending.nodes) - answered):
+                log.warning("round %d: node %s sent no evaluation with its train reply",
+                            pending.round, node)
         self._finish_pending()
 
     def _finish_pending(self) -> None:
