@@ -28,6 +28,7 @@ from fedrg.federated.secure import (
     NEXT_SHARES_FIELD,
     SESSION_KEY,
     SETUP_FIELD,
+    answer_masked_in_train,
     check_masked_in_train,
     provision_roster,
     to_payload,
@@ -55,7 +56,7 @@ def _to_consistency(hospitals: list[Hospital], agg: ServerAggregator) -> dict:
 
 
 def _pipeline(hospitals: list[Hospital], agg: ServerAggregator, nxt: ServerAggregator,
-              *, next_setup=None, next_share=None):
+              *, next_setup=None):
     """Finish ``agg``'s round while setting ``nxt`` up; returns (result, replies per stage)."""
     setup = nxt.setup_requests()
     req = _to_consistency(hospitals, agg)
@@ -67,7 +68,7 @@ def _pipeline(hospitals: list[Hospital], agg: ServerAggregator, nxt: ServerAggre
     share = nxt.receive_setup(keys) if len(keys) >= nxt.threshold else {}
     unmask = {}
     for i, r in req.items():
-        extra = (next_share or share).get(i)
+        extra = share.get(i)
         unmask[i] = hospitals[i]("unmask", r if extra is None else {**r, NEXT_SHARE_FIELD: extra})
     shares = {i: r.pop(NEXT_SHARES_FIELD) for i, r in unmask.items() if NEXT_SHARES_FIELD in r}
     errors.update({i: r.pop(NEXT_ERROR_FIELD) for i, r in unmask.items() if NEXT_ERROR_FIELD in r})
@@ -97,8 +98,6 @@ def test_pipelined_round_has_fresh_keys_and_sums_correctly(tmp_path):
         h.state.meta["pending_weight"] = h.weight
         request = check_masked_in_train({**routed[i], "round_id": agg2.params.round_id}, h.state,
                                         site=h.site)
-        from fedrg.federated.secure import answer_masked_in_train
-
         reply = Payload()
         answer_masked_in_train(request, reply, h.state, site=h.site)
         masked[i] = {**reply.meta[MASKED_FIELD], "masked": reply.arrays["sa.masked"]}
