@@ -52,9 +52,9 @@ def run_public_only(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from fedrg.config import load_config
     from fedrg.federated.site import HospitalSite
     from fedrg.model.adapter import build_model
-    from fedrg.model.public_init import apply_public_init
     from fedrg.privacy.release import EXACT_BINS, metrics_from_release, noisy_release, sum_releases
     from fedrg.train.evaluate import release_aggregates
+    from fedrg.train.public_init import apply_public_init
 
     cfg = load_config(args.config, args.overrides)
     model = build_model(cfg.model, cfg.data, seed=cfg.federation.seed)
@@ -84,10 +84,10 @@ def run_one(setting: str, seed: int, args: argparse.Namespace, work: Path) -> di
     from fedrg.commands.federation import simulated_policy, simulated_sites, synthetic_cohorts
     from fedrg.config import load_config, to_run_config
     from fedrg.federated.local import LocalTransport
-    from fedrg.federated.payload import Payload
     from fedrg.federated.runner import run_federation
     from fedrg.federated.server import aggregate_evaluation
     from fedrg.federated.site import HospitalSite
+    from fedrg.payload import Payload
     from fedrg.privacy.dpsgd import use_seeded_noise_for_tests
 
     sets = [*args.overrides, f"training.seed={seed}", f"federation.seed={seed}",

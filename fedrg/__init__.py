@@ -21,7 +21,7 @@ _EXPORTS = {
     "TrainingConfig": "fedrg.config",
     "TrackingConfig": "fedrg.config",
     "SiteConfig": "fedrg.config",
-    "SitePolicy": "fedrg.privacy.policy",
+    "SitePolicy": "fedrg.policy",
     "load_config": "fedrg.config",
     "FedrgError": "fedrg.errors",
     "ConfigError": "fedrg.errors",

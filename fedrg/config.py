@@ -19,7 +19,7 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedrg.errors import ConfigError
-from fedrg.privacy.policy import SitePolicy
+from fedrg.policy import SitePolicy
 from fedrg.pydantic_errors import format_validation_error
 
 DEFAULT_MARKERS = ["idh_mutant", "codeletion_1p19q", "mgmt_methylated"]
@@ -139,7 +139,7 @@ class ModelConfig(StrictModel):
     public_init: str = Field(
         "synthetic", min_length=1, description="initial global adapter: 'synthetic' = pre-trained "
         "on public synthetic cohorts (public seed, no hospital data; built once, cached), 'none' "
-        "= random, or a local adapter directory (fedrg.model.public_init; docs/model.md)")
+        "= random, or a local adapter directory (fedrg.train.public_init; docs/model.md)")
     genomics_dropout: float = Field(
         0.5, ge=0.0, le=1.0,
         description="probability of withholding genomics from a training example "

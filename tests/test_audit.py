@@ -20,6 +20,7 @@ from privacy_ledger_helpers import (
 )
 from typer.testing import CliRunner
 
+from fedrg import signing
 from fedrg.audit.verify import (
     audit_path,
     find_ledgers,
@@ -28,7 +29,6 @@ from fedrg.audit.verify import (
     relative_gap,
 )
 from fedrg.commands import audit as audit_cmd
-from fedrg.privacy import signing
 from fedrg.privacy.ledger import LEDGER_NAME, Ledger
 
 

@@ -33,6 +33,17 @@ from fedrg.data.synth import (
 runner = CliRunner()
 
 
+def _signal():
+    """tools/signal_baselines.py (an analysis script outside the package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "signal_baselines.py"
+    spec = importlib.util.spec_from_file_location("signal_baselines", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory) -> list[Path]:
     out = tmp_path_factory.mktemp("synth")
@@ -217,7 +228,7 @@ def test_3d_mode(fed):
 def test_baselines_beat_chance_on_idh(cohorts):
     """Logistic regressions on the expression panel and on simple image features, held out
     (3 x 60 patients: about 45 held out, so the image bound is loose; see the slow test)."""
-    from fedrg.data.signal import baseline_aurocs
+    baseline_aurocs = _signal().baseline_aurocs
 
     auc = baseline_aurocs(cohorts, DataConfig())
     assert auc["expression"]["idh_mutant"] > 0.75, auc
@@ -229,7 +240,7 @@ def test_image_baselines_learn_idh_on_larger_cohorts(tmp_path):
     """From the images alone: logistic regression on simple features and a tiny CNN."""
     import torch
 
-    from fedrg.data.signal import baseline_aurocs, cnn_auroc
+    baseline_aurocs, cnn_auroc = _signal().baseline_aurocs, _signal().cnn_auroc
 
     torch.set_num_threads(1)
     cfg = DataConfig()

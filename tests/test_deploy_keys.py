@@ -16,7 +16,7 @@ from fedrg.deploy.keys import (
     new_hospital_keys,
 )
 from fedrg.errors import DeployError
-from fedrg.privacy.signing import load_private_key, load_public_key, sign, verify
+from fedrg.signing import load_private_key, load_public_key, sign, verify
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from fedrg.deploy.watch import (
 )
 from fedrg.errors import ConfigError
 from fedrg.federated.ledger_copy import public_ledger_payload, write_ledger_copies
-from fedrg.federated.payload import Payload, meta_from_json, meta_to_json
+from fedrg.payload import Payload, meta_from_json, meta_to_json
 from tests.privacy_ledger_helpers import STANDARD_ROUNDS, write_ledger
 
 

@@ -14,7 +14,7 @@ from fedrg.deploy.certs import init_certs, make_ca, write_cert
 from fedrg.deploy.keys import new_hospital_keys
 from fedrg.deploy.settings import load_hospital_settings, load_server_settings, node_config
 from fedrg.errors import ConfigError, FedrgError
-from fedrg.privacy.policy import SitePolicy
+from fedrg.policy import SitePolicy
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()

@@ -22,8 +22,8 @@ from fedrg.deploy.worker import (
 )
 from fedrg.errors import FedrgError
 from fedrg.federated.answer import answer
-from fedrg.federated.payload import Payload
-from fedrg.privacy.policy import SitePolicy
+from fedrg.payload import Payload
+from fedrg.policy import SitePolicy
 
 
 @pytest.fixture

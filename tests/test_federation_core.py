@@ -11,8 +11,8 @@ from fedrg.config import load_config
 from fedrg.errors import FedrgError
 from fedrg.federated.aggregate import ServerOptimizer, flatten, unflatten, weighted_mean
 from fedrg.federated.checkpoint import RunCheckpoint, load_checkpoint, save_checkpoint
-from fedrg.federated.payload import Payload, Reply, meta_from_json, meta_to_json
 from fedrg.federated.server import FederationServer, aggregate_evaluation
+from fedrg.payload import Payload, Reply, meta_from_json, meta_to_json
 
 
 @given(st.lists(st.floats(0.1, 100), min_size=1, max_size=6), st.integers(0, 2**31 - 1))

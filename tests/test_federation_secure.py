@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 
 from fedrg.config import SiteConfig, load_config
 from fedrg.errors import FedrgError, PolicyViolationError
-from fedrg.federated.payload import Payload, Reply
 from fedrg.federated.secure import (
     MASKED_FIELD,
     SETUP_FIELD,
@@ -22,6 +21,7 @@ from fedrg.federated.secure import (
     provision_roster,
 )
 from fedrg.federated.server import FederationServer
+from fedrg.payload import Payload, Reply
 from fedrg.privacy.enforce import refusal_reply
 
 

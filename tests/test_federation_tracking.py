@@ -85,7 +85,7 @@ def test_run_federation_mirrors_metrics_json_to_tensorboard(tmp_path, fx_root, b
     from fedrg.federated.local import LocalTransport
     from fedrg.federated.runner import run_federation
     from fedrg.model.fingerprint import model_content_hash
-    from fedrg.privacy.policy import SitePolicy
+    from fedrg.policy import SitePolicy
 
     cfg = load_config(None, [
         f"model.base={base_dir}", "model.encoder_width=16", "model.lora_rank=4",

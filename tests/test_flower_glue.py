@@ -16,11 +16,11 @@ from hypothesis.extra import numpy as hnp
 
 from fedrg.config import SiteConfig, load_config
 from fedrg.errors import FedrgError
-from fedrg.federated.payload import Payload
 from fedrg.federated.secure import SecureAggregationDriver
 from fedrg.flower.apps import ERROR_CODE, _load_state, _save_state, build_client_app
 from fedrg.flower.records import payload_to_record, record_to_payload
 from fedrg.flower.transport import ACTIONS, GridTransport
+from fedrg.payload import Payload
 
 # ------------------------------------------------------------------ records
 

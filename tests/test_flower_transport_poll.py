@@ -6,10 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from fedrg.federated.payload import Payload
 from fedrg.flower import transport as transport_mod
 from fedrg.flower.records import payload_to_record
 from fedrg.flower.transport import GridTransport
+from fedrg.payload import Payload
 
 
 class ScriptedGrid:

@@ -8,10 +8,11 @@ import json
 from privacy_ledger_helpers import CONFIG_HASH, FINGERPRINT, opacus_epsilon
 from typer.testing import CliRunner
 
+from fedrg import signing
 from fedrg.audit.verify import audit_path
 from fedrg.cli import app
 from fedrg.federated.ledger_heads import HeadBook
-from fedrg.privacy import signing
+from fedrg.policy import SitePolicy
 from fedrg.privacy.ledger import (
     Ledger,
     canonical_bytes,
@@ -20,7 +21,6 @@ from fedrg.privacy.ledger import (
     signed_payload,
     verify_head,
 )
-from fedrg.privacy.policy import SitePolicy
 
 runner = CliRunner()
 POLICY = SitePolicy(target_delta=1e-5)

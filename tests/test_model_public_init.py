@@ -11,7 +11,7 @@ from fedrg.config import TrainingConfig
 from fedrg.errors import ModelError
 from fedrg.model.adapter import build_model
 from fedrg.model.payload import get_adapter_arrays
-from fedrg.model.public_init import (
+from fedrg.train.public_init import (
     ARRAYS_FILE,
     PublicInitRecipe,
     apply_public_init,

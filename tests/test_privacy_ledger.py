@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from privacy_ledger_helpers import CONFIG_HASH, FINGERPRINT, STANDARD_ROUNDS, write_ledger
 
+from fedrg import signing
 from fedrg.errors import BudgetExceededError, LedgerError
-from fedrg.privacy import signing
 from fedrg.privacy.ledger import (
     GENESIS_HASH,
     HEAD_NAME,

@@ -13,11 +13,11 @@ from fedrg.data.loader import DEFAULT_COHORT_LOADER, CohortLoader, DiskCohortLoa
 from fedrg.errors import FedrgError, RecordSchemaError
 from fedrg.federated.aggregate import Aggregator
 from fedrg.federated.checkpoint import load_checkpoint
-from fedrg.federated.payload import Payload
 from fedrg.federated.server import FederationServer
 from fedrg.model.factory import DEFAULT_MODEL_FACTORY, ModelFactory, MultimodalAdapterFactory
+from fedrg.payload import Payload
+from fedrg.policy import SitePolicy
 from fedrg.privacy.ledger import Ledger
-from fedrg.privacy.policy import SitePolicy
 
 
 class CountingFactory:

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import stats
+from secagg_driver import run_secure_aggregation, simulated_trusts
 
 from fedrg.errors import SecAggError
 from fedrg.secagg import (
@@ -15,8 +16,6 @@ from fedrg.secagg import (
     default_threshold,
     error_bound,
     neighbour_graph,
-    run_secure_aggregation,
-    simulated_trusts,
 )
 from fedrg.secagg.crypto import seeded_entropy
 from fedrg.secagg.params import holders_count

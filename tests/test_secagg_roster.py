@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from secagg_driver import simulated_trusts
 from typer.testing import CliRunner
 
 from fedrg.cli import app
 from fedrg.config import SiteConfig
 from fedrg.deploy.keys import new_hospital_keys
 from fedrg.errors import ConfigError, SecAggError
-from fedrg.federated.payload import Payload
 from fedrg.federated.secure import client_stage, client_trust, provision_roster, to_payload
-from fedrg.privacy.policy import SitePolicy
-from fedrg.secagg import ClientSession, Roster, ServerAggregator, simulated_trusts
+from fedrg.payload import Payload
+from fedrg.policy import SitePolicy
+from fedrg.secagg import ClientSession, Roster, ServerAggregator
 from fedrg.secagg.client import ClientTrust
 from fedrg.secagg.roster import RosterEntry, load_roster, write_roster
 

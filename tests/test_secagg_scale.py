@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from secagg_driver import run_secure_aggregation
 
-from fedrg.secagg import error_bound, run_secure_aggregation
+from fedrg.secagg import error_bound
 from fedrg.secagg.params import auto_neighbours
 from fedrg.secagg.quantize import ring_bits
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from secagg_driver import DROP_STAGES
 
 from fedrg.secagg.client import STAGES
-from fedrg.secagg.driver import DROP_STAGES
 from fedrg.secagg.stages import SecAggStage
 
 

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from fedrg.cli import app
 from fedrg.config import load_config
 from fedrg.errors import PolicyViolationError
+from fedrg.policy import BUILTIN_BASE, SitePolicy
 from fedrg.privacy.enforce import check_request, plan_under_policy
-from fedrg.privacy.policy import BUILTIN_BASE, SitePolicy
 
 SETTINGS_REFUSED = {"privacy.enabled", "secagg.enabled", "secagg.threshold_fraction",
                     "hospitals in the round", "federation.rounds", "round",
@@ -176,9 +176,9 @@ def _cfg(base_dir, *extra):
 
 def _request(cfg, rnd=1, run_id="r1"):
     from fedrg.config import to_run_config
-    from fedrg.federated.payload import Payload
     from fedrg.federated.site import _model_for
     from fedrg.model.payload import get_adapter_arrays
+    from fedrg.payload import Payload
 
     p = Payload(meta={"config": to_run_config(cfg), "round": rnd, "run_id": run_id,
                       "hospitals_in_round": 3})
@@ -188,7 +188,7 @@ def _request(cfg, rnd=1, run_id="r1"):
 
 def test_accepted_round_uses_the_sites_parameters_and_keeps_the_update(tiny_site, base_dir):
     from fedrg.audit.verify import LedgerLocation, audit_ledger
-    from fedrg.federated.payload import Payload
+    from fedrg.payload import Payload
     from fedrg.privacy.ledger import Ledger
 
     site = tiny_site()
@@ -206,7 +206,7 @@ def test_accepted_round_uses_the_sites_parameters_and_keeps_the_update(tiny_site
 
 def test_non_private_round_is_ledgered_when_the_site_opted_out(tiny_site, base_dir, caplog):
     from fedrg.audit.verify import LedgerLocation, audit_ledger
-    from fedrg.federated.payload import Payload
+    from fedrg.payload import Payload
     from fedrg.privacy.ledger import NON_PRIVATE, Ledger
 
     site = tiny_site(require_dp=False, require_secagg=False)
@@ -227,7 +227,7 @@ def test_non_private_round_is_ledgered_when_the_site_opted_out(tiny_site, base_d
 def test_evaluation_uses_the_sites_split(tiny_site, base_dir):
     """The split evaluation runs on is the site's (policy.val_fraction / split_seed), whatever
     the request asks; and no metric leaves before this hospital trained in the run."""
-    from fedrg.federated.payload import Payload
+    from fedrg.payload import Payload
 
     site = tiny_site()
     greedy_cfg = _cfg(base_dir, "data.val_fraction=0.99", "data.split_seed=7")

@@ -20,8 +20,8 @@ from pathlib import Path
 import tomllib
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from fedrg import signing
 from fedrg.errors import LedgerError
-from fedrg.privacy import signing
 
 
 def load_key_registry(path: str | os.PathLike[str]) -> dict[str, Ed25519PublicKey]:

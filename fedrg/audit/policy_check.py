@@ -21,8 +21,8 @@ import tomllib
 from pydantic import ValidationError
 
 from fedrg.errors import ConfigError
+from fedrg.policy import SitePolicy
 from fedrg.privacy.ledger import EPS_TOL, LedgerEntry
-from fedrg.privacy.policy import SitePolicy
 
 
 def load_policy(path: str | os.PathLike[str]) -> SitePolicy:

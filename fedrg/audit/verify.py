@@ -30,10 +30,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from fedrg import signing
 from fedrg.errors import LedgerError
-from fedrg.privacy import signing
+from fedrg.policy import SitePolicy
 from fedrg.privacy.ledger import LEDGER_NAME, LedgerEntry, LedgerReport, verify_ledger
-from fedrg.privacy.policy import SitePolicy
 
 # dp_accounting logs convergence notes for large sample rates on every call; the
 # recomputed value is unaffected (those RDP orders are skipped), so keep the report readable.

@@ -25,7 +25,7 @@ from fedrg.config import (
 from fedrg.errors import ConfigError, FedrgError, PolicyViolationError
 from fedrg.federated.checkpoint import completed_rounds
 from fedrg.paths import cache_dir
-from fedrg.privacy.policy import SitePolicy
+from fedrg.policy import SitePolicy
 
 console = Console()
 
@@ -350,7 +350,7 @@ def register(app: typer.Typer) -> None:
                 if cfg.model.public_init == "synthetic" and not resume:
                     with phase(console, "preparing the public initial adapter (pre-trained on "
                                "public synthetic data; built once, then cached)"):
-                        from fedrg.model.public_init import ensure_public_init
+                        from fedrg.train.public_init import ensure_public_init
 
                         ensure_public_init(cfg.model, cfg.data, cfg.training)
                 console.print(f"[bold]fedrg simulate[/bold]: {cfg.federation.hospitals} hospitals, "

@@ -111,7 +111,7 @@ def run_train(
     val_ds = CohortDataset(cohort, cfg.data, val_idx)
     torch.manual_seed(cfg.training.seed)
     model = build_model(cfg.model, cfg.data, seed=cfg.training.seed)
-    from fedrg.model.public_init import PUBLIC_INIT_SYNTHETIC, apply_public_init
+    from fedrg.train.public_init import PUBLIC_INIT_SYNTHETIC, apply_public_init
 
     if cfg.model.public_init == PUBLIC_INIT_SYNTHETIC:
         _progress("preparing the public initial adapter (built once, then cached)")

@@ -99,8 +99,8 @@ def key(
     name: str = typer.Option(..., "--name", help="the hospital (site) name"),
 ) -> None:
     """Print the hospital's key-registry line for auditors (`fedrg audit --keys`)."""
+    from fedrg import signing
     from fedrg.audit.key_registry import registry_entry
-    from fedrg.privacy import signing
 
     try:
         pub = signing.load_public_key(Path(state_dir) / signing.PUBLIC_KEY_NAME)

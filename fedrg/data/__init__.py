@@ -5,7 +5,7 @@ Modules: ``manifest`` (file layout, ``manifest.csv``, the :class:`Cohort` record
 readers, resampling), ``genomics`` (expression panel, VCF), ``dataset`` (torch Dataset,
 collate, split), ``schema`` (the record schema training checks), ``importers`` (GDC + DICOM
 -> cohort), ``synth`` (synthetic glioma cohorts), ``reports`` / ``findings`` (report
-language and its labeler), ``signal`` (oracle and baseline AUROCs). See docs/cohort-format.md.
+language and its labeler) (oracle and baseline AUROCs: ``tools/signal_baselines.py``). See docs/cohort-format.md.
 """
 
 from fedrg._exports import lazy_exports

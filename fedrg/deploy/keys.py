@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedrg.deploy.files import check_private_mode, write_private, write_public
 from fedrg.errors import DeployError
-from fedrg.privacy.signing import write_keypair
+from fedrg.signing import write_keypair
 
 NODE_KEY, NODE_PUB = "node_auth", "node_auth.pub"
 LEDGER_KEY, LEDGER_PUB = "ledger_ed25519.pem", "ledger_ed25519.pub"
@@ -85,7 +85,7 @@ def new_hospital_keys(
     overwrite : bool
         Replace an existing node-authentication key (the operator must then register the
         new public key). An existing ledger key is always kept: a new one would orphan the
-        ledger it signed (:func:`fedrg.privacy.signing.write_keypair` refuses too).
+        ledger it signed (:func:`fedrg.signing.write_keypair` refuses too).
 
     Returns
     -------

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedrg.config import SiteConfig, policy_table_key, read_toml, site_table
 from fedrg.errors import ConfigError
-from fedrg.privacy.policy import SitePolicy
+from fedrg.policy import SitePolicy
 from fedrg.pydantic_errors import format_validation_error
 
 

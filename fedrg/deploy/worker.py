@@ -42,7 +42,7 @@ import numpy as np
 
 from fedrg.config import SiteConfig
 from fedrg.errors import FedrgError
-from fedrg.federated.payload import Payload, meta_from_json, meta_to_json
+from fedrg.payload import Payload, meta_from_json, meta_to_json
 
 log = logging.getLogger("fedrg.worker")
 

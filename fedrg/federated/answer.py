@@ -8,7 +8,7 @@ long-lived worker (:mod:`fedrg.deploy.worker`), so the same policy checks run ei
 from __future__ import annotations
 
 from fedrg.config import SiteConfig
-from fedrg.federated.payload import Payload
+from fedrg.payload import Payload
 from fedrg.secagg.stages import ACTION_PREFIX
 
 

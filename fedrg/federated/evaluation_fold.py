@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedrg.federated.payload import meta_to_json
+from fedrg.payload import meta_to_json
 
 #: Meta field of a train request: the round whose global adapter (the arrays it carries) to evaluate.
 EVALUATE_FIELD = "evaluate_round"

@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from fedrg.federated.payload import Payload
+from fedrg.payload import Payload
 
 PUBLIC_LEDGER_FILES = ("ledger.jsonl", "ledger_head.json", "ledger_ed25519.pub")
 MAX_COPY_BYTES = 8 * 1024 * 1024

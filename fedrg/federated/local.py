@@ -11,9 +11,9 @@ import logging
 from fedrg.config import SiteConfig
 from fedrg.data.loader import CohortLoader
 from fedrg.errors import FedrgError
-from fedrg.federated.payload import Payload, Reply
 from fedrg.federated.site import HospitalSite
 from fedrg.model.factory import ModelFactory
+from fedrg.payload import Payload, Reply
 
 log = logging.getLogger("fedrg.local")
 

@@ -11,9 +11,9 @@ import numpy as np
 
 from fedrg.config import ExperimentConfig
 from fedrg.federated.aggregate import Aggregator
-from fedrg.federated.payload import Transport
 from fedrg.federated.server import FederationServer, ServerResult, write_metrics
 from fedrg.model.factory import ModelFactory
+from fedrg.payload import Transport
 
 log = logging.getLogger("fedrg.server")
 
@@ -50,7 +50,7 @@ def run_federation(transport: Transport, cfg: ExperimentConfig, run_dir: str | P
     model = factory.build(cfg.model, cfg.data, cfg.federation.seed)
     applied = None
     if isinstance(model, RadiogenomicsModel) and not resume:
-        from fedrg.model.public_init import apply_public_init
+        from fedrg.train.public_init import apply_public_init
 
         applied = apply_public_init(model, cfg.model, cfg.data, cfg.training)
         log.info("initial global adapter: %s", applied)

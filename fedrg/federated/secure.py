@@ -32,8 +32,8 @@ import numpy as np
 
 from fedrg.config import ExperimentConfig, SiteConfig
 from fedrg.errors import ConfigError, FedrgError, PolicyViolationError, SecAggError
-from fedrg.federated.payload import Payload, Transport
-from fedrg.privacy.policy import SitePolicy
+from fedrg.payload import Payload, Transport
+from fedrg.policy import SitePolicy
 from fedrg.secagg.stages import SecAggStage
 
 if TYPE_CHECKING:
@@ -84,9 +84,9 @@ def client_trust(site: SiteConfig, *, min_peers: int | None = None,
         If no roster is configured, it cannot be read, or it does not list this hospital
         with its own key (the message names the file; only the class name leaves the site).
     """
-    from fedrg.privacy.signing import default_key_paths
     from fedrg.secagg.client import ClientTrust
     from fedrg.secagg.roster import load_identity, load_roster
+    from fedrg.signing import default_key_paths
 
     policy = site.policy
     roster_path = site.roster
@@ -111,8 +111,8 @@ def provision_roster(sites: list[SiteConfig], roster_path: str | Path) -> list[S
     roster is written to ``roster_path``. Returns the sites with ``roster`` set, so a
     simulated hospital runs exactly the checks a deployed one does.
     """
-    from fedrg.privacy.signing import default_key_paths
     from fedrg.secagg.roster import Roster, load_identity, write_roster
+    from fedrg.signing import default_key_paths
 
     identities = [load_identity(site.name, site.signing_key or default_key_paths(site.state_dir)[0],
                                 create=True) for site in sites]

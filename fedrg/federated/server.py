@@ -28,8 +28,8 @@ from fedrg.errors import FedrgError, SecAggError
 from fedrg.federated.aggregate import Aggregator, ServerOptimizer, unflatten, weighted_mean
 from fedrg.federated.checkpoint import RunCheckpoint, load_checkpoint, save_checkpoint
 from fedrg.federated.evaluation_fold import EVALUATE_FIELD, EVALUATION_FIELD, PendingEvaluation, request_bytes
-from fedrg.federated.payload import Payload, Reply, Transport, meta_to_json
 from fedrg.files import atomic_write
+from fedrg.payload import Payload, Reply, Transport, meta_to_json
 
 log = logging.getLogger("fedrg.server")
 

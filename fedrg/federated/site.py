@@ -38,8 +38,8 @@ import torch
 
 from fedrg.config import ExperimentConfig, SiteConfig, from_run_config
 from fedrg.errors import BudgetExceededError, FedrgError, PolicyViolationError, PrivacyError, SecAggError
-from fedrg.federated.payload import Payload
 from fedrg.files import atomic_write
+from fedrg.payload import Payload
 from fedrg.runtime import torch_threads
 from fedrg.secagg.stages import ACTION_PREFIX
 

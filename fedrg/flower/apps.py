@@ -19,9 +19,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedrg.config import ExperimentConfig, SiteConfig
 from fedrg.errors import FedrgError
-from fedrg.federated.payload import Payload
 from fedrg.flower.records import PACKED_KEY, pack_arrays, payload_to_record, record_to_payload, unpack_arrays
 from fedrg.flower.transport import ACTIONS, GridTransport
+from fedrg.payload import Payload
 
 log = logging.getLogger("fedrg.flower")
 
@@ -71,7 +71,7 @@ def site_from_node_config(context: Context) -> SiteConfig:
             "--node-config 'cohort=\"/path\" state-dir=\"/path\" site-name=\"h1\"' "
             "(fedrg client does this from configs/hospital.example.toml, policy included)")
     from fedrg.deploy.settings import decode_policy
-    from fedrg.privacy.policy import SitePolicy
+    from fedrg.policy import SitePolicy
 
     # no policy key: the safe defaults (DP and secure aggregation required)
     policy = decode_policy(str(nc["policy"])) if "policy" in nc else SitePolicy()

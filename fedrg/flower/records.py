@@ -17,7 +17,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedrg.errors import FedrgError
-from fedrg.federated.payload import Payload, meta_from_json, meta_to_json
+from fedrg.payload import Payload, meta_from_json, meta_to_json
 
 ARRAYS_KEY = "arrays"
 META_KEY = "meta"

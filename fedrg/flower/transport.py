@@ -1,4 +1,4 @@
-"""A :class:`~fedrg.federated.payload.Transport` over Flower's Message API ``Grid``."""
+"""A :class:`~fedrg.payload.Transport` over Flower's Message API ``Grid``."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from collections.abc import Callable
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedrg.federated.payload import Payload, Reply
 from fedrg.flower.records import payload_to_record, record_to_payload
+from fedrg.payload import Payload, Reply
 from fedrg.secagg.stages import SecAggStage
 
 log = logging.getLogger("fedrg.flower")

@@ -4,7 +4,7 @@
 its relative POSIX path, a NUL byte, the sha256 of its bytes and a newline. Renaming,
 adding, removing or changing any file changes the hash; the directory's own path does not.
 The built-in base is rebuilt from a fixed recipe and is named, not hashed
-(:data:`fedrg.privacy.policy.BUILTIN_BASE`).
+(:data:`fedrg.policy.BUILTIN_BASE`).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from typing import Any
 
 from fedrg.config import ExperimentConfig
 from fedrg.errors import FedrgError, PolicyViolationError, PrivacyError
-from fedrg.privacy.policy import BUILTIN_BASE, SitePolicy
+from fedrg.policy import BUILTIN_BASE, SitePolicy
 
 REFUSAL_REASON = "policy_violation"
 #: Relative slack when comparing a planned run epsilon with the per-run cap.

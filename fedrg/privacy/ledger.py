@@ -5,7 +5,7 @@ File layout in the hospital's state directory (outside any run directory)::
 
     ledger.jsonl          one canonical JSON object per line (see below)
     ledger_head.json      signed pointer to the last entry (detects dropped trailing lines)
-    ledger_ed25519.pem    signing key (0600), see :mod:`fedrg.privacy.signing`
+    ledger_ed25519.pem    signing key (0600), see :mod:`fedrg.signing`
     ledger_ed25519.pub    public key an auditor verifies against
 
 Each line is the canonical JSON (sorted keys, no spaces, ASCII) of an entry::
@@ -16,7 +16,7 @@ Each line is the canonical JSON (sorted keys, no spaces, ASCII) of an entry::
      "timestamp", "version", "policy_hash", "kind", "details"}
 
 ``policy_hash`` is the sha256 of the site policy the entry was made under
-(:meth:`fedrg.privacy.policy.SitePolicy.policy_hash`), ``kind`` is ``train``,
+(:meth:`fedrg.policy.SitePolicy.policy_hash`), ``kind`` is ``train``,
 ``evaluation`` or ``reinit`` and ``details`` a JSON object (a reinit's reason and the
 previous head). Version 1 entries (written before site policies) have none of the three;
 they still verify, and the audit reports that they carry no policy.
@@ -54,9 +54,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from fedrg import signing
 from fedrg.errors import BudgetExceededError, LedgerError
 from fedrg.files import atomic_write
-from fedrg.privacy import signing
 from fedrg.privacy.mechanism import EPS_TOL, MechanismSegment  # re-exported: the ledger's record form
 
 LEDGER_NAME = "ledger.jsonl"

@@ -6,7 +6,6 @@ Pure Python + numpy + ``cryptography``; no torch, no Flower, no I/O. The Flower 
 """
 
 from fedrg.secagg.client import ClientSession, ClientTrust
-from fedrg.secagg.driver import message_nbytes, run_secure_aggregation, simulated_trusts
 from fedrg.secagg.params import RoundParams, auto_neighbours, default_threshold, neighbour_graph
 from fedrg.secagg.quantize import error_bound
 from fedrg.secagg.roster import Roster, RosterEntry, SigningIdentity, load_roster, write_roster
@@ -27,9 +26,6 @@ __all__ = [
     "default_threshold",
     "error_bound",
     "load_roster",
-    "message_nbytes",
     "neighbour_graph",
-    "run_secure_aggregation",
-    "simulated_trusts",
     "write_roster",
 ]

@@ -245,8 +245,8 @@ def entry_from_files(name: str, signing_public: str | os.PathLike[str],
     ConfigError
         If a file cannot be read or holds the wrong kind of key.
     """
+    from fedrg import signing
     from fedrg.errors import LedgerError
-    from fedrg.privacy import signing
 
     try:
         key = signing.load_public_key(signing_public)
@@ -299,7 +299,7 @@ def load_identity(name: str, key_path: str | os.PathLike[str], *, create: bool =
         Create the key pair when missing (simulation); deployment keys come from
         ``fedrg keys new``.
     """
-    from fedrg.privacy import signing
+    from fedrg import signing
 
     key = (signing.load_or_create_signing_key(key_path) if create
            else signing.load_private_key(key_path))

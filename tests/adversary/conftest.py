@@ -15,8 +15,8 @@ import pytest
 from model_fixtures import tiny_cohort
 
 from fedrg.config import SiteConfig
-from fedrg.federated.payload import Payload
 from fedrg.federated.site import HospitalSite
+from fedrg.payload import Payload
 
 from .hostile import HONEST_RUN, honest_request, site_policy
 

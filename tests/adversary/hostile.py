@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 
 from fedrg.config import ExperimentConfig, load_config, to_run_config
-from fedrg.federated.payload import Payload
 from fedrg.model.fingerprint import model_content_hash
-from fedrg.privacy.policy import SitePolicy
+from fedrg.payload import Payload
+from fedrg.policy import SitePolicy
 
 HONEST_RUN = "run-honest"
 _ARRAYS: dict[str, list[np.ndarray]] = {}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fedrg.audit.verify import LedgerLocation, audit_ledger
-from fedrg.federated.payload import Payload
+from fedrg.payload import Payload
 from fedrg.privacy.accounting import epsilon_of
 from fedrg.privacy.ledger import Ledger
 

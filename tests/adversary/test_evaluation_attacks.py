@@ -9,10 +9,10 @@ from model_fixtures import tiny_cohort
 from fedrg.audit.verify import audit_path
 from fedrg.config import SiteConfig, load_config, to_run_config
 from fedrg.federated.local import LocalTransport
-from fedrg.federated.payload import Payload
 from fedrg.federated.runner import run_federation
+from fedrg.payload import Payload
+from fedrg.policy import EvaluationPolicy, SitePolicy
 from fedrg.privacy.ledger import Ledger
-from fedrg.privacy.policy import EvaluationPolicy, SitePolicy
 
 pytestmark = pytest.mark.slow
 

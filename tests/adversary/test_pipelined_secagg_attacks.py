@@ -17,7 +17,6 @@ import pytest
 
 from fedrg.config import SiteConfig
 from fedrg.errors import SecAggError
-from fedrg.federated.payload import Payload
 from fedrg.federated.secure import (
     MASKED_FIELD,
     NEXT_ERROR_FIELD,
@@ -34,6 +33,7 @@ from fedrg.federated.secure import (
     to_payload,
 )
 from fedrg.federated.site import HospitalSite
+from fedrg.payload import Payload
 from fedrg.secagg.crypto import seeded_entropy
 from fedrg.secagg.server import ServerAggregator
 

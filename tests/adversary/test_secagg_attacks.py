@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from secagg_driver import simulated_trusts
 
 from fedrg.config import SiteConfig
 from fedrg.errors import SecAggError
-from fedrg.federated.payload import Payload
 from fedrg.federated.secure import client_stage, from_payload, provision_roster, to_payload
-from fedrg.secagg import ClientSession, ServerAggregator, simulated_trusts
+from fedrg.payload import Payload
+from fedrg.secagg import ClientSession, ServerAggregator
 from fedrg.secagg.client import ClientTrust, key_message
 from fedrg.secagg.crypto import generate_keypair, seeded_entropy
 from fedrg.secagg.quantize import error_bound

@@ -37,7 +37,7 @@ def test_attack_state_wiped(tmp_path, base_dir, fx_root, caplog):
     cohorts = [tiny_cohort(fx_root, patients=24, seed=s) for s in (21, 22, 23)]
     from fedrg.federated.secure import provision_roster
     from fedrg.model.fingerprint import model_content_hash
-    from fedrg.privacy.policy import SitePolicy
+    from fedrg.policy import SitePolicy
 
     # the tiny test base; round 2 sums the two others, so each accepts one other in a sum
     policy = SitePolicy(allowed_base_models=[model_content_hash(base_dir)], min_secagg_peers=1)

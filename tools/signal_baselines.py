@@ -7,7 +7,7 @@
 * :func:`baseline_aurocs` fits plain logistic regressions on what is actually on disk
   (hand-made image features, the expression panel) with a held-out split per hospital.
 
-Used by docs/cohort-format.md and the tests; ``python -m fedrg.data.signal`` prints both.
+Used by docs/cohort-format.md and the tests; ``python tools/signal_baselines.py`` prints both.
 """
 
 from __future__ import annotations
