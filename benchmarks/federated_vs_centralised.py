@@ -36,7 +36,7 @@ def main() -> None:
     from fedrg.data.dataset import CohortDataset
     from fedrg.federated.local import LocalTransport
     from fedrg.federated.runner import run_federation
-    from fedrg.federated.site import HospitalSite
+    from fedrg.hospital.site import HospitalSite
     from fedrg.model.adapter import build_model
     from fedrg.model.payload import set_adapter_arrays
     from fedrg.train.evaluate import auroc, evaluate, predict_dataset

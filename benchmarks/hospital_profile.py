@@ -19,7 +19,7 @@ COMPONENTS = {
     "evaluation": ("fedrg/train/evaluate.py", "release_aggregates"),
     "noise_calibration": ("fedrg/privacy/accounting.py", "calibrate_noise_multiplier"),
     "epsilon": ("fedrg/privacy/accounting.py", "epsilon_of"),
-    "cohort_loading": ("fedrg/federated/site.py", "cohort"),
+    "cohort_loading": ("fedrg/hospital/site.py", "cohort"),
     "model_build": ("fedrg/model/adapter.py", "build_model"),
     "secure_aggregation": ("fedrg/federated/secure.py", "client_stage"),
 }

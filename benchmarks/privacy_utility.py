@@ -50,7 +50,7 @@ def run_public_only(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     the same held-out patients with the same pooled computation: what the federation adds."""
     from fedrg.commands.federation import simulated_policy, simulated_sites, synthetic_cohorts
     from fedrg.config import load_config
-    from fedrg.federated.site import HospitalSite
+    from fedrg.hospital.site import HospitalSite
     from fedrg.model.adapter import build_model
     from fedrg.privacy.release import EXACT_BINS, metrics_from_release, noisy_release, sum_releases
     from fedrg.train.evaluate import release_aggregates
@@ -86,7 +86,7 @@ def run_one(setting: str, seed: int, args: argparse.Namespace, work: Path) -> di
     from fedrg.federated.local import LocalTransport
     from fedrg.federated.runner import run_federation
     from fedrg.federated.server import aggregate_evaluation
-    from fedrg.federated.site import HospitalSite
+    from fedrg.hospital.site import HospitalSite
     from fedrg.payload import Payload
     from fedrg.privacy.dpsgd import use_seeded_noise_for_tests
 

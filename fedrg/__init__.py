@@ -62,7 +62,7 @@ _EXPORTS = {
     "LocalTransport": "fedrg.federated.local",
     "run_simulated_federation": "fedrg.flower.simulation",
     "ServerResult": "fedrg.federated.server",
-    "HospitalSite": "fedrg.federated.site",
+    "HospitalSite": "fedrg.hospital.site",
     "provision_roster": "fedrg.federated.secure",
     # privacy ledger and audit (fedrg.audit.verify is being reorganised on another branch:
     # keep this name pointing at wherever audit_path lives)

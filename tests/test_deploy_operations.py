@@ -21,7 +21,8 @@ from fedrg.deploy.watch import (
     round_line,
 )
 from fedrg.errors import ConfigError
-from fedrg.federated.ledger_copy import public_ledger_payload, write_ledger_copies
+from fedrg.federated.ledger_copy import write_ledger_copies
+from fedrg.hospital.ledger_copy import public_ledger_payload
 from fedrg.payload import Payload, meta_from_json, meta_to_json
 from tests.privacy_ledger_helpers import STANDARD_ROUNDS, write_ledger
 

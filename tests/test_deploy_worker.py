@@ -21,7 +21,7 @@ from fedrg.deploy.worker import (
     socket_path,
 )
 from fedrg.errors import FedrgError
-from fedrg.federated.answer import answer
+from fedrg.hospital.answer import answer
 from fedrg.payload import Payload
 from fedrg.policy import SitePolicy
 

@@ -9,20 +9,18 @@ from hypothesis import strategies as st
 
 from fedrg.config import SiteConfig, load_config
 from fedrg.errors import FedrgError, PolicyViolationError
-from fedrg.federated.secure import (
-    MASKED_FIELD,
-    SETUP_FIELD,
-    SecureAggregationDriver,
+from fedrg.federated.secure import SecureAggregationDriver, provision_roster
+from fedrg.federated.server import FederationServer
+from fedrg.hospital.secure import (
     answer_masked_in_train,
     answer_setup_in_train,
     check_masked_in_train,
     check_setup_policy,
     client_stage,
-    provision_roster,
 )
-from fedrg.federated.server import FederationServer
 from fedrg.payload import Payload, Reply
 from fedrg.privacy.enforce import refusal_reply
+from fedrg.secagg.wire import MASKED_FIELD, SETUP_FIELD
 
 
 class SecureHospitals:

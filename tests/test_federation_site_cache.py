@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fedrg.config import SiteConfig
-from fedrg.federated import site as site_mod
+from fedrg.hospital import site as site_mod
 
 
 def _site(tmp_path, i: int) -> SiteConfig:

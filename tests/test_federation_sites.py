@@ -16,7 +16,7 @@ from fedrg.config import SiteConfig, load_config
 from fedrg.federated.local import LocalTransport
 from fedrg.federated.runner import run_federation
 from fedrg.federated.secure import provision_roster
-from fedrg.federated.site import HospitalSite
+from fedrg.hospital.site import HospitalSite
 from fedrg.policy import EvaluationPolicy, SitePolicy
 from fedrg.privacy.accounting import PrivacyHistory, epsilon_of
 from fedrg.privacy.enforce import check_request, plan_under_policy

@@ -115,7 +115,7 @@ def test_an_object_that_is_not_an_aggregator_is_refused_by_name(tmp_path):
 def plugged_site(tmp_path, base_dir, fx_root):
     from model_fixtures import tiny_cohort
 
-    from fedrg.federated.site import HospitalSite
+    from fedrg.hospital.site import HospitalSite
     from fedrg.model.fingerprint import model_content_hash
 
     def make(loader=None, factory=None):
@@ -128,7 +128,7 @@ def plugged_site(tmp_path, base_dir, fx_root):
 
 
 def _request(site, base_dir, *extra):
-    from fedrg.federated.site import _model_for
+    from fedrg.hospital.site import _model_for
     from fedrg.model.payload import get_adapter_arrays
 
     cfg = load_config(None, [

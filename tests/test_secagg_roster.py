@@ -11,12 +11,14 @@ from fedrg.cli import app
 from fedrg.config import SiteConfig
 from fedrg.deploy.keys import new_hospital_keys
 from fedrg.errors import ConfigError, SecAggError
-from fedrg.federated.secure import client_stage, client_trust, provision_roster, to_payload
+from fedrg.federated.secure import provision_roster
+from fedrg.hospital.secure import client_stage, client_trust
 from fedrg.payload import Payload
 from fedrg.policy import SitePolicy
 from fedrg.secagg import ClientSession, Roster, ServerAggregator
 from fedrg.secagg.client import ClientTrust
 from fedrg.secagg.roster import RosterEntry, load_roster, write_roster
+from fedrg.secagg.wire import to_payload
 
 
 def _sites(tmp_path, n=3):

@@ -157,7 +157,7 @@ def tiny_site(tmp_path, base_dir, fx_root):
     from model_fixtures import tiny_cohort
 
     from fedrg.config import SiteConfig
-    from fedrg.federated.site import HospitalSite
+    from fedrg.hospital.site import HospitalSite
     from fedrg.model.fingerprint import model_content_hash
 
     def make(**policy):
@@ -176,7 +176,7 @@ def _cfg(base_dir, *extra):
 
 def _request(cfg, rnd=1, run_id="r1"):
     from fedrg.config import to_run_config
-    from fedrg.federated.site import _model_for
+    from fedrg.hospital.site import _model_for
     from fedrg.model.payload import get_adapter_arrays
     from fedrg.payload import Payload
 

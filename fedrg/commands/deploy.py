@@ -292,7 +292,7 @@ def client(
         pin = approved_app(s)
         trust = None
         if s.site.policy.require_secagg:
-            from fedrg.federated.secure import client_trust
+            from fedrg.hospital.secure import client_trust
 
             # up front, not at the first secure sum: the pinned roster must list this
             # hospital under its own long-term key, and have enough other hospitals

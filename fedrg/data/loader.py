@@ -78,5 +78,5 @@ class DiskCohortLoader:
         return "DiskCohortLoader()"
 
 
-#: What :class:`~fedrg.federated.site.HospitalSite` uses when given no loader.
+#: What :class:`~fedrg.hospital.site.HospitalSite` uses when given no loader.
 DEFAULT_COHORT_LOADER: CohortLoader = DiskCohortLoader()

@@ -10,7 +10,7 @@ message to it (:func:`forward`) and relays the reply.
   on a fresh 32-byte key in ``worker.key`` (0600). Messages are ``.npz`` archives read with
   ``allow_pickle=False``: nothing received is unpickled.
 * **Trust**: the worker answers with *its own* site config (from the hospital's settings),
-  never one sent to it, and runs the same :func:`fedrg.federated.answer.answer` as the
+  never one sent to it, and runs the same :func:`fedrg.hospital.answer.answer` as the
   in-process ClientApp: the hospital's policy, budget and ledger checks apply unchanged.
   The ClientApp that forwards is the pinned one (``fedrg.deploy.pinned_clientapp`` checks
   the server's bundle first); the worker itself runs the hospital's installed fedrg.
@@ -172,15 +172,15 @@ class HospitalWorker:
     def warm_up(self) -> None:
         """Import the heavy modules now, not on the first message."""
         import fedrg.federated.secure
-        import fedrg.federated.site
+        import fedrg.hospital.site
         import fedrg.train.loop  # noqa: F401
-        from fedrg.federated.site import get_site
+        from fedrg.hospital.site import get_site
 
         get_site(self.site)
 
     def serve_one(self) -> None:
         """Accept one connection and answer its message."""
-        from fedrg.federated.answer import answer
+        from fedrg.hospital.answer import answer
 
         assert self._listener is not None, "call open() first"
         try:

@@ -8,8 +8,8 @@ train reply (``meta["evaluation"]``, exactly what ``HospitalSite.evaluate`` retu
 other evaluation hospitals of round ``r``, and every evaluation hospital of the last round,
 still get a plain ``evaluate`` message.
 
-This module holds the wire names, the hospital's check of the request field and the
-server's :class:`PendingEvaluation` (round ``r``'s metrics row waiting for its evaluation;
+The wire names and the hospital's check of the request field are in
+:mod:`fedrg.hospital.protocol`; this module holds the server's :class:`PendingEvaluation` (round ``r``'s metrics row waiting for its evaluation;
 it is part of the run checkpoint, so a resumed run still gets it).
 """
 
@@ -18,47 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedrg.hospital.protocol import EVALUATE_FIELD, EVALUATION_FIELD
 from fedrg.payload import meta_to_json
 
-#: Meta field of a train request: the round whose global adapter (the arrays it carries) to evaluate.
-EVALUATE_FIELD = "evaluate_round"
-#: Meta field of a train reply: the hospital's answer to that request (an ``evaluate`` reply's meta).
-EVALUATION_FIELD = "evaluation"
-
-__all__ = ["EVALUATE_FIELD", "EVALUATION_FIELD", "PendingEvaluation", "check_evaluate_round",
-           "request_bytes"]
-
-
-def check_evaluate_round(meta: dict[str, Any]) -> tuple[int | None, str]:
-    """The round a train request asks to evaluate, or why the request is refused.
-
-    Only the round just before the train request's own round is valid: the arrays of a
-    round ``r + 1`` train message are round ``r``'s result, nothing else.
-
-    Parameters
-    ----------
-    meta
-        The train request's meta (``round`` and ``evaluate_round``).
-
-    Returns
-    -------
-    tuple[int | None, str]
-        ``(round, "")`` for a valid request, ``(None, message)`` otherwise.
-    """
-    raw = meta.get(EVALUATE_FIELD)
-    train_round = meta.get("round")
-    if isinstance(train_round, bool) or not isinstance(train_round, int):
-        return None, (f"{EVALUATE_FIELD}={raw!r:.40} came with a train request whose round "
-                      f"{train_round!r:.40} is not an integer; no evaluation is made for it")
-    if isinstance(raw, bool) or not isinstance(raw, int):
-        return None, (f"{EVALUATE_FIELD}={raw!r:.40} in the train request of round {train_round} "
-                      f"is not a round number; it must be the integer {train_round - 1} (the "
-                      "round whose result the request carries)")
-    if raw != train_round - 1 or raw < 1:
-        return None, (f"{EVALUATE_FIELD}={raw} in the train request of round {train_round}: a "
-                      f"train message may ask only for the evaluation of round {train_round - 1}, "
-                      "whose result it carries; send an `evaluate` message for any other round")
-    return raw, ""
+__all__ = ["EVALUATE_FIELD", "EVALUATION_FIELD", "PendingEvaluation", "request_bytes"]
 
 
 def request_bytes(round_: int) -> int:

@@ -16,33 +16,11 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from fedrg.hospital.ledger_copy import PUBLIC_LEDGER_FILES
 from fedrg.payload import Payload
 
-PUBLIC_LEDGER_FILES = ("ledger.jsonl", "ledger_head.json", "ledger_ed25519.pub")
 MAX_COPY_BYTES = 8 * 1024 * 1024
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-
-
-def public_ledger_payload(state_dir: str | Path, site_name: str) -> Payload:
-    """The hospital's answer to ``ledger``: its name and its public ledger files.
-
-    Parameters
-    ----------
-    state_dir : str or Path
-        The hospital's state directory (where its ledger lives).
-    site_name : str
-        The hospital's name (the directory the server writes the copy to).
-
-    Returns
-    -------
-    Payload
-        ``meta["site"]`` and ``meta["files"]`` (file name -> bytes; only
-        :data:`PUBLIC_LEDGER_FILES` that exist). No arrays.
-    """
-    state = Path(state_dir)
-    files = {name: (state / name).read_bytes() for name in PUBLIC_LEDGER_FILES
-             if (state / name).is_file()}
-    return Payload(meta={"site": site_name, "files": files})
 
 
 def write_ledger_copies(run_dir: str | Path, replies: Mapping[int, Payload]) -> dict[str, Path]:

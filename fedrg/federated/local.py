@@ -11,7 +11,7 @@ import logging
 from fedrg.config import SiteConfig
 from fedrg.data.loader import CohortLoader
 from fedrg.errors import FedrgError
-from fedrg.federated.site import HospitalSite
+from fedrg.hospital.site import HospitalSite
 from fedrg.model.factory import ModelFactory
 from fedrg.payload import Payload, Reply
 

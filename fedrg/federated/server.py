@@ -281,7 +281,7 @@ class FederationServer:
         secure_round = None
         pipelined, self._pipelined = self._pipelined, None
         if self.cfg.secagg.enabled and hasattr(self.secure_aggregate, "begin"):
-            from fedrg.federated.secure import MASKED_FIELD, SETUP_FIELD
+            from fedrg.secagg.wire import MASKED_FIELD, SETUP_FIELD
 
             if pipelined is not None and pipelined.participants == sampled and pipelined.ready:
                 # set up during the last round: the routed shares ride on the train message
@@ -339,7 +339,7 @@ class FederationServer:
             return outcome, bytes_up, bytes_down
         try:
             if secure_round is not None:
-                from fedrg.federated.secure import KEYS_FIELD, MASKED_FIELD
+                from fedrg.secagg.wire import KEYS_FIELD, MASKED_FIELD
 
                 t_sa = time.perf_counter()
                 next_sampled = (self._predicted_sample(transport, rnd)

@@ -114,7 +114,7 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
 
             reply = forward(site_cfg, action, payload, state)
             if reply is None:
-                from fedrg.federated.answer import answer
+                from fedrg.hospital.answer import answer
 
                 reply = answer(action, site_cfg, payload, state)
             _save_state(context, state)

@@ -54,5 +54,5 @@ class MultimodalAdapterFactory:
         return "MultimodalAdapterFactory()"
 
 
-#: What :class:`~fedrg.federated.site.HospitalSite` and the server use when given no factory.
+#: What :class:`~fedrg.hospital.site.HospitalSite` and the server use when given no factory.
 DEFAULT_MODEL_FACTORY: ModelFactory = MultimodalAdapterFactory()

@@ -15,7 +15,7 @@ import pytest
 from model_fixtures import tiny_cohort
 
 from fedrg.config import SiteConfig
-from fedrg.federated.site import HospitalSite
+from fedrg.hospital.site import HospitalSite
 from fedrg.payload import Payload
 
 from .hostile import HONEST_RUN, honest_request, site_policy

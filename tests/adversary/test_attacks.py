@@ -125,8 +125,8 @@ def test_attack_secagg_off(hospital, base_dir, no_patient_reads):
 def test_attack_secagg_setup_below_policy(hospital, base_dir):
     """After training, a secure sum of two clients (one peer) is refused and the update dropped."""
     from fedrg.errors import PolicyViolationError
-    from fedrg.federated.secure import to_payload
     from fedrg.secagg.server import ServerAggregator
+    from fedrg.secagg.wire import to_payload
 
     cfg = tiny_config(base_dir)
     state = Payload(meta={"pending_weight": 18.0, "pending_round": 1})
@@ -148,7 +148,7 @@ def _setup_for(cfg, clients, *, vector_length=4):
 def test_attack_secagg_setup_in_train_below_policy(hospital, base_dir, no_patient_reads):
     """The setup that rides on the train request: a two-client sum is refused before training,
     with nothing spent, no patient file read and nothing pending."""
-    from fedrg.federated.secure import SETUP_FIELD
+    from fedrg.secagg.wire import SETUP_FIELD
 
     before = ledger_bytes(hospital)
     req = honest_request(base_dir, hospitals_in_round=3)
@@ -162,7 +162,7 @@ def test_attack_replayed_secagg_round_id_in_train(hospital, base_dir, no_patient
     """A train request whose setup reuses a round id the hospital answered: refused before
     training (a replay cannot make the hospital spend budget), nothing pending."""
     from fedrg.errors import SecAggError
-    from fedrg.federated.secure import SEEN_ROUNDS_KEY, SETUP_FIELD
+    from fedrg.secagg.wire import SEEN_ROUNDS_KEY, SETUP_FIELD
 
     before = ledger_bytes(hospital)
     _, setup = _setup_for(tiny_config(base_dir), [1, 2, 3])
@@ -179,10 +179,11 @@ def test_secagg_setup_in_train_reply_carries_only_signed_keys(hospital, base_dir
     """The honest folded setup: the train reply carries the hospital's signed round keys (and
     no update); the update waits in the node's state for the masked upload."""
     from fedrg.config import SiteConfig
-    from fedrg.federated.secure import KEYS_FIELD, SETUP_FIELD, provision_roster
-    from fedrg.federated.site import HospitalSite
+    from fedrg.federated.secure import provision_roster
+    from fedrg.hospital.site import HospitalSite
     from fedrg.secagg.client import key_message
     from fedrg.secagg.roster import load_roster
+    from fedrg.secagg.wire import KEYS_FIELD, SETUP_FIELD
 
     peers = [SiteConfig(name=f"p{i}", cohort=str(tmp_path / "none"), state_dir=str(tmp_path / f"p{i}"))
              for i in (2, 3)]

@@ -101,7 +101,7 @@ def _evaluations(site):
 def _copy(tmp_path, veteran_state, cohort, policy, name="copy"):
     import shutil
 
-    from fedrg.federated.site import HospitalSite
+    from fedrg.hospital.site import HospitalSite
 
     state = tmp_path / name
     shutil.copytree(veteran_state, state)

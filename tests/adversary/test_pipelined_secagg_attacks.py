@@ -17,7 +17,13 @@ import pytest
 
 from fedrg.config import SiteConfig
 from fedrg.errors import SecAggError
-from fedrg.federated.secure import (
+from fedrg.federated.secure import provision_roster
+from fedrg.hospital.secure import answer_masked_in_train, check_masked_in_train
+from fedrg.hospital.site import HospitalSite
+from fedrg.payload import Payload
+from fedrg.secagg.crypto import seeded_entropy
+from fedrg.secagg.server import ServerAggregator
+from fedrg.secagg.wire import (
     MASKED_FIELD,
     NEXT_ERROR_FIELD,
     NEXT_KEYS_FIELD,
@@ -27,15 +33,8 @@ from fedrg.federated.secure import (
     NEXT_SHARES_FIELD,
     SESSION_KEY,
     SETUP_FIELD,
-    answer_masked_in_train,
-    check_masked_in_train,
-    provision_roster,
     to_payload,
 )
-from fedrg.federated.site import HospitalSite
-from fedrg.payload import Payload
-from fedrg.secagg.crypto import seeded_entropy
-from fedrg.secagg.server import ServerAggregator
 
 from .conftest import ledger_bytes
 from .hostile import HONEST_RUN, honest_request

@@ -16,13 +16,15 @@ from secagg_driver import simulated_trusts
 
 from fedrg.config import SiteConfig
 from fedrg.errors import SecAggError
-from fedrg.federated.secure import client_stage, from_payload, provision_roster, to_payload
+from fedrg.federated.secure import provision_roster
+from fedrg.hospital.secure import client_stage
 from fedrg.payload import Payload
 from fedrg.secagg import ClientSession, ServerAggregator
 from fedrg.secagg.client import ClientTrust, key_message
 from fedrg.secagg.crypto import generate_keypair, seeded_entropy
 from fedrg.secagg.quantize import error_bound
 from fedrg.secagg.roster import Roster, load_identity, load_roster
+from fedrg.secagg.wire import from_payload, to_payload
 
 LENGTH = 32
 MAX_WEIGHT = 100.0

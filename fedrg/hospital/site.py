@@ -39,14 +39,13 @@ import torch
 from fedrg.config import ExperimentConfig, SiteConfig, from_run_config
 from fedrg.errors import BudgetExceededError, FedrgError, PolicyViolationError, PrivacyError, SecAggError
 from fedrg.files import atomic_write
+from fedrg.hospital.protocol import LEDGER_NOT_EXTENDING
 from fedrg.payload import Payload
 from fedrg.runtime import torch_threads
 from fedrg.secagg.stages import ACTION_PREFIX
 
 log = logging.getLogger("fedrg.site")
 
-#: ``reason`` of a refusal because the ledger does not extend the head the server saw.
-LEDGER_NOT_EXTENDING = "ledger_not_extending"
 
 _SITES: OrderedDict[str, HospitalSite] = OrderedDict()
 _MAX_SITES = 16  # a Ray actor may serve 100s of simulated hospitals: bound the cohorts held
@@ -157,7 +156,7 @@ class HospitalSite:
         if action == "evaluate":
             return self.evaluate(payload)
         if action.startswith(ACTION_PREFIX):
-            from fedrg.federated.secure import client_stage
+            from fedrg.hospital.secure import client_stage
 
             return client_stage(action, payload, state, site=self.site)
         raise FedrgError(f"unknown action {action!r}")
@@ -259,7 +258,7 @@ class HospitalSite:
 
     def _folded_evaluation(self, payload: Payload) -> dict[str, Any]:
         """The :meth:`evaluate` answer to the evaluation a train request asks for (its meta)."""
-        from fedrg.federated.evaluation_fold import check_evaluate_round
+        from fedrg.hospital.protocol import check_evaluate_round
 
         rnd, why = check_evaluate_round(payload.meta)
         if rnd is None:
@@ -454,14 +453,13 @@ class HospitalSite:
         FedrgError
             When the hospital has no usable roster.
         """
-        from fedrg.federated.secure import (
-            MASKED_FIELD,
-            SETUP_FIELD,
+        from fedrg.hospital.secure import (
             check_masked_in_train,
             check_setup_policy,
             check_setup_replay,
             client_trust,
         )
+        from fedrg.secagg.wire import MASKED_FIELD, SETUP_FIELD
 
         if not cfg.secagg.enabled:
             return None
@@ -482,7 +480,8 @@ class HospitalSite:
 
     def _secure_answer(self, request: tuple[str, dict[str, Any]], reply: Payload,
                        state: Payload) -> None:
-        from fedrg.federated.secure import SETUP_FIELD, answer_masked_in_train, answer_setup_in_train
+        from fedrg.hospital.secure import answer_masked_in_train, answer_setup_in_train
+        from fedrg.secagg.wire import SETUP_FIELD
 
         field, body = request
         answer = answer_setup_in_train if field == SETUP_FIELD else answer_masked_in_train

@@ -33,14 +33,14 @@ def answer(action: str, site: SiteConfig, payload: Payload, state: Payload) -> P
     """
     if action == "ledger":
         # only the public files an auditor needs (never the signing key)
-        from fedrg.federated.ledger_copy import public_ledger_payload
+        from fedrg.hospital.ledger_copy import public_ledger_payload
 
         return public_ledger_payload(site.state_dir, site.name)
     if action.startswith(ACTION_PREFIX):
         # no torch / model import: a fresh ClientApp process answers these quickly
-        from fedrg.federated.secure import client_stage
+        from fedrg.hospital.secure import client_stage
 
         return client_stage(action, payload, state, site=site)
-    from fedrg.federated.site import get_site  # heavy imports stay out of app loading
+    from fedrg.hospital.site import get_site  # heavy imports stay out of app loading
 
     return get_site(site).handle(action, payload, state)
