@@ -16,7 +16,7 @@ from pathlib import Path
 
 COMPONENTS = {
     "dp_sgd_training": ("fedrg/train/loop.py", "train_local"),
-    "evaluation": ("fedrg/train/evaluate.py", "release_aggregates"),
+    "evaluation": ("fedrg/hospital/evaluation.py", "release_aggregates"),
     "noise_calibration": ("fedrg/privacy/accounting.py", "calibrate_noise_multiplier"),
     "epsilon": ("fedrg/privacy/accounting.py", "epsilon_of"),
     "cohort_loading": ("fedrg/hospital/site.py", "cohort"),

@@ -50,10 +50,10 @@ def run_public_only(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     the same held-out patients with the same pooled computation: what the federation adds."""
     from fedrg.commands.federation import simulated_policy, simulated_sites, synthetic_cohorts
     from fedrg.config import load_config
+    from fedrg.hospital.evaluation import release_aggregates
     from fedrg.hospital.site import HospitalSite
     from fedrg.model.adapter import build_model
     from fedrg.privacy.release import EXACT_BINS, metrics_from_release, noisy_release, sum_releases
-    from fedrg.train.evaluate import release_aggregates
     from fedrg.train.public_init import apply_public_init
 
     cfg = load_config(args.config, args.overrides)

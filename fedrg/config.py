@@ -151,13 +151,13 @@ class PrivacyConfig(StrictModel):
     """Record-level (patient-level) DP-SGD, Opacus names."""
 
     enabled: bool = True
-    target_epsilon: float = Field(8.0, gt=0.0)
-    target_delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    target_epsilon: float = Field(
+        8.0, gt=0.0, description="asked-for epsilon of the run per hospital; each hospital caps "
+        "it at its policy.epsilon_per_run (delta and the accountant are the hospital's policy)")
     max_grad_norm: float = Field(1.0, gt=0.0)
     noise_multiplier: float | None = Field(
         None, ge=0.0, description="fix sigma instead of calibrating it to target_epsilon"
     )
-    accountant: Literal["rdp", "prv", "gdp"] = "rdp"
     grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = Field(
         "ew", description="Opacus per-sample gradient mode; ew was fastest in "
         "benchmarks/dp_overhead.py (see docs/privacy.md)",
@@ -174,6 +174,22 @@ class PrivacyConfig(StrictModel):
     hospital_level: bool = Field(False, description="also clip + noise each hospital's update")
     hospital_clip: float = Field(1.0, gt=0.0)
     hospital_noise_multiplier: float = Field(0.5, ge=0.0)
+    hospital_target_delta: float = Field(
+        1e-5, gt=0.0, lt=1.0, description="delta of the hospital-level guarantee (the unit is a "
+        "hospital; patient-level delta is each hospital's policy)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_to_policy(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in ("target_delta", "accountant"):
+                if key in data:
+                    raise ValueError(
+                        f"privacy.{key}={data[key]!r} is not a request setting: each hospital's "
+                        f"own policy fixes it. Remove it from the experiment; set {key} in the "
+                        "[site_policy] table of a simulation TOML (or --site-policy FILE), or in "
+                        "the [policy] table of a hospital's TOML")
+        return data
 
     @model_validator(mode="after")
     def _check_groups(self) -> PrivacyConfig:

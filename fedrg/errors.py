@@ -70,7 +70,10 @@ class BudgetExceededError(PrivacyError):
         )
 
     def public_message(self) -> str:
-        return str(self)
+        # the epsilon the refused round would reach depends on the cohort size: it stays on site
+        return (f"privacy budget would be exceeded: spent epsilon={self.epsilon_spent:.4f} of "
+                f"budget {self.budget:.4f}, and the requested round does not fit in what is "
+                "left; raise the site's epsilon_budget or stop training on this dataset")
 
 
 class PolicyViolationError(PrivacyError):

@@ -18,13 +18,44 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedrg.errors import ConfigError
+from fedrg.pydantic_errors import format_validation_error
 
 #: Name of the built-in base model in ``allowed_base_models`` (it is rebuilt locally from a
 #: fixed recipe, so it is named rather than hashed).
 BUILTIN_BASE = "builtin:tiny"
+
+#: The Opacus accountants a site may record epsilon with (the one list; see ``ACCOUNTANTS``).
+Accountant = Literal["rdp", "prv", "gdp"]
+ACCOUNTANTS: tuple[str, ...] = get_args(Accountant)
+
+#: The largest delta a site's default (``min(1e-5, 1/(10 n))``) can give.
+DEFAULT_MAX_DELTA = 1e-5
+
+
+def required_threshold(*, fraction: float, holders: int) -> int:
+    """The fewest Shamir shares a secure sum may need before a hospital accepts it.
+
+    ``ceil(fraction * holders)`` (with a 1e-9 slack against float error): the one formula the
+    hospital's set-up check, its secure-aggregation session and the server's default
+    threshold all use.
+
+    Parameters
+    ----------
+    fraction : float
+        ``policy.min_threshold_fraction`` (or the server's ``secagg.threshold_fraction``).
+    holders : int
+        Share holders of each secret (the client's neighbours).
+    """
+    return max(1, math.ceil(fraction * holders - 1e-9))
 
 
 class EvaluationPolicy(BaseModel):
@@ -62,7 +93,7 @@ class SitePolicy(BaseModel):
     target_delta: float | None = Field(
         None, gt=0.0, lt=1.0,
         description="delta of this dataset (None = min(1e-5, 1/(10 n)) for n training patients)")
-    accountant: Literal["rdp", "prv", "gdp"] = Field(
+    accountant: Accountant = Field(
         "rdp", description="the accountant the ledger records epsilon with")
     epsilon_budget: float = Field(
         10.0, gt=0.0, description="lifetime epsilon budget of the dataset, across all runs")
@@ -122,9 +153,76 @@ class SitePolicy(BaseModel):
         """
         if self.target_delta is not None:
             return float(self.target_delta)
-        return min(1e-5, 1.0 / (10.0 * max(int(n_records), 1)))
+        return min(DEFAULT_MAX_DELTA, 1.0 / (10.0 * max(int(n_records), 1)))
+
+    def max_delta(self) -> float:
+        """The largest delta any dataset of this site may be accounted at (for auditors,
+        who do not know ``n``): ``target_delta`` if set, else :data:`DEFAULT_MAX_DELTA`."""
+        return float(self.target_delta) if self.target_delta is not None else DEFAULT_MAX_DELTA
+
+    @property
+    def min_secure_sum_size(self) -> int:
+        """The fewest hospitals (this one included) a secure sum may hold for this site."""
+        return self.min_secagg_peers + 1
+
+    def min_threshold(self, holders: int) -> int:
+        """The lowest Shamir threshold this site accepts with ``holders`` share holders."""
+        return required_threshold(fraction=self.min_threshold_fraction, holders=holders)
 
     def policy_hash(self) -> str:
         """SHA-256 of the canonical JSON form (bound into every ledger entry)."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+#: Tables a policy file may hold the policy under (a hospital TOML, a simulation TOML).
+POLICY_TABLES = ("policy", "site_policy")
+
+
+def policy_table(data: dict[str, Any]) -> dict[str, Any]:
+    """The policy table of a parsed file: its ``[policy]`` or ``[site_policy]`` table, or the
+    file itself when it holds the policy's keys bare."""
+    for key in POLICY_TABLES:
+        if isinstance(data.get(key), dict):
+            return dict(data[key])
+    return dict(data)
+
+
+def parse_policy(table: dict[str, Any], *, source: str) -> SitePolicy:
+    """Validate a policy table (the one validation every policy reader uses).
+
+    Raises
+    ------
+    ConfigError
+        One line per problem, naming ``source``, the key, the value and the keys allowed.
+    """
+    try:
+        return SitePolicy.model_validate(table)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, f"site policy ({source})",
+                                                  root=SitePolicy)) from None
+
+
+def read_policy_file(path: str | os.PathLike[str]) -> SitePolicy:
+    """Read a site policy from a file: a hospital TOML with a ``[policy]`` table, a simulation
+    TOML with ``[site_policy]``, a TOML/JSON of the bare keys, or a JSON dump of
+    :class:`SitePolicy` (``fedrg simulate`` writes ``site_policy.json``).
+
+    Raises
+    ------
+    ConfigError
+        Naming the file when it cannot be read, parsed or validated.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read policy file {path}: {err.strerror}; give an existing "
+                          "hospital TOML or policy file") from None
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"policy file {path} is not valid TOML/JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"policy file {path} does not hold a table of policy keys")
+    return parse_policy(policy_table(raw), source=str(path))

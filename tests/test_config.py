@@ -65,8 +65,14 @@ def test_unknown_key_names_key_and_allowed_values(tmp_path):
 def test_unknown_section_and_bad_value():
     with pytest.raises(ConfigError, match="unknown key 'privcy'"):
         load_config(None, ["privcy.x=1"])
-    with pytest.raises(ConfigError, match="privacy.accountant"):
-        load_config(None, ["privacy.accountant=magic"])
+    with pytest.raises(ConfigError, match="privacy.grad_sample_mode"):
+        load_config(None, ["privacy.grad_sample_mode=magic"])
+
+
+def test_delta_and_accountant_are_refused_in_a_request_with_where_they_belong():
+    for key in ("privacy.target_delta=1e-6", "privacy.accountant='prv'"):
+        with pytest.raises(ConfigError, match=r"site_policy\].*\[policy\]"):
+            load_config(None, [key])
 
 
 def test_min_hospitals_above_hospitals_is_refused():

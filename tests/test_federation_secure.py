@@ -11,6 +11,7 @@ from fedrg.config import SiteConfig, load_config
 from fedrg.errors import FedrgError, PolicyViolationError
 from fedrg.federated.secure import SecureAggregationDriver, provision_roster
 from fedrg.federated.server import FederationServer
+from fedrg.hospital.replies import declined_reply
 from fedrg.hospital.secure import (
     answer_masked_in_train,
     answer_setup_in_train,
@@ -19,7 +20,6 @@ from fedrg.hospital.secure import (
     client_stage,
 )
 from fedrg.payload import Payload, Reply
-from fedrg.privacy.enforce import refusal_reply
 from fedrg.secagg.wire import MASKED_FIELD, SETUP_FIELD
 
 
@@ -57,7 +57,7 @@ class SecureHospitals:
                     if masked is not None:
                         check_masked_in_train(masked, st, site=self.sites[node])
                 except PolicyViolationError as err:
-                    reply.meta.update(refusal_reply(err))
+                    reply.meta.update(declined_reply(err))
                     out[node] = Reply(node, reply)
                     continue
                 except FedrgError as err:

@@ -13,7 +13,8 @@ from fedrg.config import TrainingConfig
 from fedrg.model.adapter import build_model
 from fedrg.model.payload import get_adapter_arrays
 from fedrg.privacy.dpsgd import DPSession
-from fedrg.train.loop import planned_steps, train_local
+from fedrg.train.loop import train_local
+from fedrg.train.schedule import local_steps
 
 
 def qwen2_base(root: Path, tokenizer_dir: Path) -> Path:
@@ -54,7 +55,8 @@ def test_a_second_architecture_trains_one_dp_round_from_a_local_directory(fx_roo
     assert lora == set(targets)
 
     cfg = TrainingConfig(batch_size=6, lr=2e-3, local_epochs=1.0, seed=5)
-    steps = planned_steps(len(dataset), cfg)
+    steps = local_steps(local_epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+                        n_records=len(dataset))
     session = DPSession(noise_multiplier=1.1, max_grad_norm=1.0, sample_rate=cfg.batch_size / len(dataset),
                         expected_batch_size=cfg.batch_size, n_records=len(dataset), seed=7)
     start = get_adapter_arrays(model)

@@ -271,24 +271,31 @@ def test_dataset_length_must_match_the_plan():
         next(iter(s.batches(ListDataset(6), steps=1)))
 
 
-def test_from_config_uses_config_names():
-    from fedrg.config import PrivacyConfig, TrainingConfig
+def test_for_plan_takes_every_privacy_number_from_the_hospital_plan():
+    """The session runs exactly the mechanism the hospital planned (and its ledger records)."""
+    from fedrg.config import load_config
+    from fedrg.hospital.plan import Spent, plan_training
+    from fedrg.hospital.request import check_request
+    from fedrg.policy import SitePolicy
 
-    s = DPSession.from_config(PrivacyConfig(max_grad_norm=0.7, grad_sample_mode="ghost",
-                                            report_clip_share=0.0),
-                              TrainingConfig(batch_size=8, local_epochs=2.0),
-                              n_records=40, noise_multiplier=1.3)
+    policy = SitePolicy()
+    cfg = check_request(load_config(None, ["training.batch_size=8", "training.local_epochs=2.0",
+                                           "privacy.max_grad_norm=0.7", "privacy.grad_sample_mode='ghost'",
+                                           "privacy.report_clip_share=0.0"]),
+                        policy, round_=1, hospitals_in_round=3)
+    plan = plan_training(cfg, policy, n_train=40, spent=Spent(), run_id="r", round_=1)
+    s = DPSession.for_plan(plan, privacy_cfg=cfg.privacy, training_cfg=cfg.training)
     assert (s.sample_rate, s.expected_batch_size, s.steps_per_round) == (0.2, 8.0, 10)
-    assert (s.max_grad_norm, s.grad_sample_mode, s.noise_multiplier) == (0.7, "ghost", 1.3)
+    assert (s.max_grad_norm, s.grad_sample_mode, s.noise_multiplier) == (0.7, "ghost", plan.noise_multiplier)
+    assert (s.accountant_name, s.n_records) == (policy.accountant, 40)
     assert s.clip_groups == []
-    s = DPSession.from_config(PrivacyConfig(report_clip_share=0.3), TrainingConfig(),
-                              n_records=40, noise_multiplier=1.0)
+    grouped = cfg.privacy.model_copy(update={"grad_sample_mode": "ew", "report_clip_share": 0.3})
+    s = DPSession.for_plan(plan, privacy_cfg=grouped, training_cfg=cfg.training)
     assert s.clip_groups == [(("lora_", "image_proj.", "genomics_proj."), 0.3)]
+    from fedrg.config import PrivacyConfig
+
     with pytest.raises(ValueError, match="report_clip_share=0.25.*ghost"):
         PrivacyConfig(grad_sample_mode="ghost")
-    with pytest.raises(PrivacyError, match="target_delta"):
-        DPSession.from_config(PrivacyConfig(target_delta=0.05), TrainingConfig(), n_records=40,
-                              noise_multiplier=1.0)
 
 
 def test_slice_batch_keeps_lists_and_scalars():

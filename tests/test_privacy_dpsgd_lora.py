@@ -90,9 +90,13 @@ def test_train_local_with_dp_changes_lora_weights_by_a_bounded_amount(base_dir, 
 
     # group-wise clipping (report_clip_share) is an ew/hooks/functorch feature; ghost clips whole
     share = 0.0 if mode == "ghost" else PrivacyConfig().report_clip_share
-    session = Recording.from_config(PrivacyConfig(max_grad_norm=clip, grad_sample_mode=mode,
-                                                  report_clip_share=share), cfg,
-                                    n_records=n, noise_multiplier=sigma, history=history, seed=1)
+    from fedrg.privacy.dpsgd import report_clip_groups
+
+    session = Recording(noise_multiplier=sigma, max_grad_norm=clip, sample_rate=cfg.batch_size / n,
+                        expected_batch_size=cfg.batch_size, grad_sample_mode=mode, history=history,
+                        max_physical_batch_size=cfg.max_physical_batch_size, n_records=n, seed=1,
+                        clip_groups=report_clip_groups(PrivacyConfig(grad_sample_mode=mode,
+                                                                     report_clip_share=share)))
     metrics = train_local(model, dataset, cfg, steps=steps, privacy=session)
     assert metrics["steps"] == steps
     hist = session.history

@@ -15,8 +15,17 @@ from typer.testing import CliRunner
 from fedrg.cli import app
 from fedrg.config import load_config
 from fedrg.errors import PolicyViolationError
-from fedrg.policy import BUILTIN_BASE, SitePolicy
-from fedrg.privacy.enforce import check_request, plan_under_policy
+from fedrg.hospital.plan import Spent, plan_training
+from fedrg.hospital.request import check_request
+from fedrg.policy import BUILTIN_BASE, EvaluationPolicy, SitePolicy
+from fedrg.privacy.accounting import PrivacyHistory
+
+
+def _plan(cfg, policy, *, n_train, round_, run_history=()):
+    """The hospital's plan for a run that already spent ``run_history`` (and nothing else)."""
+    run = PrivacyHistory(run_history)
+    return plan_training(cfg, policy, n_train=n_train, spent=Spent(lifetime=run, run=run),
+                         run_id="r", round_=round_)
 
 SETTINGS_REFUSED = {"privacy.enabled", "secagg.enabled", "secagg.threshold_fraction",
                     "hospitals in the round", "federation.rounds", "round",
@@ -27,16 +36,16 @@ SETTINGS_REFUSED = {"privacy.enabled", "secagg.enabled", "secagg.threshold_fract
 @given(dp=st.booleans(), secagg=st.booleans(), thr=st.floats(0.05, 1.0),
        rounds=st.integers(1, 80), rnd=st.integers(0, 90), peers=st.one_of(st.none(), st.integers(0, 6)),
        sigma=st.one_of(st.none(), st.floats(0.0, 3.0)), clip=st.floats(0.01, 100.0),
-       eps=st.floats(0.1, 1e4), val=st.floats(0.01, 0.99), acct=st.sampled_from(["rdp", "prv", "gdp"]),
+       eps=st.floats(0.1, 1e4), val=st.floats(0.01, 0.99),
        require_dp=st.booleans(), require_secagg=st.booleans())
 def test_check_request_never_returns_a_config_outside_the_policy(
-        dp, secagg, thr, rounds, rnd, peers, sigma, clip, eps, val, acct, require_dp, require_secagg):
+        dp, secagg, thr, rounds, rnd, peers, sigma, clip, eps, val, require_dp, require_secagg):
     policy = SitePolicy(require_dp=require_dp, require_secagg=require_secagg, accountant="rdp",
                         allowed_base_models=[BUILTIN_BASE])
     cfg = load_config(None, [f"privacy.enabled={str(dp).lower()}", f"secagg.enabled={str(secagg).lower()}",
                              f"secagg.threshold_fraction={thr}", f"federation.rounds={rounds}",
                              f"privacy.max_grad_norm={clip}", f"privacy.target_epsilon={eps}",
-                             f"data.val_fraction={val}", f"privacy.accountant='{acct}'",
+                             f"data.val_fraction={val}",
                              *([f"privacy.noise_multiplier={sigma}"] if sigma is not None else [])])
     try:
         eff = check_request(cfg, policy, round_=rnd, hospitals_in_round=peers)
@@ -49,7 +58,6 @@ def test_check_request_never_returns_a_config_outside_the_policy(
         assert eff.secagg.threshold_fraction >= policy.min_threshold_fraction
         assert peers is not None and peers - 1 >= policy.min_secagg_peers
     assert 1 <= rnd <= eff.federation.rounds <= policy.max_rounds_per_run
-    assert eff.privacy.accountant == policy.accountant
     assert eff.privacy.max_grad_norm <= policy.max_grad_norm_cap
     assert eff.privacy.target_epsilon <= policy.epsilon_per_run
     assert (eff.data.val_fraction, eff.data.split_seed) == (policy.val_fraction, policy.split_seed)
@@ -59,12 +67,13 @@ def test_check_request_never_returns_a_config_outside_the_policy(
 
 def test_honest_plan_is_the_federation_wide_calibration():
     """Differential: with no history the hospital's sigma is the one calibration of the run."""
-    from fedrg.privacy.accounting import calibrate_noise_multiplier, local_steps, poisson_sample_rate
+    from fedrg.privacy.accounting import calibrate_noise_multiplier
+    from fedrg.train.schedule import local_steps, poisson_sample_rate
 
-    policy = SitePolicy()
+    policy = SitePolicy(evaluation=EvaluationPolicy(release="none"))  # no release reserve
     cfg = check_request(load_config(None, ["federation.rounds=3"]), policy, round_=1, hospitals_in_round=3)
     n = 120
-    plan = plan_under_policy(cfg, policy, n_train=n, round_=1)
+    plan = _plan(cfg, policy, n_train=n, round_=1)
     q = poisson_sample_rate(batch_size=32, n_records=n)
     steps = local_steps(local_epochs=2.0, batch_size=32, n_records=n)
     want = calibrate_noise_multiplier(target_epsilon=8.0, target_delta=policy.delta_for(n),
@@ -79,29 +88,84 @@ def test_repeated_round_is_replanned_within_the_run_cap():
     still ends within its cap (it used to end at 9.17 against 8.0)."""
     from fedrg.privacy.accounting import epsilon_of
 
-    policy = SitePolicy()
+    policy = SitePolicy(evaluation=EvaluationPolicy(release="none"))  # no release reserve
     cfg = check_request(load_config(None, ["federation.rounds=3"]), policy, round_=1, hospitals_in_round=3)
-    first = plan_under_policy(cfg, policy, n_train=120, round_=1)
+    first = _plan(cfg, policy, n_train=120, round_=1)
     seg = (first.noise_multiplier, first.sample_rate, first.steps)
     # round 1 was trained, the server crashed before its checkpoint and sends round 1 again
-    again = plan_under_policy(cfg, policy, n_train=120, round_=1, run_history=[seg])
+    again = _plan(cfg, policy, n_train=120, round_=1, run_history=[seg])
     assert again.replanned and again.noise_multiplier > first.noise_multiplier
     run = [seg] + [(again.noise_multiplier, again.sample_rate, again.steps)] * 3
     assert epsilon_of(run, target_delta=1e-5, accountant="rdp") <= 8.0 * (1 + 1e-6)
     # the honest continuation (round 2 after round 1) is not re-planned
-    nxt = plan_under_policy(cfg, policy, n_train=120, round_=2, run_history=[seg])
+    nxt = _plan(cfg, policy, n_train=120, round_=2, run_history=[seg])
     assert not nxt.replanned and nxt.noise_multiplier == first.noise_multiplier
     # a run that has spent its whole cap is refused
     with pytest.raises(PolicyViolationError, match="target_epsilon"):
-        plan_under_policy(cfg, policy, n_train=120, round_=3, run_history=[(0.3, 0.5, 400)])
+        _plan(cfg, policy, n_train=120, round_=3, run_history=[(0.3, 0.5, 400)])
 
 
 def test_fixed_sigma_beyond_the_run_cap_is_refused():
-    policy = SitePolicy()
+    # a lifetime budget this run cannot reach: the per-run cap is what refuses
+    policy = SitePolicy(epsilon_budget=1000.0, evaluation=EvaluationPolicy(release="none"))
     cfg = check_request(load_config(None, ["privacy.noise_multiplier=0.6", "federation.rounds=50"]),
                         policy, round_=1, hospitals_in_round=3)
     with pytest.raises(PolicyViolationError, match="privacy.noise_multiplier"):
-        plan_under_policy(cfg, policy, n_train=120, round_=40, run_history=[(0.6, 0.27, 8)] * 39)
+        _plan(cfg, policy, n_train=120, round_=40, run_history=[(0.6, 0.27, 8)] * 39)
+
+
+def test_the_release_reserve_comes_from_the_policy_not_the_request():
+    """A request that asks for no evaluation still gets a sigma that leaves room for the
+    releases the policy allows (a later evaluate message is checked against the same cap)."""
+    from fedrg.privacy.accounting import epsilon_of
+
+    policy = SitePolicy(evaluation=EvaluationPolicy(release="dp", max_releases_per_run=2))
+    plans = [_plan(check_request(load_config(None, ["federation.rounds=3", f"federation.fraction_evaluate={f}"]),
+                                 policy, round_=1, hospitals_in_round=3), policy, n_train=120, round_=1)
+             for f in (0.0, 1.0)]
+    assert plans[0].noise_multiplier == plans[1].noise_multiplier
+    plan = plans[0]
+    assert plan.releases_reserved == 2 and plan.release_noise_multiplier is not None
+    run = PrivacyHistory([(plan.noise_multiplier, plan.sample_rate, 3 * plan.steps),
+                          (plan.release_noise_multiplier, 1.0, 2)])
+    assert epsilon_of(run, target_delta=plan.target_delta) <= 8.0 * (1 + 1e-6)
+    none = SitePolicy(evaluation=EvaluationPolicy(release="none"))
+    cfg = check_request(load_config(None, ["federation.rounds=3"]), none, round_=1, hospitals_in_round=3)
+    assert _plan(cfg, none, n_train=120, round_=1).noise_multiplier < plan.noise_multiplier
+
+
+def test_a_run_is_planned_within_the_lifetime_budget_left():
+    """A hospital whose lifetime budget cannot hold the whole run at its cap plans the run
+    within what is left (higher sigma, every round fits) instead of spending and then failing."""
+    from fedrg.privacy.accounting import epsilon_of
+
+    policy = SitePolicy(epsilon_budget=10.0, evaluation=EvaluationPolicy(release="none"))
+    cfg = check_request(load_config(None, ["federation.rounds=3"]), policy, round_=1, hospitals_in_round=3)
+    fresh = _plan(cfg, policy, n_train=120, round_=1)
+    earlier = PrivacyHistory([(fresh.noise_multiplier, fresh.sample_rate, 3 * fresh.steps)])  # eps ~8
+    spent = Spent(lifetime=earlier, run=PrivacyHistory())
+    plans = []
+    lifetime = earlier
+    for rnd in (1, 2, 3):
+        p = plan_training(cfg, policy, n_train=120, spent=Spent(lifetime=lifetime, run=PrivacyHistory(
+            [s for s in lifetime][1:])), run_id="r2", round_=rnd)
+        plans.append(p)
+        lifetime = lifetime.extended(noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate,
+                                     steps=p.steps)
+    assert all(p.budget_limited for p in plans) and plans[0].noise_multiplier > fresh.noise_multiplier
+    assert epsilon_of(lifetime, target_delta=fresh.target_delta) <= 10.0 + 1e-6
+    assert spent.releases_this_run == 0
+
+
+def test_a_run_the_budget_left_cannot_hold_above_the_floor_is_refused_up_front():
+    policy = SitePolicy(epsilon_budget=8.05, evaluation=EvaluationPolicy(release="none"))
+    cfg = check_request(load_config(None, ["federation.rounds=3"]), policy, round_=1, hospitals_in_round=3)
+    fresh = _plan(cfg, policy, n_train=120, round_=1)
+    earlier = PrivacyHistory([(fresh.noise_multiplier, fresh.sample_rate, 3 * fresh.steps)])  # eps ~8
+    # 0.05 left for three more rounds needs sigma ~10 (measured), far above the fresh ~1.2
+    floor = policy.model_copy(update={"min_noise_multiplier": 12.0})
+    with pytest.raises(PolicyViolationError, match="lifetime budget left"):
+        plan_training(cfg, floor, n_train=120, spent=Spent(lifetime=earlier), run_id="r2", round_=1)
 
 
 # ------------------------------------------------------------------ fedrg simulate up front

@@ -17,7 +17,6 @@ from fedrg.train.loop import (
     PrivacySeam,
     augment_images,
     collate,
-    planned_steps,
     train_local,
     withhold_genomics,
 )
@@ -43,9 +42,11 @@ def test_train_local_updates_only_the_adapter_and_is_deterministic(base_dir, dat
     assert all(np.array_equal(x, y) for x, y in zip(end, get_adapter_arrays(b), strict=True))
 
 
-def test_planned_steps_follow_epochs():
-    assert planned_steps(100, TrainingConfig(batch_size=16, local_epochs=2)) == 13
-    assert planned_steps(0, TrainingConfig()) == 0
+def test_local_steps_follow_epochs():
+    from fedrg.train.schedule import local_steps
+
+    assert local_steps(local_epochs=2, batch_size=16, n_records=100) == 13
+    assert local_steps(local_epochs=2, batch_size=16, n_records=0) == 0
 
 
 def test_plain_sgd_batches_cover_each_epoch(dataset):

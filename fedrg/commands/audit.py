@@ -92,9 +92,9 @@ def audit(
     try:
         policy = None
         if policy_file is not None:
-            from fedrg.audit.policy_check import load_policy
+            from fedrg.policy import read_policy_file
 
-            policy = load_policy(policy_file)
+            policy = read_policy_file(policy_file)
         result = audit_path(path, public_key=public_key, policy=policy, keys=keys, heads=heads)
     except FedrgError as err:
         err_console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)

@@ -22,10 +22,11 @@ from fedrg.config import (
     read_experiment_toml,
     read_toml,
 )
-from fedrg.errors import ConfigError, FedrgError, PolicyViolationError
+from fedrg.errors import FedrgError, PolicyViolationError
 from fedrg.federated.checkpoint import completed_rounds
 from fedrg.paths import cache_dir
-from fedrg.policy import SitePolicy
+from fedrg.policy import SitePolicy, parse_policy
+from fedrg.policy import policy_table as policy_table_of
 
 console = Console()
 
@@ -88,8 +89,6 @@ def simulated_policy(table: dict[str, Any] | None, *, source: str = "[site_polic
     their metrics leave without noise (still once per trained round, and ledgered as a
     non-private release); a real hospital's default is ``'dp'``.
     """
-    from pydantic import ValidationError
-
     data = dict(table or {})
     if budget is not None:
         data["epsilon_budget"] = budget
@@ -102,32 +101,15 @@ def simulated_policy(table: dict[str, Any] | None, *, source: str = "[site_polic
     if "epsilon_per_run" not in data:  # a small --budget also caps the run
         data["epsilon_per_run"] = min(SitePolicy.model_fields["epsilon_per_run"].default,
                                       float(data["epsilon_budget"]))
-    try:
-        return SitePolicy.model_validate(data)
-    except ValidationError as err:
-        lines = []
-        for e in err.errors():
-            loc = ".".join(map(str, e["loc"]))
-            if e["type"] == "extra_forbidden":
-                lines.append(f"unknown key '{loc}'; allowed keys: {', '.join(sorted(SitePolicy.model_fields))}")
-            else:
-                lines.append(f"'{loc}' = {e.get('input')!r}: {e['msg']}")
-        raise ConfigError(f"invalid simulated site policy ({source}):\n  " + "\n  ".join(lines)) from None
-
-
-def read_site_policy_file(path: Path) -> dict[str, Any]:
-    """A policy file: a TOML (or JSON) with a ``[policy]`` or ``[site_policy]`` table, or bare keys."""
-    data = read_toml(path)
-    for key in ("policy", "site_policy"):
-        if key in data:
-            return dict(data[key])
-    return data
+    return parse_policy(data, source=f"simulated hospitals, {source}")
 
 
 def hospitals_per_round(cfg: ExperimentConfig) -> int:
     """How many hospitals the server samples per round (as :mod:`fedrg.federated.server`)."""
+    from fedrg.federated.server import sample_size
+
     fed = cfg.federation
-    return min(fed.hospitals, max(fed.min_hospitals, round(fed.fraction_train * fed.hospitals)))
+    return sample_size(fed.hospitals, fed.fraction_train, fed.min_hospitals)
 
 
 def check_simulation_policy(cfg: ExperimentConfig, policy: SitePolicy) -> None:
@@ -138,7 +120,7 @@ def check_simulation_policy(cfg: ExperimentConfig, policy: SitePolicy) -> None:
     FedrgError
         Naming the refused setting, the allowed range and how to change either side.
     """
-    from fedrg.privacy.enforce import check_request
+    from fedrg.hospital.request import check_request
 
     per_round = hospitals_per_round(cfg)
     try:
@@ -317,7 +299,7 @@ def register(app: typer.Typer) -> None:
                     state_dir = previous["state_root"]
                     budget = previous["budget"]
                 if site_policy is not None:
-                    policy_table, policy_source = read_site_policy_file(site_policy), str(site_policy)
+                    policy_table, policy_source = policy_table_of(read_toml(site_policy)), str(site_policy)
                 policy = simulated_policy(policy_table, source=policy_source, budget=budget)
                 for cohort in cohorts or []:  # named cohorts must exist before anything else
                     if not (cohort / "manifest.csv").is_file():

@@ -98,8 +98,10 @@ def run_train(
     from fedrg.model.io import save_adapter
     from fedrg.model.payload import adapter_manifest
     from fedrg.paths import ensure_writable
+    from fedrg.policy import EvaluationPolicy, SitePolicy
     from fedrg.train.evaluate import evaluate
-    from fedrg.train.loop import planned_steps, train_local
+    from fedrg.train.loop import train_local
+    from fedrg.train.schedule import local_steps
 
     cfg = load_config(config, overrides)
     ensure_writable(out, setting="--out")  # before any work, not after training
@@ -133,30 +135,34 @@ def run_train(
         "lr": cfg.training.train_lr,
         "lora_lr_scale": cfg.training.train_lora_lr / cfg.training.train_lr,
     })
-    steps = planned_steps(len(train_ds), tcfg)
+    steps = local_steps(local_epochs=tcfg.local_epochs, batch_size=tcfg.batch_size,
+                        n_records=len(train_ds))
+    plan = None
     if dp and cfg.privacy.enabled:
-        from fedrg.privacy.accounting import calibrate_noise_multiplier, poisson_sample_rate
+        from fedrg.hospital.plan import Spent, plan_training
         from fedrg.privacy.dpsgd import DPSession
 
-        q = poisson_sample_rate(batch_size=tcfg.batch_size, n_records=len(train_ds))
-        sigma = (
-            float(cfg.privacy.noise_multiplier) if cfg.privacy.noise_multiplier is not None
-            else calibrate_noise_multiplier(
-                target_epsilon=cfg.privacy.target_epsilon, target_delta=cfg.privacy.target_delta,
-                sample_rate=q, steps=steps, accountant=cfg.privacy.accountant,
-            )
-        )
-        privacy = DPSession.from_config(cfg.privacy, tcfg, n_records=len(train_ds),
-                                        noise_multiplier=sigma)
-        metrics["privacy"] = {"noise_multiplier": sigma, "sample_rate": q, "steps": steps}
+        # the one plan a hospital makes, for a single "round" of train_epochs under a policy
+        # whose caps are this request's own (delta and accountant: the policy defaults)
+        policy = SitePolicy(epsilon_budget=cfg.privacy.target_epsilon,
+                            epsilon_per_run=cfg.privacy.target_epsilon, max_local_steps=max(steps, 1),
+                            max_grad_norm_cap=cfg.privacy.max_grad_norm, max_sample_rate=1.0,
+                            min_noise_multiplier=0.0, evaluation=EvaluationPolicy(release="none"))
+        one_round = cfg.model_copy(update={"training": tcfg, "federation": cfg.federation.model_copy(
+            update={"rounds": 1})})
+        plan = plan_training(one_round, policy, n_train=len(train_ds), spent=Spent(),
+                             run_id="fedrg-train", round_=1)
+        privacy = DPSession.for_plan(plan, privacy_cfg=cfg.privacy, training_cfg=tcfg)
+        metrics["privacy"] = {"noise_multiplier": plan.noise_multiplier,
+                              "sample_rate": plan.sample_rate, "steps": plan.steps,
+                              "target_delta": plan.target_delta, "accountant": plan.accountant}
     with StepProgress(f"training {steps} steps on {len(train_ds)} patients "
                       f"({'DP-SGD' if privacy is not None else 'no DP'})", steps) as bar:
         metrics["train"] = train_local(model, train_ds, tcfg, steps=steps, privacy=privacy,
                                        on_step=bar.update,
                                        frozen=cfg.privacy.frozen_under_dp if privacy else ())
-    if privacy is not None:
-        metrics["privacy"]["epsilon"] = privacy.epsilon(target_delta=cfg.privacy.target_delta)
-        metrics["privacy"]["target_delta"] = cfg.privacy.target_delta
+    if privacy is not None and plan is not None:
+        metrics["privacy"]["epsilon"] = privacy.epsilon(target_delta=plan.target_delta)
     _progress(f"evaluating on {len(val_ds)} held-out patients")
     metrics["eval"] = evaluate(model, val_ds)
     save_adapter(model, out)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from fedrg.config import ExperimentConfig, to_run_config
+from fedrg.config import ExperimentConfig, FederationConfig, to_run_config
 from fedrg.errors import FedrgError, SecAggError
 from fedrg.federated.aggregate import Aggregator, ServerOptimizer, unflatten, weighted_mean
 from fedrg.federated.checkpoint import RunCheckpoint, load_checkpoint, save_checkpoint
@@ -59,10 +59,21 @@ class ServerResult:
     stopped_early: str = ""
 
 
+def sample_size(n_nodes: int, fraction: float, minimum: int) -> int:
+    """How many of ``n_nodes`` hospitals a round samples (``fraction``, at least ``minimum``)."""
+    return min(n_nodes, max(minimum, round(fraction * n_nodes)))
+
+
 def _sample(nodes: list[int], fraction: float, minimum: int, rng: random.Random) -> list[int]:
-    k = max(minimum, round(fraction * len(nodes)))
-    k = min(k, len(nodes))
-    return sorted(rng.sample(sorted(nodes), k))
+    return sorted(rng.sample(sorted(nodes), sample_size(len(nodes), fraction, minimum)))
+
+
+def round_draw(nodes: list[int], fed: FederationConfig, rnd: int) -> tuple[list[int], random.Random]:
+    """Round ``rnd``'s training sample from the public seed, and the generator positioned for
+    its evaluation draw: the one draw :meth:`Server.run`, the pipelined set-up and a resumed
+    run all make."""
+    rng = random.Random(f"{fed.seed}-{rnd}")
+    return _sample(nodes, fed.fraction_train, fed.min_hospitals, rng), rng
 
 
 def _mean_metric(values: list[tuple[float, float | None]]) -> float | None:
@@ -226,13 +237,12 @@ class FederationServer:
         nodes: list[int] | None = None
         for rnd in range(self.start_round, fed.rounds + 1):
             t0 = time.perf_counter()
-            rng = random.Random(f"{fed.seed}-{rnd}")
             nodes = transport.nodes()
             if len(nodes) < fed.min_hospitals:
                 stopped = (f"round {rnd}: only {len(nodes)} hospital(s) connected, "
                            f"federation.min_hospitals={fed.min_hospitals}")
                 break
-            sampled = _sample(nodes, fed.fraction_train, fed.min_hospitals, rng)
+            sampled, rng = round_draw(nodes, fed, rnd)
             self._rebind_pending(nodes)
             # the last round's evaluators that do not train now get a plain `evaluate`; the
             # others answer it in their train reply (see _fold_requests / _take_evaluations)
@@ -402,7 +412,7 @@ class FederationServer:
         nodes = transport.nodes()
         if len(nodes) < fed.min_hospitals:
             return None
-        return _sample(nodes, fed.fraction_train, fed.min_hospitals, random.Random(f"{fed.seed}-{rnd + 1}"))
+        return round_draw(nodes, fed, rnd + 1)[0]
 
     def _hospital_level_noise(self, delta: list[np.ndarray], *, n_trained: int, rnd: int,
                               outcome: RoundOutcome) -> list[np.ndarray]:
@@ -417,8 +427,7 @@ class FederationServer:
         # secret Poisson sampling: no amplification, every round counts in full (q = 1).
         outcome.metrics["epsilon_hospital_level"] = hospital_level_epsilon(
             hospital_noise_multiplier=p.hospital_noise_multiplier,
-            sample_rate=1.0, rounds=rnd, target_delta=p.target_delta,
-            accountant=p.accountant)
+            sample_rate=1.0, rounds=rnd, target_delta=p.hospital_target_delta, accountant="rdp")
         return delta
 
     # ------------------------------------------------------------ evaluation
@@ -432,8 +441,7 @@ class FederationServer:
         if pending is None or not pending.nodes or set(pending.nodes) & set(nodes):
             return
         fed = self.cfg.federation
-        rng = random.Random(f"{fed.seed}-{pending.round}")
-        _sample(nodes, fed.fraction_train, fed.min_hospitals, rng)  # the round's first draw
+        _, rng = round_draw(nodes, fed, pending.round)  # after the round's training draw
         pending.nodes = _sample(nodes, fed.fraction_evaluate, 1, rng)
         log.info("round %d's evaluation hospitals are no longer connected under their node ids; "
                  "drawn again from the %d connected", pending.round, len(nodes))

@@ -89,17 +89,15 @@ def check_setup_policy(request: dict[str, Any], policy: SitePolicy) -> None:
     PolicyViolationError
         Naming the number of clients or the threshold and what the policy allows.
     """
-    import math
-
     from fedrg.secagg.params import RoundParams, holders_count
 
     params = RoundParams.from_message(request)
-    if params.num_clients - 1 < policy.min_secagg_peers:
+    if params.num_clients < policy.min_secure_sum_size:
         raise PolicyViolationError(
             setting="secure-sum clients", requested=params.num_clients,
-            allowed=f">= {policy.min_secagg_peers + 1} (policy.min_secagg_peers)")
+            allowed=f">= {policy.min_secure_sum_size} (policy.min_secagg_peers)")
     holders = holders_count(params.num_clients, params.neighbours)
-    need = math.ceil(policy.min_threshold_fraction * holders - 1e-9)
+    need = policy.min_threshold(holders)
     if params.threshold < need:
         raise PolicyViolationError(
             setting="secure-sum threshold", requested=params.threshold,

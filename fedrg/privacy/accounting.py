@@ -25,8 +25,7 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedrg.errors import PrivacyError
-
-ACCOUNTANTS = ("rdp", "prv", "gdp")
+from fedrg.policy import ACCOUNTANTS
 
 #: RDP orders searched by the ``rdp`` accountant: Opacus's defaults (1.1-10.9 in steps of
 #: 0.1, then 12-63) extended to 1024. With the defaults alone, small-epsilon mechanisms
@@ -422,21 +421,3 @@ def suggest_delta(n_patients: int) -> float:
     """A delta well below ``1/n``: the power of ten at or below ``min(1e-5, 1/(10 n))``."""
     bound = min(1e-5, 0.1 / max(n_patients, 1))
     return 10.0 ** math.floor(math.log10(bound))
-
-
-def poisson_sample_rate(*, batch_size: int, n_records: int) -> float:
-    """Poisson sample rate ``batch_size / n_records`` (at most 1)."""
-    if n_records < 1:
-        raise PrivacyError("cannot sample from an empty training set")
-    return min(1.0, batch_size / n_records)
-
-
-def local_steps(*, local_epochs: float, batch_size: int, n_records: int) -> int:
-    """DP-SGD steps in one round: ``ceil(local_epochs * n_records / batch_size)`` (>= 1).
-
-    The same formula as ``fedrg.train.loop.planned_steps``, so the calibration plans exactly
-    the steps the loop takes.
-    """
-    if n_records <= 0:
-        return 0
-    return max(1, math.ceil(local_epochs * n_records / batch_size))

@@ -43,7 +43,7 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from opacus.accountants import create_accountant
@@ -55,13 +55,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from fedrg.errors import PrivacyError
-from fedrg.privacy.accounting import (
-    PrivacyHistory,
-    check_delta,
-    epsilon_of,
-    local_steps,
-    poisson_sample_rate,
-)
+from fedrg.privacy.accounting import PrivacyHistory, epsilon_of
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 
@@ -187,6 +181,27 @@ def report_clip_groups(privacy_cfg: Any) -> list[tuple[tuple[str, ...], float]]:
     return [(REPORT_PARTS, share)] if share > 0 else []
 
 
+class MechanismPlan(Protocol):
+    """What :meth:`DPSession.for_plan` reads from a plan (:class:`fedrg.hospital.plan.RoundPlan`)."""
+
+    @property
+    def noise_multiplier(self) -> float: ...
+    @property
+    def max_grad_norm(self) -> float: ...
+    @property
+    def sample_rate(self) -> float: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def accountant(self) -> str: ...
+    @property
+    def n_train(self) -> int: ...
+    @property
+    def lifetime_history(self) -> PrivacyHistory: ...
+    @property
+    def expected_batch_size(self) -> float: ...
+
+
 class DPSession:
     """DP-SGD state of one hospital for one round (see the module docstring).
 
@@ -295,42 +310,33 @@ class DPSession:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(
+    def for_plan(
         cls,
+        plan: MechanismPlan,
+        *,
         privacy_cfg: Any,
         training_cfg: Any,
-        *,
-        n_records: int,
-        noise_multiplier: float,
-        history: PrivacyHistory | None = None,
         seed: int | None = None,
         collate_fn: Callable[[list[Any]], Batch] | None = None,
     ) -> DPSession:
-        """Session for a hospital with ``n_records`` training records.
+        """The session of one planned round: every privacy number from ``plan``.
 
-        ``noise_multiplier`` comes from the federation-wide calibration (or
-        ``privacy_cfg.noise_multiplier`` when fixed); ``history`` from the hospital's state.
-
-        Raises
-        ------
-        PrivacyError
-            If ``privacy.target_delta >= 1 / n_records`` (see
-            :func:`fedrg.privacy.accounting.check_delta`).
+        ``plan`` is a hospital's :class:`fedrg.hospital.plan.RoundPlan` (or anything with the
+        same attributes): sigma, clipping norm, sample rate, expected batch size, steps,
+        accountant, the dataset's history and its size. From the configs only how to compute
+        (``grad_sample_mode``, physical batch size, group-wise clipping shares).
         """
-        check_delta(target_delta=privacy_cfg.target_delta, n_patients=n_records)
-        q = poisson_sample_rate(batch_size=training_cfg.batch_size, n_records=n_records)
         return cls(
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=privacy_cfg.max_grad_norm,
-            sample_rate=q,
-            expected_batch_size=q * n_records,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=plan.max_grad_norm,
+            sample_rate=plan.sample_rate,
+            expected_batch_size=plan.expected_batch_size,
             grad_sample_mode=privacy_cfg.grad_sample_mode,
-            accountant=privacy_cfg.accountant,
-            history=history,
+            accountant=plan.accountant,
+            history=plan.lifetime_history,
             max_physical_batch_size=training_cfg.max_physical_batch_size,
-            n_records=n_records,
-            steps_per_round=local_steps(local_epochs=training_cfg.local_epochs,
-                                        batch_size=training_cfg.batch_size, n_records=n_records),
+            n_records=plan.n_train,
+            steps_per_round=plan.steps,
             seed=seed,
             collate_fn=collate_fn,
             clip_groups=report_clip_groups(privacy_cfg),

@@ -57,13 +57,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from fedrg import signing
 from fedrg.errors import BudgetExceededError, LedgerError
 from fedrg.files import atomic_write
-from fedrg.privacy.mechanism import EPS_TOL, MechanismSegment  # re-exported: the ledger's record form
+from fedrg.policy import ACCOUNTANTS
+from fedrg.privacy.mechanism import (  # re-exported: the ledger's record form
+    EPS_TOL,
+    MechanismSegment,
+    within_budget,
+)
 
 LEDGER_NAME = "ledger.jsonl"
 HEAD_NAME = "ledger_head.json"
 GENESIS_HASH = "0" * 64
 ENTRY_VERSION = 2
-ACCOUNTANTS = ("rdp", "prv", "gdp")
 #: ``mechanism.accountant`` of a non-private round (no DP-SGD; see the module docstring).
 NON_PRIVATE = "none"
 #: What an entry records: a DP-SGD round, a DP release of evaluation metrics (a Gaussian
@@ -471,6 +475,11 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+#: Ledgers verified in this process: (path, key id) -> (ledger bytes, head bytes, report).
+_VERIFIED: dict[tuple[str, str], tuple[bytes, bytes | None, LedgerReport]] = {}
+_VERIFIED_KEPT = 256
+
+
 class Ledger:
     """A hospital's privacy ledger in its state directory.
 
@@ -499,6 +508,8 @@ class Ledger:
         self.public_key_path = self.state_dir / signing.PUBLIC_KEY_NAME
         self.hospital = hospital
         self._key = signing_key
+        #: where the signing key lives (its anchor file sits beside it); None: not known
+        self.key_path: Path | None = None
 
     @classmethod
     def open(
@@ -529,7 +540,9 @@ class Ledger:
                         "restore the matching key pair (a ledger cannot change keys)"
                     )
             atomic_write(pub_path, pem)
-        return cls(state_dir, signing_key=key, hospital=hospital)
+        ledger = cls(state_dir, signing_key=key, hospital=hospital)
+        ledger.key_path = key_path
+        return ledger
 
     @property
     def public_key(self) -> Ed25519PublicKey:
@@ -544,9 +557,25 @@ class Ledger:
         return data, head
 
     def verify(self) -> LedgerReport:
-        """Verify the ledger on disk (an absent ledger is an empty, valid one)."""
+        """Verify the ledger on disk (an absent ledger is an empty, valid one).
+
+        Signatures are checked once per content: bytes identical to ones already verified
+        under this key (in this process) give the same report without checking again.
+        """
         data, head = self._read_bytes()
-        return verify_ledger_bytes(data, self.public_key, path=self.path, head=head)
+        return self._verify_bytes(data, head)
+
+    def _verify_bytes(self, data: bytes, head: bytes | None) -> LedgerReport:
+        key = (str(self.path.resolve()), signing.key_id(self.public_key))
+        cached = _VERIFIED.get(key)
+        if cached is not None and cached[0] == data and cached[1] == head:
+            return cached[2]
+        report = verify_ledger_bytes(data, self.public_key, path=self.path, head=head)
+        if report.ok:
+            _VERIFIED[key] = (data, head, report)
+            while len(_VERIFIED) > _VERIFIED_KEPT:
+                _VERIFIED.pop(next(iter(_VERIFIED)))
+        return report
 
     def read(self) -> list[LedgerEntry]:
         """Return all entries after verifying them; raises :class:`LedgerError` on any problem."""
@@ -556,7 +585,7 @@ class Ledger:
                 report.summary() + "\nThe ledger cannot be trusted; restore it from a backup "
                 "or have it audited (`fedrg audit " + str(self.state_dir) + "`)."
             )
-        return report.entries
+        return list(report.entries)
 
     def history(self) -> list[MechanismSegment]:
         """Every DP mechanism segment ever recorded (all runs), in order, for the accountant.
@@ -608,7 +637,7 @@ class Ledger:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with _locked(self.lock_path):
             data, head = self._read_bytes()
-            report = verify_ledger_bytes(data, self.public_key, path=self.path, head=head)
+            report = self._verify_bytes(data, head)
             if not report.ok:
                 raise LedgerError("refusing to append to a ledger that does not verify: "
                                   + report.summary())
@@ -617,6 +646,11 @@ class Ledger:
                 raise LedgerError(
                     f"ledger {self.path} already holds {len(report.entries)} entries; a "
                     "re-initialisation starts a fresh ledger only (nothing was written)")
+            if last is None and kind != "reinit" and read_anchor(self) is not None:
+                raise LedgerError(
+                    f"ledger {self.path} is empty but the anchor beside its signing key pins "
+                    "an earlier ledger: the state directory was wiped. Restore it, or restart "
+                    "explicitly with `fedrg site reinit` (recorded); nothing was written")
             spent = last.epsilon if last else 0.0
             if last is not None and last.hospital != self.hospital:
                 raise LedgerError(
@@ -631,7 +665,7 @@ class Ledger:
                     f"cumulative epsilon already recorded ({spent:.6g}); epsilon must be "
                     "computed over the ledger's whole history (Ledger.history())"
                 )
-            if epsilon > budget + EPS_TOL:
+            if not within_budget(epsilon, budget):
                 raise BudgetExceededError(epsilon_spent=spent, epsilon_after=epsilon,
                                           budget=budget)
             prev_hash = sha256_hex(data.split(b"\n")[-2]) if data else GENESIS_HASH
@@ -675,13 +709,21 @@ class Ledger:
             head_obj = {"entries": len(report.entries) + 1, "last_hash": sha256_hex(line),
                         "key_id": entry["key_id"], "hospital": self.hospital}
             head_obj["signature"] = signing.sign(self._key, signed_payload(head_obj))
+            head_bytes = canonical_bytes(head_obj)
             try:
-                atomic_write(self.head_path, canonical_bytes(head_obj))
+                atomic_write(self.head_path, head_bytes)
             except OSError as err:
                 raise LedgerError(f"ledger {self.path} was written but its head {self.head_path} "
                                   f"could not be updated ({err}); the next append repairs "
                                   "it") from err
-            return LedgerEntry.from_dict(entry)
+            new = LedgerEntry.from_dict(entry)
+            # what was just signed and written needs no second verification
+            key = (str(self.path.resolve()), signing.key_id(self._key))
+            _VERIFIED[key] = (data + line + b"\n", head_bytes, LedgerReport(
+                self.path, entries=[*report.entries, new], lines=report.lines + 1))
+            if not report.entries:
+                write_anchor(self, line)
+            return new
 
     # ------------------------------------------------------------------ heads and reinit
     def signed_head(self) -> dict[str, Any]:
@@ -756,7 +798,8 @@ class Ledger:
         if not reason.strip():
             raise LedgerError("a re-initialisation needs a reason (--reason TEXT); it is "
                               "recorded in the ledger and shown by `fedrg audit`")
-        details = {"reason": reason.strip(), "previous_head": previous_head}
+        details = {"reason": reason.strip(), "previous_head": previous_head,
+                   "previous_anchor": read_anchor(self)}
         return self.append(run_id="reinit", round=0, noise_multiplier=0.0, sample_rate=1.0,
                            steps=0, max_grad_norm=1.0, accountant=accountant,
                            target_delta=target_delta, epsilon=0.0, budget=budget,
@@ -800,3 +843,81 @@ def verify_head(head: dict[str, Any], public_key: Ed25519PublicKey) -> bool:
     """True when ``head`` (from :meth:`Ledger.signed_head`) is signed by ``public_key``."""
     sig = head.get("signature")
     return isinstance(sig, str) and signing.verify(public_key, signed_payload(head), sig)
+
+
+# --------------------------------------------------------------------------- anchor
+#: Suffix of the anchor file written beside the signing key (``ledger_ed25519.pem.anchor``).
+ANCHOR_SUFFIX = ".anchor"
+
+
+def anchor_path(key_path: str | os.PathLike[str]) -> Path:
+    """Where the anchor of the ledger signed by the key at ``key_path`` is kept."""
+    key_path = Path(key_path)
+    return key_path.with_name(key_path.name + ANCHOR_SUFFIX)
+
+
+def write_anchor(ledger: Ledger, first_line: bytes) -> None:
+    """Pin the ledger's first entry beside its signing key (a signed, tiny JSON file).
+
+    Written when a ledger gets its first entry (and by a re-initialisation). A state
+    directory wiped while the key lives elsewhere then no longer matches the anchor, and a
+    wipe that takes the key too gives a key the federation roster does not list: either way
+    the hospital notices by itself (:func:`anchor_problem`), without the server's help.
+    """
+    if ledger.key_path is None or ledger._key is None:
+        return
+    obj: dict[str, Any] = {"hospital": ledger.hospital, "key_id": signing.key_id(ledger._key),
+                           "first_entry_hash": sha256_hex(first_line)}
+    obj["signature"] = signing.sign(ledger._key, signed_payload(obj))
+    try:
+        atomic_write(anchor_path(ledger.key_path), canonical_bytes(obj), mode=0o600)
+    except OSError as err:
+        raise LedgerError(f"could not write the ledger anchor {anchor_path(ledger.key_path)} "
+                          f"({err}); make the signing key's directory writable") from err
+
+
+def read_anchor(ledger: Ledger) -> dict[str, Any] | None:
+    """The anchor beside the ledger's signing key (None: there is none)."""
+    if ledger.key_path is None:
+        return None
+    path = anchor_path(ledger.key_path)
+    try:
+        obj = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise LedgerError(f"ledger anchor {path} is unreadable ({err}); restore it from a "
+                          "backup, or re-initialise with `fedrg site reinit`") from None
+    return obj if isinstance(obj, dict) else {}
+
+
+def anchor_problem(ledger: Ledger) -> str:
+    """Why the state directory does not hold the ledger its key's anchor pins (``''``: it does).
+
+    A ledger without an anchor (made before anchors existed) is anchored at its first entry
+    now; an empty ledger without an anchor is a fresh one.
+    """
+    if ledger.key_path is None or ledger._key is None:
+        return ""
+    anchor = read_anchor(ledger)
+    data, _ = ledger._read_bytes()
+    lines = data.split(b"\n")[:-1] if data else []
+    if anchor is None:
+        if lines:
+            ledger.read()  # only a ledger that verifies is pinned
+            write_anchor(ledger, lines[0])
+        return ""
+    where = anchor_path(ledger.key_path)
+    if not verify_head(anchor, ledger._key.public_key()):
+        return (f"the ledger anchor {where} is not signed by this hospital's key: it was "
+                "edited or belongs to another key")
+    if not lines:
+        return (f"the state directory {ledger.state_dir} holds no ledger, but the anchor beside "
+                f"the signing key ({where}) pins one whose first entry is "
+                f"{str(anchor.get('first_entry_hash'))[:12]}: the state directory was wiped, "
+                "which would silently reset the lifetime privacy budget")
+    if sha256_hex(lines[0]) != anchor.get("first_entry_hash"):
+        return (f"the ledger in {ledger.state_dir} does not start with the entry its anchor "
+                f"({where}) pins: it was replaced, which would silently reset the lifetime "
+                "privacy budget")
+    return ""

@@ -31,7 +31,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import math
 import os
 import struct
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from fedrg.errors import ConfigError, SecAggError
+from fedrg.policy import required_threshold
 from fedrg.secagg import crypto, shamir
 from fedrg.secagg.params import RoundParams, holders_count, neighbours_of
 from fedrg.secagg.quantize import encode
@@ -222,11 +222,11 @@ class ClientSession:
 
     def _check_threshold(self, holders: int) -> None:
         t, frac = self._params().threshold, self.trust.min_threshold_fraction
-        if t < frac * holders:
+        need = required_threshold(fraction=frac, holders=holders)
+        if t < need:
             raise SecAggError(
                 f"threshold {t} for {holders} shareholders is below this hospital's policy "
-                f"minimum min_threshold_fraction={frac} (needs >= {math.ceil(frac * holders)}); "
-                "refusing the round"
+                f"minimum min_threshold_fraction={frac} (needs >= {need}); refusing the round"
             )
 
     # ------------------------------------------------------------------ stage 1

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from fedrg.errors import SecAggError
+from fedrg.policy import required_threshold
 from fedrg.secagg.quantize import check_ring, ring_bits
 
 AUTO_NEIGHBOURS = -1
@@ -75,7 +76,7 @@ def default_threshold(num_clients: int, *, neighbours: int = 0, threshold_fracti
     stories), and at most the number of shareholders.
     """
     holders = holders_count(num_clients, resolve_neighbours(neighbours, num_clients))
-    t = max(math.ceil(threshold_fraction * holders), holders // 2 + 1, 2)
+    t = max(required_threshold(fraction=threshold_fraction, holders=holders), holders // 2 + 1, 2)
     return min(t, holders)
 
 

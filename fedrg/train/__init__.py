@@ -5,7 +5,8 @@ from fedrg._exports import lazy_exports
 
 _EXPORTS = {
     "train_local": "fedrg.train.loop",
-    "planned_steps": "fedrg.train.loop",
+    "local_steps": "fedrg.train.schedule",
+    "poisson_sample_rate": "fedrg.train.schedule",
     "PrivacySeam": "fedrg.train.loop",
     "PlainSGD": "fedrg.train.loop",
     "SizedDataset": "fedrg.train.loop",

@@ -141,19 +141,6 @@ def augment_images(
     return out
 
 
-def planned_steps(n_examples: int, training_cfg: TrainingConfig) -> int:
-    """Steps for ``training.local_epochs`` passes at ``training.batch_size`` (0 without examples).
-
-    The formula is :func:`fedrg.privacy.accounting.local_steps`, the one the privacy plan uses.
-    """
-    from fedrg.privacy.accounting import local_steps
-
-    if n_examples <= 0:
-        return 0
-    return local_steps(local_epochs=training_cfg.local_epochs, batch_size=training_cfg.batch_size,
-                       n_records=n_examples)
-
-
 FAST_PARTS = ("lora_", "image_proj.", "genomics_proj.", "marker_head.image_linear.",
               "marker_head.genomics_linear.")
 
@@ -256,7 +243,12 @@ def _train_local(
     seam: PrivacySeam = (
         privacy if privacy is not None else PlainSGD(batch_size=training_cfg.batch_size, seed=seed)
     )
-    n_steps = planned_steps(len(train_dataset), training_cfg) if steps is None else int(steps)
+    if steps is None:
+        from fedrg.train.schedule import local_steps
+
+        steps = local_steps(local_epochs=training_cfg.local_epochs,
+                            batch_size=training_cfg.batch_size, n_records=len(train_dataset))
+    n_steps = int(steps)
     if genomics_dropout is None:
         genomics_dropout = float(getattr(getattr(model, "model_cfg", None), "genomics_dropout", 0.0))
     held = freeze(model, frozen)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fedrg.audit.verify import LedgerLocation, audit_ledger
+from fedrg.errors import ConfigError
 from fedrg.payload import Payload
 from fedrg.privacy.accounting import epsilon_of
 from fedrg.privacy.ledger import Ledger
@@ -72,12 +73,19 @@ def test_attack_low_sigma(hospital, base_dir, caplog):
 
 
 def test_attack_delta_accountant(hospital, base_dir):
-    """A large delta and the gdp accountant have no effect: the ledger holds the site's own."""
+    """A request naming a delta or an accountant is refused before anything is read or spent
+    (they are the site's to fix, not the server's to ask); a huge clipping norm is capped, and
+    the ledger holds the site's own delta and accountant."""
     n_before = len(_entries(hospital))
+    for key, value in (("privacy.target_delta", 0.008264), ("privacy.accountant", "gdp")):
+        hostile = honest_request(base_dir, round_=2, run_id=HONEST_RUN)
+        hostile.meta["config"][key] = value
+        with pytest.raises(ConfigError, match=key):
+            hospital.handle("train", hostile, Payload())
+        assert len(_entries(hospital)) == n_before
     state = Payload()
     reply = hospital.handle("train", honest_request(
-        base_dir, "privacy.target_delta=0.008264", "privacy.accountant='gdp'",
-        "privacy.max_grad_norm=1000", round_=2, run_id=HONEST_RUN), state)
+        base_dir, "privacy.max_grad_norm=1000", round_=2, run_id=HONEST_RUN), state)
     assert reply.meta["status"] == "ok", reply.meta
     entries = _entries(hospital)
     assert len(entries) == n_before + 1
@@ -241,7 +249,7 @@ def test_attack_unlisted_base_model(hospital, base_dir, tmp_path, no_patient_rea
         assert_refused(reply, "model.base")
         assert "allowed_base_models" in reply.meta["allowed"]
     # the listed base, under another path, is accepted by content (no name trust either way)
-    from fedrg.privacy.enforce import check_base_model
+    from fedrg.hospital.request import check_base_model
 
     same = tmp_path / "same-base"
     shutil.copytree(base_dir, same)
