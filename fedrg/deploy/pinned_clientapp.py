@@ -42,16 +42,18 @@ def write_launcher(state_dir: str | Path, pin: AppPin) -> Path:
     atomic_write(pin_path, pin.to_json(), mode=PRIVATE_MODE)
     bin_dir = state / "bin"
     launcher = bin_dir / LAUNCHER_NAME
-    from fedrg.deploy.clientapp_launch import LAUNCHER_SCRIPT, socket_path
+    from fedrg.deploy.clientapp_launch import LAUNCHER_SCRIPT
 
     python = shlex.quote(sys.executable)
-    # stdlib only (-I -S): the fork server's child runs main() below; without a fork
-    # server the launch script execs `python -m fedrg.deploy.pinned_clientapp` instead
+    # stdlib and fedrg.deploy.local_socket only (-I -S): the fork server's child runs main()
+    # below; without a fork server the launch script execs `python -m
+    # fedrg.deploy.pinned_clientapp` instead. It finds the fork server's socket from the state
+    # dir at each launch and hands nothing to a listener that fails the checks
     atomic_write(launcher,
                  "#!/bin/sh\n"
                  "# written by fedrg client: Flower's flwr-clientapp, refusing unapproved app bundles\n"
                  f"exec {python} -I -S {shlex.quote(str(LAUNCHER_SCRIPT))} "
-                 f"{shlex.quote(str(socket_path(state)))} {shlex.quote(str(state.resolve()))} "
+                 f"{shlex.quote(str(state.resolve()))} "
                  f"{python} -- \"$@\"\n", mode=0o700)
     return bin_dir
 
