@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedrg.deploy import local_socket
+from fedrg.deploy import local_socket, pinned_clientapp
 from fedrg.deploy.clientapp_launch import PURPOSE, key_path, socket_path
 from fedrg.errors import FedrgError
 
@@ -69,6 +69,7 @@ def preload() -> None:
 
     for name in PRELOAD:
         importlib.import_module(name)
+    pinned_clientapp.require_reviewed_flower()  # once here; each forked child inherits it
 
 
 def _recv_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
@@ -95,8 +96,6 @@ def _recv_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
 
 def _run_child(request: dict[str, Any], fds: list[int]) -> int:
     """In the forked child: become the launcher's process and run the pinned ClientApp."""
-    from fedrg.deploy import pinned_clientapp
-
     log.handlers.clear()  # the server's own log handler writes to its log, not the task's
     log.propagate = True
     for target, fd in enumerate(fds):
@@ -250,9 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.INFO)
     log.propagate = False
     t0 = time.perf_counter()
-    preload()
     server = ForkServer(args.state_dir)
     try:
+        preload()
         server.open()
     except FedrgError as err:
         log.error("%s", err)
