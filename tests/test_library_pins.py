@@ -14,9 +14,35 @@ import inspect
 
 import flwr.supernode.runtime.run_clientapp as runner
 import pytest
+import torch
+from opacus.optimizers import DPOptimizer
 
 from fedrg.deploy import pinned_clientapp
 from fedrg.library_pins import LibraryChangedError, require_unchanged, source_digest
+from fedrg.privacy import fused
+
+
+def test_installed_opacus_is_the_reviewed_code():
+    # fails loudly when Opacus changes: review fedrg/privacy/fused.py against it, rerun
+    # tests/test_privacy_fused.py, then update OPACUS_SOURCES
+    got = {name: source_digest(obj) for name, obj in fused.opacus_functions().items()}
+    assert got == fused.OPACUS_SOURCES
+    # what the pin covers: the step fused.py replaces runs these, in this order
+    src = inspect.getsource(DPOptimizer.pre_step)
+    assert (src.index("self.clip_and_accumulate()") < src.index("self._check_skip_next_step()")
+            < src.index("self.add_noise()") < src.index("self.scale_grad()"))
+
+
+def test_changed_opacus_is_refused_before_any_step(monkeypatch):
+    monkeypatch.setitem(fused.OPACUS_SOURCES, "DPOptimizer.add_noise", "f" * 64)
+    monkeypatch.setitem(fused._reviewed, "ok", False)
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(LibraryChangedError,
+                       match=r"opacus 1\.6\.\d+: DPOptimizer\.add_noise is not the code "
+                             r"fedrg\.privacy\.fused was written against.*review "
+                             r"fedrg\.privacy\.fused"):
+        fused.FusedDPOptimizer(torch.optim.SGD([p], lr=0.1), noise_multiplier=1.0,
+                               max_grad_norm=1.0, expected_batch_size=4)
 
 
 def test_require_unchanged_checks_every_name():
