@@ -131,20 +131,10 @@ class ForkServer:
     def __init__(self, state_dir: str | Path) -> None:
         self.state_dir = Path(state_dir)
         self.key_file = key_path(self.state_dir)
-        self._address: Path | None = None
+        self.address: Path | None = None  # in the private socket directory, made by open()
         self._key = b""
         self._sock: socket.socket | None = None
         self._children: dict[int, socket.socket] = {}
-
-    @property
-    def address(self) -> Path:
-        """The socket path (in the private socket directory; known after :meth:`open`)."""
-        if self._address is None:
-            address = socket_path(self.state_dir)
-            if address is None:
-                raise FedrgError(f"no socket directory for {self.state_dir} yet: call open()")
-            self._address = address
-        return self._address
 
     def open(self) -> None:
         """Write a fresh key and listen (a stopped server's socket is replaced).
@@ -160,7 +150,7 @@ class ForkServer:
         assert address is not None
         self._sock, self._key = local_socket.listen(
             address, self.key_file, what=f"ClientApp fork server (state dir {self.state_dir})")
-        self._address = address
+        self.address = address
 
     def _spawn(self, conn: socket.socket) -> None:
         try:
@@ -169,6 +159,7 @@ class ForkServer:
             log.warning("refused a fork-server connection: %s", err)
             conn.close()
             return
+        conn.settimeout(5.0)
         try:
             request, fds = _recv_request(conn)
         except (OSError, ValueError) as err:
@@ -229,7 +220,7 @@ class ForkServer:
             with contextlib.suppress(OSError):
                 self._sock.close()
             self._sock = None
-            for path in (self._address, self.key_file):  # only this server's own files
+            for path in (self.address, self.key_file):  # only this server's own files
                 if path is not None:
                     with contextlib.suppress(OSError):
                         path.unlink()
@@ -254,8 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         preload()
         server.open()
     except FedrgError as err:
-        log.error("%s", err)
-        print(f"fedrg ClientApp fork server: {err}", file=sys.stderr, flush=True)
+        log.error("the ClientApp fork server cannot start: %s", err)
         return 1
 
     def stop(_signum: int, _frame: Any) -> None:
