@@ -225,7 +225,7 @@ def read_key(path: str | Path) -> bytes | None:
     """
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO cannot block
     except FileNotFoundError:
         return None
     except OSError as err:

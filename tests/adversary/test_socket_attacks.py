@@ -417,3 +417,7 @@ def test_key_file_must_be_private_and_real(tmp_path: Path):
     link.symlink_to(key_file)
     with pytest.raises(local_socket.UnsafeSocketError, match="symbolic link"):
         local_socket.read_key(link)
+    fifo = tmp_path / "fifo.key"
+    os.mkfifo(fifo, 0o600)  # would block a reader forever
+    with pytest.raises(local_socket.UnsafeSocketError, match="must be a regular file"):
+        local_socket.read_key(fifo)
