@@ -11,11 +11,13 @@ connection. Attacks by other local users: tests/adversary/test_socket_attacks.py
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -49,9 +51,8 @@ def state(tmp_path: Path) -> Path:
     return s
 
 
-@pytest.fixture()
-def server(state: Path):
-    log = open(state / "forkserver.log", "w+")  # noqa: SIM115 - closed below
+def _start_server(state: Path) -> tuple[subprocess.Popen, IO[str]]:
+    log = open(state / "forkserver.log", "w+")  # noqa: SIM115 - closed by the caller
     proc = subprocess.Popen([sys.executable, "-m", "fedrg.deploy.clientapp_forkserver",
                              "--state-dir", str(state)], stdout=log, stderr=subprocess.STDOUT,
                             env=_env())
@@ -60,6 +61,12 @@ def server(state: Path):
         assert proc.poll() is None, (state / "forkserver.log").read_text()
         assert time.monotonic() < deadline, "fork server did not start"
         time.sleep(0.1)
+    return proc, log
+
+
+@pytest.fixture()
+def server(state: Path):
+    proc, log = _start_server(state)
     yield proc
     proc.terminate()
     proc.wait(timeout=30)
@@ -142,3 +149,27 @@ def test_second_fork_server_is_refused_and_a_stale_socket_replaced(tmp_path):
     assert (socket_path(tmp_path).parent.stat().st_mode & 0o777) == 0o700
     again.close()
     assert not socket_path(tmp_path).exists() and not key_path(tmp_path).exists()
+
+
+def test_long_state_dir_serves_from_a_private_directory(tmp_path):
+    # the state path is too long for a socket: the fork server and the launcher meet in an
+    # unpredictable private directory named in <state_dir>/sockets.dir, not in a /tmp name
+    state = tmp_path / ("long-state-directory-" * 5) / "st"
+    state.mkdir(parents=True, mode=0o700)
+    write_launcher(state, installed_pin())
+    proc, log = _start_server(state)
+    try:
+        address = socket_path(state)
+        assert address is not None and len(str(state / "clientapp.sock")) > 107
+        assert (state / local_socket.POINTER_NAME).read_text().strip() == str(address.parent)
+        assert (address.parent.stat().st_mode & 0o777) == 0o700
+        res = _launch(state / "bin" / "flwr-clientapp", "--help")
+        assert res.returncode == 0 and "flwr-clientapp" in res.stdout
+        assert (state / "forkserver.log").read_text().count("forked ClientApp process") == 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+        shutil.rmtree((state / local_socket.POINTER_NAME).read_text().strip(),
+                      ignore_errors=True)
+    assert not address.exists()  # removed by the stopped server
