@@ -1,7 +1,8 @@
-"""The SuperNode wrapper shortens only Flower's SuperNode sleeps, nothing else."""
+"""The SuperNode wrapper shortens only Flower's SuperNode sleeps, only in the reviewed Flower code."""
 
 from __future__ import annotations
 
+import inspect
 import time
 
 import flwr.supernode.start_client_internal as sci
@@ -9,6 +10,7 @@ import pytest
 
 from fedrg.deploy import fast_supernode as fs
 from fedrg.deploy import processes as P
+from fedrg.library_pins import LibraryChangedError, source_digest
 
 
 @pytest.fixture
@@ -20,7 +22,7 @@ def slept(monkeypatch):
 
 
 def test_patch_replaces_the_idle_and_reply_sleeps_in_flowers_module_only(slept):
-    assert fs.patch_supernode_poll(0.25)
+    fs.patch_supernode_poll(0.25)
     assert sci.time is not time and time.sleep is not sci.time.sleep
     sci.time.sleep(3)  # the idle pull sleep
     sci.time.sleep(0.5)  # the reply check
@@ -29,26 +31,46 @@ def test_patch_replaces_the_idle_and_reply_sleeps_in_flowers_module_only(slept):
     assert sci.time.monotonic is time.monotonic  # everything else is the real module
 
 
-def test_poll_is_fast_only_while_messages_arrive(slept, monkeypatch):
-    # Flower's pull loop calls _pull_and_store_message by its module name: run id or None
-    answers = iter([None, 42, None])
-    monkeypatch.setattr(sci, "_pull_and_store_message", lambda **_: next(answers))
+def test_poll_is_fast_only_while_replies_are_awaited(slept, monkeypatch):
     monkeypatch.setitem(fs._last_message, "at", -float("inf"))
-    assert fs.patch_supernode_poll(0.5, 0.1)
-    assert sci._pull_and_store_message() is None
+    fs.patch_supernode_poll(0.5, 0.1)
     sci.time.sleep(3)  # idle: the idle poll
-    assert sci._pull_and_store_message() == 42
-    sci.time.sleep(3)  # a message just arrived: the active poll
-    assert sci._pull_and_store_message() is None
+    sci.time.sleep(0.5)  # Flower waits for the ClientApp's reply to a message it pulled
+    sci.time.sleep(3)  # a message just came: the active poll
     monkeypatch.setitem(fs._last_message, "at", time.monotonic() - fs.ACTIVE_WINDOW_S - 1)
     sci.time.sleep(3)  # nothing for longer than the window: idle again
-    assert slept == [0.5, 0.1, 0.5]
+    assert slept == [0.5, fs.REPLY_CHECK_S, 0.1, 0.5]
 
 
-def test_unexpected_flower_module_is_left_alone(slept, monkeypatch):
+def test_patched_flower_module_is_the_reviewed_code():
+    # fails loudly when the installed Flower's SuperNode loop changes: review
+    # fedrg/deploy/fast_supernode.py against it, then update FLOWER_SOURCES
+    assert fs.flower_module() is sci
+    assert source_digest(sci) == fs.FLOWER_SOURCES[fs.FLOWER_MODULE]
+    src = inspect.getsource(sci)
+    # the three sleeps the shim replaces, and no other use of the time module
+    assert src.count("time.sleep(3)") == 1 and src.count("time.sleep(0.5)") == 2
+    assert [ln.strip() for ln in src.splitlines() if "time." in ln and "sleep" not in ln] == [
+        "If set to None, there is no limit to the total time."]
+
+
+def test_changed_flower_module_is_refused_loudly(slept, monkeypatch):
+    monkeypatch.setitem(fs.FLOWER_SOURCES, fs.FLOWER_MODULE, "0" * 64)  # another release's
+    with pytest.raises(LibraryChangedError, match=r"flwr 1\.42\.\d+: flwr\.supernode\."
+                       r"start_client_internal is not the code fedrg\.deploy\.fast_supernode"):
+        fs.patch_supernode_poll(0.25)
+    assert sci.time is time  # nothing patched
+    monkeypatch.setenv(fs.POLL_ENV, "")
+    monkeypatch.setenv(fs.ACTIVE_POLL_ENV, "")
+    with pytest.raises(SystemExit, match="fedrg SuperNode: flwr"):
+        fs.main()  # the SuperNode does not start, half-patched or unpatched
+
+
+def test_time_replaced_by_someone_else_is_refused_loudly(slept, monkeypatch):
     other = object()
     monkeypatch.setattr(sci, "time", other)
-    assert not fs.patch_supernode_poll(0.25)
+    with pytest.raises(LibraryChangedError, match="not the time module"):
+        fs.patch_supernode_poll(0.25)
     assert sci.time is other
 
 

@@ -10,8 +10,13 @@ working directory and standard streams. The child is the same code Flower would 
 started (the app bundle is checked against the hospital's pin before anything of it is
 written or imported); only the interpreter start and imports are skipped.
 
-* **Who may ask**: the socket is ``clientapp.sock`` in the hospital's state directory (0700),
-  created 0600, and every connection's peer must run as this user (``SO_PEERCRED``).
+* **Who may ask**: the socket is ``clientapp.sock`` in the hospital's private socket
+  directory (:mod:`fedrg.deploy.local_socket`: ``<state_dir>/sockets`` or, for a long state
+  path, an unpredictable 0700 directory; checked: owned by this user, mode 0700, not a link),
+  created 0600. Every connection's peer must run as this user (``SO_PEERCRED``) and prove the
+  key in ``<state_dir>/clientapp.key`` (0600, fresh at every start) before its request is
+  read; the server proves the key first, so the launcher never hands its token,
+  environment or streams to anything else.
 * **No app code in the server**: the server never imports the bundle's modules
   (``clients.app``, ``server.app``); each child imports them after the bundle check.
 * **Failure**: if the server is not running, the launcher starts the pinned ClientApp in a
@@ -37,7 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedrg.deploy.clientapp_launch import socket_path
+from fedrg.deploy import local_socket, pinned_clientapp
+from fedrg.deploy.clientapp_launch import PURPOSE, key_path, socket_path
 from fedrg.errors import FedrgError
 
 log = logging.getLogger("fedrg.forkserver")
@@ -63,6 +69,7 @@ def preload() -> None:
 
     for name in PRELOAD:
         importlib.import_module(name)
+    pinned_clientapp.require_reviewed_flower()  # once here; each forked child inherits it
 
 
 def _recv_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
@@ -89,8 +96,6 @@ def _recv_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
 
 def _run_child(request: dict[str, Any], fds: list[int]) -> int:
     """In the forked child: become the launcher's process and run the pinned ClientApp."""
-    from fedrg.deploy import pinned_clientapp
-
     log.handlers.clear()  # the server's own log handler writes to its log, not the task's
     log.propagate = True
     for target, fd in enumerate(fds):
@@ -125,50 +130,33 @@ class ForkServer:
 
     def __init__(self, state_dir: str | Path) -> None:
         self.state_dir = Path(state_dir)
-        self.address = socket_path(self.state_dir)
+        self.key_file = key_path(self.state_dir)
+        self.address: Path | None = None  # in the private socket directory, made by open()
+        self._key = b""
         self._sock: socket.socket | None = None
         self._children: dict[int, socket.socket] = {}
 
     def open(self) -> None:
-        """Listen on the socket (a stopped server's socket is replaced).
+        """Write a fresh key and listen (a stopped server's socket is replaced).
 
         Raises
         ------
         FedrgError
-            If another fork server already listens for this state directory.
+            If another fork server already listens for this state directory, or the socket
+            directory fails its checks (:class:`~fedrg.deploy.local_socket.UnsafeSocketError`).
         """
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        if self.address.exists():
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            probe.settimeout(2.0)
-            try:
-                probe.connect(str(self.address))
-            except OSError:
-                self.address.unlink()
-            else:
-                raise FedrgError(
-                    f"a ClientApp fork server already listens on {self.address} for state dir "
-                    f"{self.state_dir}; stop that `fedrg client` first (one per hospital)")
-            finally:
-                probe.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)  # created 0600
-        try:
-            sock.bind(str(self.address))
-        finally:
-            os.umask(old)
-        os.chmod(self.address, 0o600)
-        sock.listen(16)
-        self._sock = sock
-
-    def _peer_is_us(self, conn: socket.socket) -> bool:
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", creds)
-        return uid == os.getuid()
+        address = socket_path(self.state_dir, create=True)
+        assert address is not None
+        self._sock, self._key = local_socket.listen(
+            address, self.key_file, what=f"ClientApp fork server (state dir {self.state_dir})")
+        self.address = address
 
     def _spawn(self, conn: socket.socket) -> None:
-        if not self._peer_is_us(conn):
-            log.warning("refused a fork-server connection from another user")
+        try:
+            local_socket.authenticate_client(conn, self._key, purpose=PURPOSE)
+        except local_socket.UnsafeSocketError as err:
+            log.warning("refused a fork-server connection: %s", err)
             conn.close()
             return
         conn.settimeout(5.0)
@@ -227,13 +215,15 @@ class ForkServer:
             self._reap()
 
     def close(self) -> None:
-        """Stop listening; remove the socket (running children finish on their own)."""
+        """Stop listening; remove the socket and the key (running children finish on their own)."""
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.close()
             self._sock = None
-        with contextlib.suppress(OSError):
-            self.address.unlink()
+            for path in (self.address, self.key_file):  # only this server's own files
+                if path is not None:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
         for conn in self._children.values():
             conn.close()
 
@@ -250,9 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.INFO)
     log.propagate = False
     t0 = time.perf_counter()
-    preload()
     server = ForkServer(args.state_dir)
-    server.open()
+    try:
+        preload()
+        server.open()
+    except FedrgError as err:
+        log.error("the ClientApp fork server cannot start: %s", err)
+        return 1
 
     def stop(_signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt

@@ -10,45 +10,62 @@ runs **the same** :func:`fedrg.deploy.pinned_clientapp.main` (bundle check first
 process's arguments, environment, working directory and standard streams, and then exits
 with the child's exit status. Signals it receives are passed on to the child.
 
-It imports the standard library only (the script runs it with ``python -I -S``), so it
-starts in tens of milliseconds. When no fork server answers, it runs the pinned ClientApp
-in a fresh interpreter as before (same checks, slower).
+The socket is ``clientapp.sock`` in the hospital's private socket directory
+(:mod:`fedrg.deploy.local_socket`: owned by this user, mode 0700, never a shared path). The
+launcher sends its arguments, environment and streams only after the listener has passed
+the checks: same user (``SO_PEERCRED``) and proof of the key in ``<state_dir>/clientapp.key``
+(0600, fresh at every start of the fork server). A listener that fails them gets nothing, and
+the launch fails with exit status :data:`EXIT_REFUSED` and a message naming the socket and
+the reason. When no fork server runs (no directory, no key, nobody listening), it runs the
+pinned ClientApp in a fresh interpreter as before (same checks, slower).
+
+It imports the standard library and :mod:`fedrg.deploy.local_socket` only (the script runs
+it with ``python -I -S``), so it starts in tens of milliseconds.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import signal
 import socket
 import struct
 import sys
-import tempfile
 from pathlib import Path
+
+if not __package__:  # run as a script by `python -I -S`: fedrg is not on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from fedrg.deploy import local_socket  # after the path above
 
 HEADER = struct.Struct(">I")  # length prefix of the request
 MAX_REQUEST = 1 << 20
 SOCKET_NAME = "clientapp.sock"
+KEY_NAME = "clientapp.key"
+PURPOSE = "ClientApp fork server"
+EXIT_REFUSED = 77  # sysexits' EX_NOPERM: the fork server's socket failed a check
 LAUNCHER_SCRIPT = Path(__file__).resolve()
-_MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to about 107 bytes
 
 
-def state_socket_path(state_dir: str | Path, name: str, fallback_prefix: str) -> Path:
-    """``state_dir/name``, or a per-state-dir name in the system temp dir when that path is
-    too long for ``AF_UNIX`` (about 107 bytes)."""
-    state = Path(state_dir).resolve()
-    path = state / name
-    if len(str(path)) <= _MAX_SOCKET_PATH:
-        return path
-    digest = hashlib.sha256(str(state).encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"{fallback_prefix}-{digest}.sock"
+class NoForkServerError(OSError):
+    """No fork server runs for this state directory (the launcher starts a fresh process)."""
 
 
-def socket_path(state_dir: str | Path) -> Path:
-    """Where the fork server of ``state_dir`` listens (system temp dir if the path is too long)."""
-    return state_socket_path(state_dir, SOCKET_NAME, "fedrg-clientapp")
+def socket_path(state_dir: str | Path, *, create: bool = False) -> Path | None:
+    """Where the fork server of ``state_dir`` listens; ``None`` before one has started.
+
+    Raises
+    ------
+    fedrg.deploy.local_socket.UnsafeSocketError
+        If the hospital's socket directory fails its checks.
+    """
+    return local_socket.socket_path(state_dir, SOCKET_NAME, create=create)
+
+
+def key_path(state_dir: str | Path) -> Path:
+    """The fork server's key file: ``<state_dir>/clientapp.key`` (0600)."""
+    return Path(state_dir) / KEY_NAME
 
 
 def send_request(sock: socket.socket, argv: list[str]) -> None:
@@ -62,29 +79,53 @@ def send_request(sock: socket.socket, argv: list[str]) -> None:
 def _read_line(sock: socket.socket) -> bytes:
     buf = b""
     while not buf.endswith(b"\n"):
-        chunk = sock.recv(64)
+        chunk = sock.recv(1)
         if not chunk:
             raise EOFError("fork server closed the connection")
         buf += chunk
     return buf
 
 
-def run(socket_path: str, argv: list[str]) -> int:
+def connect(state_dir: str | Path) -> socket.socket:
+    """Connect to the fork server of ``state_dir`` and authenticate both ways.
+
+    Raises
+    ------
+    NoForkServerError
+        When no fork server runs (the caller starts a fresh interpreter).
+    fedrg.deploy.local_socket.UnsafeSocketError
+        When the directory, the key or the listener fails a check (nothing was sent).
+    """
+    address = socket_path(state_dir)
+    key = local_socket.read_key(key_path(state_dir))
+    if address is None or key is None or not os.path.lexists(address):
+        raise NoForkServerError(f"no ClientApp fork server for {state_dir}")
+    try:
+        return local_socket.connect(address, key, purpose=PURPOSE)
+    except (FileNotFoundError, ConnectionRefusedError) as err:  # a stopped server's socket
+        raise NoForkServerError(f"no ClientApp fork server at {address}: {err}") from None
+
+
+def run(state_dir: str | Path, argv: list[str]) -> int:
     """Have the fork server run ``pinned_clientapp`` with ``argv``; return its exit status.
 
     Raises
     ------
-    OSError
-        When no fork server listens at ``socket_path`` (the caller falls back).
+    NoForkServerError
+        When no fork server runs for ``state_dir`` (the caller falls back).
+    fedrg.deploy.local_socket.UnsafeSocketError
+        When the socket fails a check (nothing was sent) or the fork server broke off.
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = connect(state_dir)
     try:
-        sock.connect(socket_path)
         send_request(sock, argv)
+        sock.settimeout(None)
         pid = int(_read_line(sock))
     except (OSError, ValueError, EOFError) as err:
         sock.close()
-        raise OSError(f"fork server at {socket_path}: {err}") from None
+        raise local_socket.UnsafeSocketError(
+            f"the ClientApp fork server for {state_dir} did not take the task ({err}); see "
+            "its log (<state_dir>/logs/clientapp-forkserver.log)") from None
 
     def forward(signum: int, _frame: object) -> None:
         with contextlib.suppress(OSError):
@@ -100,15 +141,19 @@ def run(socket_path: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """``clientapp_launch.py SOCKET STATE_DIR PYTHON -- FLWR_CLIENTAPP_ARGS...``."""
-    socket_path, state_dir, python = argv[0], argv[1], argv[2]
-    rest = argv[4:] if len(argv) > 3 and argv[3] == "--" else argv[3:]
+    """``clientapp_launch.py STATE_DIR PYTHON -- FLWR_CLIENTAPP_ARGS...``."""
+    state_dir, python = argv[0], argv[1]
+    rest = argv[3:] if len(argv) > 2 and argv[2] == "--" else argv[2:]
     pinned = ["--fedrg-state-dir", state_dir, *rest]
     try:
-        return run(socket_path, pinned)
-    except OSError:
+        return run(state_dir, pinned)
+    except NoForkServerError:
         # no fork server: Flower's per-message process, as before (same bundle check)
         os.execv(python, [python, "-m", "fedrg.deploy.pinned_clientapp", *pinned])
+    except local_socket.UnsafeSocketError as err:
+        print(f"fedrg flwr-clientapp: refused to start the ClientApp: {err}", file=sys.stderr,
+              flush=True)
+        return EXIT_REFUSED
     return 1  # pragma: no cover - execv does not return
 
 

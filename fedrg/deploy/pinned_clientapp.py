@@ -10,6 +10,13 @@ the bundle is checked against the hospital's pin (:func:`fedrg.deploy.pinning.ch
 A bundle that is not the approved app is refused before any file of it is written or
 imported; Flower then answers the server with an error, and the refusal is appended to
 ``<state_dir>/logs/app-refusals.log``, which ``fedrg client`` prints.
+
+**Pinned Flower code.** Flower has no public hook before it installs a bundle, so this module
+replaces ``install_from_fab`` in Flower's ClientApp runtime module, which calls it by that
+name. A Flower that installed bundles some other way would skip the check without a sound,
+so the patch is made only on the reviewed Flower code (:data:`FLOWER_SOURCES`); any other
+Flower makes every ClientApp fail with :class:`~fedrg.library_pins.LibraryChangedError`
+before it contacts the SuperNode.
 """
 
 from __future__ import annotations
@@ -23,10 +30,41 @@ from typing import Any
 
 from fedrg.deploy.pinning import PIN_FILE, AppNotApprovedError, AppPin, check_fab
 from fedrg.files import PRIVATE_MODE, atomic_write
+from fedrg.library_pins import require_unchanged
 from fedrg.runtime import apply_offline_env
 
 REFUSALS_LOG = "app-refusals.log"
 LAUNCHER_NAME = "flwr-clientapp"
+FLOWER_SOURCES = {  # flwr 1.42.0, as reviewed for this module
+    # flwr-clientapp's entry point runs run_clientapp in this process ...
+    "flwr.supernode.cli.flwr_clientapp":
+        "9e02b412fb895b05a772a3b7d27af623d88819c21159264da48a9dd8117c1da0",
+    # ... which installs the bundle with its module-global install_from_fab, then loads it
+    "flwr.supernode.runtime.run_clientapp":
+        "fa6612aaeda9cd398de69199b0cf264a38f72c1b9cfdc53644c8d6dab0b70eb6",
+    # the function wrapped (verifying_installer keeps its signature)
+    "flwr.cli.install.install_from_fab":
+        "481bd04cde5823220658a8a3e84e827a5ef38254223972e4e14c4cb3968e917e",
+}
+"""``name -> SHA-256 of its source`` for the Flower code the bundle check is patched into."""
+_reviewed = {"ok": False}  # checked once per process (the fork server checks before forking)
+
+
+def require_reviewed_flower() -> None:
+    """Raise :class:`~fedrg.library_pins.LibraryChangedError` unless Flower's ClientApp
+    runtime is the reviewed code (:data:`FLOWER_SOURCES`)."""
+    if _reviewed["ok"]:
+        return
+    import flwr.cli.install
+    import flwr.supernode.cli.flwr_clientapp
+    import flwr.supernode.runtime.run_clientapp
+
+    require_unchanged("flwr", FLOWER_SOURCES, {
+        "flwr.supernode.cli.flwr_clientapp": flwr.supernode.cli.flwr_clientapp,
+        "flwr.supernode.runtime.run_clientapp": flwr.supernode.runtime.run_clientapp,
+        "flwr.cli.install.install_from_fab": flwr.cli.install.install_from_fab,
+    }, module="fedrg.deploy.pinned_clientapp")
+    _reviewed["ok"] = True
 
 
 def write_launcher(state_dir: str | Path, pin: AppPin) -> Path:
@@ -42,16 +80,18 @@ def write_launcher(state_dir: str | Path, pin: AppPin) -> Path:
     atomic_write(pin_path, pin.to_json(), mode=PRIVATE_MODE)
     bin_dir = state / "bin"
     launcher = bin_dir / LAUNCHER_NAME
-    from fedrg.deploy.clientapp_launch import LAUNCHER_SCRIPT, socket_path
+    from fedrg.deploy.clientapp_launch import LAUNCHER_SCRIPT
 
     python = shlex.quote(sys.executable)
-    # stdlib only (-I -S): the fork server's child runs main() below; without a fork
-    # server the launch script execs `python -m fedrg.deploy.pinned_clientapp` instead
+    # stdlib and fedrg.deploy.local_socket only (-I -S): the fork server's child runs main()
+    # below; without a fork server the launch script execs `python -m
+    # fedrg.deploy.pinned_clientapp` instead. It finds the fork server's socket from the state
+    # dir at each launch and hands nothing to a listener that fails the checks
     atomic_write(launcher,
                  "#!/bin/sh\n"
                  "# written by fedrg client: Flower's flwr-clientapp, refusing unapproved app bundles\n"
                  f"exec {python} -I -S {shlex.quote(str(LAUNCHER_SCRIPT))} "
-                 f"{shlex.quote(str(socket_path(state)))} {shlex.quote(str(state.resolve()))} "
+                 f"{shlex.quote(str(state.resolve()))} "
                  f"{python} -- \"$@\"\n", mode=0o700)
     return bin_dir
 
@@ -113,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> None:  # pragma: no cover - a pro
 
     state_dir, rest = _split(sys.argv[1:] if argv is None else argv)
     pin = AppPin.from_json((state_dir / PIN_FILE).read_text())
+    require_reviewed_flower()  # else the check below might never be called
     runner.install_from_fab = verifying_installer(runner.install_from_fab, pin, state_dir)
     sys.argv = [LAUNCHER_NAME, *rest]
     apply_offline_env()  # fedrg owns this process (fedrg.runtime)

@@ -5,10 +5,11 @@ process start, imports, model build and cohort parsing. ``fedrg client`` therefo
 this worker next to the SuperNode; the ClientApp Flower starts per message only forwards the
 message to it (:func:`forward`) and relays the reply.
 
-* **Transport**: a Unix socket (mode 0600, in the hospital's state directory, which
-  ``fedrg client`` keeps at 0700) with :mod:`multiprocessing.connection`'s HMAC challenge
-  on a fresh 32-byte key in ``worker.key`` (0600). Messages are ``.npz`` archives read with
-  ``allow_pickle=False``: nothing received is unpickled.
+* **Transport**: a Unix socket (mode 0600) in the hospital's private socket directory, with
+  a same-user peer check and an HMAC challenge in both directions on a fresh 32-byte key in
+  ``worker.key`` (0600), all from :mod:`fedrg.deploy.local_socket` (shared with the
+  ClientApp fork server). Messages are ``.npz`` archives read with ``allow_pickle=False``:
+  nothing received is unpickled.
 * **Trust**: the worker answers with *its own* site config (from the hospital's settings),
   never one sent to it, and runs the same :func:`fedrg.hospital.answer.answer` as the
   in-process ClientApp: the hospital's policy, budget and ledger checks apply unchanged.
@@ -28,19 +29,17 @@ import contextlib
 import io
 import json
 import logging
-import os
-import secrets
 import signal
 import socket
 import sys
 import time
-from multiprocessing.connection import Client, Listener
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedrg.config import SiteConfig
+from fedrg.deploy import local_socket
 from fedrg.errors import FedrgError
 from fedrg.payload import Payload, meta_from_json, meta_to_json
 
@@ -48,6 +47,8 @@ log = logging.getLogger("fedrg.worker")
 
 KEY_NAME = "worker.key"
 SOCKET_NAME = "worker.sock"
+PURPOSE = "hospital worker"
+MAX_MESSAGE = 0xFFFFFFFF
 
 
 class WorkerError(FedrgError):
@@ -61,11 +62,10 @@ class WorkerError(FedrgError):
         return self._public
 
 
-def socket_path(state_dir: str | Path) -> Path:
-    """Where the worker of ``state_dir`` listens (in the state dir unless that path is too long)."""
-    from fedrg.deploy.clientapp_launch import state_socket_path
-
-    return state_socket_path(state_dir, SOCKET_NAME, "fedrg-worker")
+def socket_path(state_dir: str | Path, *, create: bool = False) -> Path | None:
+    """Where the worker of ``state_dir`` listens (its private socket directory; ``None``
+    before a worker has made it)."""
+    return local_socket.socket_path(state_dir, SOCKET_NAME, create=create)
 
 
 # --------------------------------------------------------------------------- wire format
@@ -99,20 +99,27 @@ def forward(site: SiteConfig, action: str, payload: Payload, state: Payload) -> 
     ``state`` is replaced in place by the worker's updated state. Raises
     :class:`WorkerError` when the worker refused or failed the message.
     """
-    address = socket_path(site.state_dir)
-    key_file = Path(site.state_dir) / KEY_NAME
-    if not address.exists() or not key_file.is_file():
+    try:
+        address = socket_path(site.state_dir)
+        key = local_socket.read_key(Path(site.state_dir) / KEY_NAME)
+    except local_socket.UnsafeSocketError as err:
+        raise WorkerError(f"hospital worker socket refused: {err}") from None
+    if address is None or key is None or not address.exists():
         return None
     try:
-        conn = Client(str(address), family="AF_UNIX", authkey=key_file.read_bytes())
-    except (OSError, EOFError) as err:  # stale socket of a stopped worker
+        conn = local_socket.connect(address, key, purpose=PURPOSE)
+    except (FileNotFoundError, ConnectionRefusedError) as err:  # stale socket of a stopped worker
         log.warning("hospital worker at %s does not answer (%s); answering in this process",
                     address, err)
         return None
+    except local_socket.UnsafeSocketError as err:
+        raise WorkerError(f"hospital worker socket refused: {err}") from None
     with conn:
         try:
-            conn.send_bytes(_pack({"action": action}, {"payload": payload, "state": state}))
-            header, parts = _unpack(conn.recv_bytes(), ("reply", "state"))
+            conn.settimeout(None)
+            local_socket.send_frame(
+                conn, _pack({"action": action}, {"payload": payload, "state": state}))
+            header, parts = _unpack(local_socket.recv_frame(conn, MAX_MESSAGE), ("reply", "state"))
         except (OSError, EOFError, ValueError) as err:
             raise WorkerError(f"the hospital worker stopped while answering {action} ({err}); "
                               "see its log (state dir logs/worker.log)") from None
@@ -130,9 +137,10 @@ class HospitalWorker:
     def __init__(self, site: SiteConfig) -> None:
         self.site = site
         self.state_dir = Path(site.state_dir)
-        self.address = socket_path(self.state_dir)
         self.key_file = self.state_dir / KEY_NAME
-        self._listener: Listener | None = None
+        self.address: Path | None = None  # in the private socket directory, made by open()
+        self._key = b""
+        self._listener: socket.socket | None = None
 
     def open(self) -> None:
         """Write a fresh key and listen (the socket of a stopped worker is replaced).
@@ -143,31 +151,11 @@ class HospitalWorker:
             If another worker already listens for this state directory.
         """
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        if self.address.exists():
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            probe.settimeout(2.0)
-            try:
-                probe.connect(str(self.address))
-            except OSError:  # nobody listens: a stopped worker's socket
-                self.address.unlink()
-            else:
-                raise FedrgError(
-                    f"a hospital worker already listens on {self.address} for state dir "
-                    f"{self.state_dir}; stop that `fedrg client` first (one per hospital)")
-            finally:
-                probe.close()
-        key = secrets.token_bytes(32)
-        tmp = self.key_file.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(key)
-        os.replace(tmp, self.key_file)
-        old = os.umask(0o177)  # the socket file is created 0600
-        try:
-            self._listener = Listener(str(self.address), family="AF_UNIX", authkey=key)
-        finally:
-            os.umask(old)
-        os.chmod(self.address, 0o600)
+        address = socket_path(self.state_dir, create=True)
+        assert address is not None
+        self._listener, self._key = local_socket.listen(
+            address, self.key_file, what=f"hospital worker (state dir {self.state_dir})")
+        self.address = address
 
     def warm_up(self) -> None:
         """Import the heavy modules now, not on the first message."""
@@ -183,14 +171,17 @@ class HospitalWorker:
         from fedrg.hospital.answer import answer
 
         assert self._listener is not None, "call open() first"
-        try:
-            conn = self._listener.accept()
-        except Exception as err:  # wrong key or a probe: log and keep serving
-            log.warning("refused a connection to the hospital worker: %s", err)
-            return
+        conn, _ = self._listener.accept()
         with conn:
             try:
-                header, parts = _unpack(conn.recv_bytes(), ("payload", "state"))
+                local_socket.authenticate_client(conn, self._key, purpose=PURPOSE)
+            except local_socket.UnsafeSocketError as err:  # wrong key or a probe: keep serving
+                log.warning("refused a connection to the hospital worker: %s", err)
+                return
+            try:
+                conn.settimeout(None)
+                header, parts = _unpack(local_socket.recv_frame(conn, MAX_MESSAGE),
+                                        ("payload", "state"))
             except (OSError, EOFError, ValueError) as err:
                 log.warning("unreadable message to the hospital worker: %s", err)
                 return
@@ -213,7 +204,7 @@ class HospitalWorker:
                                        "hospital's log)"},
                             {"reply": Payload(), "state": Payload()})
             with contextlib.suppress(OSError):
-                conn.send_bytes(out)
+                local_socket.send_frame(conn, out)
 
     def close(self) -> None:
         """Stop listening; remove the socket and the key."""
@@ -221,9 +212,10 @@ class HospitalWorker:
             with contextlib.suppress(OSError):
                 self._listener.close()
             self._listener = None
-        for path in (self.address, self.key_file):
-            with contextlib.suppress(OSError):
-                path.unlink()
+            for path in (self.address, self.key_file):  # only this worker's own files
+                if path is not None:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
 
 
 def main(argv: list[str] | None = None) -> int:

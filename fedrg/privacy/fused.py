@@ -26,13 +26,60 @@ skip-step (physical chunks of one logical batch) and zero-grad logic run unchang
 noise has the same distribution as Opacus' (independent Gaussians per coordinate); it is
 drawn in one call instead of one per tensor. Differential tests against Opacus' optimizer:
 ``tests/test_privacy_fused.py``.
+
+**Pinned Opacus code.** Opacus has no public API for a fused step, so this module (the only
+one of fedrg that reaches into Opacus' optimizer) overrides :class:`DPOptimizer`'s step
+methods, reproduces their mathematics and uses Opacus' private helpers. It was reviewed
+against the code whose source digests are :data:`OPACUS_SOURCES`; constructing a
+:class:`FusedDPOptimizer` with any other Opacus raises
+:class:`~fedrg.library_pins.LibraryChangedError` (review this module against the new Opacus,
+rerun ``tests/test_privacy_fused.py``, then update the digests), never a silent step that
+may no longer match Opacus' clipping, noise or accounting.
 """
 
 from __future__ import annotations
 
+import opacus.optimizers.optimizer as _opacus_optimizer
 import torch
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+from fedrg.library_pins import require_unchanged
+
+OPACUS_SOURCES = {  # opacus 1.6.0, as reviewed for this module
+    "DPOptimizer.pre_step": "3c219ca43a5d89df588e558be14862c914f5e727eccfedddd323d543cb3c9946",
+    "DPOptimizer.clip_and_accumulate":
+        "28dc9fe15da665d303e439df064372b185667d1eafb1b0d7b11a52708849241e",
+    "DPOptimizer.add_noise": "4380705bf5d8f89bcd21c9b3b69984d61b892169c4ce1b572a12b33f937d1213",
+    "DPOptimizer.scale_grad": "ec629064142b9495e57ec23a37da96fcb8b1e7d20f31881871669368f7dc7469",
+    "DPOptimizer.zero_grad": "e364e5e88ab3e8f9acbb2ab579d25e1db6fcad4d660131ab157953a31db7bcf4",
+    "DPOptimizer._get_flat_grad_sample":
+        "a9aed91bbcb2091a3fb4c1f227d83ed9ed16351cdc9869ac6f4ca647b1e2e630",
+    "_check_processed_flag": "cda9cba61a6691e14cc0f1b2a846dc11c2deda68506d1721a18a95729e01f67b",
+    "_mark_as_processed": "ad66ff8bdcd4e049f1db7574891017845e7b0129628f54c9350694797cb65f07",
+    "_generate_noise": "904f98a78dac39470a26a28a8f3d487f963fa4c91fd0180049e507f3375ee9b8",
+}
+"""``name -> SHA-256 of its source`` for the Opacus code this module overrides or uses."""
+
+
+def opacus_functions() -> dict[str, object]:
+    """The installed Opacus functions named in :data:`OPACUS_SOURCES`."""
+    out: dict[str, object] = {}
+    for name in OPACUS_SOURCES:
+        owner, _, attr = name.rpartition(".")
+        out[name] = getattr(DPOptimizer if owner else _opacus_optimizer, attr)
+    return out
+
+
+_reviewed = {"ok": False}  # checked once per process (the installed code cannot change)
+
+
+def require_reviewed_opacus() -> None:
+    """Raise :class:`~fedrg.library_pins.LibraryChangedError` unless Opacus is the reviewed code."""
+    if not _reviewed["ok"]:
+        require_unchanged("opacus", OPACUS_SOURCES, opacus_functions(),
+                          module="fedrg.privacy.fused")
+        _reviewed["ok"] = True
 
 
 class FusedDPOptimizer(DPOptimizer):
@@ -40,12 +87,17 @@ class FusedDPOptimizer(DPOptimizer):
     modes) with fused clip, accumulate, noise and scale, and optional group-wise clipping."""
 
     _flat_summed: torch.Tensor | None = None
+    _flat_grad: torch.Tensor | None = None
 
     def __init__(self, *args, clip_groups: list[int] | None = None,
                  group_max_norms: list[float] | None = None, **kwargs) -> None:
         """Opacus' arguments, plus ``clip_groups`` (one group index per parameter, in
         ``params`` order) and ``group_max_norms`` (``C_g`` per group; their squares must sum
-        to ``max_grad_norm`` squared). Without them: flat clipping, as Opacus."""
+        to ``max_grad_norm`` squared). Without them: flat clipping, as Opacus.
+
+        Raises :class:`~fedrg.library_pins.LibraryChangedError` if the installed Opacus is
+        not the reviewed code (:data:`OPACUS_SOURCES`)."""
+        require_reviewed_opacus()
         super().__init__(*args, **kwargs)
         self._groups: torch.Tensor | None = None
         self._group_norms: torch.Tensor | None = None
@@ -79,15 +131,16 @@ class FusedDPOptimizer(DPOptimizer):
         if n:
             flat = [g.reshape(n, -1) for g in samples]
             norms = torch.stack([torch.linalg.vector_norm(f, dim=1) for f in flat], dim=1)
-            if self._groups is None:
+            groups, group_norms = self._groups, self._group_norms
+            if groups is None or group_norms is None:
                 factor = (self.max_grad_norm / (torch.linalg.vector_norm(norms, dim=1) + 1e-6)
                           ).clamp(max=1.0)
                 factors = [factor] * len(flat)
             else:  # [n, groups] per-example norm of each group, then one factor per group
-                sq = torch.zeros((n, len(self._group_norms)), dtype=norms.dtype)
-                sq.index_add_(1, self._groups, norms.pow(2))
-                per_group = (self._group_norms.to(norms.dtype) / (sq.sqrt() + 1e-6)).clamp(max=1.0)
-                factors = list(per_group[:, self._groups].t().to(summed.dtype))
+                sq = torch.zeros((n, len(group_norms)), dtype=norms.dtype)
+                sq.index_add_(1, groups, norms.pow(2))
+                per_group = (group_norms.to(norms.dtype) / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+                factors = list(per_group[:, groups].t().to(summed.dtype))
             for chunk, f, fac in zip(torch.split(summed, sizes), flat, factors, strict=True):
                 torch.mv(f.t(), fac, out=chunk)
         if self._flat_summed is not None and self.params[0].summed_grad is not None:
@@ -105,6 +158,8 @@ class FusedDPOptimizer(DPOptimizer):
         if self.secure_mode:  # Opacus' secure sampler, per tensor (never the default here)
             super().add_noise()
             return
+        if summed is None:
+            raise RuntimeError("FusedDPOptimizer.add_noise before clip_and_accumulate")
         grad = torch.normal(0.0, self.noise_multiplier * self.max_grad_norm, size=summed.shape,
                             generator=self.generator, dtype=summed.dtype, device=summed.device)
         grad += summed
@@ -117,7 +172,7 @@ class FusedDPOptimizer(DPOptimizer):
         """Divide by the expected batch size (``loss_reduction="mean"``) in one operation."""
         if self.loss_reduction != "mean":
             return
-        grad = getattr(self, "_flat_grad", None)
+        grad = self._flat_grad
         if grad is None or self.secure_mode:
             super().scale_grad()
             return
