@@ -283,7 +283,8 @@ def test_cli_json_ok(run_dir: Path) -> None:
     res = _cli(str(run_dir), "--json")
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
-    assert set(data) == {"ok", "hospitals"} and data["ok"] is True
+    assert set(data) == {"ok", "status", "integrity_ok", "hospitals"}
+    assert data["ok"] is True and data["status"] == "OK" and data["integrity_ok"] is True
     for h in data["hospitals"]:
         assert {"hospital", "epsilon_recorded", "epsilon_recomputed", "budget",
                 "verified"} <= set(h)
@@ -311,7 +312,7 @@ def test_cli_exit_code_on_failure(run_copy: Path) -> None:
 def test_cli_table_and_missing_path(run_dir: Path, tmp_path: Path) -> None:
     res = _cli(str(run_dir))
     assert res.exit_code == 0 and "audit passed" in res.stdout
-    for col in ("hospital", "runs", "rounds", "steps", "noise multiplier", "sample rate",
+    for col in ("hospital", "rounds", "releases", "steps", "noise", "multiplier", "sample",
                 "delta", "recorded", "PLD", "RDP", "budget", "status"):
         assert col in res.stdout
     # Captured output: plain text, every line within 80 columns, no cut names.

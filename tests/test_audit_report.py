@@ -85,7 +85,9 @@ def test_html_parses_and_embeds_plots(html_report: tuple[Path, str]) -> None:
     assert text.count("OK") >= 2
     assert "differential privacy" in text  # the mechanism in plain words
     rows = [t for t, _ in p.tags if t == "tr"]
-    assert len(rows) == 3  # header + two hospitals
+    # summary: header + two hospitals; mechanisms: header + one row per distinct mechanism
+    # (hospital-1 trained with two, sigma 1.1 / q 0.05 and sigma 0.9 / q 0.04; hospital-2 one)
+    assert len(rows) == 3 + 4
 
 
 def test_plain_words_mentions_the_mechanism(tmp_path: Path) -> None:

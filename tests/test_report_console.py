@@ -92,3 +92,91 @@ def test_round_progress_in_plain_text_names_each_phase(tmp_path) -> None:
         f.write('{"round": 3, "mechanism": {"steps": 5}}\n')
     assert last_entry_steps([tmp_path / "h1"], 2) == [7]
     assert last_entry_steps([tmp_path / "h1"], 3) == [5]
+
+
+# ------------------------------------------------ issue 24: a run without DP is "no DP", never 0
+
+def _rows_of(run_id_eps: dict[str, float], rounds: int = 3) -> list[dict]:
+    return [{"round": r, "participants": len(run_id_eps), "declined": [], "loss": 1.5,
+             "auroc": dict.fromkeys(MARKERS, 0.6), "findings_f1": 0.5,
+             "epsilon": dict(run_id_eps), "bytes_up": 2_260_000, "seconds": 8.0}
+            for r in range(1, rounds + 1)]
+
+
+def _ledgers(tmp_path, plan: dict[str, tuple[bool, str]]) -> tuple[list, str]:
+    """Real signed ledgers of run 'run-x' (hospital -> (DP-SGD?, release)); each hospital
+    first ran an earlier DP run, as a reused simulation state does."""
+    from privacy_ledger_helpers import write_run
+
+    dirs = []
+    for name, (train_dp, release) in plan.items():
+        state = tmp_path / name
+        write_run(state, "earlier", train_dp=True, release="dp", rounds=1, hospital=name)
+        write_run(state, "run-x", train_dp=train_dp, release=release, hospital=name)
+        dirs.append(state)
+    return dirs, "run-x"
+
+
+def test_non_private_run_prints_no_dp_never_zero(tmp_path) -> None:
+    """Issue 24: `fedrg simulate` on configs/non-private.toml printed "epsilon spent this
+    run ... 0.000" and "max eps 0.000"."""
+    from fedrg.commands.federation import _run_epsilon_line
+    from fedrg.commands.progress import rounds_without_dp, run_coverage
+
+    dirs, run_id = _ledgers(tmp_path, {"hospital-1": (False, "exact"),
+                                       "hospital-2": (False, "exact")})
+    rows = _rows_of({"hospital-1": 0.0, "hospital-2": 0.0})  # what the server records
+    buf = io.StringIO()
+    Console(file=buf, width=80).print(round_table(
+        rows, MARKERS, no_dp=rounds_without_dp(dirs, run_id)))
+    table = buf.getvalue()
+    assert "0.000" not in table and table.count("no DP") == 3
+    line = _run_epsilon_line(rows, run_coverage(dirs, run_id), dp_requested=False,
+                             target_epsilon=8.0)
+    assert line is not None and "0.000" not in line and "target" not in line
+    assert line.startswith("epsilon spent this run: no DP at any hospital")
+    assert "metrics released exactly, WITHOUT DP, by hospital-1, hospital-2" in line
+
+
+def test_mixed_run_names_the_hospital_without_dp(tmp_path) -> None:
+    from fedrg.commands.federation import _run_epsilon_line
+    from fedrg.commands.progress import rounds_without_dp, run_coverage
+
+    dirs, run_id = _ledgers(tmp_path, {"hospital-1": (True, "dp"),
+                                       "hospital-2": (False, "exact")})
+    rows = _rows_of({"hospital-1": 4.25, "hospital-2": 0.0})
+    buf = io.StringIO()
+    Console(file=buf, width=80).print(round_table(
+        rows, MARKERS, no_dp=rounds_without_dp(dirs, run_id)))
+    assert "4.250" in buf.getvalue() and "0.000" not in buf.getvalue()
+    line = _run_epsilon_line(rows, run_coverage(dirs, run_id), dp_requested=True,
+                             target_epsilon=8.0)
+    assert line == ("epsilon spent this run: hospital-1 4.250, hospital-2 no DP "
+                    "(target 8.0); metrics released exactly, WITHOUT DP, by hospital-2 (no "
+                    "epsilon covers them)")
+    # DP-SGD with exact releases (the default simulation): the epsilon is DP-SGD's only
+    dirs, run_id = _ledgers(tmp_path / "b", {"hospital-1": (True, "exact")})
+    line = _run_epsilon_line(_rows_of({"hospital-1": 4.25}), run_coverage(dirs, run_id),
+                             dp_requested=True, target_epsilon=8.0)
+    assert line == ("epsilon spent this run: hospital-1 4.250 (target 8.0); metrics "
+                    "released exactly, WITHOUT DP, by hospital-1 (no epsilon covers them)")
+
+
+def test_round_line_of_a_round_without_dp(tmp_path, monkeypatch) -> None:
+    """The live round line: "no DP, steps 9", not "max eps 0.00  DP-SGD steps 9"."""
+    from fedrg.commands import federation
+    from fedrg.commands.progress import last_train_entries
+
+    dirs, _ = _ledgers(tmp_path, {"hospital-1": (False, "exact"),
+                                  "hospital-2": (True, "exact")})
+    buf = io.StringIO()
+    monkeypatch.setattr(federation, "console", Console(file=buf, width=200))
+    row = _rows_of({"hospital-1": 0.0, "hospital-2": 3.5})[2]
+    entries = last_train_entries(dirs, 3)
+    assert sorted(e["hospital"] for e in entries) == ["hospital-1", "hospital-2"]
+    federation._print_round(row, MARKERS, entries)
+    federation._print_round({**row, "epsilon": {"hospital-1": 0.0}}, MARKERS,
+                            [e for e in entries if e["hospital"] == "hospital-1"])
+    mixed, plain = buf.getvalue().splitlines()
+    assert "max eps 3.50" in mixed and "no DP at hospital-1" in mixed and "DP-SGD steps 9" in mixed
+    assert "no DP, steps 9" in plain and "max eps" not in plain and "DP-SGD" not in plain

@@ -37,7 +37,8 @@ def _span(values: list[float], fmt: str = "{:.4g}") -> str:
 
 
 def epsilon_plot_png(h: HospitalAudit) -> bytes:
-    """PNG of recorded and recomputed cumulative epsilon per ledger entry, with the budget."""
+    """PNG of recorded and recomputed cumulative epsilon per ledger entry, with the budget
+    (entries without DP marked apart)."""
     fig = epsilon_figure(h)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -64,6 +65,11 @@ def epsilon_figure(h: HospitalAudit) -> Any:
            and math.isfinite(e.epsilon_recomputed_pld)]
     if pld:
         ax.plot(*zip(*pld, strict=True), "s", ms=4, label="dp_accounting PLD (proven)")
+    plain = [(x, e.epsilon_recorded) for x, e in zip(xs, h.entries, strict=True)
+             if not e.private and e.kind != "reinit"]
+    if plain:  # entries without DP: no epsilon covers them, whatever the curve says
+        ax.plot(*zip(*plain, strict=True), "X", color="darkorange", ms=9, ls="none",
+                label="entry WITHOUT DP (no ε covers it)")
     # Scale to the data, not to the budget (a budget of 100 would flatten the curve);
     # mark the budget as a line when it is in view, else say where it is.
     shown = [v for v in [e.epsilon_recorded for e in h.entries] + rec + [v for _, v in pld]
@@ -84,7 +90,7 @@ def epsilon_figure(h: HospitalAudit) -> Any:
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("ledger entry (one per round; dotted lines separate runs)")
+    ax.set_xlabel("ledger entry (one per round or release; dotted lines separate runs)")
     ax.set_ylabel("cumulative ε")
     ax.set_title(f"{h.hospital}: privacy spent over rounds")
     ax.set_ylim(0, top)
@@ -95,45 +101,81 @@ def epsilon_figure(h: HospitalAudit) -> Any:
 
 
 def plain_words(h: HospitalAudit) -> str:
-    """The mechanism and guarantee of one hospital in plain words (HTML-escaped text)."""
-    if not h.entries:
+    """The mechanism and guarantee of one hospital in plain words (HTML-escaped text).
+
+    A hospital with any entry made without DP is never said to be protected by
+    differential privacy: the entries without DP are named first, and an epsilon is
+    given only for the DP entries, as theirs alone.
+    """
+    cov = h.coverage
+    if not h.entries and not cov.mechanisms:
         return "No training on this hospital's data has been recorded."
-    q = sorted(set(h.sample_rates))
-    sigma = sorted(set(h.noise_multipliers))
-    clip = sorted(set(h.max_grad_norms))
-    delta = h.deltas[-1]
-    eps = h.epsilon_recorded
-    q_text = (f"{q[0]:.2%}" if len(q) == 1 else f"between {q[0]:.2%} and {q[-1]:.2%}")
-    sigma_text = (f"{sigma[0]:.3g}" if len(sigma) == 1 else f"{sigma[0]:.3g} to {sigma[-1]:.3g}")
-    clip_text = f"{clip[0]:.3g}" if len(clip) == 1 else f"{clip[0]:.3g} to {clip[-1]:.3g}"
-    factor = math.exp(eps) if eps < 50 else math.inf
-    parts = [] if h.ok else [
+    parts = [] if h.integrity_ok else [
         "Caution: this ledger FAILED the audit (see the problems below), so the figures "
         "that follow are only what the ledger claims, not established facts."
     ]
-    parts += [
-        f"The model was trained at {h.hospital} with differentially private stochastic "
-        f"gradient descent (DP-SGD) in {h.runs} run(s), {h.rounds} round(s) and "
-        f"{h.steps:,} training steps in total.",
-        f"At every step each patient's record was used with a chance of {q_text}, "
-        "decided independently by a coin flip (so nobody can tell from the step who "
-        "took part).",
-        f"Each patient's influence on a step was capped (the gradient clipped to a length "
-        f"of at most {clip_text}), and random Gaussian noise was added whose size is "
-        f"{sigma_text} times that cap.",
-        f"Taken over all of this, every patient is protected by differential privacy with "
-        f"ε = {_fmt(eps, 2)} and δ = {delta:.1e}: whatever anyone learns from the trained "
-        f"model, its chance is at most e^ε ≈ {_fmt(factor, 1)} times what it would have "
-        f"been had that patient's record never been used, except with a probability of at "
-        f"most δ.",
-        f"Smaller ε means stronger protection. The hospital's lifetime budget is "
-        f"ε = {_fmt(h.budget, 2)}; "
-        + ("it was respected." if h.within_budget else "it was NOT respected."),
-        f"An independent recomputation from the recorded mechanism proves ε = "
-        f"{_fmt(h.epsilon_recomputed_pld, 2)} ({h.recompute_method}); the looser RDP "
-        f"bound is ε = {_fmt(h.epsilon_recomputed_rdp, 2)}.",
-    ]
+    if cov.not_private:
+        what = "; ".join(cov.not_private)
+        if cov.has_dp:
+            parts.append(f"NOT everything done with this hospital's data was differentially "
+                         f"private. Without DP: {what}. No differential-privacy guarantee "
+                         "covers these, so the ε below does not protect this hospital's "
+                         "patients from them.")
+        else:
+            parts.append(f"NO differential privacy: nothing done with this hospital's data "
+                         f"was differentially private ({what}). No differential-privacy "
+                         "guarantee covers this hospital's patients, and there is no ε.")
+    dp_train = [m for m in cov.mechanisms if m.private and m.kind == "train"]
+    dp_release = [m for m in cov.mechanisms if m.private and m.kind == "evaluation"]
+    if dp_train:
+        q = sorted({m.sample_rate for m in dp_train})
+        sigma = sorted({m.noise_multiplier for m in dp_train})
+        clip = sorted({c for m in dp_train for c in m.max_grad_norms})
+        q_text = f"{q[0]:.2%}" if len(q) == 1 else f"between {q[0]:.2%} and {q[-1]:.2%}"
+        sigma_text = f"{sigma[0]:.3g}" if len(sigma) == 1 else f"{sigma[0]:.3g} to {sigma[-1]:.3g}"
+        clip_text = f"{clip[0]:.3g}" if len(clip) == 1 else f"{clip[0]:.3g} to {clip[-1]:.3g}"
+        parts += [
+            f"The model was trained at {h.hospital} with differentially private stochastic "
+            f"gradient descent (DP-SGD) in {cov.dp_rounds} round(s) and {cov.dp_steps:,} "
+            f"training steps in total, over {h.runs} run(s).",
+            f"At every step each patient's record was used with a chance of {q_text}, "
+            "decided independently by a coin flip (so nobody can tell from the step who "
+            "took part).",
+            f"Each patient's influence on a step was capped (the gradient clipped to a length "
+            f"of at most {clip_text}), and random Gaussian noise was added whose size is "
+            f"{sigma_text} times that cap.",
+        ]
+    if dp_release:
+        parts.append(f"Validation metrics left the hospital in {cov.dp_releases} release(s), "
+                     "each with Gaussian noise (a DP release).")
+    if cov.has_dp:
+        eps = h.epsilon_recorded
+        delta = h.deltas[-1] if h.deltas else math.nan
+        factor = math.exp(eps) if eps < 50 else math.inf
+        who = ("every patient is protected by differential privacy"
+               if not cov.not_private else
+               "these differentially private parts alone (not the entries without DP "
+               "named above) satisfy differential privacy")
+        parts += [
+            f"Taken over all of this, {who} with ε = {_fmt(eps, 2)} and δ = {delta:.1e}: "
+            f"whatever anyone learns from {'them' if cov.not_private else 'the trained model'}"
+            f", its chance is at most e^ε ≈ {_fmt(factor, 1)} times what it would have been "
+            "had that patient's record never been used, except with a probability of at "
+            "most δ.",
+            f"Smaller ε means stronger protection. The hospital's lifetime budget is "
+            f"ε = {_fmt(h.budget, 2)}; "
+            + ("it was respected." if h.within_budget else "it was NOT respected."),
+            f"An independent recomputation from the recorded mechanism proves ε = "
+            f"{_fmt(h.epsilon_recomputed_pld, 2)} ({h.recompute_method}); the looser RDP "
+            f"bound is ε = {_fmt(h.epsilon_recomputed_rdp, 2)}.",
+        ]
     return " ".join(html.escape(p) for p in parts)
+
+
+def _eps(h: HospitalAudit, x: float | None, digits: int = 3) -> str:
+    """An epsilon cell: ``no DP`` for a hospital without any DP entry, ∞ for infinity."""
+    text = h.eps(x, digits)
+    return "∞" if text == "inf" else text
 
 
 _CSS = """
@@ -145,43 +187,70 @@ th,td{border:1px solid #ccc;padding:.35rem .5rem;text-align:right}
 th{background:#f2f4f7}td:first-child,th:first-child{text-align:left}
 .ok{color:#0a7a2f;font-weight:600}.fail{color:#b00020;font-weight:600}
 .verdict{padding:.8rem 1rem;border-radius:6px;font-size:1.1rem}
-.verdict.ok{background:#e7f6ec}.verdict.fail{background:#fde8ec}
+.warn{color:#8a5300;font-weight:600}
+.verdict.ok{background:#e7f6ec}.verdict.fail{background:#fde8ec}.verdict.warn{background:#fff4de}
 img{max-width:100%;height:auto;border:1px solid #eee}
 .small{color:#555;font-size:.85rem}
 """
+
+
+def _verdict(result: AuditResult) -> tuple[str, str]:
+    """The page's verdict: (CSS class, text)."""
+    status = result.status
+    if status == "OK":
+        return "ok", ("All ledgers verified; the independently recomputed privacy loss agrees "
+                      "with the recorded one, every hospital stayed within its budget, and "
+                      "every recorded use of the data was differentially private.")
+    if status == "FAILED":
+        return "fail", "The audit FAILED for at least one hospital: see the problems below."
+    named = "; ".join(f"{h.hospital}: {h.status}" for h in result.hospitals
+                      if h.status != "OK")
+    if status == "NOT PRIVATE":
+        return "warn", ("All ledgers verified, but NO hospital's data was protected by "
+                        f"differential privacy ({named}). There is no ε to report.")
+    return "warn", ("All ledgers verified, but NOT all data was protected by differential "
+                    f"privacy ({named}): the entries without DP are named under each "
+                    "hospital below, and no ε covers them.")
 
 
 def render_html(result: AuditResult) -> str:
     """Render the audit as one self-contained HTML page."""
     esc = html.escape
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    verdict_cls = "ok" if result.ok else "fail"
-    verdict = (
-        "All ledgers verified; the independently recomputed privacy loss agrees with the "
-        "recorded one and every hospital stayed within its budget."
-        if result.ok else "The audit FAILED for at least one hospital: see the problems below."
-    )
+    verdict_cls, verdict = _verdict(result)
     rows = []
+    mech_rows = []
     for h in result.hospitals:
-        cls = "ok" if h.ok else "fail"
+        cls = {"OK": "ok", "PARTIAL": "warn", "NOT PRIVATE": "warn"}.get(h.status, "fail")
+        cov = h.coverage
         rows.append(
             "<tr>"
-            f"<td>{esc(h.hospital)}</td><td>{h.runs}</td><td>{h.rounds}</td>"
-            f"<td>{h.steps:,}</td><td>{esc(_span(h.noise_multipliers))}</td>"
-            f"<td>{esc(_span(h.sample_rates))}</td>"
-            f"<td>{esc(_span(h.deltas, '{:.1e}'))}</td>"
-            f"<td>{_fmt(h.epsilon_recorded)}</td><td>{_fmt(h.epsilon_recomputed)}</td>"
-            f"<td>{_fmt(h.epsilon_recomputed_rdp)}</td><td>{_fmt(h.budget, 2)}</td>"
+            f"<td>{esc(h.hospital)}</td><td>{h.runs}</td><td>{cov.rounds}</td>"
+            f"<td>{cov.steps:,}</td><td>{cov.releases}</td>"
+            f"<td>{cov.plain_rounds + cov.exact_releases}</td>"
+            f"<td>{esc(_eps(h, h.epsilon_recorded))}</td>"
+            f"<td>{esc(_eps(h, h.epsilon_recomputed))}</td>"
+            f"<td>{esc(_eps(h, h.epsilon_recomputed_rdp))}</td><td>{_fmt(h.budget, 2)}</td>"
             f"<td class='{cls}'>{esc(h.status)}</td></tr>"
         )
+        for m in cov.mechanisms:
+            mcls = "" if m.private else " class='warn'"
+            mech_rows.append(
+                f"<tr><td>{esc(h.hospital)}</td><td{mcls}>{esc(m.label)}</td>"
+                f"<td>{esc(m.accountant)}</td><td>{m.entries} {esc(m.unit)}</td>"
+                f"<td>{m.steps:,}</td><td>{m.noise_multiplier:.4g}</td>"
+                f"<td>{m.sample_rate:.4g}</td><td>{m.delta:.1e}</td>"
+                f"<td>{esc(_span(list(m.max_grad_norms)))}</td></tr>")
     sections = []
     for h in result.hospitals:
         block = [f"<h2>{esc(h.hospital)}</h2>",
                  f"<p class='small'>Ledger: <code>{esc(str(h.ledger))}</code><br>"
                  f"Public key: <code>{esc(str(h.public_key) if h.public_key else 'none')}"
                  "</code></p>",
+                 f"<p>Status: <span class='{'ok' if h.ok else 'warn' if h.integrity_ok else 'fail'}'>"
+                 f"{esc(h.status)}</span></p>",
                  f"<p>{plain_words(h)}</p>"]
-        if h.entries:
+        if h.entries and h.has_dp:
             png = base64.b64encode(epsilon_plot_png(h)).decode("ascii")
             block.append(
                 f"<img alt='cumulative epsilon over rounds for {esc(h.hospital)}' "
@@ -212,11 +281,27 @@ by <code>fedrg audit</code></p>
 <p class="verdict {verdict_cls}">{esc(verdict)}</p>
 <h2>Summary</h2>
 <table>
-<thead><tr><th>hospital</th><th>runs</th><th>rounds</th><th>steps</th>
-<th>noise multiplier</th><th>sample rate</th><th>δ</th><th>ε recorded</th>
+<thead><tr><th>hospital</th><th>runs</th><th>training rounds</th><th>training steps</th>
+<th>evaluation releases</th><th>entries without DP</th><th>ε recorded</th>
 <th>ε recomputed</th><th>ε RDP</th><th>budget</th><th>status</th></tr></thead>
 <tbody>
 {"".join(rows)}
+</tbody>
+</table>
+<p class="small">Statuses: OK (verified; every entry differentially private), PARTIAL
+(verified; some entries were not differentially private: rounds trained without DP-SGD or
+metrics released exactly, named below), NOT PRIVATE (verified; no entry was differentially
+private, so there is no ε: “no DP”); any other status is a failed verification.</p>
+<h2>Mechanisms</h2>
+<p class="small">One row per distinct mechanism of each hospital (kind, accountant, noise
+multiplier, sample rate, δ), with how many training rounds or evaluation releases used
+it.</p>
+<table>
+<thead><tr><th>hospital</th><th>mechanism</th><th>accountant</th><th>used</th>
+<th>steps</th><th>noise multiplier</th><th>sample rate</th><th>δ</th>
+<th>clipping / sensitivity</th></tr></thead>
+<tbody>
+{"".join(mech_rows)}
 </tbody>
 </table>
 <p class="small">“ε recorded” is what the hospital's signed ledger says. “ε recomputed”
@@ -225,9 +310,11 @@ recorded mechanism parameters alone, with Google's dp_accounting library (not th
 code): it is the smallest ε that can be proven for that mechanism. A ledger fails only when
 it records less than that (by more than 1&nbsp;%), i.e. understates the privacy loss;
 recording more (a looser but valid bound, as the RDP accountant gives) is not a fault.
-“ε RDP” is dp_accounting's RDP bound, shown for information.</p>
+“ε RDP” is dp_accounting's RDP bound, shown for information. Every ε covers the
+differentially private entries only; entries without DP are covered by none.</p>
 <h2>What each ledger proves</h2>
-<p>Every round of training appends one line to the hospital's ledger, signed with the
+<p>Every round of training and every release of metrics appends one line to the
+hospital's ledger, signed with the
 hospital's private key and chained to the line before it by a cryptographic hash. Changing,
 removing or reordering any line breaks a signature or the chain, which this audit
 checks.</p>

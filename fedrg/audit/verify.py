@@ -3,7 +3,10 @@
 For every ledger found under a path, :func:`audit_path` verifies the canonical form, hash
 chain and Ed25519 signatures against the hospital's public key, recomputes the cumulative
 epsilon from the recorded mechanism parameters with Google's ``dp_accounting`` (not the
-training code's Opacus accountants) and checks the budget.
+training code's Opacus accountants), checks the budget, and says what the DP guarantee
+covers (:mod:`fedrg.audit.coverage`): a verified ledger is ``OK`` only when every entry is
+DP, else ``PARTIAL`` or ``NOT PRIVATE`` (:data:`EXIT_NOT_PRIVATE`), apart from the
+verification failures (:data:`EXIT_FAILED`).
 
 Verdict rule (:func:`check_epsilons`): a recorded epsilon is a *claim* that the mechanism
 is (epsilon, delta)-DP. The claim holds when any sound accountant proves it; the tightest
@@ -31,6 +34,16 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedrg import signing
+from fedrg.audit.coverage import (
+    DP,
+    EMPTY,
+    NONE,
+    PARTIAL,
+    Coverage,
+    coverage_of,
+    entry_is_private,
+    format_epsilon,
+)
 from fedrg.errors import LedgerError
 from fedrg.policy import SitePolicy
 from fedrg.privacy.ledger import LEDGER_NAME, LedgerEntry, LedgerReport, verify_ledger
@@ -217,6 +230,14 @@ def find_ledgers(
 
 # --------------------------------------------------------------------------- audit
 
+#: ``fedrg audit``'s exit codes: every hospital ``OK``; a verification failure (tampered,
+#: unverified, mismatch, over budget, outside policy, not extending, nothing found); all
+#: verified but some entry not differentially private (``PARTIAL`` or ``NOT PRIVATE``).
+EXIT_OK, EXIT_FAILED, EXIT_NOT_PRIVATE = 0, 1, 3
+#: statuses of a verified ledger, by what its DP guarantee covers
+PRIVACY_STATUS = {DP: "OK", EMPTY: "OK", PARTIAL: "PARTIAL", NONE: "NOT PRIVATE"}
+
+
 @dataclass
 class EntryAudit:
     """One ledger entry with its recomputed epsilon (for tables and plots)."""
@@ -230,6 +251,8 @@ class EntryAudit:
     budget: float
     accountant: str
     epsilon_recomputed_pld: float | None = None
+    kind: str = "train"
+    private: bool = True
 
 
 @dataclass
@@ -268,18 +291,42 @@ class HospitalAudit:
     policy_hash: str | None = None
     reinits: list[str] = field(default_factory=list)
     evaluation_releases: int = 0
+    coverage: Coverage = field(default_factory=Coverage)
 
     @property
-    def ok(self) -> bool:
-        """True when the ledger verified, the recomputation agreed and the budget held."""
+    def integrity_ok(self) -> bool:
+        """True when the ledger verified, the recomputation agreed and the budget held
+        (whether or not every entry was differentially private)."""
         return (self.verified and self.agrees and self.within_budget and not self.problems
                 and not self.untrusted_key)
 
     @property
+    def privacy(self) -> str:
+        """``dp``, ``partial``, ``none`` or ``empty`` (:class:`Coverage`)."""
+        return self.coverage.privacy
+
+    @property
+    def ok(self) -> bool:
+        """True only when the ledger verified and every entry in it is differentially
+        private (status ``OK``)."""
+        return self.integrity_ok and self.privacy in (DP, EMPTY)
+
+    @property
+    def has_dp(self) -> bool:
+        """True when some entry is a DP mechanism: only then does an epsilon mean anything."""
+        return self.coverage.has_dp
+
+    def eps(self, value: float | None, digits: int = 3) -> str:
+        """``value`` for people: ``no DP`` for a hospital without any DP entry, never 0."""
+        return format_epsilon(value, has_dp=self.has_dp or self.privacy == EMPTY,
+                              digits=digits)
+
+    @property
     def status(self) -> str:
-        """One word for the table."""
-        if self.ok:
-            return "OK"
+        """One word (or two) for the table: a verification failure first, else what the
+        DP guarantee covers (``OK``, ``PARTIAL``, ``NOT PRIVATE``)."""
+        if self.integrity_ok:
+            return PRIVACY_STATUS[self.privacy]
         if self.untrusted_key or (not self.verified and "foreign_key" in self.codes
                                   and self.key_source == "registry"):
             return "UNVERIFIED"
@@ -295,28 +342,58 @@ class HospitalAudit:
             return "OUTSIDE POLICY"
         return "MISMATCH"
 
+    @property
+    def verdict(self) -> str:
+        """The status in full: what was verified and what the DP guarantee covers."""
+        cov = self.coverage
+        status = self.status
+        if not self.integrity_ok:
+            text = f"{status}: the audit FAILED (see the problems listed)"
+            if cov.not_private:
+                text += "; besides, NOT differentially private: " + "; ".join(cov.not_private)
+            return text
+        if self.privacy == EMPTY:
+            return f"{status}: nothing recorded in this ledger"
+        if self.privacy == DP:
+            return (f"{status}: every entry is differentially private ({cov.counts()}); "
+                    f"epsilon {self.eps(self.epsilon_recorded)} recorded")
+        not_private = "; ".join(cov.not_private)
+        if self.privacy == NONE:
+            return (f"{status}: no entry is differentially private: {not_private}; no DP "
+                    "guarantee covers this hospital's patients and there is no epsilon")
+        dp = ", ".join(p for p in (
+            f"{cov.dp_rounds} DP-SGD round(s)" if cov.dp_rounds else "",
+            f"{cov.dp_releases} DP release(s)" if cov.dp_releases else "") if p)
+        return (f"{status}: NOT everything is differentially private: {not_private}. No DP "
+                f"guarantee covers these; the epsilon {self.eps(self.epsilon_recorded)} covers "
+                f"only the DP entries ({dp})")
+
     def to_json(self) -> dict[str, Any]:
         """The JSON object ``fedrg audit --json`` prints for this hospital."""
 
         def num(x: float | None) -> float | None:
             return x if x is None or math.isfinite(x) else None
 
+        def eps(x: float | None) -> float | None:  # no DP entry: no epsilon (null), never 0
+            return num(x) if self.has_dp or self.privacy == EMPTY else None
+
         return {
             "hospital": self.hospital,
-            "epsilon_recorded": num(self.epsilon_recorded),
-            "epsilon_recomputed": num(self.epsilon_recomputed),
+            "epsilon_recorded": eps(self.epsilon_recorded),
+            "epsilon_recomputed": eps(self.epsilon_recomputed),
             "budget": self.budget,
             "verified": self.verified,
             "agrees": self.agrees,
             "within_budget": self.within_budget,
             "ok": self.ok,
+            "integrity_ok": self.integrity_ok,
             "status": self.status,
-            "epsilon_recomputed_rdp": num(self.epsilon_recomputed_rdp),
-            "epsilon_recomputed_pld": num(self.epsilon_recomputed_pld),
+            "verdict": self.verdict,
+            "epsilon_recomputed_rdp": eps(self.epsilon_recomputed_rdp),
+            "epsilon_recomputed_pld": eps(self.epsilon_recomputed_pld),
             "recompute_method": self.recompute_method,
             "runs": self.runs,
-            "rounds": self.rounds,
-            "steps": self.steps,
+            **self.coverage.to_json(),
             "noise_multiplier": sorted(set(self.noise_multipliers)),
             "sample_rate": sorted(set(self.sample_rates)),
             "max_grad_norm": sorted(set(self.max_grad_norms)),
@@ -330,13 +407,13 @@ class HospitalAudit:
             "within_policy": self.within_policy,
             "policy_hash": self.policy_hash,
             "reinits": list(self.reinits),
-            "evaluation_releases": self.evaluation_releases,
             "problem_codes": sorted(self.codes),
             "problems": list(self.problems),
             "warnings": list(self.warnings),
             "entries": [
                 {
-                    "seq": e.seq, "run_id": e.run_id, "round": e.round, "steps": e.steps,
+                    "seq": e.seq, "run_id": e.run_id, "round": e.round, "kind": e.kind,
+                    "private": e.private, "steps": e.steps,
                     "epsilon_recorded": e.epsilon_recorded,
                     "epsilon_recomputed_rdp": num(e.epsilon_recomputed_rdp),
                     "epsilon_recomputed_pld": (None if e.epsilon_recomputed_pld is None
@@ -357,12 +434,37 @@ class AuditResult:
 
     @property
     def ok(self) -> bool:
-        """True when every hospital passed (and at least one ledger was found)."""
+        """True when every hospital is ``OK``: verified and every entry DP (and at least
+        one ledger was found)."""
         return bool(self.hospitals) and all(h.ok for h in self.hospitals)
 
+    @property
+    def integrity_ok(self) -> bool:
+        """True when every ledger verified (DP or not) and at least one was found."""
+        return bool(self.hospitals) and all(h.integrity_ok for h in self.hospitals)
+
+    @property
+    def status(self) -> str:
+        """``OK``, ``PARTIAL`` (some data used without DP), ``NOT PRIVATE`` (no DP at any
+        hospital) or ``FAILED`` (a verification failure; it takes precedence)."""
+        if not self.integrity_ok:
+            return "FAILED"
+        kinds = {h.privacy for h in self.hospitals}
+        if kinds <= {DP, EMPTY}:
+            return "OK"
+        return "NOT PRIVATE" if kinds <= {NONE, EMPTY} else "PARTIAL"
+
+    @property
+    def exit_code(self) -> int:
+        """:data:`EXIT_OK`, :data:`EXIT_FAILED` or :data:`EXIT_NOT_PRIVATE`."""
+        status = self.status
+        return EXIT_OK if status == "OK" else EXIT_FAILED if status == "FAILED" \
+            else EXIT_NOT_PRIVATE
+
     def to_json(self) -> dict[str, Any]:
-        """``{"ok": bool, "hospitals": [...]}``."""
-        return {"ok": self.ok, "hospitals": [h.to_json() for h in self.hospitals]}
+        """``{"ok": bool, "status": str, "integrity_ok": bool, "hospitals": [...]}``."""
+        return {"ok": self.ok, "status": self.status, "integrity_ok": self.integrity_ok,
+                "hospitals": [h.to_json() for h in self.hospitals]}
 
 
 def audit_ledger(
@@ -445,15 +547,16 @@ def audit_ledger(
         result.warnings.append(
             f"{sum(e.version < 2 for e in entries)} entries predate site policies (ledger "
             "version 1): no policy hash is bound into them")
-    result.evaluation_releases = sum(e.kind == "evaluation" for e in entries)
+    result.coverage = coverage_of(entries)
+    result.evaluation_releases = result.coverage.releases
     if not entries:
         if report.lines == 0 and not result.problems:
             result.warnings.append("the ledger is empty: no training has been recorded")
         return result
     result.hospital = entries[-1].hospital or result.hospital
-    result.runs = len(dict.fromkeys(e.run_id for e in entries))
-    result.rounds = len(entries)
-    result.steps = sum(e.steps for e in entries)
+    result.runs = result.coverage.runs
+    result.rounds = result.coverage.rounds  # training rounds: releases are counted apart
+    result.steps = result.coverage.steps
     result.noise_multipliers = [e.noise_multiplier for e in entries]
     result.sample_rates = [e.sample_rate for e in entries]
     result.max_grad_norms = [e.max_grad_norm for e in entries]
@@ -464,12 +567,6 @@ def audit_ledger(
     result.epsilon_recorded = last.epsilon
     result.budget = last.budget
 
-    non_private = [e for e in entries if not e.private]
-    if non_private:
-        result.warnings.append(
-            f"{len(non_private)} entr(ies) without DP (rounds trained WITHOUT DP-SGD, or exact "
-            "metric releases; the site's policy allowed it): no DP guarantee covers them, and "
-            "the epsilon shown is that of the DP entries only")
     check_epsilons(result, entries, rel_tol=rel_tol)
     if len(set(result.dataset_fingerprints)) > 1:
         result.warnings.append(
@@ -602,7 +699,8 @@ def check_epsilons(
     result.epsilon_recomputed_rdp, result.epsilon_recomputed_pld = rdp[-1], last_pld
     result.epsilon_recomputed, result.recompute_method = last_pld, "dp_accounting PLD"
     result.entries = [
-        EntryAudit(e.seq, e.run_id, e.round, e.steps, e.epsilon, r, e.budget, e.accountant, p)
+        EntryAudit(e.seq, e.run_id, e.round, e.steps, e.epsilon, r, e.budget, e.accountant, p,
+                   kind=e.kind, private=entry_is_private(e))
         for e, r, p in zip(entries, rdp, pld, strict=True)
     ]
     for e, r, p in zip(entries, rdp, pld, strict=True):

@@ -5,25 +5,24 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
+from rich import box
+from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from fedrg.errors import FedrgError
+
+if TYPE_CHECKING:
+    from fedrg.audit.verify import AuditResult
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
     if x is None:
         return "-"
     return f"{x:.{digits}f}" if math.isfinite(x) else "inf"
-
-
-def _span(values: list[float], fmt: str = "{:.4g}") -> str:
-    uniq = sorted(set(values))
-    if not uniq:
-        return "-"
-    return fmt.format(uniq[0]) if len(uniq) == 1 else (
-        f"{fmt.format(uniq[0])}-{fmt.format(uniq[-1])}")
 
 
 def audit(
@@ -68,17 +67,31 @@ def audit(
     canaries: int = typer.Option(256, "--canaries", help="--empirical: number of canaries"),
     steps: int = typer.Option(200, "--steps", help="--empirical: training steps per run"),
 ) -> None:
-    """Verify every privacy ledger under PATH: hash chain, signatures, independently
-    recomputed epsilon (dp_accounting) and budget. Exits 1 if anything fails.
+    """Verify every privacy ledger under PATH: hash chain, signatures,
+    independently recomputed epsilon (dp_accounting) and budget, and say what
+    the DP guarantee covers.
 
-    With --empirical: audit the training code itself with canaries (Steinke, Nasr and
-    Jagielski 2023). Exits 1 if the DP run's empirical lower bound exceeds its accounted
-    epsilon."""
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
+    \b
+    Status per hospital (a verification failure comes first):
+      OK           verified; every entry differentially private (DP)
+      PARTIAL      verified; some entries were not DP (rounds trained
+                   without DP-SGD, exact metric releases): named
+      NOT PRIVATE  verified; no entry is DP: there is no epsilon
+      TAMPERED, UNVERIFIED, NOT EXTENDING, OVER BUDGET, OUTSIDE POLICY,
+      MISMATCH     the audit failed
 
-    from fedrg.audit.verify import audit_path
+    \b
+    Exit codes:
+      0  every hospital OK
+      1  a verification failure (or no ledger, or unreadable input)
+      3  all verified, but some data was used without DP
+         (PARTIAL or NOT PRIVATE)
+      2  usage error
+
+    With --empirical: audit the training code itself with canaries
+    (Steinke, Nasr and Jagielski 2023). Exits 1 if the DP run's empirical
+    lower bound exceeds its accounted epsilon."""
+    from fedrg.audit.verify import EXIT_FAILED, audit_path
 
     err_console = Console(stderr=True)
     if empirical:
@@ -100,71 +113,106 @@ def audit(
         err_console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
         if json_out:
             typer.echo(json.dumps({"ok": False, "hospitals": []}))
-        raise typer.Exit(1) from None
+        raise typer.Exit(EXIT_FAILED) from None
     if html_out is not None:
         from fedrg.audit.report import write_html
 
         write_html(result, html_out)
     if json_out:
         typer.echo(json.dumps(result.to_json(), indent=2))
-        raise typer.Exit(0 if result.ok else 1)
+        raise typer.Exit(result.exit_code)
 
     console = Console()  # plain text (no colour codes) when not a terminal
-    # Two narrow tables (each fits 80 columns) instead of one wide one.
-    compact = {"box": box.SIMPLE_HEAD, "pad_edge": False, "title_justify": "left"}
-    table = Table(title=f"Privacy audit of {path}", **compact)
-    for col in ("hospital", "rounds", "steps", "eps\nrecorded", "eps\nPLD",
-                "eps\nRDP", "budget", "status"):
-        table.add_column(col, justify="left" if col == "hospital" else "right",
-                         overflow="fold", min_width=10 if col == "hospital" else None)
-    mech = Table(title="Recorded mechanism", **compact)
-    for col in ("hospital", "runs", "noise multiplier", "sample rate", "delta", "accountant"):
-        mech.add_column(col, justify="left" if col == "hospital" else "right",
-                        overflow="fold")
-    for h in result.hospitals:
-        style = "green" if h.ok else "red"
-        table.add_row(
-            h.hospital, str(h.rounds), f"{h.steps:,}",
-            _fmt(h.epsilon_recorded), _fmt(h.epsilon_recomputed_pld),
-            _fmt(h.epsilon_recomputed_rdp), _fmt(h.budget, 2),
-            f"[{style}]{h.status}[/{style}]",
-        )
-        mech.add_row(h.hospital, str(h.runs), _span(h.noise_multipliers), _span(h.sample_rates),
-                     _span(h.deltas, "{:.1e}"), ", ".join(sorted(set(h.accountants))) or "-")
-    console.print(table)
-    console.print(mech)
-    for h in result.hospitals:  # one line each: the status in full, whatever the width
-        style = "green" if h.ok else "red"
-        console.print(f"{h.hospital}: [{style}]{h.status}[/{style}] ({h.evaluation_releases} "
-                      "evaluation release(s), their epsilon included above)", highlight=False)
+    console.print(_summary_table(result, title=f"Privacy audit of {path}"))
+    console.print(_mechanism_table(result))
+    for h in result.hospitals:  # one line each: the verdict in full, whatever the width
+        style = _STYLE.get(h.status, "red")
+        head, _, rest = h.verdict.partition(": ")
+        console.print(f"{escape(h.hospital)}: [{style}]{escape(head)}[/{style}]: "
+                      f"{escape(rest)}", highlight=False)
     for h in result.hospitals:
         for p in h.problems:
-            console.print(f"[red]{h.hospital}:[/red] {escape(p)}", highlight=False)
+            console.print(f"[red]{escape(h.hospital)}:[/red] {escape(p)}", highlight=False)
         for w in h.warnings:
-            console.print(f"[yellow]{h.hospital}:[/yellow] {escape(w)}", highlight=False)
+            console.print(f"[yellow]{escape(h.hospital)}:[/yellow] {escape(w)}",
+                          highlight=False)
     console.print(
-        "eps PLD: what dp_accounting's PLD accountant proves from the recorded mechanism "
-        "parameters alone (DP-SGD rounds and DP evaluation releases alike); a ledger fails "
-        "only if it records less (an understatement). eps RDP: dp_accounting's looser RDP "
-        "bound, for information.",
+        "rounds: training rounds (with or without DP); releases: evaluation releases, "
+        "counted apart. eps PLD: what dp_accounting's PLD accountant proves from the "
+        "recorded mechanism parameters of the DP entries alone (DP-SGD rounds and DP "
+        "releases); entries without DP are covered by no epsilon (\"no DP\": none at all). "
+        "A ledger fails only if it records less than PLD proves (an understatement). "
+        "eps RDP: dp_accounting's looser RDP bound, for information.",
         style="dim", highlight=False,
     )
     if html_out is not None:
         console.print(f"HTML report written to {html_out}", highlight=False)
-    if result.ok:
-        console.print("[green]audit passed[/green]")
+    status = result.status
+    if status == "OK":
+        console.print("[green]audit passed[/green]: every ledger verified and every entry "
+                      "differentially private", highlight=False)
+    elif status == "FAILED":
+        console.print("[red]audit FAILED[/red]", highlight=False)
     else:
-        console.print("[red]audit FAILED[/red]")
-        raise typer.Exit(1)
+        console.print(f"[yellow]audit {status}[/yellow]: every ledger verified, but "
+                      + ("no hospital's data was protected by differential privacy"
+                         if status == "NOT PRIVATE" else
+                         "NOT all data was protected by differential privacy (entries "
+                         "without DP are named above)"), highlight=False)
+    raise typer.Exit(result.exit_code)
+
+
+_STYLE = {"OK": "green", "PARTIAL": "yellow", "NOT PRIVATE": "yellow"}
+
+
+def _summary_table(result: AuditResult, *, title: str) -> Table:
+    """hospital, training rounds, releases, epsilon (recorded, PLD, RDP), budget, status."""
+    table = Table(title=title, **_COMPACT)
+    for col in ("hospital", "rounds", "releases", "eps\nrecorded", "eps\nPLD", "eps\nRDP",
+                "budget", "status"):
+        table.add_column(col, justify="left" if col == "hospital" else "right",
+                         overflow="fold", min_width=10 if col == "hospital" else None,
+                         no_wrap=col == "status")
+    for h in result.hospitals:
+        style = _STYLE.get(h.status, "red")
+        table.add_row(
+            escape(h.hospital), str(h.rounds), str(h.evaluation_releases),
+            h.eps(h.epsilon_recorded), h.eps(h.epsilon_recomputed_pld),
+            h.eps(h.epsilon_recomputed_rdp), _fmt(h.budget, 2),
+            f"[{style}]{h.status}[/{style}]",
+        )
+    return table
+
+
+def _mechanism_table(result: AuditResult) -> Table:
+    """One row per distinct mechanism (kind, accountant, noise multiplier, sample rate,
+    delta) of each hospital, with its rounds or releases and steps; each hospital's rows
+    under a line with its name."""
+    mech = Table(title="Recorded mechanisms (one row each, per hospital)", **_COMPACT)
+    for col in ("mechanism", "rounds or\nreleases", "steps", "noise\nmultiplier",
+                "sample\nrate", "delta"):
+        mech.add_column(col, justify="left" if col == "mechanism" else "right",
+                        overflow="fold")
+    for h in result.hospitals:
+        mech.add_row(f"[bold]{escape(h.hospital)}[/bold]", "", "", "", "", "")
+        for m in h.coverage.mechanisms:
+            label = (f"  {m.label} ({m.accountant})" if m.private
+                     else f"  [yellow]{m.label}[/yellow]")
+            mech.add_row(label, str(m.entries), f"{m.steps:,}", f"{m.noise_multiplier:.4g}",
+                         f"{m.sample_rate:.4g}", f"{m.delta:.1e}")
+        if not h.coverage.mechanisms:
+            mech.add_row("  (nothing recorded)", "", "", "", "", "")
+    return mech
+
+
+_COMPACT: dict[str, Any] = {"box": box.SIMPLE_HEAD, "pad_edge": False, "collapse_padding": True,
+                            "title_justify": "left"}
 
 
 def _empirical(*, cohort: Path | None, epsilon: float, canaries: int, steps: int,
                json_out: bool) -> None:
     """``fedrg audit --empirical``: a DP run and a non-private run with canaries."""
     import tempfile
-
-    from rich.console import Console
-    from rich.table import Table
 
     from fedrg.audit.empirical import audit_data_config, run_empirical_pair
 

@@ -178,24 +178,76 @@ def read_sites_record(run_dir: Path) -> dict[str, Any] | None:
                          "hospitals keep their ledgers. Restore it or start a new run") from None
 
 
-def _print_round(row: dict[str, Any], markers: list[str], steps: list[int] | None = None
-                 ) -> None:
+def _print_round(row: dict[str, Any], markers: list[str],
+                 entries: list[dict[str, Any]] | None = None) -> None:
+    """One line per round; ``entries`` are the hospitals' training entries of the round
+    (:func:`fedrg.commands.progress.last_train_entries`): a hospital that trained without
+    DP has no epsilon, so it is named, never shown as epsilon 0."""
+    from fedrg.commands.progress import entry_is_dp
+
     auroc = row.get("auroc") or {}
-    eps = row.get("epsilon") or {}
+    entries = entries or []
+    plain = sorted(str(e.get("hospital")) for e in entries if not entry_is_dp(e))
+    eps = {h: v for h, v in (row.get("epsilon") or {}).items() if h not in plain}
+    steps = [int(e["mechanism"]["steps"]) for e in entries if entry_is_dp(e)]
+    plain_steps = [int(e["mechanism"]["steps"]) for e in entries if not entry_is_dp(e)]
     parts = [f"[bold]round {row['round']}[/bold]",
              f"hospitals {row.get('participants', 0)}",
              f"loss {row['loss']:.3f}" if row.get("loss") is not None else "loss -",
              *(f"AUROC {m} {auroc[m]:.3f}" for m in markers if auroc.get(m) is not None),
              f"findings F1 {row['findings_f1']:.3f}" if row.get("findings_f1") is not None else "",
              f"max eps {max(eps.values()):.2f}" if eps else "",
-             (f"DP-SGD steps {min(steps)}-{max(steps)}" if steps and min(steps) != max(steps)
-              else f"DP-SGD steps {steps[0]}" if steps else ""),
+             _steps_text("DP-SGD steps", steps),
+             (f"no DP, {_steps_text('steps', plain_steps)}" if plain and not eps
+              else f"[yellow]no DP at {', '.join(plain)}[/yellow]" if plain else ""),
              f"{row.get('seconds', 0):.1f}s"]
     if row.get("declined"):
         parts.append(f"[yellow]declined: {', '.join(row['declined'])}[/yellow]")
     if row.get("reason"):
         parts.append(f"[red]{row['reason']}[/red]")
     console.print("  ".join(p for p in parts if p))
+
+
+def _steps_text(what: str, steps: list[int]) -> str:
+    """``DP-SGD steps 7`` or ``DP-SGD steps 7-9``; empty without steps."""
+    if not steps:
+        return ""
+    return f"{what} {min(steps)}" + (f"-{max(steps)}" if min(steps) != max(steps) else "")
+
+
+def _run_epsilon_line(rounds_rows: list[dict[str, Any]], coverage: dict[str, Any],
+                      *, dp_requested: bool, target_epsilon: float) -> str | None:
+    """The end-of-run epsilon line: per hospital its epsilon of this run, or ``no DP`` for
+    a hospital that used no DP in this run (never 0.000); exact metric releases named."""
+    eps = dict(rounds_rows[-1].get("epsilon") or {}) if rounds_rows else {}
+    names = sorted(set(eps) | set(coverage))
+    if not names:
+        return None
+
+    def one(h: str) -> str:
+        cov = coverage.get(h)
+        if cov is None:  # ledger not readable here: fall back on what was requested
+            return f"{h} {eps[h]:.3f}" if dp_requested and h in eps else f"{h} no DP"
+        if not cov.has_dp:
+            return f"{h} no DP"
+        text = f"{h} {eps[h]:.3f}" if h in eps else f"{h} -"
+        if cov.plain_rounds:
+            text += f" (its DP entries only; {cov.plain_rounds} round(s) WITHOUT DP)"
+        return text
+
+    parts = [one(h) for h in names]
+    if all(p.endswith(" no DP") for p in parts):
+        line = ("epsilon spent this run: no DP at any hospital (trained without DP-SGD: no "
+                "epsilon applies)")
+    else:
+        line = "epsilon spent this run: " + ", ".join(parts)
+        if dp_requested:
+            line += f" (target {target_epsilon})"
+    exact = sorted(h for h, c in coverage.items() if c.exact_releases)
+    if exact:
+        line += (f"; metrics released exactly, WITHOUT DP, by {', '.join(exact)} (no epsilon "
+                 "covers them)")
+    return line
 
 
 def register(app: typer.Typer) -> None:
@@ -221,7 +273,13 @@ def register(app: typer.Typer) -> None:
             "(e.g. 127.0.0.1:6379 from 'ray start --head'); default: a private local Ray"),
     ) -> None:
         """Run a simulated federation of hospitals (synthetic cohorts by default)."""
-        from fedrg.commands.progress import RoundProgress, last_entry_steps, phase
+        from fedrg.commands.progress import (
+            RoundProgress,
+            last_train_entries,
+            phase,
+            rounds_without_dp,
+            run_coverage,
+        )
         from fedrg.federated.report import round_table
         from fedrg.flower.simulation import run_simulated_federation
         from fedrg.interrupt import (
@@ -352,8 +410,8 @@ def register(app: typer.Typer) -> None:
                                    training=training) as progress:
 
                     def on_round(row: dict[str, Any]) -> None:
-                        steps = last_entry_steps(state_dirs, row["round"])
-                        _print_round(row, cfg.data.markers, steps)
+                        _print_round(row, cfg.data.markers,
+                                     last_train_entries(state_dirs, row["round"]))
                         progress.round_done()
 
                     result = run_simulated_federation(
@@ -366,12 +424,14 @@ def register(app: typer.Typer) -> None:
             except Interrupted:
                 exit_interrupted("fedrg simulate", how_to_go_on(), cleanup=stop_own_ray)
         rounds_rows = result.metrics["rounds"]
-        console.print(round_table(rounds_rows, cfg.data.markers))
-        if rounds_rows and rounds_rows[-1].get("epsilon"):
-            eps = rounds_rows[-1]["epsilon"]
-            console.print("epsilon spent this run: " + ", ".join(
-                f"{h} {v:.3f}" for h, v in sorted(eps.items()))
-                + f" (target {cfg.privacy.target_epsilon})")
+        run_id = str(result.metrics.get("run_id", ""))
+        console.print(round_table(rounds_rows, cfg.data.markers,
+                                  no_dp=rounds_without_dp(state_dirs, run_id)))
+        eps_line = _run_epsilon_line(rounds_rows, run_coverage(state_dirs, run_id),
+                                     dp_requested=cfg.privacy.enabled,
+                                     target_epsilon=cfg.privacy.target_epsilon)
+        if eps_line and rounds_rows:
+            console.print(eps_line, highlight=False)
         if result.stopped_early:
             console.print(f"[yellow]stopped early:[/yellow] {result.stopped_early}")
             if not any(r.get("aggregated") for r in rounds_rows):

@@ -7,6 +7,7 @@ import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -17,6 +18,11 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+
+from fedrg.privacy.ledger import NON_PRIVATE
+
+if TYPE_CHECKING:
+    from fedrg.audit.coverage import Coverage
 
 PHASES = {
     "train": "local training",
@@ -85,14 +91,15 @@ class RoundProgress:
             self.progress.advance(self.task)
 
 
-def last_entry_steps(state_dirs: list[Path], rnd: int) -> list[int]:
-    """DP-SGD steps each hospital recorded for round ``rnd`` (its latest training entry of
-    that round; evaluation releases and re-initialisations are skipped; public fields only).
+def last_train_entries(state_dirs: list[Path], rnd: int) -> list[dict[str, Any]]:
+    """Each hospital's training entry for round ``rnd`` (its latest training entry of that
+    round; evaluation releases and re-initialisations are skipped; public fields only, as
+    parsed JSON: ``hospital``, ``mechanism``...).
 
     Round ``rnd``'s row can come after the next round's training (its evaluation rides on
     that train message): one training entry of round ``rnd + 1`` after it is skipped too.
     """
-    steps = []
+    found = []
     for d in state_dirs:
         try:
             lines = (Path(d) / "ledger.jsonl").read_text().splitlines()
@@ -110,6 +117,60 @@ def last_entry_steps(state_dirs: list[Path], rnd: int) -> list[int]:
                 skipped_next = True
                 continue
             if entry.get("round") == rnd:
-                steps.append(int(entry["mechanism"]["steps"]))
+                found.append(entry)
             break
-    return steps
+    return found
+
+
+def last_entry_steps(state_dirs: list[Path], rnd: int) -> list[int]:
+    """DP-SGD steps each hospital recorded for round ``rnd`` (:func:`last_train_entries`)."""
+    return [int(e["mechanism"]["steps"]) for e in last_train_entries(state_dirs, rnd)]
+
+
+def entry_is_dp(entry: dict[str, Any]) -> bool:
+    """True when a parsed ledger entry is a DP mechanism (an accountant and noise)."""
+    mech = entry.get("mechanism") or {}
+    return mech.get("accountant") != NON_PRIVATE and (
+        float(mech.get("noise_multiplier", 0.0)) > 0.0 or int(mech.get("steps", 0)) == 0)
+
+
+def run_coverage(state_dirs: list[Path], run_id: str) -> dict[str, Coverage]:
+    """What each hospital's entries of run ``run_id`` were: DP-SGD rounds, rounds without
+    DP, DP and exact releases (:func:`fedrg.audit.coverage.coverage_of`), by hospital name.
+
+    Read for the console only (not verified); a ledger that cannot be read is left out.
+    """
+    from fedrg.audit.coverage import coverage_of
+    from fedrg.privacy.ledger import LedgerEntry
+
+    out: dict[str, Coverage] = {}
+    for d in state_dirs:
+        try:
+            lines = (Path(d) / "ledger.jsonl").read_text().splitlines()
+            entries = [LedgerEntry.from_dict(json.loads(line)) for line in lines if line]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        mine = [e for e in entries if e.run_id == run_id]
+        if mine:
+            out[mine[-1].hospital] = coverage_of(mine)
+    return out
+
+
+def rounds_without_dp(state_dirs: list[Path], run_id: str) -> dict[int, set[str]]:
+    """Round -> the hospitals whose training entry of that round in run ``run_id`` was made
+    without DP (read for the console only)."""
+    out: dict[int, set[str]] = {}
+    for d in state_dirs:
+        try:
+            lines = (Path(d) / "ledger.jsonl").read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                break
+            if (entry.get("run_id") == run_id and entry.get("kind", "train") == "train"
+                    and not entry_is_dp(entry)):
+                out.setdefault(int(entry["round"]), set()).add(str(entry.get("hospital")))
+    return out

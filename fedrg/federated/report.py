@@ -93,11 +93,25 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def round_table(rounds: list[dict[str, Any]], markers: list[str]) -> Table:
+def max_epsilon_text(row: dict[str, Any], no_dp: set[str] | None = None) -> str:
+    """A round's ``max eps`` cell: the largest epsilon of the hospitals that trained with
+    DP; ``no DP`` when every hospital of the round trained without DP (never ``0.000``);
+    ``-`` when none reported one."""
+    no_dp = no_dp or set()
+    eps = {h: v for h, v in (row.get("epsilon") or {}).items() if h not in no_dp}
+    if eps:
+        return _fmt(max(eps.values()))
+    return "no DP" if no_dp else "-"
+
+
+def round_table(rounds: list[dict[str, Any]], markers: list[str],
+                no_dp: dict[int, set[str]] | None = None) -> Table:
     """A rich table with one line per round, within 80 columns for up to four markers.
 
     Marker AUROC columns are headed ``A1``, ``A2``, ... and named in the caption, so no
-    header is cut short.
+    header is cut short. ``no_dp`` maps a round to the hospitals that trained in it without
+    DP (read from their ledgers): their epsilon is left out of ``max eps``, which says
+    ``no DP`` when no hospital of the round used DP.
     """
     from rich import box
 
@@ -109,14 +123,13 @@ def round_table(rounds: list[dict[str, Any]], markers: list[str]) -> Table:
                 "F1", "max eps", "MB up", "s"]:
         table.add_column(col, justify="right", no_wrap=True)
     for row in rounds:
-        eps = row.get("epsilon") or {}
         table.add_row(
             str(row["round"]),
             f"{row.get('participants', 0)}" + (f" (-{len(row['declined'])})" if row.get("declined") else ""),
             _fmt(row.get("loss")),
             *[_fmt((row.get("auroc") or {}).get(m)) for m in markers],
             _fmt(row.get("findings_f1")),
-            _fmt(max(eps.values()) if eps else None),
+            max_epsilon_text(row, (no_dp or {}).get(int(row["round"]))),
             f"{row.get('bytes_up', 0) / 1e6:.2f}",
             f"{row['seconds']:.0f}" if row.get("seconds") is not None else "-",
         )

@@ -8,7 +8,7 @@ its trainable parameters are the exchanged adapter (:mod:`fedrg.model.payload`),
 :class:`MultimodalAdapterFactory` (LoRA on a causal LM, image and genomics encoders).
 
 A factory never decides privacy: DP-SGD, clipping, noise and secure aggregation are set by
-the hospital's site policy (:mod:`fedrg.privacy.enforce`) around whatever model it builds.
+the hospital's site policy (:mod:`fedrg.hospital.request`) around whatever model it builds.
 """
 
 from __future__ import annotations

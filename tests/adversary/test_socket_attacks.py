@@ -41,8 +41,8 @@ from fedrg.deploy.worker import KEY_NAME as WORKER_KEY
 from fedrg.deploy.worker import HospitalWorker, WorkerError, forward
 from fedrg.deploy.worker import socket_path as worker_socket_path
 from fedrg.errors import FedrgError
-from fedrg.federated.payload import Payload
-from fedrg.privacy.policy import SitePolicy
+from fedrg.payload import Payload
+from fedrg.policy import SitePolicy
 
 ROOT = Path(__file__).resolve().parents[2]
 BANNER = b"squatter was here"
