@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from fedrg.errors import FedrgError
 
@@ -75,12 +76,16 @@ def validate(
     table.add_row("tensor shape", "x".join(map(str, s.tensor_shape)) + f" ({cfg.image_mode})")
     table.add_row("empty reports", str(s.empty_reports))
     console.print(table)
+    for w in result.warnings:
+        console.print(Text.assemble(("warning:", "yellow"), f" {w}"), highlight=False,
+                      soft_wrap=True)
     if result.problems:
         console.print(f"[red]{len(result.problems)} problem(s):[/red]", highlight=False)
         for p in result.problems:
             console.print(f"  - {p}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(1)
-    console.print("[green]ok[/green]: cohort is valid")
+    warned = f" ({len(result.warnings)} warning(s) above)" if result.warnings else ""
+    console.print(f"[green]ok[/green]: cohort is valid{warned}")
 
 
 def register(app: typer.Typer) -> None:
