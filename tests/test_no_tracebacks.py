@@ -3,7 +3,10 @@ every command that writes files or listens; fedrg runs from any working director
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,3 +137,24 @@ def test_a_busy_server_port_is_one_line_and_exit_2(tmp_path):
     assert f"cannot listen on 127.0.0.1:{port}" in line and "[superlink] port" in line
     assert "another program is listening there" in line and "free port" in line
     assert not (tmp_path / "state" / "logs").exists()  # no SuperLink was started
+
+
+@pytest.mark.slow
+def test_simulate_from_a_directory_holding_a_folder_named_fedrg(tmp_path):
+    """Run from the folder above a clone named fedrg, after the README's `fedrg synth --out
+    data` inside it: Ray puts the working directory first on its workers' sys.path, so every
+    simulated hospital imported that folder (ModuleNotFoundError: fedrg.data.cohort)."""
+    (tmp_path / "fedrg" / "data" / "hospital-1").mkdir(parents=True)
+    (tmp_path / "fedrg" / "fedrg").mkdir()
+    cmd = [str(Path(sys.executable).parent / "fedrg"), "simulate", "--rounds", "1",
+           "--out", str(tmp_path / "run"), "--state-dir", str(tmp_path / "sites"),
+           "--set", f"data.synthetic_dir={tmp_path / 'cohorts'}",
+           "--set", "model.public_init=none", "--set", "data.synthetic_patients=32",
+           "--set", "data.image_shape=[32, 32]", "--set", "training.local_epochs=0.5",
+           "--set", "training.batch_size=8"]
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env,
+                          timeout=900)
+    logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "run" / "logs").glob("*.log"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs[-3000:]
+    assert "ModuleNotFoundError" not in logs and "round 1" in proc.stdout
