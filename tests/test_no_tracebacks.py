@@ -158,3 +158,4 @@ def test_simulate_from_a_directory_holding_a_folder_named_fedrg(tmp_path):
     logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "run" / "logs").glob("*.log"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs[-3000:]
     assert "ModuleNotFoundError" not in logs and "round 1" in proc.stdout
+    assert "Warning" not in proc.stdout + proc.stderr  # Ray's start-up notices go to the log

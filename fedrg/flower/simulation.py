@@ -13,6 +13,7 @@ from typing import Any
 from fedrg.config import ExperimentConfig, SiteConfig
 from fedrg.errors import FedrgError
 from fedrg.flower.apps import build_client_app, build_server_app
+from fedrg.interrupt import stop_own_ray
 from fedrg.runtime import apply_offline_env
 
 log = logging.getLogger("fedrg.simulation")
@@ -199,7 +200,6 @@ def run_simulated_federation(cfg: ExperimentConfig, run_dir: str | Path, sites: 
     else:
         init_args.update(num_cpus=num_cpus or max(1, min(len(sites), os.cpu_count() or 1)),
                          num_gpus=0)
-        _start_local_ray(init_args)
     backend_config = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": init_args,
@@ -207,14 +207,16 @@ def run_simulated_federation(cfg: ExperimentConfig, run_dir: str | Path, sites: 
     with FlowerLogToFile(Path(run_dir) / "logs" / "flower.log"), warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)  # the rest as filtered by default
         try:
+            if not ray_address:  # its start-up warnings go to the log, as when Flower started it
+                _start_local_ray(init_args)  # a Ray the caller started is reused, as Flower does
             run_simulation(server_app=server_app, client_app=client_app,
                            num_supernodes=len(sites), backend_config=backend_config)
         except SystemExit as err:  # flwr_exit on a failed ServerApp
             if failures:
                 raise failures[0] from None
             raise FedrgError(f"Flower simulation exited with code {err.code}") from None
-        finally:
-            _stop_ray()  # Flower stops it at a normal end; not when it failed to start
+        finally:  # Flower stops Ray at a normal end; not when it failed or was interrupted
+            stop_own_ray()
     if failures:
         raise failures[0]
     if not results:
@@ -223,19 +225,12 @@ def run_simulated_federation(cfg: ExperimentConfig, run_dir: str | Path, sites: 
 
 
 def _start_local_ray(init_args: dict[str, Any]) -> None:
-    """Start this process's private local Ray with :func:`_ray_runtime_env`."""
+    """Start this process's private local Ray with :func:`_ray_runtime_env`, unless the
+    caller has initialised Ray already (then that one is used, as Flower would)."""
     import ray
 
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(runtime_env=_ray_runtime_env(), **init_args)
-
-
-def _stop_ray() -> None:
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
+    if not ray.is_initialized():
+        ray.init(runtime_env=_ray_runtime_env(), **init_args)
 
 
 def _connect_ray(address: str, init_args: dict[str, Any]) -> None:
