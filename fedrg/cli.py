@@ -6,17 +6,17 @@ import importlib
 
 import typer
 
+from fedrg.commands.output import FedrgGroup
 from fedrg.runtime import apply_offline_env
 
 app = typer.Typer(
     name="fedrg",
+    cls=FedrgGroup,  # a file-system error a command let through: one line, exit 2
     help="Privacy-preserving federated learning for radiogenomics.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-
-
 
 # One module per command group; each owns its commands via register(app).
 COMMAND_MODULES = [

@@ -64,24 +64,52 @@ def _maf_row(gene, chrom, pos, vc, vtype, ref, alt, case, hgvsp="") -> list[str]
             "ENST00000000000", "120", "70", "50", CASES[case], "PASS"]
 
 
+#: The sample-sheet columns that say what a sample is: the older GDC portal's one column,
+#: and the current portal's four (its ``sample`` properties; no ``Sample Type``).
+SAMPLE_COLUMNS = {"old": ["Sample Type"],
+                  "new": ["Tissue Type", "Tumor Descriptor", "Specimen Type", "Preservation Method"]}
+#: One sample in both layouts, as the GDC writes it.
+SAMPLE_KINDS = {
+    "primary": {"old": ["Primary Tumor"], "new": ["Tumor", "Primary", "Solid Tissue", "Frozen"]},
+    "normal": {"old": ["Solid Tissue Normal"],
+               "new": ["Normal", "Not Applicable", "Solid Tissue", "Frozen"]},
+    "recurrence": {"old": ["Recurrent Tumor"],
+                   "new": ["Tumor", "Recurrence", "Solid Tissue", "Frozen"]},
+}
+
+
+def _sample_fields(kinds: list[str], layout: str) -> list[str]:
+    """The sheet's per-sample columns for a file of ``kinds`` (comma-separated when several)."""
+    per_sample = [SAMPLE_KINDS[k][layout] for k in kinds]
+    return [", ".join(vals) for vals in zip(*per_sample, strict=True)]
+
+
 def write_gdc_download(root: Path, data_cfg: DataConfig, *, start_position: str | None = None,
-                       clinical_mgmt: dict[str, str] | None = None) -> Path:
-    """Write the download under ``root/gdc`` and return it."""
+                       clinical_mgmt: dict[str, str] | None = None, layout: str = "old",
+                       recurrence: bool = False) -> Path:
+    """Write the download under ``root/gdc`` and return it.
+
+    ``layout`` is the sample sheet's: ``"old"`` (``Sample Type``) or ``"new"`` (the current
+    portal's ``Tissue Type``, ``Tumor Descriptor``, ``Specimen Type``, ``Preservation
+    Method``). ``recurrence`` adds a recurrent-tumour expression file for TCGA-AA-0002.
+    """
     gdc = Path(root) / "gdc"
     gdc.mkdir(parents=True)
     sheet = ["\t".join(["File ID", "File Name", "Data Category", "Data Type", "Project ID",
-                        "Case ID", "Sample ID", "Sample Type"])]
+                        "Case ID", "Sample ID", *SAMPLE_COLUMNS[layout]])]
     panel = [*data_cfg.gene_panel, "TSPAN6", "TNMD"]
-    samples = [("TCGA-AA-0001", "01A", "Primary Tumor"), ("TCGA-AA-0001", "11A", "Solid Tissue Normal"),
-               ("TCGA-AA-0002", "01A", "Primary Tumor"), ("TCGA-AA-0003", "01A", "Primary Tumor")]
-    for n, (case, code, stype) in enumerate(samples):
+    samples = [("TCGA-AA-0001", "01A", "primary"), ("TCGA-AA-0001", "11A", "normal"),
+               ("TCGA-AA-0002", "01A", "primary"), ("TCGA-AA-0003", "01A", "primary")]
+    if recurrence:
+        samples.insert(2, ("TCGA-AA-0002", "02A", "recurrence"))
+    for n, (case, code, kind) in enumerate(samples):
         fid = _uuid(f"{case}-{code}")
         name = f"{_uuid(fid)}.rna_seq.augmented_star_gene_counts.tsv"
         (gdc / fid).mkdir()
         values = {g: round(1.0 + 7.3 * ((j * 13 + n * 7) % 17), 4) for j, g in enumerate(panel)}
         (gdc / fid / name).write_text(star_counts(values))
         sheet.append("\t".join([fid, name, "Transcriptome Profiling", "Gene Expression Quantification",
-                                "TCGA-LGG", case, f"{case}-{code}", stype]))
+                                "TCGA-LGG", case, f"{case}-{code}", *_sample_fields([kind], layout)]))
     maf_rows = [
         _maf_row("IDH1", "chr2", 208248389, "Missense_Mutation", "SNP", "C", "T", "TCGA-AA-0001", "p.R132H"),
         _maf_row("TP53", "chr17", 7675088, "Missense_Mutation", "SNP", "C", "T", "TCGA-AA-0001", "p.R175H"),
@@ -101,7 +129,8 @@ def write_gdc_download(root: Path, data_cfg: DataConfig, *, start_position: str 
     maf.write_bytes(gzip.compress(text.encode(), mtime=0))
     sheet.append("\t".join([fid, maf.name, "Simple Nucleotide Variation", "Masked Somatic Mutation",
                             "TCGA-LGG", "TCGA-AA-0001, TCGA-AA-0002, TCGA-AA-0003",
-                            "TCGA-AA-0001-01A, TCGA-AA-0002-01A, TCGA-AA-0003-01A", "Primary Tumor"]))
+                            "TCGA-AA-0001-01A, TCGA-AA-0002-01A, TCGA-AA-0003-01A",
+                            *_sample_fields(["primary"] * 3, layout)]))
     (gdc / "gdc_sample_sheet.2026-11-30.tsv").write_text("\n".join(sheet) + "\n")
     mgmt = {"TCGA-AA-0001": "methylated", "TCGA-AA-0002": "'--", "TCGA-AA-0003": "unmethylated"}
     mgmt.update(clinical_mgmt or {})

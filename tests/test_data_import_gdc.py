@@ -138,3 +138,117 @@ def test_a_corrupt_dicom_file_is_named(tmp_path, download):
     # pydicom parses what it can of a damaged file; the importer then names it for its empty tags
     with pytest.raises(DataImportError, match=rf"{victim.name}: DICOM tag PatientID is empty"):
         import_gdc(gdc, dicom, tmp_path / "c", CFG)
+
+
+# ---------------------------------------------------------------- both sample-sheet layouts
+
+@pytest.mark.parametrize("layout", ["old", "new"])
+def test_both_sample_sheet_layouts_give_the_same_cohort(tmp_path, layout):
+    """The current GDC portal's sheet (Tissue Type, Tumor Descriptor, Specimen Type,
+    Preservation Method; no Sample Type) and the older one (Sample Type) mean the same:
+    normal tissue is skipped, a primary tumour preferred over a recurrence."""
+    gdc = write_gdc_download(tmp_path, CFG, layout=layout, recurrence=True)
+    dicom = write_dicom_folder(tmp_path)
+    header = next(gdc.glob("gdc_sample_sheet*.tsv")).read_text().splitlines()[0].split("\t")
+    assert ("Sample Type" in header) == (layout == "old")
+    out = tmp_path / "cohort"
+    report = import_gdc(gdc, dicom, out, CFG, marker_columns={"mgmt_methylated": "mgmt_status"})
+    assert report.patients == ["TCGA-AA-0001", "TCGA-AA-0002"]
+    normal = "Solid Tissue Normal" if layout == "old" else "Normal, Solid Tissue, Frozen"
+    assert any(n.startswith(f"TCGA-AA-0001: skipped {normal} expression file") for n in report.notes)
+    chose = [n for n in report.notes if n.startswith("TCGA-AA-0002: several tumour")]
+    assert len(chose) == 1 and "using sample TCGA-AA-0002-01A" in chose[0], report.notes
+    assert ("Recurrent Tumor" if layout == "old" else "Recurrence") in chose[0]
+    assert validate_cohort(out, CFG).ok
+
+    rows = _manifest(out)
+    assert rows["TCGA-AA-0001"]["idh_mutant"] == "1" and rows["TCGA-AA-0001"]["mgmt_methylated"] == "1"
+
+
+def test_the_two_layouts_write_identical_files(tmp_path):
+    made = {}
+    for layout in ("old", "new"):
+        root = tmp_path / layout
+        gdc = write_gdc_download(root, CFG, layout=layout)
+        import_gdc(gdc, write_dicom_folder(root), root / "cohort", CFG)
+        made[layout] = {p.relative_to(root / "cohort"): p.read_bytes()
+                        for p in sorted((root / "cohort").rglob("*")) if p.is_file()
+                        and p.name != "import_report.json"}
+    assert made["old"] == made["new"] and len(made["old"]) > 3
+
+
+def test_sample_kinds_follow_the_gdc_dictionary():
+    from fedrg.data.importers.gdc import kind_from_portal_columns, kind_from_sample_type
+
+    old = {v: (k.tissue, k.descriptor) for v in (
+        "Primary Tumor", "Recurrent Tumor", "Metastatic", "Solid Tissue Normal",
+        "Blood Derived Normal", "Primary Blood Derived Cancer - Peripheral Blood",
+        "Additional - New Primary", "Primary Xenograft Tissue", "FFPE Recurrent")
+        for k in [kind_from_sample_type(v)]}
+    assert old == {
+        "Primary Tumor": ("tumour", "primary"), "Recurrent Tumor": ("tumour", "recurrence"),
+        "Metastatic": ("tumour", "metastatic"), "Solid Tissue Normal": ("normal", ""),
+        "Blood Derived Normal": ("normal", ""),
+        "Primary Blood Derived Cancer - Peripheral Blood": ("tumour", "primary"),
+        "Additional - New Primary": ("tumour", "other tumour"),
+        "Primary Xenograft Tissue": ("model", ""), "FFPE Recurrent": ("tumour", "recurrence")}
+    assert kind_from_sample_type("FFPE Recurrent").ffpe
+    new = {cols: (k.tissue, k.descriptor) for cols in (
+        ("Tumor", "Primary", "Solid Tissue", "Frozen"),
+        ("Tumor", "Recurrence", "Solid Tissue", "FFPE"),
+        ("Tumor", "Metastatic", "Solid Tissue", "OCT"),
+        ("Normal", "Not Applicable", "Peripheral Whole Blood", "Unknown"),
+        ("Peritumoral", "Not Applicable", "Solid Tissue", "Frozen"),
+        ("Tumor", "Xenograft", "Solid Tissue", "Frozen"),
+        ("Tumor", "Primary", "3D Organoid", "Frozen"),
+        ("Not Reported", "Primary", "Solid Tissue", "Frozen"),
+        ("Unknown", "Unknown", "Solid Tissue", "Unknown"))
+        for k in [kind_from_portal_columns(*cols)]}
+    assert list(new.values()) == [
+        ("tumour", "primary"), ("tumour", "recurrence"), ("tumour", "metastatic"),
+        ("normal", ""), ("not tumour", ""), ("model", ""), ("model", ""),
+        ("tumour", "primary"), ("unknown", "")]
+    assert kind_from_portal_columns("Tumor", "Recurrence", "Solid Tissue", "FFPE").ffpe
+
+
+def test_a_sheet_without_sample_columns_is_one_error_not_one_per_file(tmp_path, download):
+    """A sample sheet that says nothing about its samples is one mistake: one problem, not
+    one per expression file it can no longer place (91 on a real download)."""
+    gdc, dicom = download
+    sheet = next(gdc.glob("gdc_sample_sheet*.tsv"))
+    lines = [line.split("\t")[:-1] for line in sheet.read_text().splitlines()]  # no Sample Type
+    sheet.write_text("\n".join("\t".join(f) for f in lines) + "\n")
+    with pytest.raises(DataImportError) as err:
+        import_gdc(gdc, dicom, tmp_path / "c", CFG)
+    assert len(err.value.problems) == 1, [str(p) for p in err.value.problems]
+    msg = str(err.value.problems[0])
+    assert sheet.name in msg and "Sample Type" in msg and "Tissue Type" in msg
+    assert not (tmp_path / "c").exists()
+
+
+def test_one_cause_in_many_files_is_one_problem(tmp_path, download):
+    gdc, dicom = download
+    with pytest.raises(DataImportError) as err:  # a column no STAR file has
+        import_gdc(gdc, dicom, tmp_path / "c", CFG, expression_column="tpm_stranded")
+    assert len(err.value.problems) == 1, [str(p) for p in err.value.problems]
+    assert str(err.value.problems[0]).startswith("3 files (")  # the tumour files (normal skipped)
+    assert "header lacks column(s) tpm_stranded (--expression-column)" in str(err.value)
+    assert "tpm_unstranded" in str(err.value)
+
+    sheet = next(gdc.glob("gdc_sample_sheet*.tsv"))
+    sheet.write_text(sheet.read_text().splitlines()[0] + "\n")  # a sheet of another cart
+    with pytest.raises(DataImportError) as err:
+        import_gdc(gdc, dicom, tmp_path / "c", CFG)
+    assert len(err.value.problems) == 1, [str(p) for p in err.value.problems]
+    assert "4 expression files of the download are not in this sample sheet" in str(err.value)
+
+
+def test_cli_errors_show_no_markup(tmp_path, download):
+    gdc, dicom = download
+    next(gdc.glob("gdc_sample_sheet*.tsv")).unlink()
+    res = CliRunner().invoke(app, ["import", str(gdc), "--dicom", str(dicom), "--out",
+                                   str(tmp_path / "c"), "--set", "data.image_shape=[32,32]"])
+    assert res.exit_code == 2
+    assert "[red]" not in res.output and "[/red]" not in res.output
+    assert res.output.startswith("error: cannot import") and "no GDC sample sheet" in res.output
+    assert res.output.count("no GDC sample sheet") == 1 and "Traceback" not in res.output

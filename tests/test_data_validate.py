@@ -51,7 +51,11 @@ def build_cohort(root: Path) -> Path:
     shutil.copy(NIB_DATA / "anatomical.nii", img / "anatomical.nii")
     shutil.copy(NIB_DATA / "example4d.nii.gz", img / "example4d.nii.gz")
     (img / "series-05").mkdir()
-    shutil.copy(get_testdata_file("MR_small.dcm"), img / "series-05" / "slice1")  # no suffix
+    import pydicom
+
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))  # pat-01's file: not its bytes
+    ds.PatientID = "pat-05"
+    ds.save_as(img / "series-05" / "slice1")  # no suffix
     rng = np.random.default_rng(0)
     Image.fromarray((rng.random((40, 50)) * 255).astype(np.uint8)).save(img / "slice.png")
     np.save(img / "volume.npy", rng.random((6, 20, 24)).astype(np.float32))
@@ -338,3 +342,52 @@ def test_image_above_the_voxel_limit_is_refused_from_its_header(cohort_dir):
     res = runner.invoke(app, ["validate", str(cohort_dir)], terminal_width=400)
     assert res.exit_code == 1
     assert "more than the limit" in res.output and "images/huge.nii" in res.output
+
+
+# ----------------------------------------------------------------- issue 24: real data
+
+@pytest.mark.parametrize(("source", "copy"), [("images/slice.png", "images/renamed.png"),
+                                              ("images/series-05", "images/series-copy")])
+def test_a_byte_identical_image_under_a_new_name_is_refused(cohort_dir, source, copy):
+    """The same image copied under another name for a second patient id is one patient
+    counted as two privacy units: found by content, whatever the file is called."""
+    src, dst = cohort_dir / source, cohort_dir / copy
+    if src.is_dir():
+        shutil.copytree(src, dst)
+        (dst / "slice1").rename(dst / "IM-0001.dcm")
+    else:
+        shutil.copy(src, dst)
+    _edit(cohort_dir / "manifest.csv", "pat-07,images/volume.npy,", f"pat-07,{copy},")
+    res = runner.invoke(app, ["validate", str(cohort_dir)], terminal_width=400)
+    assert res.exit_code == 1, res.output
+    owner = "pat-06" if src.suffix == ".png" else "pat-05"
+    line = next(ln for ln in res.output.splitlines() if "byte-identical" in ln)
+    assert copy in line and "'pat-07'" in line and f"'{owner}'" in line and source in line
+    assert "row 8" in line and "merge the rows" in line
+
+
+def test_the_same_picture_in_another_file_is_not_a_duplicate(cohort_dir):
+    """Only identical bytes count: a re-saved copy with another PatientID is not flagged."""
+    import pydicom
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PatientID = "pat-07"
+    ds.save_as(cohort_dir / "images" / "CT_again.dcm")
+    _edit(cohort_dir / "manifest.csv", "pat-07,images/volume.npy,", "pat-07,images/CT_again.dcm,")
+    res = runner.invoke(app, ["validate", str(cohort_dir)], terminal_width=400)
+    assert res.exit_code == 0, res.output
+
+
+def test_a_marker_without_labels_is_a_warning(cohort_dir):
+    from fedrg.data.validate import validate_cohort
+
+    text = (cohort_dir / "manifest.csv").read_text().splitlines()
+    rows = [line.rsplit(",", 1)[0] + "," for line in text[1:]]  # empty mgmt_methylated
+    (cohort_dir / "manifest.csv").write_text("\n".join([text[0], *rows]) + "\n")
+    result = validate_cohort(cohort_dir, CFG)
+    assert result.ok and len(result.warnings) == 1, [str(w) for w in result.warnings]
+    assert "mgmt_methylated has no labels" in str(result.warnings[0])
+    res = runner.invoke(app, ["validate", str(cohort_dir)], terminal_width=400)
+    assert res.exit_code == 0, res.output
+    assert "warning: manifest.csv: marker column mgmt_methylated has no labels" in res.output
+    assert "valid (1 warning(s) above)" in res.output

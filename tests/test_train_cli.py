@@ -30,7 +30,7 @@ def test_train_then_predict(fx_root, tmp_path):
     assert metrics["train"]["steps"] == math.ceil(2 * metrics["train_patients"] / 8)
     assert set(metrics["eval"]) >= {"loss", "auroc", "auroc_multimodal", "rouge_l", "findings_f1"}
     assert metrics["payload_bytes"] > 0 and "privacy" not in metrics
-    assert (out / "adapter_model.safetensors").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
     res = runner.invoke(app, ["predict", "--adapter", str(out), "--cohort", str(cohort)])
     assert res.exit_code == 0, res.output

@@ -102,6 +102,13 @@ def audit(
         err_console.print("[red]error:[/red] give PATH (a run directory, hospital state "
                           "directory or ledger file), or --empirical", highlight=False)
         raise typer.Exit(2)
+    if html_out is not None:  # before the audit: its result must not be lost to a bad path
+        from fedrg.commands.output import check_output_file, fail
+
+        try:
+            check_output_file(html_out, option="--html")
+        except FedrgError as err:
+            fail(err)
     try:
         policy = None
         if policy_file is not None:

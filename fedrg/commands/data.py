@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from fedrg.errors import FedrgError
 
@@ -27,15 +27,16 @@ def synth(
     set_: list[str] | None = typer.Option(None, "--set", help="override, e.g. data.gene_panel=[...]"),
 ) -> None:
     """Write synthetic glioma radiogenomics cohorts (NIfTI/DICOM, TSV, VCF, manifest)."""
+    from fedrg.commands.output import check_output_dir, fail
     from fedrg.data.synth import synthesize
 
     console = Console()
     try:
+        check_output_dir(out, option="--out")
         cfg = _data_cfg(config, set_)
         dirs = synthesize(out, hospitals=hospitals, patients=patients, seed=seed, data_cfg=cfg)
     except FedrgError as err:
-        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
-        raise typer.Exit(2) from None
+        fail(err)
     for d in dirs:
         n = sum(1 for _ in (d / "manifest.csv").open()) - 1
         console.print(f"wrote {d} ({n} patients)", highlight=False)
@@ -47,14 +48,14 @@ def validate(
     set_: list[str] | None = typer.Option(None, "--set", help="override, e.g. data.image_mode=3d"),
 ) -> None:
     """Read every file of a cohort, print a summary, exit 1 listing all problems."""
+    from fedrg.commands.output import fail
     from fedrg.data.validate import format_prevalence, validate_cohort
 
     console = Console()
     try:
         cfg = _data_cfg(config, set_)
     except FedrgError as err:
-        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
-        raise typer.Exit(2) from None
+        fail(err)
     result = validate_cohort(cohort_dir, cfg)
     s = result.summary
     table = Table(title=f"cohort {cohort_dir}", show_header=False)
@@ -75,12 +76,16 @@ def validate(
     table.add_row("tensor shape", "x".join(map(str, s.tensor_shape)) + f" ({cfg.image_mode})")
     table.add_row("empty reports", str(s.empty_reports))
     console.print(table)
+    for w in result.warnings:
+        console.print(Text.assemble(("warning:", "yellow"), f" {w}"), highlight=False,
+                      soft_wrap=True)
     if result.problems:
         console.print(f"[red]{len(result.problems)} problem(s):[/red]", highlight=False)
         for p in result.problems:
             console.print(f"  - {p}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(1)
-    console.print("[green]ok[/green]: cohort is valid")
+    warned = f" ({len(result.warnings)} warning(s) above)" if result.warnings else ""
+    console.print(f"[green]ok[/green]: cohort is valid{warned}")
 
 
 def register(app: typer.Typer) -> None:

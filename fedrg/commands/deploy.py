@@ -76,9 +76,11 @@ def certs_init(
     force: bool = typer.Option(False, "--force", help="replace existing files"),
 ) -> None:
     """Create a federation CA and the server's TLS certificate (SANs: localhost, 127.0.0.1, ::1, --host)."""
+    from fedrg.commands.output import check_output_dir
     from fedrg.deploy.certs import init_certs, load_certificate, subject_alt_names
 
     try:
+        check_output_dir(out, option="--out")
         paths = init_certs(out, hosts=host, days=days, overwrite=force)
     except FedrgError as err:
         raise _fail(err) from None
@@ -98,9 +100,11 @@ def keys_new(
     force: bool = typer.Option(False, "--force", help="replace an existing node key"),
 ) -> None:
     """Create a hospital's node-authentication key pair and its ledger-signing key."""
+    from fedrg.commands.output import check_output_dir
     from fedrg.deploy.keys import fingerprint, load_node_public_key, new_hospital_keys
 
     try:
+        check_output_dir(out, option="--out")
         keys = new_hospital_keys(out, name=name, overwrite=force)
     except FedrgError as err:
         raise _fail(err) from None
@@ -149,6 +153,7 @@ def server(
         False, "--resume", help="continue the run in \\[run] run_dir from its last checkpoint"),
 ) -> None:
     """Start the SuperLink (TLS + hospital authentication), register hospitals, run fedrg."""
+    from fedrg.commands.output import check_port_free
     from fedrg.config import load_config, to_run_config
     from fedrg.deploy import processes as P
     from fedrg.deploy.settings import load_server_settings
@@ -172,6 +177,10 @@ def server(
         check_server_files(s, insecure)
         ensure_writable(run_dir, setting=f"[run] run_dir in {config}")
         ensure_writable(s.state_dir, setting=f"state_dir in {config}")
+        check_port_free(s.superlink.host, s.superlink.port,
+                        setting=f"[superlink] port in {config}")
+        check_port_free("127.0.0.1", s.superlink.operator_port,
+                        setting=f"[superlink] operator_port in {config}")
         app_dir = Path(s.run.app_dir) if s.run.app_dir else default_app_dir()
         run_config = {**to_run_config(cfg), "fedrg.run_dir": s.run.run_dir,
                       "fedrg.resume": bool(resume)}
@@ -280,6 +289,7 @@ def client(
     insecure: bool = typer.Option(False, "--insecure", help="no TLS (testing only; server must be --insecure)"),
 ) -> None:
     """Validate the local cohort, then run this hospital's SuperNode until stopped."""
+    from fedrg.commands.output import check_output_dir, check_port_free
     from fedrg.deploy import processes as P
     from fedrg.deploy.pinned_clientapp import REFUSALS_LOG, write_launcher
     from fedrg.deploy.pinning import pin_digest
@@ -304,6 +314,9 @@ def client(
                     f"{s.site.policy.min_secagg_peers}: no secure round could ever include "
                     "this hospital. Get the federation's full roster from the operator, or "
                     "lower min_secagg_peers in [policy]")
+        check_output_dir(s.site.state_dir, option=f"state_dir in {config}")
+        check_port_free(s.supernode.host, s.supernode.port,
+                        setting=f"[supernode] port in {config}")
     except FedrgError as err:
         raise _fail(err) from None
     if insecure:

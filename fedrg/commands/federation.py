@@ -12,8 +12,8 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
+from fedrg.commands.output import fail
 from fedrg.config import (
     ExperimentConfig,
     SiteConfig,
@@ -419,8 +419,7 @@ def register(app: typer.Typer) -> None:
                         on_phase=progress.on_phase, ray_address=ray_address)
                 export_ledgers(sites, run_dir)
             except FedrgError as err:
-                console.print(f"[red]error:[/red] {escape(str(err))}")
-                raise typer.Exit(2) from None
+                fail(err)
             except Interrupted:
                 exit_interrupted("fedrg simulate", how_to_go_on(), cleanup=stop_own_ray)
         rounds_rows = result.metrics["rounds"]

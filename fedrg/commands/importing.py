@@ -37,18 +37,19 @@ def import_cohort(
     set_: list[str] | None = typer.Option(None, "--set", help="override, e.g. data.markers=[...]"),
 ) -> None:
     """Import a GDC download plus DICOM series as a cohort; list every case it cannot match."""
+    from fedrg.commands.output import check_output_dir, fail
     from fedrg.config import load_config
     from fedrg.data.importers.build import REPORT_FILE, import_gdc
 
     console = Console()
     try:
+        check_output_dir(out, option="--out")
         cfg = load_config(config, set_ or []).data
         report = import_gdc(gdc_dir, dicom, out, cfg, expression_column=expression_column,
                             marker_columns=_marker_map(marker), series_description=series_description,
                             sample_sheet=sample_sheet, clinical=clinical)
     except FedrgError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False, markup=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        fail(err)
     console.print(f"wrote {out} ({len(report.patients)} patients; report in {out / REPORT_FILE})",
                   highlight=False, soft_wrap=True)
     if report.unmatched:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from fedrg.errors import FedrgError
 
@@ -29,9 +28,11 @@ def make(
     out: Path = typer.Option(..., "--out", help="roster file to write (TOML)"),
 ) -> None:
     """Write the roster from the hospitals' public key files."""
+    from fedrg.commands.output import check_output_file, fail
     from fedrg.secagg.roster import Roster, entry_from_files, write_roster
 
     try:
+        check_output_file(out, option="--out")
         entries = []
         for item in hospital:
             name, sep, keydir = item.partition("=")
@@ -44,8 +45,7 @@ def make(
         roster = Roster(entries, source=str(out))
         write_roster(out, roster)
     except FedrgError as err:
-        console.print(f"[red]error:[/red] {escape(str(err))}")
-        raise typer.Exit(2) from None
+        fail(err)
     console.print(f"wrote {out}: {len(roster)} hospitals; digest {roster.digest()} "
                   "(hospitals compare it out of band before pinning the file)")
 
@@ -53,13 +53,13 @@ def make(
 @roster_app.command("show")
 def show(path: Path = typer.Argument(..., help="roster file")) -> None:
     """List a roster's hospitals and print its digest."""
+    from fedrg.commands.output import fail
     from fedrg.secagg.roster import load_roster
 
     try:
         roster = load_roster(path)
     except FedrgError as err:
-        console.print(f"[red]error:[/red] {escape(str(err))}")
-        raise typer.Exit(2) from None
+        fail(err)
     for name in roster.names:
         e = roster.entries[name]
         console.print(f"{name}  signing key {e.signing_key.hex()[:16]}…  "

@@ -71,10 +71,20 @@ def reinit(
     A hospital whose state directory was wiped refuses to train while a server remembers
     its old ledger; this records, signed, that the lifetime budget restarts here and why.
     """
+    from fedrg.commands.output import check_output_dir, fail
     from fedrg.privacy.ledger import Ledger
 
     try:
         site = _site(config, state_dir, name, signing_key)
+    except FedrgError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    try:
+        check_output_dir(site.state_dir, option="--state-dir" if state_dir is not None
+                         else f"state_dir in {config}")
+    except FedrgError as err:
+        fail(err)
+    try:
         head = _previous_head(previous_head, site.name)
         ledger = Ledger.open(site.state_dir, hospital=site.name,
                              signing_key_path=site.signing_key or None)

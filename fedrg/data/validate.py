@@ -1,15 +1,19 @@
 """Cohort validation: read every file, collect ALL problems (file + row), summarise.
 
 :func:`validate_cohort` never stops at the first problem; :func:`fedrg.data.cohort.load_cohort`
-raises :class:`~fedrg.errors.CohortError` when the list is not empty.
+raises :class:`~fedrg.errors.CohortError` when the list is not empty. Warnings (a marker
+without labels, a cohort without reports) do not make a cohort invalid; ``fedrg validate``
+prints them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,12 +43,14 @@ class CohortSummary:
 
 @dataclass
 class ValidationResult:
-    """Problems, summary, and the cohort itself when there were no problems."""
+    """Problems, summary, the cohort itself when there were no problems, and warnings
+    (true of a valid cohort, but worth knowing before training on it)."""
 
     root: Path
     problems: list[Problem]
     summary: CohortSummary
     cohort: Cohort | None = None
+    warnings: list[Problem] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -60,6 +66,60 @@ def _image_format(path: Path) -> str:
         if name.endswith(suffix):
             return label
     return path.suffix or "?"
+
+
+def image_digest(path: Path) -> str:
+    """SHA-256 of an image's bytes, the same whatever the file is called: a file's own
+    digest; for a DICOM series folder, the digest of its files' sorted digests."""
+    def file_digest(f: Path) -> str:
+        h = hashlib.sha256()
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    if not path.is_dir():
+        return file_digest(path)
+    parts = sorted(file_digest(f) for f in path.iterdir() if f.is_file())
+    return parts[0] if len(parts) == 1 else hashlib.sha256("".join(parts).encode()).hexdigest()
+
+
+def _duplicate_images(rows: list, digests: dict[int, str],
+                      problems: list[Problem]) -> None:
+    """A byte-identical image under two patient ids (copied under a new name) is one
+    patient counted as two privacy units."""
+    first: dict[str, Any] = {}
+    for i, r in enumerate(rows):
+        d = digests.get(i)
+        if d is None:
+            continue
+        if d in first:
+            o = first[d]
+            problems.append(Problem(
+                r.image, f"patient {r.patient_id!r} ({MANIFEST} row {r.row}): this image is "
+                f"byte-identical to patient {o.patient_id!r}'s image {o.image!r} (row {o.row}); "
+                "one patient under two ids would count as two privacy units: merge the rows "
+                "into one patient, or replace the wrong image"))
+        else:
+            first[d] = r
+
+
+def _marker_warnings(summary: CohortSummary, n: int) -> list[Problem]:
+    out = []
+    for m, (pos, known) in summary.marker_prevalence.items():
+        if known == 0:
+            out.append(Problem(MANIFEST, f"marker column {m} has no labels (every value empty): "
+                               f"the marker head learns nothing for {m} and its AUROC is "
+                               "undefined; fill the column, or drop the marker from data.markers"))
+        elif pos in (0, known) and n > 1:
+            which = "positive" if pos else "negative"
+            out.append(Problem(MANIFEST, f"marker column {m}: all {known} labelled patient(s) "
+                               f"are {which}: its AUROC is undefined on this cohort"))
+    if n and summary.empty_reports == n:
+        out.append(Problem(MANIFEST, "no patient has a report (column report empty): training "
+                           "uses the marker loss only, and reports `fedrg predict` writes for "
+                           "these patients are generated, with no reference to compare"))
+    return out
 
 
 def leaves_cohort(path: Path, root: Path) -> Path | None:
@@ -109,9 +169,10 @@ def validate_cohort(path: str | Path, data_cfg: DataConfig) -> ValidationResult:
 
     # ---- images: read every one
     images: list[np.ndarray | None] = []
+    digests: dict[int, str] = {}
     formats: Counter[str] = Counter()
     shapes: Counter[str] = Counter()
-    for r in rows:
+    for i, r in enumerate(rows):
         p = root / r.image
         where = f"patient {r.patient_id!r}, {MANIFEST} row {r.row}"
         if not p.exists():
@@ -135,8 +196,10 @@ def validate_cohort(path: str | Path, data_cfg: DataConfig) -> ValidationResult:
         formats[_image_format(p)] += 1
         shapes["x".join(map(str, arr.shape))] += 1
         images.append(prepare_image(arr, data_cfg))
+        digests[i] = image_digest(p)
     summary.image_formats = dict(formats)
     summary.image_shapes = dict(shapes)
+    _duplicate_images(rows, digests, problems)
 
     # ---- markers
     marker_arr = np.asarray([r.markers for r in rows], dtype=np.float32).reshape(
@@ -214,7 +277,7 @@ def validate_cohort(path: str | Path, data_cfg: DataConfig) -> ValidationResult:
         summary.mutation_counts = {gname: int(mutations[:, j].sum()) for j, gname in enumerate(m_genes)}
         break
 
-    result = ValidationResult(root, problems, summary)
+    result = ValidationResult(root, problems, summary, warnings=_marker_warnings(summary, n))
     if not problems and rows:
         result.cohort = Cohort(
             root=root, data_cfg=data_cfg, rows=rows,

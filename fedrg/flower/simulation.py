@@ -13,9 +13,41 @@ from typing import Any
 from fedrg.config import ExperimentConfig, SiteConfig
 from fedrg.errors import FedrgError
 from fedrg.flower.apps import build_client_app, build_server_app
+from fedrg.interrupt import stop_own_ray
 from fedrg.runtime import apply_offline_env
 
 log = logging.getLogger("fedrg.simulation")
+
+#: Run by Ray in every worker process before its first task (``worker_process_setup_hook``).
+WORKER_SETUP_HOOK = "fedrg.flower.simulation.import_fedrg_first"
+
+
+def import_fedrg_first() -> None:
+    """Ray worker start-up hook: import fedrg from the driver's ``sys.path``, first.
+
+    Ray puts the driver's working directory at the front of every worker's ``sys.path``
+    when the worker takes its first task (``ray/_private/worker.py``: ``connect`` adds it
+    to the job's ``py_driver_sys_path``), so from a directory that holds a folder named
+    ``fedrg`` (the folder above a clone, a work folder) the workers would import that
+    folder instead of fedrg (``ModuleNotFoundError: fedrg.data.cohort``, seen only in the
+    workers' logs). This hook runs before that, with the driver's own ``sys.path`` (passed
+    as ``PYTHONPATH``), and leaves ``fedrg`` in ``sys.modules`` bound to the package the
+    driver runs: every later ``fedrg.*`` import resolves inside it, whatever the working
+    directory holds. Importing this module has already done the work.
+    """
+    import fedrg
+
+    log.debug("simulation worker uses fedrg from %s", fedrg.__path__)
+
+
+def _ray_runtime_env() -> dict[str, Any]:
+    """The runtime environment of the simulation's Ray job: the driver's ``sys.path`` as
+    ``PYTHONPATH`` (what Flower passes when it starts Ray itself) and
+    :func:`import_fedrg_first`."""
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    return {"env_vars": {"PYTHONPATH": pythonpath}, "worker_process_setup_hook": WORKER_SETUP_HOOK}
 
 
 class SimulatedSites:
@@ -161,8 +193,10 @@ def run_simulated_federation(cfg: ExperimentConfig, run_dir: str | Path, sites: 
     # reports of idle workers are not fedrg's console
     init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR,
                                  "log_to_driver": False}
+    # Ray is started here, not by Flower (which reuses an initialised Ray), so that the
+    # workers get import_fedrg_first: fedrg runs from any working directory
     if ray_address:
-        _connect_ray(ray_address, init_args)  # Flower reuses an initialised Ray
+        _connect_ray(ray_address, init_args)
     else:
         init_args.update(num_cpus=num_cpus or max(1, min(len(sites), os.cpu_count() or 1)),
                          num_gpus=0)
@@ -173,17 +207,30 @@ def run_simulated_federation(cfg: ExperimentConfig, run_dir: str | Path, sites: 
     with FlowerLogToFile(Path(run_dir) / "logs" / "flower.log"), warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)  # the rest as filtered by default
         try:
+            if not ray_address:  # its start-up warnings go to the log, as when Flower started it
+                _start_local_ray(init_args)  # a Ray the caller started is reused, as Flower does
             run_simulation(server_app=server_app, client_app=client_app,
                            num_supernodes=len(sites), backend_config=backend_config)
         except SystemExit as err:  # flwr_exit on a failed ServerApp
             if failures:
                 raise failures[0] from None
             raise FedrgError(f"Flower simulation exited with code {err.code}") from None
+        finally:  # Flower stops Ray at a normal end; not when it failed or was interrupted
+            stop_own_ray()
     if failures:
         raise failures[0]
     if not results:
         raise FedrgError("the simulated federation ended without a result (see the log above)")
     return results[0]
+
+
+def _start_local_ray(init_args: dict[str, Any]) -> None:
+    """Start this process's private local Ray with :func:`_ray_runtime_env`, unless the
+    caller has initialised Ray already (then that one is used, as Flower would)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(runtime_env=_ray_runtime_env(), **init_args)
 
 
 def _connect_ray(address: str, init_args: dict[str, Any]) -> None:
@@ -205,10 +252,8 @@ def _connect_ray(address: str, init_args: dict[str, Any]) -> None:
             "or omit --ray-address to run on a private local Ray") from None
     if ray.is_initialized():
         ray.shutdown()
-    pythonpath = os.pathsep.join([*sys.path, os.environ.get("PYTHONPATH", "")])
     try:
-        ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
-                 **init_args)
+        ray.init(address=address, runtime_env=_ray_runtime_env(), **init_args)
     except (ConnectionError, ValueError, RuntimeError) as err:
         raise FedrgError(
             f"--ray-address {address}: cannot connect to a Ray cluster there ({err}); start one "

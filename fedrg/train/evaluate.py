@@ -88,7 +88,9 @@ def evaluate(
         ``n``; ``loss`` (mean per-example loss, genomics as given); ``auroc`` (marker -> AUROC
         from the image alone, genomics withheld; ``None`` where undefined); ``auroc_multimodal``
         (image + genomics); ``rouge_l`` and ``findings_f1`` of greedy reports against the
-        references (``None`` when ``generate`` is False or no reference exists).
+        references (``None`` when ``generate`` is False or no reference exists); ``notes``:
+        one sentence for each metric that is ``None``, saying why (a marker without labels
+        or with one class among the held-out patients, no reference report).
     """
     from fedrg.data.findings import findings_f1
 
@@ -96,7 +98,8 @@ def evaluate(
     if len(dataset) == 0:
         empty = dict.fromkeys(markers)
         return {"n": 0, "loss": None, "auroc": empty, "auroc_multimodal": dict(empty),
-                "rouge_l": None, "findings_f1": None}
+                "rouge_l": None, "findings_f1": None,
+                "notes": ["no held-out patients: every metric is undefined"]}
     was_training = model.training
     model.eval()
     try:
@@ -118,7 +121,39 @@ def evaluate(
     else:
         res["rouge_l"] = None
         res["findings_f1"] = None
+    res["notes"] = undefined_metric_notes(p["markers"], p["marker_mask"], markers, res["auroc"])
+    if generate and res["findings_f1"] is None:
+        res["notes"].append(f"findings F1 and ROUGE-L undefined: none of the {res['n']} "
+                            "held-out patients has a reference report")
     return res
+
+
+def undefined_metric_notes(labels: np.ndarray, mask: np.ndarray, markers: list[str],
+                           aurocs: dict[str, float | None]) -> list[str]:
+    """Why each ``None`` AUROC is undefined: no labels, or a single class.
+
+    Parameters
+    ----------
+    labels, mask
+        ``[N, K]`` marker values and known-masks of the evaluated patients.
+    markers
+        The K marker names.
+    aurocs
+        Marker -> AUROC (``None`` where undefined).
+    """
+    notes = []
+    for j, m in enumerate(markers):
+        if aurocs.get(m) is not None:
+            continue
+        known = labels[:, j][mask[:, j] > 0.5] if labels.size else np.zeros(0)
+        if known.size == 0:
+            notes.append(f"AUROC {m} undefined: none of the {labels.shape[0]} held-out patients "
+                         f"has a {m} label")
+        else:
+            which = "positive" if known[0] > 0.5 else "negative"
+            notes.append(f"AUROC {m} undefined: all {known.size} labelled held-out patient(s) "
+                         f"are {which}")
+    return notes
 
 
 def per_patient_report_scores(

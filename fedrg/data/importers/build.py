@@ -23,6 +23,7 @@ from pathlib import Path
 from fedrg.config import DataConfig
 from fedrg.data.importers.dicom import DicomSeries, choose_series, index_dicom
 from fedrg.data.importers.gdc import (
+    TUMOUR_RANK,
     ClinicalTable,
     MafVariant,
     SampleSheetRow,
@@ -36,7 +37,7 @@ from fedrg.data.importers.gdc import (
 )
 from fedrg.errors import DataImportError, Problem
 
-__all__ = ["ImportReport", "Unmatched", "import_gdc"]
+__all__ = ["ImportReport", "Unmatched", "import_gdc", "one_problem_per_cause"]
 
 IDH_GENES = ("IDH1", "IDH2")
 REPORT_FILE = "import_report.json"
@@ -68,10 +69,11 @@ class ImportReport:
 
 @dataclass
 class _Download:
-    sample_sheet: list[SampleSheetRow]
+    sample_sheet: list[SampleSheetRow] | None  # None: no usable sample sheet (said once)
     expression_files: dict[str, Path]  # file name -> path
     mafs: list[Path]
     clinical: Path | None
+    sheet_path: Path | None = None
 
 
 def _discover(gdc_dir: Path, sample_sheet: Path | None, clinical: Path | None,
@@ -101,7 +103,7 @@ def _discover(gdc_dir: Path, sample_sheet: Path | None, clinical: Path | None,
         if len(found) > 1:
             problems.append(Problem(str(gdc_dir), f"{len(found)} {what}s found "
                                     f"({', '.join(p.name for p in found)}); pass one with {option}"))
-    rows: list[SampleSheetRow] = []
+    rows: list[SampleSheetRow] | None = None
     if sheets:
         rows = read_sample_sheet(sheets[0], problems)
     elif expression:
@@ -109,21 +111,49 @@ def _discover(gdc_dir: Path, sample_sheet: Path | None, clinical: Path | None,
             str(gdc_dir), f"{len(expression)} expression file(s) but no GDC sample sheet, the only "
             "link from a file to its case: download 'Sample Sheet' from the GDC cart into this "
             "folder or pass --sample-sheet"))
-    return _Download(rows, expression, mafs, clinicals[0] if clinicals else None)
+    else:
+        rows = []  # nothing needs one
+    return _Download(rows, expression, mafs, clinicals[0] if clinicals else None,
+                     sheets[0] if sheets else None)
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    """``a, b, c and 7 more``."""
+    head = ", ".join(names[:shown])
+    return head if len(names) <= shown else f"{head} and {len(names) - shown} more"
+
+
+def _skip_reason(row: SampleSheetRow) -> str:
+    tissue = row.kind.tissue
+    if tissue == "normal":
+        return f"{row.sample_type} expression file {row.file_name}"
+    if tissue == "model":
+        return (f"{row.sample_type} expression file {row.file_name} (a model grown from the "
+                "tumour, not the patient's tissue)")
+    if tissue == "not tumour":
+        return f"{row.sample_type} expression file {row.file_name} (not tumour tissue)"
+    return (f"expression file {row.file_name}: the sample sheet does not say it is a tumour "
+            f"sample ({row.sample_type})")
+
+
+def _preference(row: SampleSheetRow) -> tuple:
+    """Primary before recurrence before metastasis; frozen before FFPE; then sample id."""
+    return (TUMOUR_RANK.get(row.kind.descriptor, len(TUMOUR_RANK)), row.kind.ffpe, row.sample_ids)
 
 
 def _expression_by_case(dl: _Download, report: ImportReport,
                         problems: list[Problem]) -> dict[str, tuple[SampleSheetRow, Path]]:
     chosen: dict[str, tuple[SampleSheetRow, Path]] = {}
+    if dl.sample_sheet is None:  # said once already: no file's case can be known
+        return chosen
     listed = set()
+    absent: list[SampleSheetRow] = []
     for row in dl.sample_sheet:
         path = dl.expression_files.get(row.file_name)
         listed.add(row.file_name)
         if path is None:
             if "expression" in row.data_type.lower():
-                problems.append(Problem(
-                    str(row.file_name), f"listed in the sample sheet (row {row.row}) but not in the "
-                    "download; re-run gdc-client download with the same manifest"))
+                absent.append(row)
             continue
         if len(row.case_ids) != 1:
             problems.append(Problem(
@@ -131,21 +161,54 @@ def _expression_by_case(dl: _Download, report: ImportReport,
                 f"({', '.join(row.case_ids)}); an expression file belongs to one case"))
             continue
         case = row.case_ids[0]
-        if row.is_normal:
-            report.notes.append(f"{case}: skipped {row.sample_type} expression file {row.file_name}")
+        if not row.is_tumour:
+            report.notes.append(f"{case}: skipped {_skip_reason(row)}")
             continue
         if case in chosen:
-            keep, drop = sorted([chosen[case], (row, path)], key=lambda rp: rp[0].sample_ids)
+            keep, drop = sorted([chosen[case], (row, path)], key=lambda rp: _preference(rp[0]))
             chosen[case] = keep
-            report.notes.append(f"{case}: several tumour expression files; using sample "
-                                f"{','.join(keep[0].sample_ids)}, not {','.join(drop[0].sample_ids)}")
+            report.notes.append(
+                f"{case}: several tumour expression files; using sample "
+                f"{','.join(keep[0].sample_ids)} ({keep[0].sample_type}), not "
+                f"{','.join(drop[0].sample_ids)} ({drop[0].sample_type})")
             continue
         chosen[case] = (row, path)
-    for name in sorted(set(dl.expression_files) - listed):
+    sheet = str(dl.sheet_path or "the sample sheet")
+    if len(absent) == 1:
         problems.append(Problem(
-            str(dl.expression_files[name]), "expression file is not in the sample sheet, so its "
-            "case is unknown; use the sample sheet of the same GDC cart"))
+            absent[0].file_name, f"listed in the sample sheet (row {absent[0].row}) but not in the "
+            "download; re-run gdc-client download with the same manifest"))
+    elif absent:
+        problems.append(Problem(
+            sheet, f"{len(absent)} expression files it lists are not in the download "
+            f"({_some([r.file_name for r in absent])}); the download is incomplete: re-run "
+            "gdc-client download with the same manifest"))
+    unlisted = sorted(set(dl.expression_files) - listed)
+    if len(unlisted) == 1:
+        problems.append(Problem(
+            str(dl.expression_files[unlisted[0]]), "expression file is not in the sample sheet, "
+            "so its case is unknown; use the sample sheet of the same GDC cart"))
+    elif unlisted:
+        problems.append(Problem(
+            sheet, f"{len(unlisted)} expression files of the download are not in this sample "
+            f"sheet ({_some(unlisted)}), so their cases are unknown; use the sample sheet of "
+            "the same GDC cart"))
     return chosen
+
+
+def one_problem_per_cause(problems: list[Problem]) -> list[Problem]:
+    """Merge problems that say the same thing about several files into one.
+
+    A wrong ``--expression-column`` is one mistake, not one per STAR file: problems with the
+    same message and row are listed once, naming how many files and the first few.
+    """
+    groups: dict[tuple[str, int | None], list[str]] = {}
+    for p in problems:
+        files = groups.setdefault((p.message, p.row), [])
+        if p.file not in files:
+            files.append(p.file)
+    return [Problem(files[0] if len(files) == 1 else f"{len(files)} files ({_some(files)})",
+                    message, row) for (message, row), files in groups.items()]
 
 
 def _resolve_case(v: MafVariant | str, uuid_to_case: dict[str, str]) -> str:
@@ -297,7 +360,7 @@ def import_gdc(gdc_dir: str | Path, dicom_dir: str | Path, out_dir: str | Path, 
                 row.append(math.nan)
         markers[case] = row
     if problems:
-        raise DataImportError(str(gdc_dir), problems)
+        raise DataImportError(str(gdc_dir), one_problem_per_cause(problems))
 
     patients: list[str] = []
     chosen: dict[str, DicomSeries] = {}

@@ -2,7 +2,12 @@
 
 * **Sample sheet** (``gdc_sample_sheet.<date>.tsv``, from the GDC cart): ``File ID``,
   ``File Name``, ``Data Category``, ``Data Type``, ``Project ID``, ``Case ID``,
-  ``Sample ID``, ``Sample Type``. It is the only link from an expression file to its case.
+  ``Sample ID``, then what the sample is. Older sheets have ``Sample Type`` (the retired
+  ``sample_type`` property: ``Primary Tumor``, ``Solid Tissue Normal``...); the current
+  portal's have ``Tissue Type``, ``Tumor Descriptor``, ``Specimen Type`` and
+  ``Preservation Method`` (the GDC dictionary's ``sample`` properties that replaced it).
+  Both are read into the same :class:`SampleKind`. It is the only link from an expression
+  file to its case.
 * **Gene expression quantification**, workflow *STAR - Counts*
   (``*.rna_seq.augmented_star_gene_counts.tsv``): ``# gene-model: ...`` comment, header
   ``gene_id gene_name gene_type unstranded stranded_first stranded_second tpm_unstranded
@@ -31,8 +36,11 @@ __all__ = [
     "NONSILENT",
     "ClinicalTable",
     "MafVariant",
+    "SampleKind",
     "SampleSheetRow",
     "case_of_barcode",
+    "kind_from_portal_columns",
+    "kind_from_sample_type",
     "parse_marker_value",
     "read_clinical",
     "read_maf",
@@ -41,7 +49,10 @@ __all__ = [
     "sniff_tsv",
 ]
 
-SAMPLE_SHEET_COLUMNS = ("File Name", "Case ID", "Sample ID", "Sample Type")
+SAMPLE_SHEET_COLUMNS = ("File Name", "Case ID", "Sample ID")
+#: What the sample is: the older sheets' column, and the current portal's columns.
+OLD_LAYOUT_COLUMN = "Sample Type"
+NEW_LAYOUT_COLUMNS = ("Tissue Type", "Tumor Descriptor", "Specimen Type", "Preservation Method")
 STAR_COLUMNS = ("gene_id", "gene_name", "gene_type", "unstranded")
 MAF_COLUMNS = ("Hugo_Symbol", "Chromosome", "Start_Position", "Variant_Classification",
                "Reference_Allele", "Tumor_Seq_Allele2", "Tumor_Sample_Barcode")
@@ -52,7 +63,6 @@ NONSILENT = frozenset({
 })
 #: Genes whose recurrent driver calls are promoter (5'Flank) variants.
 PROMOTER_GENES = frozenset({"TERT"})
-NORMAL_SAMPLE_TYPES = ("normal",)
 EMPTY_VALUES = frozenset({"", "'--", "--", "na", "n/a", "nan", "not reported", "unknown",
                           "not evaluated", "not applicable", "[not available]", "[unknown]"})
 POSITIVE = frozenset({"1", "yes", "true", "positive", "mutant", "mutated", "methylated",
@@ -128,44 +138,184 @@ def _missing_columns(header: list[str], needed: tuple[str, ...], display: str, w
 
 # --------------------------------------------------------------------------- sample sheet
 
+#: Tumour kinds in the order the importer prefers them when a case has several tumour files.
+TUMOUR_RANK = {"primary": 0, "recurrence": 1, "metastatic": 2, "other tumour": 3}
+#: Specimen types of a model grown from the tumour, not the patient's own tissue.
+_MODEL_WORDS = ("cell line", "organoid", "neurosphere", "reprogrammed", "xenograft",
+                "cancer model", "original cells", "adherent suspension")
+_UNKNOWN = frozenset({"", "unknown", "not reported", "not allowed to collect", "'--", "--",
+                      "nos", "not applicable"})
+
+
+@dataclass(frozen=True)
+class SampleKind:
+    """What one sample is, whichever sample-sheet layout said it.
+
+    ``tissue`` is ``tumour``, ``normal``, ``model`` (a cell line, organoid or xenograft grown
+    from the tumour), ``not tumour`` (peritumoral or abnormal tissue) or ``unknown``;
+    ``descriptor`` (tumours only) is ``primary``, ``recurrence``, ``metastatic`` or
+    ``other tumour``; ``ffpe`` is True for formalin-fixed, paraffin-embedded samples;
+    ``label`` is the sheet's own wording, for messages.
+    """
+
+    tissue: str
+    descriptor: str
+    ffpe: bool
+    label: str
+
+
+def _is_model(text: str) -> bool:
+    return any(w in text for w in _MODEL_WORDS)
+
+
+def kind_from_sample_type(sample_type: str) -> SampleKind:
+    """A retired GDC ``sample_type`` value (older sheets' ``Sample Type``) -> :class:`SampleKind`."""
+    v = sample_type.strip().lower()
+    ffpe = "ffpe" in v
+    if "normal" in v:
+        return SampleKind("normal", "", ffpe, sample_type.strip())
+    if _is_model(v):
+        return SampleKind("model", "", ffpe, sample_type.strip())
+    if v in _UNKNOWN:
+        return SampleKind("unknown", "", ffpe, sample_type.strip() or "empty Sample Type")
+    if v.startswith("primary"):
+        descriptor = "primary"
+    elif v.startswith("recurrent") or "recurrent" in v:
+        descriptor = "recurrence"
+    elif "metastatic" in v:
+        descriptor = "metastatic"
+    else:  # Additional - New Primary, Blood Derived Cancer, Tumor, Post neo-adjuvant therapy...
+        descriptor = "other tumour"
+    return SampleKind("tumour", descriptor, ffpe, sample_type.strip())
+
+
+def kind_from_portal_columns(tissue_type: str, tumor_descriptor: str, specimen_type: str = "",
+                             preservation_method: str = "") -> SampleKind:
+    """The current portal's ``Tissue Type`` / ``Tumor Descriptor`` / ``Specimen Type`` /
+    ``Preservation Method`` (GDC dictionary ``sample.tissue_type`` etc.) -> :class:`SampleKind`.
+
+    ``Tissue Type`` Tumor / Normal decides tumour or normal; Peritumoral and Abnormal tissue
+    is not tumour; when it is Unknown or Not Reported, a Primary / Recurrence / Metastatic
+    / New Primary ``Tumor Descriptor`` still marks a tumour. A cell-line, organoid or
+    xenograft ``Specimen Type`` (or the Xenograft descriptor) is a model, not the patient.
+    """
+    tissue, desc = tissue_type.strip().lower(), tumor_descriptor.strip().lower()
+    spec, pres = specimen_type.strip().lower(), preservation_method.strip().lower()
+    parts = [p for p in (tissue_type.strip(), tumor_descriptor.strip(), specimen_type.strip(),
+                         preservation_method.strip()) if p.lower() not in _UNKNOWN]
+    label = ", ".join(parts) or "Tissue Type unknown"
+    ffpe = pres == "ffpe"
+    descriptor = {"primary": "primary", "recurrence": "recurrence",
+                  "metastatic": "metastatic", "new primary": "other tumour"}.get(desc, "")
+    if _is_model(spec) or desc == "xenograft":
+        return SampleKind("model", "", ffpe, label)
+    if tissue == "normal":
+        return SampleKind("normal", "", ffpe, label)
+    if tissue in ("peritumoral", "abnormal") or desc == "premalignant":
+        return SampleKind("not tumour", "", ffpe, label)
+    if tissue == "tumor" or tissue == "tumour":
+        return SampleKind("tumour", descriptor or "other tumour", ffpe, label)
+    if descriptor:
+        return SampleKind("tumour", descriptor, ffpe, label)
+    return SampleKind("unknown", "", ffpe, label)
+
+
 @dataclass(frozen=True)
 class SampleSheetRow:
-    """One file of the GDC sample sheet."""
+    """One file of the GDC sample sheet (either layout).
+
+    ``kinds`` holds one :class:`SampleKind` per entry of ``sample_ids`` (a multi-sample file
+    such as a MAF lists its tumour and normal samples comma-separated).
+    """
 
     row: int
     file_name: str
     data_type: str
     case_ids: tuple[str, ...]
     sample_ids: tuple[str, ...]
-    sample_type: str
+    kinds: tuple[SampleKind, ...]
+
+    @property
+    def kind(self) -> SampleKind:
+        """The file's sample (the first tumour one of a multi-sample file)."""
+        return next((k for k in self.kinds if k.tissue == "tumour"), self.kinds[0])
+
+    @property
+    def sample_type(self) -> str:
+        """The sheet's own words for the sample (``Solid Tissue Normal``; ``Normal, Solid Tissue``)."""
+        return self.kind.label
 
     @property
     def is_normal(self) -> bool:
         """Normal tissue or blood (not a tumour sample)."""
-        return any(k in self.sample_type.lower() for k in NORMAL_SAMPLE_TYPES)
+        return all(k.tissue == "normal" for k in self.kinds)
+
+    @property
+    def is_tumour(self) -> bool:
+        """A sample of the patient's tumour (not normal tissue, not a model grown from it)."""
+        return self.kind.tissue == "tumour"
 
 
 def _split_ids(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-def read_sample_sheet(path: Path, problems: list[Problem], display: str | None = None) -> list[SampleSheetRow]:
-    """Parse a GDC sample sheet (``Case ID`` / ``Sample ID`` may hold comma-separated lists)."""
+def _split_per_sample(value: str, n: int) -> list[str]:
+    """A comma-separated per-sample column (``Tumor, Normal``) -> ``n`` values."""
+    parts = [v.strip() for v in value.split(",")]
+    if len(parts) == n:
+        return parts
+    return [value.strip()] * n  # one value for every sample (or a value holding a comma)
+
+
+def read_sample_sheet(path: Path, problems: list[Problem],
+                      display: str | None = None) -> list[SampleSheetRow] | None:
+    """Parse a GDC sample sheet of either layout (see the module docstring).
+
+    ``Case ID`` / ``Sample ID`` and the per-sample columns may hold comma-separated lists.
+
+    Returns
+    -------
+    list of SampleSheetRow, or None
+        ``None`` when the sheet itself is unusable (one problem says why); the caller then
+        cannot tell any file's case and must not report each file again.
+    """
     display = display or str(path)
     header, rows = _table(path, display, problems)
+    if not header:
+        problems.append(Problem(display, "file is empty; expected a GDC sample sheet"))
+        return None
     if _missing_columns(header, SAMPLE_SHEET_COLUMNS, display, "sample sheet", problems):
-        return []
+        return None
+    old = OLD_LAYOUT_COLUMN in header
+    if not old and "Tissue Type" not in header and "Tumor Descriptor" not in header:
+        problems.append(Problem(
+            display, f"header says neither what each sample is ('{OLD_LAYOUT_COLUMN}' in "
+            "older GDC sample sheets) nor 'Tissue Type' / 'Tumor Descriptor' (the current "
+            f"portal's; found: {', '.join(header[:12])}). Download the sample sheet again "
+            "from the GDC cart, or pass it with --sample-sheet", 1))
+        return None
     idx = {c: i for i, c in enumerate(header)}
+
+    def col(f: list[str], name: str) -> str:
+        return f[idx[name]].strip() if name in idx else ""
+
     out = []
     for lineno, f in rows:
-        name = f[idx["File Name"]].strip()
-        cases = _split_ids(f[idx["Case ID"]])
+        name = col(f, "File Name")
+        cases = _split_ids(col(f, "Case ID"))
         if not name or not cases:
             problems.append(Problem(display, "empty 'File Name' or 'Case ID'", lineno))
             continue
-        data_type = f[idx["Data Type"]].strip() if "Data Type" in idx else ""
-        out.append(SampleSheetRow(lineno, name, data_type, cases, _split_ids(f[idx["Sample ID"]]),
-                                  f[idx["Sample Type"]].strip()))
+        samples = _split_ids(col(f, "Sample ID"))
+        n = max(len(samples), 1)
+        if old:
+            kinds = tuple(kind_from_sample_type(v)
+                          for v in _split_per_sample(col(f, OLD_LAYOUT_COLUMN), n))
+        else:
+            per = [_split_per_sample(col(f, c), n) for c in NEW_LAYOUT_COLUMNS]
+            kinds = tuple(kind_from_portal_columns(*vals) for vals in zip(*per, strict=True))
+        out.append(SampleSheetRow(lineno, name, col(f, "Data Type"), cases, samples, kinds))
     return out
 
 
@@ -183,7 +333,13 @@ def read_star_counts(path: Path, genes: list[str], column: str, problems: list[P
     if not header:
         problems.append(Problem(display, "file is empty; expected a GDC STAR - Counts table"))
         return None
-    if _missing_columns(header, (*STAR_COLUMNS, column), display, "STAR - Counts file", problems):
+    if _missing_columns(header, STAR_COLUMNS, display, "STAR - Counts file", problems):
+        return None
+    if column not in header:
+        values = [c for c in header if c not in STAR_COLUMNS]
+        problems.append(Problem(
+            display, f"header lacks column(s) {column} (--expression-column); this STAR - "
+            f"Counts file has {', '.join(values)}: choose one of them", 1))
         return None
     g_col, v_col = header.index("gene_name"), header.index(column)
     wanted = set(genes)
