@@ -16,6 +16,7 @@ Pure: no torch, no I/O.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -226,3 +227,17 @@ def read_policy_file(path: str | os.PathLike[str]) -> SitePolicy:
     if not isinstance(raw, dict):
         raise ConfigError(f"policy file {path} does not hold a table of policy keys")
     return parse_policy(policy_table(raw), source=str(path))
+
+
+def encode_policy(policy: SitePolicy) -> str:
+    """The policy as one node-config value: base64url of its JSON (no quotes to escape)."""
+    return base64.urlsafe_b64encode(policy.model_dump_json().encode()).decode()
+
+
+def decode_policy(value: str) -> SitePolicy:
+    """Inverse of :func:`encode_policy` (raises :class:`ConfigError` naming the key)."""
+    try:
+        return SitePolicy.model_validate_json(base64.urlsafe_b64decode(value.encode()))
+    except (ValueError, ValidationError) as err:
+        raise ConfigError(f"node-config key 'policy' does not hold a valid site policy ({err}); "
+                          "start the hospital with `fedrg client --config FILE`") from None

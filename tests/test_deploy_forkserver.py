@@ -21,12 +21,12 @@ from typing import IO
 
 import pytest
 
-from fedrg.deploy import clientapp_launch, local_socket
 from fedrg.deploy.clientapp_forkserver import ForkServer
-from fedrg.deploy.clientapp_launch import key_path, socket_path
 from fedrg.deploy.pinned_clientapp import write_launcher
 from fedrg.deploy.pinning import PIN_FILE, installed_pin
 from fedrg.errors import FedrgError
+from fedrg.hospital import clientapp_launch, local_socket
+from fedrg.hospital.clientapp_launch import key_path, socket_path
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -155,7 +155,7 @@ def test_launcher_runs_the_pinned_clientapp_module(tmp_path):
     bin_dir = write_launcher(tmp_path, installed_pin())
     launcher = bin_dir / "flwr-clientapp"
     text = launcher.read_text()
-    # through the fork server (fedrg.deploy.clientapp_launch), which runs
+    # through the fork server (fedrg.hospital.clientapp_launch), which runs
     # pinned_clientapp.main, or `python -m fedrg.deploy.pinned_clientapp` without one
     assert "clientapp_launch.py" in text and str(tmp_path.resolve()) in text
     assert os.access(launcher, os.X_OK)

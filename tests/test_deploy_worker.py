@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from fedrg.config import SiteConfig
-from fedrg.deploy.worker import (
+from fedrg.errors import FedrgError
+from fedrg.hospital.answer import answer
+from fedrg.hospital.worker import (
     KEY_NAME,
     HospitalWorker,
     WorkerError,
@@ -20,8 +22,6 @@ from fedrg.deploy.worker import (
     forward,
     socket_path,
 )
-from fedrg.errors import FedrgError
-from fedrg.hospital.answer import answer
 from fedrg.payload import Payload
 from fedrg.policy import SitePolicy
 

@@ -52,6 +52,7 @@ from torch.utils.data import Dataset
 from fedrg.audit.canary import audit_from_scores, draw_inclusion
 from fedrg.config import DataConfig, ModelConfig, TrainingConfig
 from fedrg.errors import PrivacyError
+from fedrg.train.schedule import poisson_sample_rate
 
 #: Defaults of the audit experiment (sized for about a minute per run on 2 CPU cores).
 DEFAULT_CANARIES = 256
@@ -437,8 +438,10 @@ def run_canary_audit(
     noise_multiplier = sample_rate = None
     if target_epsilon is not None:
         check_delta(target_delta=target_delta, n_patients=len(train_set))
-        batch = float(training_cfg.batch_size)
-        sample_rate = min(1.0, batch / design.expected_records)
+        # the schedule's one rule, over the expected records (the cohort and half the
+        # canaries): the rate must not depend on which canaries are included
+        sample_rate = poisson_sample_rate(batch_size=training_cfg.batch_size,
+                                          n_records=design.expected_records)
         noise_multiplier = calibrate_noise_multiplier(
             target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate,
             steps=steps, accountant=accountant)

@@ -348,8 +348,8 @@ def client(
     group = P.ProcessGroup(state / "logs")
     try:
         # the long-lived worker answers every message with warm torch, model and cohort;
-        # the ClientApp Flower starts per message forwards to it (fedrg.deploy.worker)
-        worker = group.start("worker", [sys.executable, "-m", "fedrg.deploy.worker",
+        # the ClientApp Flower starts per message forwards to it (fedrg.hospital.worker)
+        worker = group.start("worker", [sys.executable, "-m", "fedrg.hospital.worker",
                                         "--site", s.site.model_dump_json()], env=env)
         # Flower's per-message `flwr-clientapp` is forked from a process that has Flower
         # imported already (fedrg.deploy.clientapp_forkserver); same pinned code, same checks

@@ -75,6 +75,12 @@ class CohortDataset(Dataset):
         """A collated batch of size 0 with the right trailing shapes (for empty Poisson batches)."""
         return empty_batch(self.data_cfg)
 
+    @staticmethod
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        """How this dataset's items become a batch (:func:`collate_samples`); the DP-SGD
+        session and the training loop ask the dataset, never check its type."""
+        return collate_samples(items)
+
     def markers_array(self) -> np.ndarray:
         """``[len, K]`` marker values with NaN for unknown (for metrics)."""
         return self.cohort.markers[self.indices]

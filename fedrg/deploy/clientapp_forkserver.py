@@ -4,14 +4,14 @@ Flower starts a new ``flwr-clientapp`` for every message; each start paid Python
 imports (about 1.3 s of CPU, 2-3 s wall on a busy 2-core machine) for a message the hospital
 worker answers in milliseconds. ``fedrg client`` starts this server next to the worker. It
 imports Flower's ClientApp runtime and fedrg's pinned launcher once, then, for each request
-of :mod:`fedrg.deploy.clientapp_launch`, forks a child that runs
+of :mod:`fedrg.hospital.clientapp_launch`, forks a child that runs
 :func:`fedrg.deploy.pinned_clientapp.main` with the launcher's arguments, environment,
 working directory and standard streams. The child is the same code Flower would have
 started (the app bundle is checked against the hospital's pin before anything of it is
 written or imported); only the interpreter start and imports are skipped.
 
 * **Who may ask**: the socket is ``clientapp.sock`` in the hospital's private socket
-  directory (:mod:`fedrg.deploy.local_socket`: ``<state_dir>/sockets`` or, for a long state
+  directory (:mod:`fedrg.hospital.local_socket`: ``<state_dir>/sockets`` or, for a long state
   path, an unpredictable 0700 directory; checked: owned by this user, mode 0700, not a link),
   created 0600. Every connection's peer must run as this user (``SO_PEERCRED``) and prove the
   key in ``<state_dir>/clientapp.key`` (0600, fresh at every start) before its request is
@@ -42,9 +42,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedrg.deploy import local_socket, pinned_clientapp
-from fedrg.deploy.clientapp_launch import PURPOSE, key_path, socket_path
+from fedrg.deploy import pinned_clientapp
 from fedrg.errors import FedrgError
+from fedrg.hospital import local_socket
+from fedrg.hospital.clientapp_launch import PURPOSE, key_path, socket_path
 
 log = logging.getLogger("fedrg.forkserver")
 
@@ -57,7 +58,7 @@ PRELOAD = (
     "flwr.serverapp",
     "fedrg.deploy.pinned_clientapp",
     "fedrg.flower.apps",
-    "fedrg.deploy.worker",
+    "fedrg.hospital.worker",
     "fedrg.deploy.settings",
 )
 """Modules imported once in the server (never the app bundle's own modules)."""
@@ -143,7 +144,7 @@ class ForkServer:
         ------
         FedrgError
             If another fork server already listens for this state directory, or the socket
-            directory fails its checks (:class:`~fedrg.deploy.local_socket.UnsafeSocketError`).
+            directory fails its checks (:class:`~fedrg.hospital.local_socket.UnsafeSocketError`).
         """
         self.state_dir.mkdir(parents=True, exist_ok=True)
         address = socket_path(self.state_dir, create=True)

@@ -80,10 +80,10 @@ def write_launcher(state_dir: str | Path, pin: AppPin) -> Path:
     atomic_write(pin_path, pin.to_json(), mode=PRIVATE_MODE)
     bin_dir = state / "bin"
     launcher = bin_dir / LAUNCHER_NAME
-    from fedrg.deploy.clientapp_launch import LAUNCHER_SCRIPT
+    from fedrg.hospital.clientapp_launch import LAUNCHER_SCRIPT
 
     python = shlex.quote(sys.executable)
-    # stdlib and fedrg.deploy.local_socket only (-I -S): the fork server's child runs main()
+    # stdlib and fedrg.hospital.local_socket only (-I -S): the fork server's child runs main()
     # below; without a fork server the launch script execs `python -m
     # fedrg.deploy.pinned_clientapp` instead. It finds the fork server's socket from the state
     # dir at each launch and hands nothing to a listener that fails the checks

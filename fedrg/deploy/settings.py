@@ -6,7 +6,6 @@ command works the same from any working directory.
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedrg.config import SiteConfig, policy_table_key, read_toml, site_table
 from fedrg.errors import ConfigError
-from fedrg.policy import SitePolicy
+from fedrg.policy import encode_policy
 from fedrg.pydantic_errors import format_validation_error
 
 
@@ -205,20 +204,6 @@ def load_hospital_settings(path: str | Path) -> HospitalSettings:
     s.auth.private_key = _resolve(base, s.auth.private_key)
     s.experiment = _resolve(base, s.experiment)
     return s
-
-
-def encode_policy(policy: SitePolicy) -> str:
-    """The policy as one node-config value: base64url of its JSON (no quotes to escape)."""
-    return base64.urlsafe_b64encode(policy.model_dump_json().encode()).decode()
-
-
-def decode_policy(value: str) -> SitePolicy:
-    """Inverse of :func:`encode_policy` (raises :class:`ConfigError` naming the key)."""
-    try:
-        return SitePolicy.model_validate_json(base64.urlsafe_b64decode(value.encode()))
-    except (ValueError, ValidationError) as err:
-        raise ConfigError(f"node-config key 'policy' does not hold a valid site policy ({err}); "
-                          "start the hospital with `fedrg client --config FILE`") from None
 
 
 def node_config(site: SiteConfig) -> dict[str, str | float]:

@@ -70,8 +70,7 @@ def site_from_node_config(context: Context) -> SiteConfig:
             f"SuperNode node config lacks {missing}; start it with "
             "--node-config 'cohort=\"/path\" state-dir=\"/path\" site-name=\"h1\"' "
             "(fedrg client does this from configs/hospital.example.toml, policy included)")
-    from fedrg.deploy.settings import decode_policy
-    from fedrg.policy import SitePolicy
+    from fedrg.policy import SitePolicy, decode_policy
 
     # no policy key: the safe defaults (DP and secure aggregation required)
     policy = decode_policy(str(nc["policy"])) if "policy" in nc else SitePolicy()
@@ -110,7 +109,7 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
             payload = record_to_payload(msg.content)
             # the hospital's long-lived worker (started by `fedrg client`) answers when it
             # runs: torch, model, cohort and accountant stay warm there; else this process
-            from fedrg.deploy.worker import forward
+            from fedrg.hospital.worker import forward
 
             reply = forward(site_cfg, action, payload, state)
             if reply is None:

@@ -2,7 +2,7 @@
 
 Flower-free. ``answer(action, site, payload, state)`` is what the hospital does with one server
 message, whether it runs inside the ClientApp process Flower starts or inside the hospital's
-long-lived worker (:mod:`fedrg.deploy.worker`), so the same policy checks run either way.
+long-lived worker (:mod:`fedrg.hospital.worker`), so the same policy checks run either way.
 """
 
 from __future__ import annotations

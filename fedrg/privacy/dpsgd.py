@@ -103,11 +103,10 @@ def slice_batch(batch: Batch, start: int, stop: int) -> dict[str, Any]:
 
 
 def _collate_for(dataset: Any) -> Callable[[list[Any]], Batch]:
-    """``collate_samples`` for fedrg cohort datasets, torch's default collation otherwise."""
-    if type(dataset).__module__.startswith("fedrg.data"):
-        from fedrg.data.dataset import collate_samples
-
-        return collate_samples
+    """The dataset's own ``collate`` (fedrg cohort datasets have one), else torch's default."""
+    own = getattr(dataset, "collate", None)
+    if callable(own):
+        return own  # type: ignore[no-any-return]
     from torch.utils.data import default_collate
 
     return default_collate

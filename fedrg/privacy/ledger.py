@@ -362,7 +362,7 @@ def verify_ledger_bytes(
         elif entry.key_id != expected_kid:
             report.add("schema", f"key_id {entry.key_id} does not name the verifying key "
                        f"{expected_kid}", i)
-        if entry.epsilon > entry.budget + EPS_TOL:
+        if not within_budget(entry.epsilon, entry.budget):
             report.add("over_budget", f"recorded epsilon {entry.epsilon:.6g} passes the "
                        f"budget {entry.budget:.6g}", i)
         if prev_entry is not None:

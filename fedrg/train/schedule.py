@@ -12,15 +12,16 @@ import math
 from fedrg.errors import PrivacyError
 
 
-def poisson_sample_rate(*, batch_size: int, n_records: int) -> float:
+def poisson_sample_rate(*, batch_size: int, n_records: float) -> float:
     """Poisson sample rate ``q = batch_size / n_records`` (at most 1).
 
     Parameters
     ----------
     batch_size : int
         The expected (logical) batch size.
-    n_records : int
-        Training records (patients, the privacy unit).
+    n_records : float
+        Training records (patients, the privacy unit); the canary audit passes an expected
+        count.
 
     Returns
     -------

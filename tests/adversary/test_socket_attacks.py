@@ -33,14 +33,14 @@ from pathlib import Path
 import pytest
 
 from fedrg.config import SiteConfig
-from fedrg.deploy import clientapp_launch, local_socket
 from fedrg.deploy.clientapp_forkserver import ForkServer
 from fedrg.deploy.pinned_clientapp import write_launcher
 from fedrg.deploy.pinning import installed_pin
-from fedrg.deploy.worker import KEY_NAME as WORKER_KEY
-from fedrg.deploy.worker import HospitalWorker, WorkerError, forward
-from fedrg.deploy.worker import socket_path as worker_socket_path
 from fedrg.errors import FedrgError
+from fedrg.hospital import clientapp_launch, local_socket
+from fedrg.hospital.worker import KEY_NAME as WORKER_KEY
+from fedrg.hospital.worker import HospitalWorker, WorkerError, forward
+from fedrg.hospital.worker import socket_path as worker_socket_path
 from fedrg.payload import Payload
 from fedrg.policy import SitePolicy
 

@@ -11,7 +11,7 @@ process's arguments, environment, working directory and standard streams, and th
 with the child's exit status. Signals it receives are passed on to the child.
 
 The socket is ``clientapp.sock`` in the hospital's private socket directory
-(:mod:`fedrg.deploy.local_socket`: owned by this user, mode 0700, never a shared path). The
+(:mod:`fedrg.hospital.local_socket`: owned by this user, mode 0700, never a shared path). The
 launcher sends its arguments, environment and streams only after the listener has passed
 the checks: same user (``SO_PEERCRED``) and proof of the key in ``<state_dir>/clientapp.key``
 (0600, fresh at every start of the fork server). A listener that fails them gets nothing, and
@@ -19,7 +19,7 @@ the launch fails with exit status :data:`EXIT_REFUSED` and a message naming the 
 the reason. When no fork server runs (no directory, no key, nobody listening), it runs the
 pinned ClientApp in a fresh interpreter as before (same checks, slower).
 
-It imports the standard library and :mod:`fedrg.deploy.local_socket` only (the script runs
+It imports the standard library and :mod:`fedrg.hospital.local_socket` only (the script runs
 it with ``python -I -S``), so it starts in tens of milliseconds.
 """
 
@@ -37,7 +37,7 @@ from pathlib import Path
 if not __package__:  # run as a script by `python -I -S`: fedrg is not on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from fedrg.deploy import local_socket  # after the path above
+from fedrg.hospital import local_socket  # after the path above
 
 HEADER = struct.Struct(">I")  # length prefix of the request
 MAX_REQUEST = 1 << 20
@@ -57,7 +57,7 @@ def socket_path(state_dir: str | Path, *, create: bool = False) -> Path | None:
 
     Raises
     ------
-    fedrg.deploy.local_socket.UnsafeSocketError
+    fedrg.hospital.local_socket.UnsafeSocketError
         If the hospital's socket directory fails its checks.
     """
     return local_socket.socket_path(state_dir, SOCKET_NAME, create=create)
@@ -93,7 +93,7 @@ def connect(state_dir: str | Path) -> socket.socket:
     ------
     NoForkServerError
         When no fork server runs (the caller starts a fresh interpreter).
-    fedrg.deploy.local_socket.UnsafeSocketError
+    fedrg.hospital.local_socket.UnsafeSocketError
         When the directory, the key or the listener fails a check (nothing was sent).
     """
     address = socket_path(state_dir)
@@ -113,7 +113,7 @@ def run(state_dir: str | Path, argv: list[str]) -> int:
     ------
     NoForkServerError
         When no fork server runs for ``state_dir`` (the caller falls back).
-    fedrg.deploy.local_socket.UnsafeSocketError
+    fedrg.hospital.local_socket.UnsafeSocketError
         When the socket fails a check (nothing was sent) or the fork server broke off.
     """
     sock = connect(state_dir)

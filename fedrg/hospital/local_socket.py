@@ -1,7 +1,7 @@
 """Same-user Unix sockets for the hospital's local services (worker, ClientApp fork server).
 
 A hospital runs two local services next to its SuperNode: the worker
-(:mod:`fedrg.deploy.worker`) and the ClientApp fork server
+(:mod:`fedrg.hospital.worker`) and the ClientApp fork server
 (:mod:`fedrg.deploy.clientapp_forkserver`). What travels on their sockets is secret (patient
 model updates; the ClientApp's token, environment and standard streams), so both use this
 module, and only this module, for where their sockets live and who may talk on them:
@@ -22,7 +22,7 @@ module, and only this module, for where their sockets live and who may talk on t
   until the server has proven itself (:func:`connect`, :func:`authenticate_client`).
 
 The module imports only the standard library and :mod:`fedrg.errors`:
-``fedrg.deploy.clientapp_launch`` runs in ``python -I -S`` and loads it from the package
+``fedrg.hospital.clientapp_launch`` runs in ``python -I -S`` and loads it from the package
 directory.
 """
 

@@ -7,7 +7,7 @@ message to it (:func:`forward`) and relays the reply.
 
 * **Transport**: a Unix socket (mode 0600) in the hospital's private socket directory, with
   a same-user peer check and an HMAC challenge in both directions on a fresh 32-byte key in
-  ``worker.key`` (0600), all from :mod:`fedrg.deploy.local_socket` (shared with the
+  ``worker.key`` (0600), all from :mod:`fedrg.hospital.local_socket` (shared with the
   ClientApp fork server). Messages are ``.npz`` archives read with ``allow_pickle=False``:
   nothing received is unpickled.
 * **Trust**: the worker answers with *its own* site config (from the hospital's settings),
@@ -19,7 +19,7 @@ message to it (:func:`forward`) and relays the reply.
   as before (slower, same result). A worker that fails *while* answering is an error for
   that message, never a retry (a train request may already have spent budget).
 
-Run by ``fedrg client``; by hand: ``python -m fedrg.deploy.worker --site '<SiteConfig JSON>'``.
+Run by ``fedrg client``; by hand: ``python -m fedrg.hospital.worker --site '<SiteConfig JSON>'``.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 
 from fedrg.config import SiteConfig
-from fedrg.deploy import local_socket
 from fedrg.errors import FedrgError
+from fedrg.hospital import local_socket
 from fedrg.payload import Payload, meta_from_json, meta_to_json
 
 log = logging.getLogger("fedrg.worker")
@@ -159,7 +159,7 @@ class HospitalWorker:
 
     def warm_up(self) -> None:
         """Import the heavy modules now, not on the first message."""
-        import fedrg.federated.secure
+        import fedrg.hospital.secure
         import fedrg.hospital.site
         import fedrg.train.loop  # noqa: F401
         from fedrg.hospital.site import get_site
@@ -219,7 +219,7 @@ class HospitalWorker:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fedrg.deploy.worker --site JSON``: serve until SIGTERM/SIGINT."""
+    """``python -m fedrg.hospital.worker --site JSON``: serve until SIGTERM/SIGINT."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--site", required=True, help="the hospital's SiteConfig as JSON")
     args = parser.parse_args(argv)
