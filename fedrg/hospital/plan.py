@@ -97,14 +97,15 @@ def release_noise_multiplier(policy: SitePolicy, *, target_delta: float) -> floa
 def releases_reserved(policy: SitePolicy, *, rounds: int) -> int:
     """How many DP evaluation releases a run of ``rounds`` rounds keeps room for.
 
-    From the policy only (at most one per trained round, at most
-    ``policy.evaluation.max_releases_per_run``), whatever the request says about evaluation:
+    From the policy only (at most one of the starting adapter and one per trained round, at
+    most ``policy.evaluation.max_releases_per_run``), whatever the request says about evaluation:
     a server that asks for no evaluation while training and then for releases still finds
     the run's cap checked against every release.
     """
     if policy.evaluation.release != "dp":
         return 0
-    return min(int(rounds), policy.evaluation.max_releases_per_run)
+    # the starting adapter (round 0) and each trained round
+    return min(int(rounds) + 1, policy.evaluation.max_releases_per_run)
 
 
 @dataclass(frozen=True)

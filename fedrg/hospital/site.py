@@ -593,10 +593,11 @@ def _check_release_limits(entries: list[Any], policy: Any, *, run_id: str, round
         # (an exact release of the same model again reveals nothing new)
         raise DeclinedError("evaluation_repeated", "metrics of this global model were already "
                             "released once")
-    if round_ not in trained or any(e.round == round_ for e in released):
+    if (round_ != 0 and round_ not in trained) or any(e.round == round_ for e in released):
         raise DeclinedError("evaluation_not_after_training", (
-            f"at most one release per round this hospital trained in this run (trained rounds "
-            f"{sorted(trained)}, round {round_} asked)"))
+            f"at most one release of the starting adapter (round 0) and one per round this "
+            f"hospital trained in this run (trained rounds {sorted(trained)}, round {round_} "
+            "asked)"))
     if len(released) >= ev.max_releases_per_run:
         raise DeclinedError("evaluation_release_cap", (
             f"policy.evaluation.max_releases_per_run={ev.max_releases_per_run} releases already "
