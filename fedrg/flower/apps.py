@@ -19,7 +19,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedrg.config import ExperimentConfig, SiteConfig
 from fedrg.errors import FedrgError
-from fedrg.flower.records import PACKED_KEY, pack_arrays, payload_to_record, record_to_payload, unpack_arrays
+from fedrg.flower.records import (
+    PACKED_KEY,
+    RecordLayoutError,
+    pack_arrays,
+    payload_to_record,
+    record_to_payload,
+    unpack_arrays,
+)
 from fedrg.flower.transport import ACTIONS, GridTransport
 from fedrg.payload import Payload
 
@@ -43,6 +50,9 @@ def _load_state(context: Context) -> Payload:
         meta = dict(context.state[STATE_BYTES].items())
     if STATE_ARRAYS in context.state:
         stored = context.state[STATE_ARRAYS]
+        if not isinstance(stored, ArrayRecord):
+            raise RecordLayoutError(f"the ClientApp state's {STATE_ARRAYS!r} record is a "
+                                    f"{type(stored).__name__}, not an ArrayRecord")
         layout = meta.pop(STATE_LAYOUT, None)
         if layout is not None and PACKED_KEY in stored:  # one packed array (see records.py)
             arrays = unpack_arrays(stored[PACKED_KEY].numpy(), str(layout))
