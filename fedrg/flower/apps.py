@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
@@ -29,6 +29,10 @@ from fedrg.flower.records import (
 )
 from fedrg.flower.transport import ACTIONS, GridTransport
 from fedrg.payload import Payload
+
+if TYPE_CHECKING:
+    from fedrg.federated.aggregate import Aggregator
+    from fedrg.federated.server import ServerResult
 
 log = logging.getLogger("fedrg.flower")
 
@@ -180,10 +184,10 @@ def collect_ledgers(transport: GridTransport, run_dir: Path, *, round_: int,
 
 def build_server_app(provide: ConfigProvider,
                      on_round: Callable[[dict[str, Any]], None] | None = None,
-                     results: list[Any] | None = None,
+                     results: list[ServerResult] | None = None,
                      failures: list[BaseException] | None = None,
                      on_phase: Callable[[str, int, int], None] | None = None,
-                     *, ledgers: bool = False, aggregator: Any = None) -> ServerApp:
+                     *, ledgers: bool = False, aggregator: Aggregator | None = None) -> ServerApp:
     """The coordinator: runs :func:`fedrg.federated.runner.run_federation` over the Grid.
 
     ``on_phase(action, round, n_hospitals)`` is called before each message exchange
