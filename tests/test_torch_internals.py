@@ -86,7 +86,8 @@ def ew_grad_samples(n: int, *, unfold: bool) -> dict[str, torch.Tensor]:
         gsm._close()
 
 
-def test_unfolding_gives_the_same_per_sample_gradients_and_is_what_runs(monkeypatch):
+def spy_on_conv_paths(monkeypatch) -> list[str]:
+    """Record which of torch's two per-sample convolution paths runs (they still run)."""
     spy: list[str] = []
     for path in ("conv_group_weight_grad_sample", "conv_unfold_weight_grad_sample"):
         original = getattr(conv_utils, path)
@@ -96,6 +97,11 @@ def test_unfolding_gives_the_same_per_sample_gradients_and_is_what_runs(monkeypa
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(conv_utils, path, wrapped)
+    return spy
+
+
+def test_unfolding_gives_the_same_per_sample_gradients_and_is_what_runs(monkeypatch):
+    spy = spy_on_conv_paths(monkeypatch)
     grouped = ew_grad_samples(4, unfold=False)
     assert spy == ["conv_group_weight_grad_sample"]  # batch 4 < 32: torch's grouped path
     spy.clear()
@@ -137,8 +143,10 @@ def test_blocks_in_several_threads_share_one_lowering_and_the_last_restores_it()
     assert conv_utils.THRESHOLD == 32
 
 
-def test_ew_session_passes_the_first_forward_argument_positionally():
-    # the DP step in ew mode equals the plain step with zero noise and no clipping
+def test_ew_session_passes_the_first_forward_argument_positionally_and_unfolds(monkeypatch):
+    # the DP step in ew mode equals the plain step with zero noise and no clipping, and its
+    # per-sample convolution gradients took the unfold path at batch 5 (the measured speed)
+    spy = spy_on_conv_paths(monkeypatch)
     model, plain = ConvModel(), ConvModel()
     b = batch(5)
     session = DPSession(noise_multiplier=0.0, max_grad_norm=1e6, sample_rate=0.5,
@@ -148,6 +156,8 @@ def test_ew_session_passes_the_first_forward_argument_positionally():
         session.step(b)
     finally:
         session.cleanup()
+    assert spy == ["conv_unfold_weight_grad_sample"]
+    assert conv_utils.THRESHOLD == 32
     opt = torch.optim.SGD(plain.parameters(), lr=0.1)
     plain(**b).mean().backward()
     opt.step()
