@@ -42,6 +42,20 @@ ACCOUNTANTS: tuple[str, ...] = get_args(Accountant)
 DEFAULT_MAX_DELTA = 1e-5
 
 
+def noise_share(*, noise: str, honest_peers: int) -> float:
+    """The fraction of a round's noise standard deviation one hospital adds itself.
+
+    ``1`` with local noise; ``1 / sqrt(honest_peers + 1)`` with distributed noise, so that the
+    variances of ``honest_peers + 1`` honest shares sum to the full noise. The hospital's plan
+    and ``fedrg audit`` both use this one formula.
+    """
+    if noise == "local":
+        return 1.0
+    if honest_peers < 1:
+        raise ValueError(f"distributed noise needs honest_peers >= 1, got {honest_peers}")
+    return 1.0 / math.sqrt(honest_peers + 1)
+
+
 def required_threshold(*, fraction: float, holders: int) -> int:
     """The fewest Shamir shares a secure sum may need before a hospital accepts it.
 
@@ -109,6 +123,18 @@ class SitePolicy(BaseModel):
     max_local_steps: int = Field(200, ge=1, description="cap on DP-SGD steps per round")
     max_rounds_per_run: int = Field(50, ge=1, description="cap on rounds of one run")
 
+    noise: Literal["local", "distributed"] = Field(
+        "local", description="'local': every round's DP-SGD noise is added here in full, "
+        "whatever else happens to the update; 'distributed': one noisy step per round, this "
+        "site adding only its share (1/(distributed_honest_peers + 1) of the noise variance) "
+        "and the secure sum of at least distributed_honest_peers + 1 hospitals carrying the "
+        "full noise (docs/privacy.md, distributed noise)")
+    distributed_honest_peers: int = Field(
+        2, ge=1, description="with noise = 'distributed': how many other hospitals of every "
+        "secure sum this site assumes add their noise share honestly; it never trusts a "
+        "server's count, and refuses to set up or unmask a sum with fewer peers "
+        "(needs min_secagg_peers >= this)")
+
     # --- secure aggregation
     require_secagg: bool = Field(
         True, description="refuse to send an update that is not masked in a secure sum")
@@ -137,7 +163,24 @@ class SitePolicy(BaseModel):
             raise ValueError(
                 f"policy.epsilon_per_run={self.epsilon_per_run} exceeds policy.epsilon_budget="
                 f"{self.epsilon_budget}; lower the per-run cap or raise the lifetime budget")
+        if self.noise == "distributed":
+            if not self.require_secagg:
+                raise ValueError("policy.noise='distributed' needs policy.require_secagg=true: "
+                                 "only a secure sum carries the other hospitals' noise shares")
+            if self.min_secagg_peers < self.distributed_honest_peers:
+                raise ValueError(
+                    f"policy.noise='distributed' assumes {self.distributed_honest_peers} honest "
+                    f"peers in every sum, but policy.min_secagg_peers={self.min_secagg_peers} "
+                    "would accept fewer; raise min_secagg_peers to at least "
+                    "distributed_honest_peers")
         return self
+
+    @property
+    def noise_share(self) -> float:
+        """The fraction of a round's noise standard deviation this site adds itself:
+        1 with local noise, ``1 / sqrt(distributed_honest_peers + 1)`` with distributed noise
+        (the variances of at least that many honest shares sum to the full noise)."""
+        return noise_share(noise=self.noise, honest_peers=self.distributed_honest_peers)
 
     def delta_for(self, n_records: int) -> float:
         """The delta this site uses for a dataset of ``n_records`` patients.

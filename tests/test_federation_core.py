@@ -173,9 +173,10 @@ def test_server_fedavg_rounds_converge_to_weighted_target(tmp_path):
     expected = (1 * targets[1] + 2 * targets[2] + 3 * targets[3]) / 6
     np.testing.assert_allclose(result.global_arrays[0], expected, rtol=1e-6)
     rows = result.metrics["rounds"]
-    assert [r["round"] for r in rows] == [1, 2]
-    assert rows[0]["participants"] == 3 and rows[0]["epsilon"] == {"h1": 1.0, "h2": 1.0, "h3": 1.0}
-    assert rows[0]["bytes_up"] > 0 and rows[0]["bytes_down"] > 0
+    assert [r["round"] for r in rows] == [0, 1, 2]  # round 0: the starting adapter, evaluated
+    assert rows[0]["participants"] == 0 and rows[0]["auroc"] == {"idh": pytest.approx(1.0)}
+    assert rows[1]["participants"] == 3 and rows[1]["epsilon"] == {"h1": 1.0, "h2": 1.0, "h3": 1.0}
+    assert rows[1]["bytes_up"] > 0 and rows[1]["bytes_down"] > 0
     assert load_checkpoint(tmp_path).round == 2
 
 
@@ -184,8 +185,8 @@ def test_server_carries_on_without_declined_and_stops_cleanly_when_too_few(tmp_p
     cfg = _cfg(**{"federation.rounds": 2})
     result = FederationServer(cfg, tmp_path / "a", [np.zeros(2, np.float32)]).run(
         ArithmeticHospitals(targets, declines={3}))
-    assert result.metrics["rounds"][0]["declined"] == {"h3": "privacy_budget_exhausted"}
-    assert result.metrics["rounds"][0]["participants"] == 2 and not result.stopped_early
+    assert result.metrics["rounds"][1]["declined"] == {"h3": "privacy_budget_exhausted"}
+    assert result.metrics["rounds"][1]["participants"] == 2 and not result.stopped_early
     np.testing.assert_allclose(result.global_arrays[0], (1 * 1 + 2 * 2) / 3)
 
     result = FederationServer(cfg, tmp_path / "b", [np.zeros(2, np.float32)]).run(
@@ -239,13 +240,14 @@ def test_evaluation_rides_on_the_next_train_message_one_exchange_fewer_per_round
     # one plain `evaluate` after the last round
     assert hospitals.exchanges == [("train", 1, [1, 2, 3]), ("train", 2, [1, 2, 3]),
                                    ("train", 3, [1, 2, 3]), ("evaluate", 3, [1, 2, 3])]
-    # one complete row per round, in order, each one train message later than before
-    assert rows_seen == [(1, 2), (2, 3), (3, 4)]
+    # one complete row per round, in order, each one train message later than before; round
+    # 0 (the starting adapter) rides on round 1's train message
+    assert rows_seen == [(0, 1), (1, 2), (2, 3), (3, 4)]
     rows = result.metrics["rounds"]
-    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
     for r in rows:
         assert r["auroc"] == {"idh": pytest.approx(1.0)} and r["loss"] is not None
-        assert r["participants"] == 3 and r["bytes_up"] > 0 and r["bytes_down"] > 0
+        assert r["participants"] == (3 if r["round"] else 0) and r["bytes_up"] > 0 and r["bytes_down"] > 0
     assert len({tuple(sorted(r)) for r in rows}) == 1  # one shape for every row
     ckpt = load_checkpoint(tmp_path)
     assert ckpt.round == 3 and ckpt.pending_evaluation is None and ckpt.metrics["rounds"] == rows
@@ -262,18 +264,19 @@ def test_folded_evaluation_equals_a_plain_evaluate_of_the_same_round(tmp_path):
         short = FederationServer(_moving(k), tmp_path / f"r{k}", [np.zeros(3, np.float32)]).run(
             hospitals).metrics["rounds"]
         assert hospitals.exchanges[-1] == ("evaluate", k, [1, 2, 3])
-        assert {key: short[-1][key] for key in EVAL_KEYS} == {key: full[k - 1][key] for key in EVAL_KEYS}
-        losses.add(full[k - 1]["loss"])
+        assert {key: short[-1][key] for key in EVAL_KEYS} == {key: full[k][key] for key in EVAL_KEYS}
+        losses.add(full[k]["loss"])
     assert len(losses) == 2  # the rounds' adapters differ: the rows are not all the same
     # the rest of the row is as without evaluation (train part, participants, epsilon)
     plain = FederationServer(_moving(3, **{"federation.fraction_evaluate": 0.0}), tmp_path / "none",
                              [np.zeros(3, np.float32)]).run(ArithmeticHospitals(TARGETS)).metrics["rounds"]
     skip = (*EVAL_KEYS, "seconds", "bytes_up", "bytes_down")
-    assert [{k: v for k, v in r.items() if k not in skip} for r in full] == \
+    assert full[0]["round"] == 0 and [r["round"] for r in plain] == [1, 2, 3]  # no round 0 then
+    assert [{k: v for k, v in r.items() if k not in skip} for r in full[1:]] == \
         [{k: v for k, v in r.items() if k not in skip} for r in plain]
     # evaluation bytes count in the row of the round they evaluate
     assert all(f["bytes_up"] > p["bytes_up"] and f["bytes_down"] > p["bytes_down"]
-               for f, p in zip(full, plain, strict=True))
+               for f, p in zip(full[1:], plain, strict=True))
 
 
 def test_fraction_evaluate_zero_sends_no_evaluation_at_all(tmp_path):
@@ -298,7 +301,8 @@ def test_evaluators_not_sampled_to_train_get_a_plain_evaluate(tmp_path):
             assert nodes == sorted(set(TARGETS) - set(trains[rnd + 1]))
     assert hospitals.exchanges[-1] == ("evaluate", 3, [1, 2, 3])
     for r in result.metrics["rounds"]:
-        assert r["auroc"] == {"idh": pytest.approx(1.0)} and r["participants"] == 2
+        assert r["auroc"] == {"idh": pytest.approx(1.0)}
+        assert r["participants"] == (2 if r["round"] else 0)
     # every evaluator answered every round: 3 releases summed per row
     assert result.metrics["rounds"][0]["loss"] is not None
 
@@ -308,11 +312,11 @@ def test_a_round_that_stops_the_run_still_carries_the_previous_evaluation(tmp_pa
     result = FederationServer(_moving(3), tmp_path, [np.zeros(3, np.float32)]).run(hospitals)
     rows = result.metrics["rounds"]
     assert "fewer than federation.min_hospitals" in result.stopped_early
-    assert [r["round"] for r in rows] == [1, 2] and not rows[1]["aggregated"]
-    assert rows[0]["auroc"] == {"idh": pytest.approx(1.0)}  # from the declined train replies
+    assert [r["round"] for r in rows] == [0, 1, 2] and not rows[2]["aggregated"]
+    assert rows[1]["auroc"] == {"idh": pytest.approx(1.0)}  # from the declined train replies
     assert [a for a, _, _ in hospitals.exchanges] == ["train", "train"]
     ckpt = load_checkpoint(tmp_path)  # round 1, its row complete: a resume redoes round 2 only
-    assert ckpt.round == 1 and ckpt.pending_evaluation is None and len(ckpt.metrics["rounds"]) == 1
+    assert ckpt.round == 1 and ckpt.pending_evaluation is None and len(ckpt.metrics["rounds"]) == 2
 
 
 @pytest.mark.parametrize("crash_after", [1, 3])
@@ -327,7 +331,7 @@ def test_resume_keeps_the_pending_evaluation(tmp_path, monkeypatch, crash_after)
     monkeypatch.delenv("FEDRG_CRASH_AFTER_ROUND")
     ckpt = load_checkpoint(tmp_path / "cut")
     assert ckpt.round == crash_after and ckpt.pending_evaluation["round"] == crash_after
-    assert [r["round"] for r in ckpt.metrics["rounds"]] == list(range(1, crash_after))
+    assert [r["round"] for r in ckpt.metrics["rounds"]] == list(range(0, crash_after))
     assert completed_rounds(tmp_path / "cut") == crash_after - 1  # its row is not written yet
     resumed = FederationServer(cfg, tmp_path / "cut", [np.ones(3, np.float32)])
     resumed.resume()
@@ -361,7 +365,7 @@ def test_resume_with_renumbered_nodes_still_gets_the_pending_evaluation(tmp_path
     resumed.resume()
     rows = resumed.run(renumbered).metrics["rounds"]
     assert renumbered.exchanges[0] == ("train", 2, [11, 12, 13])
-    assert [r["round"] for r in rows] == [1, 2]
+    assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(r["auroc"] == {"idh": pytest.approx(1.0)} for r in rows)
 
 
@@ -375,6 +379,6 @@ def test_a_run_stopped_for_too_few_hospitals_still_gets_the_pending_evaluation(t
     assert "only 1 hospital(s) connected" in result.stopped_early
     assert hospitals.exchanges == [("train", 1, [1, 2, 3]), ("evaluate", 1, [1, 2, 3])]
     rows = result.metrics["rounds"]
-    assert [r["round"] for r in rows] == [1] and rows[0]["auroc"] == {"idh": pytest.approx(1.0)}
+    assert [r["round"] for r in rows] == [0, 1] and rows[1]["auroc"] == {"idh": pytest.approx(1.0)}
     ckpt = load_checkpoint(tmp_path)
     assert ckpt.round == 1 and ckpt.pending_evaluation is None and ckpt.metrics["rounds"] == rows

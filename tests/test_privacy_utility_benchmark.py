@@ -20,40 +20,52 @@ def bench():
     return mod
 
 
-def _run(setting, seed, image, multi, f1):
+def _run(start, setting, seed, multi, image=(0.6, 0.6, 0.6), f1=0.4):
     markers = ("idh_mutant", "codeletion_1p19q", "mgmt_methylated")
-    return {"setting": setting, "seed": seed, "auroc_image": dict(zip(markers, image, strict=True)),
+    return {"start": start, "setting": setting, "seed": seed,
+            "auroc_image": dict(zip(markers, image, strict=True)),
             "auroc_multimodal": dict(zip(markers, multi, strict=True)), "findings_f1": f1,
-            "rouge_l": 0.5, "epsilon_recorded": 8.0 if setting != "non-private" else None}
+            "rouge_l": 0.5, "epsilon_recorded": 8.0 if setting not in ("non-private", "start") else None}
 
 
-def test_summary_and_acceptance(bench):
-    runs = [_run("8.0", 0, (0.74, 0.60, 0.60), (0.96, 0.92, 0.74), 0.40),
-            _run("8.0", 1, (0.76, 0.62, 0.62), (0.96, 0.92, 0.76), 0.42),
-            _run("non-private", 0, (0.78, 0.70, 0.65), (0.99, 0.95, 0.80), 0.43),
-            _run("non-private", 1, (0.78, 0.70, 0.65), (0.99, 0.95, 0.80), 0.45)]
+def _world(start, seed, dp8, dp2):
+    """One seed of a start: the start alone at 0.5, no DP at 0.9 / 0.8 / 0.7."""
+    return [_run(start, "start", seed, (0.5, 0.5, 0.5)),
+            _run(start, "non-private", seed, (0.9, 0.8, 0.7)),
+            _run(start, "8.0", seed, dp8), _run(start, "2.0", seed, dp2)]
+
+
+def test_share_kept_is_the_dp_part_of_the_non_private_gain_over_the_start(bench):
+    runs = _world("random", 0, (0.86, 0.77, 0.68), (0.82, 0.74, 0.66))
+    shares = bench.share_kept(runs)
+    cell = shares["random"]["8.0"]["idh_mutant"]
+    assert cell["per_seed"] == {0: pytest.approx(0.9)} and cell["gain_no_dp"] == {0: pytest.approx(0.4)}
+    assert shares["random"]["2.0"]["mgmt_methylated"]["per_seed"][0] == pytest.approx(0.8)
+    # no non-private gain to keep: no share (never a division by a near-zero gain)
+    flat = [_run("same", "start", 0, (0.9, 0.9, 0.9)), _run("same", "non-private", 0, (0.91, 0.9, 0.9)),
+            _run("same", "8.0", 0, (0.95, 0.9, 0.9))]
+    assert bench.share_kept(flat)["same"]["8.0"]["idh_mutant"]["mean"] is None
     summary = bench.summarise(runs)
-    assert summary["8.0"]["auroc_image"]["idh_mutant"]["mean"] == pytest.approx(0.75)
-    assert summary["8.0"]["auroc_image"]["idh_mutant"]["std"] == pytest.approx(0.0141, abs=1e-4)
-    assert summary["8.0"]["epsilon_recorded"]["max"] == 8.0
-    ok = bench.acceptance(summary, runs)
-    assert ok["all_ok"] and ok["image_idh_mutant_gap"]["gap"] == pytest.approx(0.03)
-    # one seed below chance anywhere fails it, whatever the means say
-    runs[1]["auroc_image"]["codeletion_1p19q"] = 0.49
-    bad = bench.acceptance(bench.summarise(runs), runs)
-    assert not bad["no_auroc_below_0.5"]["ok"] and not bad["all_ok"]
-    assert bad["no_auroc_below_0.5"]["lowest"]["marker"] == "codeletion_1p19q"
-    # the multimodal MGMT tolerance is 0.08, the others 0.05
-    for value, ok in ((0.73, True), (0.71, False)):  # gaps 0.07 and 0.09
-        runs[0]["auroc_multimodal"]["mgmt_methylated"] = runs[1]["auroc_multimodal"]["mgmt_methylated"] = value
-        got = bench.acceptance(bench.summarise(runs), runs)["multimodal_mgmt_methylated_gap"]["ok"]
-        assert got is ok
-    assert bench.acceptance(bench.summarise(runs[:2]), runs[:2]) is None  # no non-private runs
+    assert summary["random"]["8.0"]["auroc_multimodal"]["idh_mutant"]["mean"] == pytest.approx(0.86)
+
+
+def test_acceptance_needs_the_goal_on_every_marker_of_both_starts_and_every_seed(bench):
+    good = [*_world("random", 0, (0.87, 0.78, 0.69), (0.83, 0.75, 0.67)),
+            *_world("random", 1, (0.87, 0.78, 0.69), (0.83, 0.75, 0.67)),
+            *_world("shifted", 0, (0.87, 0.78, 0.69), (0.83, 0.75, 0.67))]
+    ok = bench.acceptance(bench.share_kept(good))
+    assert ok["all_ok"], ok
+    assert ok["random/eps8/idh_mutant"]["mean"] == pytest.approx(0.925)
+    # one seed of one marker below the per-seed floor fails it, whatever the mean says
+    bad = [*good[:4], *_world("random", 1, (0.87, 0.78, 0.69), (0.83, 0.75, 0.63)), *good[8:]]
+    got = bench.acceptance(bench.share_kept(bad))
+    assert not got["all_ok"] and not got["random/eps2/mgmt_methylated"]["ok"]
+    # a start not measured is not a pass
+    assert not bench.acceptance(bench.share_kept(good[:8]))["all_ok"]
 
 
 def test_plot_and_bad_arguments(bench, tmp_path, capsys):
-    runs = [_run("2.0", 0, (0.6, 0.55, 0.55), (0.9, 0.8, 0.7), 0.3),
-            _run("non-private", 0, (0.78, 0.70, 0.65), (0.99, 0.95, 0.80), 0.43)]
+    runs = _world("random", 0, (0.86, 0.77, 0.68), (0.82, 0.74, 0.66))
     bench.plot(bench.summarise(runs), tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit):
@@ -62,3 +74,6 @@ def test_plot_and_bad_arguments(bench, tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--resume"])
     assert "--resume needs --json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--starts", "moon"])
+    assert "unknown ['moon']" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from rich.console import Console
 
 from fedrg.federated.report import privacy_label, round_table, write_plots
@@ -180,3 +181,18 @@ def test_round_line_of_a_round_without_dp(tmp_path, monkeypatch) -> None:
     mixed, plain = buf.getvalue().splitlines()
     assert "max eps 3.50" in mixed and "no DP at hospital-1" in mixed and "DP-SGD steps 9" in mixed
     assert "no DP, steps 9" in plain and "max eps" not in plain and "DP-SGD" not in plain
+
+
+def test_the_gain_over_round_zero_is_stated_per_marker():
+    from fedrg.federated.report import gain_line, gains_over_start
+
+    rows = [{"round": 0, "auroc": {"a": 0.6, "b": 0.5}, "auroc_multimodal": {"a": 0.7, "b": 0.55}},
+            {"round": 1, "auroc": {"a": 0.62, "b": 0.5}, "auroc_multimodal": {"a": 0.8, "b": 0.6}},
+            {"round": 2, "auroc": {"a": 0.65, "b": 0.45}, "auroc_multimodal": {"a": 0.9, "b": 0.5}}]
+    gains = gains_over_start(rows, ["a", "b"])
+    assert gains["auroc_multimodal"] == {"a": pytest.approx(0.2), "b": pytest.approx(-0.05)}
+    assert gains["auroc"] == {"a": pytest.approx(0.05), "b": pytest.approx(-0.05)}
+    line = gain_line(rows, ["a", "b"])
+    assert "round 0 -> round 2" in line and "multimodal a 0.700 -> 0.900 (+0.200)" in line
+    assert "multimodal b 0.550 -> 0.500 (-0.050)" in line
+    assert gain_line(rows[1:], ["a", "b"]) is None  # no start row: nothing to compare with

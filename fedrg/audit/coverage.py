@@ -49,11 +49,15 @@ class Mechanism:
     entries: int = 0
     steps: int = 0
     max_grad_norms: tuple[float, ...] = ()
+    noise: str = "local"
 
     @property
     def label(self) -> str:
-        """``DP-SGD``, ``train, no DP``, ``DP release`` or ``exact release``."""
+        """``DP-SGD``, ``DP-SGD, distributed noise``, ``train, no DP``, ``DP release`` or
+        ``exact release``."""
         if self.kind == "train":
+            if self.private and self.noise != "local":
+                return f"DP-SGD, {self.noise} noise"
             return "DP-SGD" if self.private else "train, no DP"
         return "DP release" if self.private else "exact release"
 
@@ -67,7 +71,7 @@ class Mechanism:
         return {"kind": self.kind, "label": self.label, "private": self.private,
                 "accountant": self.accountant, "noise_multiplier": self.noise_multiplier,
                 "sample_rate": self.sample_rate, "delta": self.delta,
-                "entries": self.entries, "steps": self.steps,
+                "entries": self.entries, "steps": self.steps, "noise": self.noise,
                 "max_grad_norm": sorted(set(self.max_grad_norms))}
 
 
@@ -171,7 +175,7 @@ def coverage_of(entries: Sequence[LedgerEntry]) -> Coverage:
     """
     used = [e for e in entries if e.kind in ("train", "evaluation")]
     cov = Coverage(runs=len(dict.fromkeys(e.run_id for e in used)))
-    rows: dict[tuple[str, str, float, float, float], Mechanism] = {}
+    rows: dict[tuple[str, str, float, float, float, str], Mechanism] = {}
     plain_train: list[LedgerEntry] = []
     exact: list[LedgerEntry] = []
     noiseless: list[LedgerEntry] = []
@@ -188,11 +192,12 @@ def coverage_of(entries: Sequence[LedgerEntry]) -> Coverage:
             cov.exact_releases += 1
         if not private:
             (noiseless if e.private else plain_train if e.kind == "train" else exact).append(e)
+        noise = str(e.details.get("noise", "local"))
         key = (e.kind, e.accountant, e.noise_multiplier, e.sample_rate, e.delta)
-        m = rows.get(key) or Mechanism(*key, private=private)
-        rows[key] = Mechanism(*key, private=private, entries=m.entries + 1,
-                              steps=m.steps + e.steps,
-                              max_grad_norms=(*m.max_grad_norms, e.max_grad_norm))
+        m = rows.get((*key, noise)) or Mechanism(*key, private=private, noise=noise)
+        rows[(*key, noise)] = Mechanism(*key, private=private, entries=m.entries + 1,
+                                        steps=m.steps + e.steps, noise=noise,
+                                        max_grad_norms=(*m.max_grad_norms, e.max_grad_norm))
     cov.mechanisms = list(rows.values())
     if plain_train:
         cov.not_private.append(

@@ -76,6 +76,14 @@ def check_entries(
         if not within_budget(e.epsilon, policy.epsilon_budget):
             problems.append(f"{where}: cumulative epsilon {e.epsilon:.4f} passes the policy's "
                             f"lifetime budget {policy.epsilon_budget:g}")
+        if e.kind == "train" and e.steps > 0 and e.noise_multiplier > 0.0:
+            mode = e.details.get("noise", "local")
+            if mode != policy.noise:
+                problems.append(f"{where}: {mode} noise, the policy adds noise "
+                                f"{policy.noise}ly")
+            elif mode == "distributed" and e.details.get("honest_peers") != policy.distributed_honest_peers:
+                problems.append(f"{where}: assumed {e.details.get('honest_peers')} honest peers, "
+                                f"the policy assumes {policy.distributed_honest_peers}")
         if e.kind == "train" and e.steps > 0:
             if e.noise_multiplier == 0.0 and policy.require_dp:
                 problems.append(f"{where}: trained without DP noise; the policy requires DP")

@@ -568,6 +568,16 @@ def audit_ledger(
     result.budget = last.budget
 
     check_epsilons(result, entries, rel_tol=rel_tol)
+    from fedrg.audit.noise import distributed_noise_problems, is_distributed
+
+    result.problems.extend(distributed_noise_problems(entries))
+    distributed = [e for e in entries if is_distributed(e)]
+    if distributed:
+        peers = sorted({e.details.get("honest_peers") for e in distributed})
+        result.warnings.append(
+            f"{len(distributed)} round(s) with distributed noise: their epsilon holds when at "
+            f"least {peers} other hospital(s) of each secure sum added their noise share "
+            "honestly (the hospital's own assumption, recorded in each entry)")
     if len(set(result.dataset_fingerprints)) > 1:
         result.warnings.append(
             f"{len(set(result.dataset_fingerprints))} dataset fingerprints: the cohort changed "

@@ -191,7 +191,7 @@ def _print_round(row: dict[str, Any], markers: list[str],
     eps = {h: v for h, v in (row.get("epsilon") or {}).items() if h not in plain}
     steps = [int(e["mechanism"]["steps"]) for e in entries if entry_is_dp(e)]
     plain_steps = [int(e["mechanism"]["steps"]) for e in entries if not entry_is_dp(e)]
-    parts = [f"[bold]round {row['round']}[/bold]",
+    parts = [f"[bold]round {row['round']}{' (start)' if row['round'] == 0 else ''}[/bold]",
              f"hospitals {row.get('participants', 0)}",
              f"loss {row['loss']:.3f}" if row.get("loss") is not None else "loss -",
              *(f"AUROC {m} {auroc[m]:.3f}" for m in markers if auroc.get(m) is not None),
@@ -280,7 +280,7 @@ def register(app: typer.Typer) -> None:
             rounds_without_dp,
             run_coverage,
         )
-        from fedrg.federated.report import round_table
+        from fedrg.federated.report import gain_line, round_table
         from fedrg.flower.simulation import run_simulated_federation
         from fedrg.interrupt import (
             Interrupted,
@@ -431,6 +431,9 @@ def register(app: typer.Typer) -> None:
                                      target_epsilon=cfg.privacy.target_epsilon)
         if eps_line and rounds_rows:
             console.print(eps_line, highlight=False)
+        added = gain_line(rounds_rows, list(cfg.data.markers))
+        if added:
+            console.print(added, highlight=False)
         if result.stopped_early:
             console.print(f"[yellow]stopped early:[/yellow] {result.stopped_early}")
             if not any(r.get("aggregated") for r in rounds_rows):

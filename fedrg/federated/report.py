@@ -40,8 +40,9 @@ def privacy_label(metrics: dict[str, Any], *, dp_enabled: bool,
 def write_plots(metrics: dict[str, Any], out_dir: str | Path, *, dp_label: str = "") -> list[Path]:
     """Write one PNG per metric family (AUROC, loss, findings F1, epsilon) over rounds.
 
-    Rounds are integer ticks; AUROC panels show the chance line at 0.5 on a fixed 0-1
-    axis, loss starts at 0; each title ends with ``dp_label`` (:func:`privacy_label`).
+    Rounds are integer ticks; round 0 (the starting adapter) is marked; AUROC panels show
+    the chance line at 0.5 on a fixed 0-1 axis, loss starts at 0; each title ends with
+    ``dp_label`` (:func:`privacy_label`).
     """
     from matplotlib.ticker import MaxNLocator
 
@@ -73,6 +74,10 @@ def write_plots(metrics: dict[str, Any], out_dir: str | Path, *, dp_label: str =
             ax.set_ylim(0, 1)
         else:
             ax.set_ylim(bottom=0)
+        if any(row.get("round") == 0 for row in rounds):
+            ax.axvline(0, color="black", ls=":", lw=1)
+            ax.annotate("start (round 0)", xy=(0, 0.02), xycoords=("data", "axes fraction"),
+                        fontsize=7, ha="left")
         ax.set_title(f"{title}\n{dp_label}" if dp_label else title, fontsize=10)
         ax.grid(alpha=0.3)
         if len(series) > 1 or key in ("auroc", "auroc_multimodal", "epsilon"):
@@ -134,3 +139,36 @@ def round_table(rounds: list[dict[str, Any]], markers: list[str],
             f"{row['seconds']:.0f}" if row.get("seconds") is not None else "-",
         )
     return table
+
+
+def gains_over_start(rounds: list[dict[str, Any]], markers: list[str]) -> dict[str, dict[str, float]]:
+    """Per marker, the last round's AUROC minus round 0's (the starting adapter's), image-only
+    (``auroc``) and multimodal (``auroc_multimodal``); markers without both are left out."""
+    start = next((r for r in rounds if r.get("round") == 0), None)
+    last = next((r for r in reversed(rounds) if r.get("round", 0) > 0 and r.get("auroc_multimodal")),
+                None)
+    out: dict[str, dict[str, float]] = {}
+    if start is None or last is None:
+        return out
+    for key in ("auroc", "auroc_multimodal"):
+        for m in markers:
+            a, b = (start.get(key) or {}).get(m), (last.get(key) or {}).get(m)
+            if a is not None and b is not None:
+                out.setdefault(key, {})[m] = float(b) - float(a)
+    return out
+
+
+def gain_line(rounds: list[dict[str, Any]], markers: list[str]) -> str | None:
+    """``what the federation added over its start (round 0 -> round 3): multimodal idh_mutant
+    0.702 -> 0.851 (+0.149), ...``; None without a round 0 row or an evaluated last round."""
+    gains = gains_over_start(rounds, markers)
+    if not gains:
+        return None
+    start = next(r for r in rounds if r.get("round") == 0)
+    last = next(r for r in reversed(rounds) if r.get("round", 0) > 0 and r.get("auroc_multimodal"))
+    parts = []
+    for key, label in (("auroc_multimodal", "multimodal"), ("auroc", "image-only")):
+        for m, g in gains.get(key, {}).items():
+            parts.append(f"{label} {m} {start[key][m]:.3f} -> {last[key][m]:.3f} ({g:+.3f})")
+    return (f"what the federation added over its start (round 0 -> round {last['round']}): "
+            + "; ".join(parts))

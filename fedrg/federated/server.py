@@ -235,6 +235,8 @@ class FederationServer:
         fed = self.cfg.federation
         stopped = ""
         nodes: list[int] | None = None
+        if self.start_round == 1 and self.pending is None:
+            self._start_round_zero(transport)
         for rnd in range(self.start_round, fed.rounds + 1):
             t0 = time.perf_counter()
             nodes = transport.nodes()
@@ -431,6 +433,21 @@ class FederationServer:
         return delta
 
     # ------------------------------------------------------------ evaluation
+    def _start_round_zero(self, transport: Transport) -> None:
+        """Round 0: the starting adapter, evaluated like any round (an accounted release at
+        each hospital), so every run shows what the federation added. Its evaluators are
+        drawn like a round's; those that train in round 1 answer inside that train message."""
+        fed = self.cfg.federation
+        if fed.fraction_evaluate <= 0:
+            return
+        nodes = transport.nodes()
+        if not nodes:
+            return
+        _, rng = round_draw(nodes, fed, 0)
+        row = self._row(0, RoundOutcome(round=0), 0, 0, time.perf_counter())
+        self.pending = PendingEvaluation(round=0, nodes=_sample(nodes, fed.fraction_evaluate, 1, rng),
+                                         row=row)
+
     def _pending_nodes(self) -> list[int]:
         return [] if self.pending is None else list(self.pending.nodes)
 
@@ -518,6 +535,10 @@ class FederationServer:
                 log.info("round %d: %s released no metrics: %s", pending.round, meta.get("site"),
                          meta.get("reason"))
         self.pending = None
+        if pending.round == 0:  # no training: the row's epsilon is the release's
+            for key in ("epsilon", "epsilon_lifetime"):
+                pending.row[key] = {str(a["site"]): float(a[key]) for a in pending.answers
+                                    if a.get("status") == "ok" and a.get(key) is not None}
         self._emit(pending.row, aggregate_evaluation(
             [a for a in pending.answers if "release" in a]))
         self._checkpoint(pending.round)

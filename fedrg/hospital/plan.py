@@ -97,14 +97,15 @@ def release_noise_multiplier(policy: SitePolicy, *, target_delta: float) -> floa
 def releases_reserved(policy: SitePolicy, *, rounds: int) -> int:
     """How many DP evaluation releases a run of ``rounds`` rounds keeps room for.
 
-    From the policy only (at most one per trained round, at most
-    ``policy.evaluation.max_releases_per_run``), whatever the request says about evaluation:
+    From the policy only (at most one of the starting adapter and one per trained round, at
+    most ``policy.evaluation.max_releases_per_run``), whatever the request says about evaluation:
     a server that asks for no evaluation while training and then for releases still finds
     the run's cap checked against every release.
     """
     if policy.evaluation.release != "dp":
         return 0
-    return min(int(rounds), policy.evaluation.max_releases_per_run)
+    # the starting adapter (round 0) and each trained round
+    return min(int(rounds) + 1, policy.evaluation.max_releases_per_run)
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,16 @@ class RoundPlan:
     release_noise_multiplier: float | None = None
     replanned: bool = False
     budget_limited: bool = False
+    #: ``'local'`` (all the noise added here) or ``'distributed'`` (this site adds its share;
+    #: the secure sum of at least ``honest_peers + 1`` hospitals carries ``noise_multiplier``)
+    noise_mode: str = "local"
+    honest_peers: int = 0
+    noise_share: float = 1.0
+
+    @property
+    def noise_multiplier_added(self) -> float:
+        """The noise multiplier of what this site adds itself (its share of the round's)."""
+        return self.noise_multiplier * self.noise_share
 
     @property
     def expected_batch_size(self) -> float:
@@ -156,6 +167,14 @@ class RoundPlan:
                 "max_grad_norm": self.max_grad_norm, "accountant": self.ledger_accountant,
                 "target_delta": self.target_delta, "epsilon": self.epsilon_lifetime_after,
                 "budget": self.budget, "kind": self.kind}
+
+    def ledger_details(self) -> dict[str, Any]:
+        """What the entry's ``details`` record about the noise (distributed noise: the mode,
+        the honest peers assumed and the share added here; ``fedrg audit`` recomputes it)."""
+        if self.noise_mode == "local":
+            return {}
+        return {"noise": self.noise_mode, "honest_peers": self.honest_peers,
+                "noise_multiplier_added": self.noise_multiplier_added}
 
     def reply_meta(self) -> dict[str, Any]:
         """What the reply says about privacy: this run's and the lifetime epsilon after the
@@ -224,7 +243,10 @@ def plan_training(cfg: ExperimentConfig, policy: SitePolicy, *, n_train: int, sp
         raise _refuse("training.batch_size", t.batch_size,
                       f"a batch of at most policy.max_sample_rate={policy.max_sample_rate} of "
                       "this site's training patients; ask for a smaller batch")
-    steps = local_steps(local_epochs=t.local_epochs, batch_size=t.batch_size, n_records=n_train)
+    distributed = policy.noise == "distributed" and cfg.privacy.enabled
+    # distributed noise covers one noisy step per release (docs/privacy.md): one step a round
+    steps = 1 if distributed else local_steps(local_epochs=t.local_epochs,
+                                              batch_size=t.batch_size, n_records=n_train)
     if steps > policy.max_local_steps:
         raise _refuse("training.local_epochs", t.local_epochs,
                       f"at most policy.max_local_steps={policy.max_local_steps} steps per round "
@@ -290,7 +312,9 @@ def plan_training(cfg: ExperimentConfig, policy: SitePolicy, *, n_train: int, sp
     return RoundPlan(private=True, noise_multiplier=sigma, epsilon_run_after=run_after,
                      epsilon_lifetime_after=life_after, releases_reserved=reserved,
                      release_noise_multiplier=sigma_release, replanned=replanned,
-                     budget_limited=budget_limited, **common)
+                     budget_limited=budget_limited, noise_mode=policy.noise,
+                     honest_peers=policy.distributed_honest_peers if distributed else 0,
+                     noise_share=policy.noise_share, **common)
 
 
 def _run_sigma(cap: float, delta: float, acc: str, *, q: float, steps: int, rounds: int, left: int,

@@ -22,7 +22,8 @@ def check_evaluate_round(meta: dict[str, Any]) -> tuple[int | None, str]:
     """The round a train request asks to evaluate, or why the request is refused.
 
     Only the round just before the train request's own round is valid: the arrays of a
-    round ``r + 1`` train message are round ``r``'s result, nothing else.
+    round ``r + 1`` train message are round ``r``'s result, nothing else (round 0: the
+    starting adapter, which round 1's train message carries).
 
     Parameters
     ----------
@@ -43,7 +44,7 @@ def check_evaluate_round(meta: dict[str, Any]) -> tuple[int | None, str]:
         return None, (f"{EVALUATE_FIELD}={raw!r:.40} in the train request of round {train_round} "
                       f"is not a round number; it must be the integer {train_round - 1} (the "
                       "round whose result the request carries)")
-    if raw != train_round - 1 or raw < 1:
+    if raw != train_round - 1 or raw < 0:
         return None, (f"{EVALUATE_FIELD}={raw} in the train request of round {train_round}: a "
                       f"train message may ask only for the evaluation of round {train_round - 1}, "
                       "whose result it carries; send an `evaluate` message for any other round")

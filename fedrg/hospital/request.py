@@ -130,6 +130,10 @@ def check_request(cfg: ExperimentConfig, policy: SitePolicy, *, round_: int,
         raise _refuse("hospitals in the round", hospitals_in_round,
                       f">= {policy.min_secure_sum_size} (this hospital and at least "
                       f"{policy.min_secagg_peers} others, policy.min_secagg_peers)")
+    if policy.noise == "distributed" and p.enabled and p.hospital_level:
+        raise _refuse("privacy.hospital_level", True, "false: this site adds patient-level "
+                      "noise shares to a secure sum (policy.noise = 'distributed'), not "
+                      "hospital-level noise")
     rounds = cfg.federation.rounds
     if rounds > policy.max_rounds_per_run:
         raise _refuse("federation.rounds", rounds, f"<= {policy.max_rounds_per_run} "

@@ -381,22 +381,28 @@ class HospitalSite:
         seed = _round_seed(cfg.training.seed, cfg.federation.seed, rnd, self.site.name)
         torch.manual_seed(seed)
         session = _dp_session(plan, cfg) if plan.private else None
+        distributed = plan.noise_mode == "distributed"
         with torch_threads(cfg.training.threads):  # restored afterwards: the host process keeps its own
             train_local(model, cache.data.train, cfg.training, steps=plan.steps, privacy=session,
-                        seed=seed, frozen=cfg.privacy.frozen_under_dp if session else ())
+                        seed=seed, frozen=cfg.privacy.frozen_under_dp if session else (),
+                        gradient_step=distributed)
         if session is not None and session.history != plan.lifetime_history.extended(
-                noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps):
+                noise_multiplier=plan.noise_multiplier_added, sample_rate=plan.sample_rate,
+                steps=plan.steps):
             raise PrivacyError(f"{self.site.name} round {rnd}: the accountant's history "
                                f"{session.history} is not the plan's ({plan.steps} steps at sigma "
-                               f"{plan.noise_multiplier:.4f}); nothing was recorded or sent")
+                               f"{plan.noise_multiplier_added:.4f}); nothing was recorded or sent")
         new_arrays = get_adapter_arrays(model)
         update = [(n - g).astype(np.float32) for n, g in zip(new_arrays, global_arrays, strict=True)]
         # the signed entry is on disk before the update can leave the hospital; a
         # non-private round is recorded too (accountant 'none', sigma 0, DP epsilon unchanged)
         ledger.append(**plan.ledger_fields(), config_hash=cfg.config_hash(),
-                      dataset_fingerprint=cache.fingerprint, policy_hash=policy.policy_hash())
+                      dataset_fingerprint=cache.fingerprint, policy_hash=policy.policy_hash(),
+                      details=plan.ledger_details())
         reply.meta.update(plan.reply_meta())
-        weight = float(n_train)
+        # distributed noise: every hospital's noisy gradient step counts once in the sum (its
+        # noise share was sized for an unweighted sum); local noise: FedAvg by cohort size
+        weight = 1.0 if distributed else float(n_train)
         if cfg.privacy.hospital_level:
             # hospital-level DP: clip the whole update; equal weights (sensitivity C per hospital)
             from fedrg.privacy.hospital_dp import clip_update, privatize_update
@@ -597,10 +603,11 @@ def _check_release_limits(entries: list[LedgerEntry], policy: SitePolicy, *, run
         # (an exact release of the same model again reveals nothing new)
         raise DeclinedError("evaluation_repeated", "metrics of this global model were already "
                             "released once")
-    if round_ not in trained or any(e.round == round_ for e in released):
+    if (round_ != 0 and round_ not in trained) or any(e.round == round_ for e in released):
         raise DeclinedError("evaluation_not_after_training", (
-            f"at most one release per round this hospital trained in this run (trained rounds "
-            f"{sorted(trained)}, round {round_} asked)"))
+            f"at most one release of the starting adapter (round 0) and one per round this "
+            f"hospital trained in this run (trained rounds {sorted(trained)}, round {round_} "
+            "asked)"))
     if len(released) >= ev.max_releases_per_run:
         raise DeclinedError("evaluation_release_cap", (
             f"policy.evaluation.max_releases_per_run={ev.max_releases_per_run} releases already "

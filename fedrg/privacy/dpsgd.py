@@ -180,7 +180,7 @@ class MechanismPlan(Protocol):
     """What :meth:`DPSession.for_plan` reads from a plan (:class:`fedrg.hospital.plan.RoundPlan`)."""
 
     @property
-    def noise_multiplier(self) -> float: ...
+    def noise_multiplier_added(self) -> float: ...
     @property
     def max_grad_norm(self) -> float: ...
     @property
@@ -318,12 +318,13 @@ class DPSession:
         """The session of one planned round: every privacy number from ``plan``.
 
         ``plan`` is a hospital's :class:`fedrg.hospital.plan.RoundPlan` (or anything with the
-        same attributes): sigma, clipping norm, sample rate, expected batch size, steps,
+        same attributes): the noise this site adds (all of it with local noise, its share with
+        distributed noise), clipping norm, sample rate, expected batch size, steps,
         accountant, the dataset's history and its size. From the configs only how to compute
         (``grad_sample_mode``, physical batch size, group-wise clipping shares).
         """
         return cls(
-            noise_multiplier=plan.noise_multiplier,
+            noise_multiplier=plan.noise_multiplier_added,
             max_grad_norm=plan.max_grad_norm,
             sample_rate=plan.sample_rate,
             expected_batch_size=plan.expected_batch_size,

@@ -169,6 +169,7 @@ def train_local(
     schema: RecordSchema | None = None,
     on_step: Callable[[int, int], None] | None = None,
     frozen: Sequence[str] = (),
+    gradient_step: bool = False,
 ) -> dict[str, Any]:
     """Train the adapter of ``model`` on ``train_dataset`` (AdamW, in place).
 
@@ -200,6 +201,11 @@ def train_local(
         Name prefixes of trainable parameters to leave untouched in this call (no gradient,
         no noise, no update; e.g. ``privacy.frozen_under_dp``). They stay trainable (and in
         the payload) afterwards.
+    gradient_step
+        Plain SGD at the groups' learning rates (no momentum, no weight decay) instead of
+        AdamW: the change of the adapter is then the (DP) gradient scaled by the learning
+        rates, for a federation whose server applies the optimiser to the summed gradients
+        (distributed noise).
 
     Raises
     ------
@@ -215,7 +221,7 @@ def train_local(
     with torch_threads(training_cfg.threads):
         return _train_local(model, train_dataset, training_cfg, steps=steps, privacy=privacy,
                             seed=seed, genomics_dropout=genomics_dropout, schema=schema,
-                            on_step=on_step, frozen=frozen)
+                            on_step=on_step, frozen=frozen, gradient_step=gradient_step)
 
 
 def _train_local(
@@ -230,6 +236,7 @@ def _train_local(
     schema: RecordSchema | None,
     on_step: Callable[[int, int], None] | None,
     frozen: Sequence[str],
+    gradient_step: bool = False,
 ) -> dict[str, Any]:
     if schema is None:
         schema = getattr(model, "record_schema", None) or RADIOGENOMICS_RECORD
@@ -250,7 +257,7 @@ def _train_local(
     held = freeze(model, frozen)
     try:
         return _train(model, train_dataset, training_cfg, seam, n_steps, seed, genomics_dropout,
-                      schema, on_step)
+                      schema, on_step, gradient_step)
     finally:
         for p in held:
             p.requires_grad_(True)
@@ -281,10 +288,14 @@ def freeze(model: nn.Module, prefixes: Sequence[str]) -> list[nn.Parameter]:
 
 def _train(model: nn.Module, train_dataset: SizedDataset, training_cfg: TrainingConfig,
            seam: PrivacySeam, n_steps: int, seed: int, genomics_dropout: float,
-           schema: RecordSchema, on_step: Callable[[int, int], None] | None) -> dict[str, Any]:
-    optimizer = torch.optim.AdamW(
-        param_groups(model, training_cfg), lr=training_cfg.lr, weight_decay=training_cfg.weight_decay
-    )
+           schema: RecordSchema, on_step: Callable[[int, int], None] | None,
+           gradient_step: bool = False) -> dict[str, Any]:
+    optimizer: torch.optim.Optimizer
+    if gradient_step:
+        optimizer = torch.optim.SGD(param_groups(model, training_cfg), lr=training_cfg.lr)
+    else:
+        optimizer = torch.optim.AdamW(param_groups(model, training_cfg), lr=training_cfg.lr,
+                                      weight_decay=training_cfg.weight_decay)
     model.train()
     drop_gen = torch.Generator().manual_seed(seed + 7919)
     aug_gen = torch.Generator().manual_seed(seed + 104729)
