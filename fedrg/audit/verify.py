@@ -573,7 +573,9 @@ def audit_ledger(
     result.problems.extend(distributed_noise_problems(entries))
     distributed = [e for e in entries if is_distributed(e)]
     if distributed:
-        peers = sorted({e.details.get("honest_peers") for e in distributed})
+        # (an invalid assumption is one of distributed_noise_problems; it is not listed here)
+        peers = sorted({h for h in (e.details.get("honest_peers") for e in distributed)
+                        if isinstance(h, int) and not isinstance(h, bool)})
         result.warnings.append(
             f"{len(distributed)} round(s) with distributed noise: their epsilon holds when at "
             f"least {peers} other hospital(s) of each secure sum added their noise share "
