@@ -2,7 +2,9 @@
 
 Where Flower, Opacus or torch offer no public API for what fedrg needs, exactly one fedrg
 module reaches into the library (:mod:`fedrg.deploy.fast_supernode` for Flower's SuperNode
-loop, :mod:`fedrg.privacy.fused` for Opacus' DP optimizer). That module lists the library
+loop, :mod:`fedrg.deploy.pinned_clientapp` for Flower's ClientApp runtime,
+:mod:`fedrg.privacy.fused` for Opacus' DP optimizer, :mod:`fedrg.privacy.torch_internals`
+for torch's per-sample convolution gradients). That module lists the library
 functions its code depends on, each with the SHA-256 of its source as reviewed, and calls
 :func:`require_unchanged` before it patches or relies on them. A library whose code differs
 is an error naming the library and version, the function, both digests and the fedrg module

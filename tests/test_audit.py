@@ -346,3 +346,25 @@ def test_delta_change_between_runs_is_recomputed_per_entry(tmp_path: Path) -> No
     assert any("delta changed" in w for w in h.warnings)
     assert [round(e.epsilon_recomputed_rdp, 2) for e in h.entries] == [
         round(e.epsilon, 2) for e in entries]
+
+
+def test_a_distributed_entry_without_a_valid_peer_assumption_is_a_problem_not_a_crash(
+        tmp_path: Path) -> None:
+    """Two distributed rounds, one recording no honest-peer assumption: the audit reports
+    it (listing the valid assumptions only) instead of failing to sort None among ints."""
+    from fedrg.policy import noise_share
+
+    state = tmp_path / "h" / "state"
+    ledger = Ledger.open(state, hospital="h")
+    added = noise_share(noise="distributed", honest_peers=2)
+    for rnd, details in enumerate([{"noise": "distributed", "honest_peers": 2,
+                                    "noise_multiplier_added": added},
+                                   {"noise": "distributed"}]):
+        ledger.append(run_id="r", round=rnd, noise_multiplier=1.0, sample_rate=0.05, steps=1,
+                      max_grad_norm=1.0, accountant="rdp", target_delta=1e-5,
+                      epsilon=pld_epsilon([(1.0, 0.05, rnd + 1)], target_delta=1e-5) * 1.01,
+                      budget=10.0, config_hash=CONFIG_HASH, dataset_fingerprint=FINGERPRINT,
+                      details=details)
+    (h,) = audit_path(state).hospitals
+    assert any("without a valid honest-peer assumption (None)" in p for p in h.problems), h.problems
+    assert any("at least [2] other hospital(s)" in w for w in h.warnings), h.warnings

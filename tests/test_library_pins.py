@@ -2,7 +2,9 @@
 
 Flower's SuperNode loop (fedrg.deploy.fast_supernode, tested in
 tests/test_deploy_fast_supernode.py), Flower's ClientApp runtime (fedrg.deploy.pinned_clientapp
-puts the bundle check into it) and Opacus' DP optimizer (fedrg.privacy.fused) have no public
+puts the bundle check into it), Opacus' DP optimizer (fedrg.privacy.fused) and torch's
+per-sample convolution gradients (fedrg.privacy.torch_internals, tested in
+tests/test_torch_internals.py) have no public
 API for what fedrg does with them; each is reached from one module, pinned by the source
 digests of what it patches or reproduces. When the installed library changes,
 test_installed_*_is_the_reviewed_code fails, and so does fedrg at run time.

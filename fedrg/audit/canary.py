@@ -24,10 +24,10 @@ for delta > 0 the paper (Theorem 3.3 / Algorithm 2) adds a term proportional to
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.stats import binom
 
 from fedrg.errors import PrivacyError
@@ -40,7 +40,7 @@ def draw_inclusion(m: int, rng: np.random.Generator) -> np.ndarray:
     return rng.random(m) < 0.5
 
 
-def guesses_from_scores(scores: Sequence[float], *, k_pos: int, k_neg: int) -> np.ndarray:
+def guesses_from_scores(scores: ArrayLike, *, k_pos: int, k_neg: int) -> np.ndarray:
     """+1 for the ``k_pos`` highest scores, -1 for the ``k_neg`` lowest, 0 (abstain) otherwise."""
     s = np.asarray(scores, dtype=float)
     m = s.size
@@ -56,7 +56,7 @@ def guesses_from_scores(scores: Sequence[float], *, k_pos: int, k_neg: int) -> n
     return g
 
 
-def count_correct(guesses: Sequence[int], included: Sequence[bool]) -> tuple[int, int]:
+def count_correct(guesses: ArrayLike, included: ArrayLike) -> tuple[int, int]:
     """Return ``(r, v)``: the number of guesses made and how many were right."""
     g = np.asarray(guesses, dtype=int)
     inc = np.asarray(included, dtype=bool)
@@ -149,8 +149,8 @@ class CanaryAudit:
 
 
 def audit_from_scores(
-    scores: Sequence[float],
-    included: Sequence[bool],
+    scores: ArrayLike,
+    included: ArrayLike,
     *,
     k_pos: int,
     k_neg: int,

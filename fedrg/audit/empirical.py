@@ -43,7 +43,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -53,6 +53,9 @@ from fedrg.audit.canary import audit_from_scores, draw_inclusion
 from fedrg.config import DataConfig, ModelConfig, TrainingConfig
 from fedrg.errors import PrivacyError
 from fedrg.train.schedule import poisson_sample_rate
+
+if TYPE_CHECKING:  # loads transformers
+    from fedrg.model.adapter import RadiogenomicsModel
 
 #: Defaults of the audit experiment (sized for about a minute per run on 2 CPU cores).
 DEFAULT_CANARIES = 256
@@ -258,7 +261,7 @@ def design_canaries(
 
 
 @torch.no_grad()
-def score_canaries(model: Any, canaries: Sequence[dict[str, Any]], *,
+def score_canaries(model: RadiogenomicsModel, canaries: Sequence[dict[str, Any]], *,
                    batch_size: int = 64) -> np.ndarray:
     """Minus each canary's per-example loss under ``model`` (higher = looks trained on).
 

@@ -109,10 +109,10 @@ def rdp_epsilons(entries: Sequence[LedgerEntry]) -> list[float]:
 
     entries = list(entries)
     active = [e for e in entries if e.steps > 0 and e.noise_multiplier > 0.0 and e.private]
-    curves = {(e.noise_multiplier, e.sample_rate): None for e in active}
-    for key in curves:
-        curves[key] = _one_step_rdp(*key)
-    fast = all(c is not None for c in curves.values())
+    computed = {key: _one_step_rdp(*key)
+                for key in dict.fromkeys((e.noise_multiplier, e.sample_rate) for e in active)}
+    curves = {key: c for key, c in computed.items() if c is not None}
+    fast = len(curves) == len(computed)
     total: Any = 0.0
     slow = rdp.RdpAccountant(orders=list(RDP_ORDERS))
     out: list[float] = []
@@ -217,12 +217,12 @@ def find_ledgers(
     if root.is_file():
         found = [root]
     else:
-        found = set(root.rglob(LEDGER_NAME))
+        candidates = set(root.rglob(LEDGER_NAME))
         for folder in [p for p in root.rglob("ledgers") if p.is_dir()]:
-            found.update(folder.rglob("*.jsonl"))
+            candidates.update(folder.rglob("*.jsonl"))
         if root.name == "ledgers":
-            found.update(root.rglob("*.jsonl"))
-        found = sorted(p for p in found if p.is_file())
+            candidates.update(root.rglob("*.jsonl"))
+        found = sorted(p for p in candidates if p.is_file())
     key = Path(public_key) if public_key is not None else None
     return [LedgerLocation(p, key if key is not None else _key_for(p), _hospital_hint(p))
             for p in found]
@@ -573,7 +573,9 @@ def audit_ledger(
     result.problems.extend(distributed_noise_problems(entries))
     distributed = [e for e in entries if is_distributed(e)]
     if distributed:
-        peers = sorted({e.details.get("honest_peers") for e in distributed})
+        # (an invalid assumption is one of distributed_noise_problems; it is not listed here)
+        peers = sorted({h for h in (e.details.get("honest_peers") for e in distributed)
+                        if isinstance(h, int) and not isinstance(h, bool)})
         result.warnings.append(
             f"{len(distributed)} round(s) with distributed noise: their epsilon holds when at "
             f"least {peers} other hospital(s) of each secure sum added their noise share "
@@ -639,7 +641,7 @@ def _check_reinit_and_heads(
             key = None
     kid = signing.key_id(key) if key is not None else None
     count = int(head.get("entries", 0) or 0)
-    same_key = kid is not None and head.get("key_id") == kid and verify_head(head, key)
+    same_key = key is not None and head.get("key_id") == kid and verify_head(head, key)
     extends = same_key and len(lines) >= count and (
         (sha256_hex(lines[count - 1]) if count else GENESIS_HASH) == head.get("last_hash"))
     if extends:

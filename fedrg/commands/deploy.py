@@ -169,7 +169,7 @@ def server(
         if resume and done is None:
             raise FedrgError(f"--resume: [run] run_dir {run_dir} in {config} holds no checkpoint; "
                              "start without --resume (no round of that run had finished)")
-        if resume and done >= cfg.federation.rounds:
+        if resume and done is not None and done >= cfg.federation.rounds:
             console.print(f"run in {run_dir} is already complete ({done} of "
                           f"{cfg.federation.rounds} rounds); nothing to resume. Audit the "
                           "hospitals' ledgers with: fedrg audit STATE_DIR", highlight=False)

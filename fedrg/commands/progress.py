@@ -80,14 +80,14 @@ class RoundProgress:
         text = f"round {rnd}/{self.rounds}: {PHASES.get(action, action)} at {n} hospital(s)"
         if action == "train" and self.training:
             text += f" ({self.training})"
-        if self.progress is not None:
+        if self.progress is not None and self.task is not None:
             self.progress.update(self.task, description=text)
         elif action in ("train", "evaluate"):
             self.console.print(text + " ...", highlight=False)
 
     def round_done(self) -> None:
         """Advance the bar by one round."""
-        if self.progress is not None:
+        if self.progress is not None and self.task is not None:
             self.progress.advance(self.task)
 
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from fedrg.config import DataConfig, SiteConfig
+from fedrg.data.schema import RecordDataset
 
 __all__ = ["DEFAULT_COHORT_LOADER", "CohortLoader", "DiskCohortLoader", "SiteData"]
 
@@ -29,14 +30,15 @@ class SiteData:
     Parameters
     ----------
     train, val
-        Sized datasets of dict records (``len`` and ``__getitem__``). Datasets that also
-        offer ``empty_batch()`` keep empty Poisson batches shaped.
+        Sized datasets of dict records (:class:`~fedrg.data.schema.RecordDataset`: ``len``
+        and ``__getitem__``). Datasets that also offer ``empty_batch()`` keep empty Poisson
+        batches shaped.
     fingerprint
         Identifies the data (e.g. a hash of the manifest); recorded in the ledger.
     """
 
-    train: Any
-    val: Any
+    train: RecordDataset
+    val: RecordDataset
     fingerprint: str
 
 

@@ -10,11 +10,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from fedrg.errors import RecordSchemaError
 
-__all__ = ["RADIOGENOMICS_RECORD", "RecordSchema", "batch_size"]
+__all__ = ["RADIOGENOMICS_RECORD", "RecordDataset", "RecordSchema", "batch_size"]
+
+
+class RecordDataset(Protocol):
+    """What fedrg needs of a dataset: ``len()`` and integer indexing to dict records (field
+    name -> tensor, string or number, as the model's :class:`RecordSchema` lists them).
+
+    :class:`fedrg.data.dataset.CohortDataset`, a ``torch.utils.data.Dataset`` with
+    ``__len__`` or a list of dicts all qualify. A dataset may also offer ``collate(items)``
+    and ``empty_batch()`` (a shaped empty batch for an empty Poisson draw).
+    """
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)

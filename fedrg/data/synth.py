@@ -115,6 +115,21 @@ class HospitalProfile:
 
 
 @dataclass(frozen=True)
+class Phenotype:
+    """The visible phenotype a patient's scan is rendered from: every finding set (a report
+    of it, :func:`_reported_findings`, may omit some; :class:`Findings` allows that)."""
+
+    size_cm: float
+    side: str
+    location: str
+    enhancement: str
+    necrosis: str
+    oedema: str
+    mismatch_sign: str
+    calcification: bool
+
+
+@dataclass(frozen=True)
 class Patient:
     """Latent truth of one synthetic patient."""
 
@@ -124,7 +139,7 @@ class Patient:
     mgmt: bool
     age: float
     aggressiveness: float
-    findings: Findings
+    findings: Phenotype
     atrophy: float
     heterogeneity: float
     centre: tuple[float, float, float]
@@ -196,7 +211,7 @@ def sample_patient(rng: np.random.Generator, profile: HospitalProfile, pid: str)
         bool(rng.random() > (0.08 if idh else 0.3)),
         bool(rng.random() > 0.15),
     )
-    findings = Findings(
+    findings = Phenotype(
         size_cm=round(size, 1), side=side, location=lobe, enhancement=enhancement,
         necrosis=necrosis, oedema=oedema, mismatch_sign=mismatch, calcification=calcification,
     )
@@ -253,8 +268,10 @@ def render_volume(patient: Patient, profile: HospitalProfile, rng: np.random.Gen
     enh = {"none": 0.0, "minimal": 0.08, "patchy": 0.28, "ring": 0.38}[f.enhancement]
     if enh > 0:
         rim = core & (rho > 0.72)
-        amount = enh * ((patches > 0.0).astype(np.float32) if f.enhancement == "patchy" else 1.0)
-        x[rim] += amount[rim] if np.ndim(amount) else amount
+        if f.enhancement == "patchy":
+            x[rim] += (enh * (patches > 0.0).astype(np.float32))[rim]
+        else:
+            x[rim] += enh
     if f.necrosis == "present":
         x[core & (rho < 0.58)] = 0.22 + 0.03 * texture[core & (rho < 0.58)]
     if f.calcification:
@@ -291,11 +308,11 @@ def write_dicom_series(volume: np.ndarray, folder: Path, *, patient_id: str, see
                        hospital: int) -> None:
     """Write a ``(D, H, W)`` volume as a DICOM MR series (one file per axial slice)."""
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+    from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
     folder.mkdir(parents=True, exist_ok=True)
 
-    def uid(*parts: object) -> str:
+    def uid(*parts: object) -> UID:
         return generate_uid(entropy_srcs=["fedrg", str(seed), str(hospital), patient_id,
                                           *map(str, parts)])
 
@@ -529,7 +546,9 @@ def write_hospital(out: Path, seed: int, index: int, mean_patients: int,
     baselines = gene_baselines(sorted(set(genes) | set(DEFAULT_GENE_PANEL)))
     brng = np.random.default_rng([seed, index, 0xBA7C])
     batch = {g: float(brng.normal(0, 0.15)) for g in sorted(baselines)}
-    rows, expr, calls = [], [], []
+    rows: list[list[str]] = []
+    expr: list[tuple[str, list[float]]] = []
+    calls: list[list[tuple[str, int]]] = []
     n_dicom = 0
     for i, p in enumerate(patients):
         prng = np.random.default_rng([seed, index, i, 2])
@@ -546,7 +565,7 @@ def write_hospital(out: Path, seed: int, index: int, mean_patients: int,
         report = "" if rrng.random() < 0.05 else render_report(_reported_findings(p, rrng), rrng)
         rows.append([p.patient_id, rel, report, *(_marker_value(p, m) for m in data_cfg.markers)])
         grng = np.random.default_rng([seed, index, i, 4])
-        expr.append([p.patient_id, *expression_row(p, profile, genes, baselines, batch, grng)])
+        expr.append((p.patient_id, expression_row(p, profile, genes, baselines, batch, grng)))
         calls.append(_variant_calls(p, grng))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -554,7 +573,7 @@ def write_hospital(out: Path, seed: int, index: int, mean_patients: int,
     w.writerows(rows)
     (root / "manifest.csv").write_text(buf.getvalue())
     lines = ["\t".join(["patient_id", *genes])]
-    lines += ["\t".join([r[0], *(f"{v:.3f}" for v in r[1:])]) for r in expr]
+    lines += ["\t".join([pid, *(f"{v:.3f}" for v in values)]) for pid, values in expr]
     (root / "genomics" / "expression.tsv").write_text("\n".join(lines) + "\n")
     write_vcf(root / "genomics" / "variants.vcf", [p.patient_id for p in patients], calls,
               np.random.default_rng([seed, index, 0x7CF]))

@@ -11,11 +11,15 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+from numpy.typing import NDArray
 
 from fedrg.errors import FedrgError
 
+Float32Array = NDArray[np.float32]
+"""One adapter array as the server holds it (the federation exchanges float32)."""
 
-def weighted_mean(updates: list[list[np.ndarray]], weights: list[float]) -> list[np.ndarray]:
+
+def weighted_mean(updates: list[list[Float32Array]], weights: list[float]) -> list[Float32Array]:
     """Weighted FedAvg of per-client update lists.
 
     Parameters
@@ -43,14 +47,14 @@ def weighted_mean(updates: list[list[np.ndarray]], weights: list[float]) -> list
     return [a.astype(np.float32) for a in out]
 
 
-def flatten(arrays: list[np.ndarray]) -> np.ndarray:
+def flatten(arrays: list[Float32Array]) -> Float32Array:
     """Concatenate arrays into one float32 vector."""
     if not arrays:
         return np.zeros(0, dtype=np.float32)
     return np.concatenate([a.astype(np.float32).ravel() for a in arrays])
 
 
-def unflatten(vector: np.ndarray, like: list[np.ndarray]) -> list[np.ndarray]:
+def unflatten(vector: Float32Array, like: list[Float32Array]) -> list[Float32Array]:
     """Split a flat vector back into arrays shaped like ``like``."""
     expected = sum(a.size for a in like)
     if vector.size != expected:
@@ -74,15 +78,15 @@ class Aggregator(Protocol):
 
     name: str
 
-    def apply(self, global_arrays: list[np.ndarray], delta: list[np.ndarray]) -> list[np.ndarray]:
+    def apply(self, global_arrays: list[Float32Array], delta: list[Float32Array]) -> list[Float32Array]:
         """Return the new global arrays given the round's mean ``delta``."""
         ...
 
-    def state_arrays(self) -> dict[str, np.ndarray]:
+    def state_arrays(self) -> dict[str, Float32Array]:
         """State to checkpoint (empty for stateless rules)."""
         ...
 
-    def load_state_arrays(self, state: dict[str, np.ndarray]) -> None:
+    def load_state_arrays(self, state: dict[str, Float32Array]) -> None:
         """Restore state written by :meth:`state_arrays`."""
         ...
 
@@ -94,15 +98,15 @@ class FedAvg:
     lr: float = 1.0
     name: str = "fedavg"
 
-    def apply(self, global_arrays: list[np.ndarray], delta: list[np.ndarray]) -> list[np.ndarray]:
+    def apply(self, global_arrays: list[Float32Array], delta: list[Float32Array]) -> list[Float32Array]:
         """Return ``global + lr * delta`` per array."""
         return [(g + self.lr * d).astype(g.dtype) for g, d in zip(global_arrays, delta, strict=True)]
 
-    def state_arrays(self) -> dict[str, np.ndarray]:
+    def state_arrays(self) -> dict[str, Float32Array]:
         """FedAvg is stateless."""
         return {}
 
-    def load_state_arrays(self, state: dict[str, np.ndarray]) -> None:
+    def load_state_arrays(self, state: dict[str, Float32Array]) -> None:
         """Nothing to restore."""
         return None
 
@@ -119,14 +123,14 @@ class _Adaptive:
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
-    m: list[np.ndarray] | None = field(default=None, repr=False)
-    v: list[np.ndarray] | None = field(default=None, repr=False)
+    m: list[Float32Array] | None = field(default=None, repr=False)
+    v: list[Float32Array] | None = field(default=None, repr=False)
     name: str = "adaptive"
 
-    def _second_moment(self, v: np.ndarray, d: np.ndarray) -> np.ndarray:
+    def _second_moment(self, v: Float32Array, d: Float32Array) -> Float32Array:
         raise NotImplementedError
 
-    def apply(self, global_arrays: list[np.ndarray], delta: list[np.ndarray]) -> list[np.ndarray]:
+    def apply(self, global_arrays: list[Float32Array], delta: list[Float32Array]) -> list[Float32Array]:
         """Return the new global arrays (moments updated in place)."""
         if self.m is None or self.v is None:
             self.m = [np.zeros_like(d) for d in delta]
@@ -138,15 +142,15 @@ class _Adaptive:
             new.append((g + self.lr * self.m[i] / (np.sqrt(self.v[i]) + self.tau)).astype(g.dtype))
         return new
 
-    def state_arrays(self) -> dict[str, np.ndarray]:
+    def state_arrays(self) -> dict[str, Float32Array]:
         """Optimiser state for checkpoints (``m.i``, ``v.i``)."""
-        out: dict[str, np.ndarray] = {}
+        out: dict[str, Float32Array] = {}
         for name, arrs in (("m", self.m), ("v", self.v)):
             for i, a in enumerate(arrs or []):
                 out[f"{name}.{i}"] = a
         return out
 
-    def load_state_arrays(self, state: dict[str, np.ndarray]) -> None:
+    def load_state_arrays(self, state: dict[str, Float32Array]) -> None:
         """Restore optimiser state saved by :meth:`state_arrays`."""
         ms = sorted((k for k in state if k.startswith("m.")), key=lambda k: int(k[2:]))
         vs = sorted((k for k in state if k.startswith("v.")), key=lambda k: int(k[2:]))
@@ -160,7 +164,7 @@ class FedAdam(_Adaptive):
 
     name: str = "fedadam"
 
-    def _second_moment(self, v: np.ndarray, d: np.ndarray) -> np.ndarray:
+    def _second_moment(self, v: Float32Array, d: Float32Array) -> Float32Array:
         return self.beta2 * v + (1 - self.beta2) * d * d
 
 
@@ -170,7 +174,7 @@ class FedYogi(_Adaptive):
 
     name: str = "fedyogi"
 
-    def _second_moment(self, v: np.ndarray, d: np.ndarray) -> np.ndarray:
+    def _second_moment(self, v: Float32Array, d: Float32Array) -> Float32Array:
         d2 = d * d
         return v - (1 - self.beta2) * d2 * np.sign(v - d2)
 
@@ -181,7 +185,7 @@ class FedAdagrad(_Adaptive):
 
     name: str = "fedadagrad"
 
-    def _second_moment(self, v: np.ndarray, d: np.ndarray) -> np.ndarray:
+    def _second_moment(self, v: Float32Array, d: Float32Array) -> Float32Array:
         return v + d * d
 
 
@@ -221,6 +225,7 @@ __all__ = [
     "FedAdam",
     "FedAvg",
     "FedYogi",
+    "Float32Array",
     "ServerOptimizer",
     "flatten",
     "make_aggregator",

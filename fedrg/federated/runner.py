@@ -81,7 +81,8 @@ def run_federation(transport: Transport, cfg: ExperimentConfig, run_dir: str | P
         save_adapter(model, run_dir / "adapter")
     else:  # a custom factory's model: its exchanged arrays, by parameter name
         (run_dir / "adapter").mkdir(exist_ok=True)
-        arrays: dict[str, Any] = {name: p.detach().cpu().numpy() for name, p in adapter_parameters(model)}
+        arrays: dict[str, np.ndarray] = {name: p.detach().cpu().numpy()
+                                         for name, p in adapter_parameters(model)}
         np.savez(run_dir / "adapter" / "adapter_arrays.npz", **arrays)
     write_metrics(run_dir, result.metrics)
     write_plots(result.metrics, run_dir / "plots", dp_label=privacy_label(

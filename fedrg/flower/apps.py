@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
@@ -19,9 +19,20 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedrg.config import ExperimentConfig, SiteConfig
 from fedrg.errors import FedrgError
-from fedrg.flower.records import PACKED_KEY, pack_arrays, payload_to_record, record_to_payload, unpack_arrays
+from fedrg.flower.records import (
+    PACKED_KEY,
+    RecordLayoutError,
+    pack_arrays,
+    payload_to_record,
+    record_to_payload,
+    unpack_arrays,
+)
 from fedrg.flower.transport import ACTIONS, GridTransport
 from fedrg.payload import Payload
+
+if TYPE_CHECKING:
+    from fedrg.federated.aggregate import Aggregator
+    from fedrg.federated.server import ServerResult
 
 log = logging.getLogger("fedrg.flower")
 
@@ -43,6 +54,9 @@ def _load_state(context: Context) -> Payload:
         meta = dict(context.state[STATE_BYTES].items())
     if STATE_ARRAYS in context.state:
         stored = context.state[STATE_ARRAYS]
+        if not isinstance(stored, ArrayRecord):
+            raise RecordLayoutError(f"the ClientApp state's {STATE_ARRAYS!r} record is a "
+                                    f"{type(stored).__name__}, not an ArrayRecord")
         layout = meta.pop(STATE_LAYOUT, None)
         if layout is not None and PACKED_KEY in stored:  # one packed array (see records.py)
             arrays = unpack_arrays(stored[PACKED_KEY].numpy(), str(layout))
@@ -170,10 +184,10 @@ def collect_ledgers(transport: GridTransport, run_dir: Path, *, round_: int,
 
 def build_server_app(provide: ConfigProvider,
                      on_round: Callable[[dict[str, Any]], None] | None = None,
-                     results: list[Any] | None = None,
+                     results: list[ServerResult] | None = None,
                      failures: list[BaseException] | None = None,
                      on_phase: Callable[[str, int, int], None] | None = None,
-                     *, ledgers: bool = False, aggregator: Any = None) -> ServerApp:
+                     *, ledgers: bool = False, aggregator: Aggregator | None = None) -> ServerApp:
     """The coordinator: runs :func:`fedrg.federated.runner.run_federation` over the Grid.
 
     ``on_phase(action, round, n_hospitals)`` is called before each message exchange

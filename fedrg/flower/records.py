@@ -14,7 +14,7 @@ import json
 import math
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, ConfigRecordValues, RecordDict
 
 from fedrg.errors import FedrgError
 from fedrg.payload import Payload, meta_from_json, meta_to_json
@@ -100,7 +100,7 @@ def payload_to_record(payload: Payload) -> RecordDict:
     Flower's ``Array`` turns a 0-d array into shape ``(1,)``; the names of 0-d arrays
     travel in the ConfigRecord so :func:`record_to_payload` restores their shape.
     """
-    config = {"json": meta_to_json(payload.meta)}
+    config: dict[str, ConfigRecordValues] = {"json": meta_to_json(payload.meta)}
     if not payload.arrays:
         return RecordDict({ARRAYS_KEY: ArrayRecord(), META_KEY: ConfigRecord(config)})
     buf, layout = pack_arrays(payload.arrays)
@@ -128,7 +128,11 @@ def record_to_payload(content: RecordDict) -> Payload:
         if LAYOUT_KEY in content[META_KEY]:
             layout = str(content[META_KEY][LAYOUT_KEY])
     if ARRAYS_KEY in content:
-        for key, arr in content[ARRAYS_KEY].items():
+        record = content[ARRAYS_KEY]
+        if not isinstance(record, ArrayRecord):
+            raise RecordLayoutError(f"a message's {ARRAYS_KEY!r} record is a {type(record).__name__}, "
+                                    "not an ArrayRecord")
+        for key, arr in record.items():
             a = arr.numpy()
             if layout is not None and key == PACKED_KEY:
                 arrays.update(unpack_arrays(a, layout))

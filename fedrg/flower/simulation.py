@@ -8,13 +8,17 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedrg.config import ExperimentConfig, SiteConfig
 from fedrg.errors import FedrgError
 from fedrg.flower.apps import build_client_app, build_server_app
 from fedrg.interrupt import stop_own_ray
 from fedrg.runtime import apply_offline_env
+
+if TYPE_CHECKING:
+    from fedrg.federated.aggregate import Aggregator
+    from fedrg.federated.server import ServerResult
 
 log = logging.getLogger("fedrg.simulation")
 
@@ -147,7 +151,8 @@ def run_simulated_federation(cfg: ExperimentConfig, run_dir: str | Path, sites: 
                              on_round: Callable[[dict[str, Any]], None] | None = None,
                              num_cpus: int | None = None,
                              on_phase: Callable[[str, int, int], None] | None = None,
-                             ray_address: str | None = None, aggregator: Any = None) -> Any:
+                             ray_address: str | None = None,
+                             aggregator: Aggregator | None = None) -> ServerResult:
     """Run a whole federation of ``sites`` through Flower's simulation engine.
 
     Parameters
@@ -179,7 +184,7 @@ def run_simulated_federation(cfg: ExperimentConfig, run_dir: str | Path, sites: 
 
     if len(sites) != cfg.federation.hospitals:
         raise FedrgError(f"federation.hospitals={cfg.federation.hospitals} but {len(sites)} site(s) given")
-    results: list[Any] = []
+    results: list[ServerResult] = []
     failures: list[BaseException] = []
 
     def provide(_context: Any) -> tuple[ExperimentConfig, Path, bool]:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedrg.data.schema import RecordDataset
 from fedrg.privacy.release import BINS, DEFAULT_LOSS_CLIP, exact_aggregates
 from fedrg.train.evaluate import per_patient_report_scores, predict_dataset
 
+if TYPE_CHECKING:  # loads torch and transformers
+    from fedrg.model.adapter import RadiogenomicsModel
+
 
 def release_aggregates(
-    model: Any, dataset: Any, *, batch_size: int = 32, generate: bool = True,
+    model: RadiogenomicsModel, dataset: RecordDataset, *, batch_size: int = 32, generate: bool = True,
     loss_clip: float | None = None, bins: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Exact aggregates of ``dataset`` for a DP release (see :mod:`fedrg.privacy.release`).

@@ -35,7 +35,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -51,6 +51,14 @@ from fedrg.payload import Payload
 from fedrg.privacy.ledger import Ledger, anchor_problem
 from fedrg.runtime import torch_threads
 from fedrg.secagg.stages import ACTION_PREFIX
+
+if TYPE_CHECKING:  # the model and data modules load torch/transformers only when used
+    from fedrg.data.loader import CohortLoader, SiteData
+    from fedrg.model.adapter import RadiogenomicsModel
+    from fedrg.model.factory import ModelFactory
+    from fedrg.policy import SitePolicy
+    from fedrg.privacy.dpsgd import DPSession
+    from fedrg.privacy.ledger import LedgerEntry
 
 log = logging.getLogger("fedrg.site")
 
@@ -77,7 +85,7 @@ def get_site(site: SiteConfig) -> HospitalSite:
 @dataclass
 class _CohortCache:
     key: str
-    data: Any  # fedrg.data.loader.SiteData
+    data: SiteData
     fingerprint: str
 
     @property
@@ -85,10 +93,10 @@ class _CohortCache:
         return len(self.data.train)
 
 
-_MODELS: dict[str, Any] = {}
+_MODELS: dict[str, RadiogenomicsModel] = {}
 
 
-def _model_for(cfg: ExperimentConfig, factory: Any = None) -> Any:
+def _model_for(cfg: ExperimentConfig, factory: ModelFactory | None = None) -> RadiogenomicsModel:
     """One model per (factory, model, data) config per process; adapter arrays are set per message."""
     from fedrg.model.factory import DEFAULT_MODEL_FACTORY
 
@@ -108,7 +116,8 @@ def _round_seed(*parts: Any) -> int:
 class HospitalSite:
     """One hospital: its cohort, ledger and state directory (all stay on site)."""
 
-    def __init__(self, site: SiteConfig, *, model_factory: Any = None, cohort_loader: Any = None) -> None:
+    def __init__(self, site: SiteConfig, *, model_factory: ModelFactory | None = None,
+                 cohort_loader: CohortLoader | None = None) -> None:
         """``model_factory`` (:class:`~fedrg.model.factory.ModelFactory`) and ``cohort_loader``
         (:class:`~fedrg.data.loader.CohortLoader`) default to the built-in ones; neither can
         change what the site policy decides about DP or secure aggregation."""
@@ -247,7 +256,8 @@ class HospitalSite:
                              "ledger_head": ledger.signed_head()})
 
     # ------------------------------------------------------------------ train
-    def _global_arrays(self, cfg: ExperimentConfig, payload: Payload) -> tuple[Any, list[np.ndarray]]:
+    def _global_arrays(self, cfg: ExperimentConfig,
+                       payload: Payload) -> tuple[RadiogenomicsModel, list[np.ndarray]]:
         """The model for ``cfg`` and the server's global adapter arrays, checked.
 
         Refuses (before any ledger entry) a wrong count of arrays, a wrong shape or dtype
@@ -575,7 +585,7 @@ STATE_REFUSAL = ("this hospital's state directory does not hold the privacy ledg
                  "--previous-head ledger_heads.json` (recorded in the ledger)")
 
 
-def _check_release_limits(entries: list[Any], policy: Any, *, run_id: str, round_: int,
+def _check_release_limits(entries: list[LedgerEntry], policy: SitePolicy, *, run_id: str, round_: int,
                           model_hash: str) -> int:
     """The release limits that need no data; returns how many releases this run made.
 
@@ -605,7 +615,7 @@ def _check_release_limits(entries: list[Any], policy: Any, *, run_id: str, round
     return len(released)
 
 
-def _dp_session(plan: RoundPlan, cfg: ExperimentConfig) -> Any:
+def _dp_session(plan: RoundPlan, cfg: ExperimentConfig) -> DPSession:
     """The DP-SGD session of a private training plan: every privacy number from the plan."""
     from fedrg.privacy.dpsgd import DPSession
 

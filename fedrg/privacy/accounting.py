@@ -19,7 +19,7 @@ import json
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -113,7 +113,13 @@ class PrivacyHistory(Sequence[Segment]):
         return PrivacyHistory([*self._segments, *other])
 
     # -- Sequence -------------------------------------------------------------------------
-    def __getitem__(self, i):  # type: ignore[override]
+    @overload
+    def __getitem__(self, i: int) -> Segment: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Segment]: ...
+
+    def __getitem__(self, i: int | slice) -> Segment | list[Segment]:
         return self._segments[i]
 
     def __len__(self) -> int:

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import TypedDict
 
 from fedrg.privacy.accounting import (
     CALIBRATION_RTOL,
@@ -33,6 +34,16 @@ from fedrg.privacy.accounting import (
 log = logging.getLogger("fedrg.privacy")
 
 CACHE_NAME = "calibration.json"
+
+
+class _Calibration(TypedDict):
+    """The inputs the calibrated sigma is a pure function of (the cache key)."""
+
+    target_epsilon: float
+    target_delta: float
+    sample_rate: float
+    steps: int
+    accountant: str
 
 
 def _key(*, target_epsilon: float, target_delta: float, sample_rate: float, steps: int,
@@ -70,7 +81,7 @@ def cached_noise_multiplier(state_dir: str | Path | None, *, target_epsilon: flo
         Exactly the value a fresh :func:`~fedrg.privacy.accounting.calibrate_noise_multiplier`
         returns for these inputs (a cached value is re-verified against the target before use).
     """
-    args = {"target_epsilon": float(target_epsilon), "target_delta": float(target_delta),
+    args: _Calibration = {"target_epsilon": float(target_epsilon), "target_delta": float(target_delta),
             "sample_rate": float(sample_rate), "steps": int(steps), "accountant": accountant}
     if state_dir is None:
         return calibrate_noise_multiplier(**args)
@@ -90,7 +101,7 @@ def cached_noise_multiplier(state_dir: str | Path | None, *, target_epsilon: flo
     sigma = calibrate_noise_multiplier(**args)
     entries[key] = sigma
     try:
-        from fedrg.privacy.ledger import atomic_write
+        from fedrg.files import atomic_write
 
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, json.dumps(entries, indent=1, sort_keys=True).encode(), mode=0o600)

@@ -39,6 +39,7 @@ What the session guarantees (each point is tested in ``tests/test_privacy_dpsgd*
 from __future__ import annotations
 
 import hashlib
+import inspect
 import secrets
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -47,7 +48,7 @@ from typing import Any, Protocol
 
 import torch
 from opacus.accountants import create_accountant
-from opacus.grad_sample import prepare_module
+from opacus.grad_sample import AbstractGradSampleModule, prepare_module
 from opacus.optimizers import get_optimizer_class
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
@@ -56,6 +57,7 @@ from torch import nn
 
 from fedrg.errors import PrivacyError
 from fedrg.privacy.accounting import PrivacyHistory, epsilon_of
+from fedrg.privacy.torch_internals import conv_grad_samples_by_unfold
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 
@@ -106,7 +108,8 @@ def _collate_for(dataset: Any) -> Callable[[list[Any]], Batch]:
     """The dataset's own ``collate`` (fedrg cohort datasets have one), else torch's default."""
     own = getattr(dataset, "collate", None)
     if callable(own):
-        return own  # type: ignore[no-any-return]
+        collate: Callable[[list[Any]], Batch] = own
+        return collate
     from torch.utils.data import default_collate
 
     return default_collate
@@ -139,25 +142,18 @@ def use_seeded_noise_for_tests(seed: int) -> Iterator[None]:
         _TEST_NOISE.state = previous
 
 
-@contextmanager
-def _unfold_conv_grad_samples(active: bool) -> Iterator[None]:
-    """In ew mode, compute per-sample convolution gradients by unfolding at every batch size.
-
-    torch's expanded weights switch to a grouped convolution below batch 32
-    (``THRESHOLD`` in ``torch/nn/utils/_expanded_weights/conv_utils.py``), measured slower
-    on CPU (/work/shared/FACTS.md); both give the same per-sample gradients (tested).
-    """
-    if not active:
-        yield
-        return
-    from torch.nn.utils._expanded_weights import conv_utils
-
-    previous = conv_utils.THRESHOLD
-    conv_utils.THRESHOLD = 0
-    try:
-        yield
-    finally:
-        conv_utils.THRESHOLD = previous
+def _first_forward_argument(model: nn.Module) -> str:
+    """The name of ``model.forward``'s first parameter: Opacus' ``ew`` wrapper
+    (``GradSampleModuleExpandedWeights``) takes it positionally and reads the batch size
+    from its first dimension."""
+    params = list(inspect.signature(model.forward).parameters.values())
+    if not params or params[0].kind not in (inspect.Parameter.POSITIONAL_ONLY,
+                                            inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        raise PrivacyError(
+            f"grad_sample_mode='ew' needs a model whose forward takes a batch tensor as its first "
+            f"argument; {type(model).__name__}.forward{inspect.signature(model.forward)} does not "
+            "(use grad_sample_mode='hooks')")
+    return params[0].name
 
 
 def _entropy_seed() -> int:
@@ -300,8 +296,9 @@ class DPSession:
         if self._initial_history.total_steps:
             self.accountant.load_state_dict(self._initial_history.to_state_dict(accountant))
         self._model: nn.Module | None = None
-        self._gsm: nn.Module | None = None
-        self.optimizer: Any = None
+        self._gsm: AbstractGradSampleModule | None = None  # Opacus' wrapper of _model
+        self._ew_first_argument = ""  # ew mode: the forward argument given positionally
+        self.optimizer: Any = None  # Opacus' DPOptimizer (opacus is untyped)
         self._criterion: DPLossFastGradientClipping | None = None
         self._checked_params = False
         self.noise_only_steps = 0
@@ -366,6 +363,8 @@ class DPSession:
                 "the optimizer must hold the model's trainable parameters only "
                 f"({len(in_opt)} in the optimizer, {len(trainable)} trainable in the model)"
             )
+        if self.grad_sample_mode == "ew":
+            self._ew_first_argument = _first_forward_argument(model)
         kwargs: dict[str, Any] = {"batch_first": True, "loss_reduction": "mean"}
         if self.grad_sample_mode == "ghost":
             kwargs["max_grad_norm"] = self.max_grad_norm
@@ -435,7 +434,7 @@ class DPSession:
 
     def cleanup(self) -> PrivacyHistory:
         """Remove Opacus hooks and attributes from the model; return the updated history."""
-        if self._gsm is not None:
+        if self._gsm is not None and self._model is not None:
             if self.optimizer is not None:
                 self.optimizer.zero_grad(set_to_none=True)
             self._gsm._close()
@@ -513,18 +512,22 @@ class DPSession:
         return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
     def _backward(self, batch: Batch) -> float:
+        gsm = self._gsm
+        if gsm is None:
+            raise PrivacyError("DPSession.step called before attach(model, optimizer)")
         tensors = self._tensors(batch)
-        with _unfold_conv_grad_samples(self.grad_sample_mode == "ew"):
-            if self.grad_sample_mode == "ew":
-                from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
-
-                forward = call_for_per_sample_grads(
-                    self._model, batch_size=batch_size_of(batch), loss_reduction="mean"
-                )
-                losses = forward(**tensors)
-            else:
-                losses = self._gsm(**tensors)
-            return self._finish_backward(losses)
+        if self.grad_sample_mode != "ew":
+            return self._finish_backward(gsm(**tensors))
+        # Opacus' expanded-weights wrapper takes the batch size from its first positional
+        # argument; convolutions unfold at every batch size (fedrg.privacy.torch_internals)
+        first = tensors.pop(self._ew_first_argument, None)
+        if first is None or first.dim() < 1 or first.shape[0] != batch_size_of(batch):
+            raise PrivacyError(
+                f"grad_sample_mode='ew': the model's first forward argument "
+                f"{self._ew_first_argument!r} must be a tensor of {batch_size_of(batch)} "
+                "examples (dim 0) from encode_batch; use grad_sample_mode='hooks' otherwise")
+        with conv_grad_samples_by_unfold():
+            return self._finish_backward(gsm(first, **tensors))
 
     def _finish_backward(self, losses: torch.Tensor) -> float:
         if losses.dim() != 1:
@@ -540,7 +543,7 @@ class DPSession:
                     raise
                 self._raise_unused("_norm_sample")
         else:
-            losses.mean().backward()
+            torch.autograd.backward(losses.mean())
         if not self._checked_params:
             self._check_all_params_used()
         return float(losses.detach().mean())
@@ -551,7 +554,7 @@ class DPSession:
         self._checked_params = True
 
     def _raise_unused(self, attr: str) -> None:
-        missing = [name for name, p in self._model.named_parameters()
+        missing = [name for name, p in self.module.named_parameters()
                    if p.requires_grad and getattr(p, attr, None) is None]
         if missing:
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")

@@ -39,6 +39,8 @@ may no longer match Opacus' clipping, noise or accounting.
 
 from __future__ import annotations
 
+from typing import Any
+
 import opacus.optimizers.optimizer as _opacus_optimizer
 import torch
 from opacus.optimizers import DPOptimizer
@@ -82,15 +84,15 @@ def require_reviewed_opacus() -> None:
         _reviewed["ok"] = True
 
 
-class FusedDPOptimizer(DPOptimizer):
+class FusedDPOptimizer(DPOptimizer):  # type: ignore[misc]  # opacus ships no type information
     """Drop-in :class:`~opacus.optimizers.DPOptimizer` (flat clipping, hooks/functorch/ew
     modes) with fused clip, accumulate, noise and scale, and optional group-wise clipping."""
 
     _flat_summed: torch.Tensor | None = None
     _flat_grad: torch.Tensor | None = None
 
-    def __init__(self, *args, clip_groups: list[int] | None = None,
-                 group_max_norms: list[float] | None = None, **kwargs) -> None:
+    def __init__(self, *args: Any, clip_groups: list[int] | None = None,
+                 group_max_norms: list[float] | None = None, **kwargs: Any) -> None:
         """Opacus' arguments, plus ``clip_groups`` (one group index per parameter, in
         ``params`` order) and ``group_max_norms`` (``C_g`` per group; their squares must sum
         to ``max_grad_norm`` squared). Without them: flat clipping, as Opacus.

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedrg.errors import ConfigError, SecAggError
 from fedrg.policy import required_threshold
@@ -139,7 +140,7 @@ def seed_commitment(context: bytes, index: int, seed: bytes) -> bytes:
     return hashlib.sha256(b"fedrg-secagg-seed" + context + struct.pack(">Q", index) + seed).digest()
 
 
-def pairwise_seed(mask_sk: bytes | crypto.X25519PrivateKey, peer_mask_pk: bytes, transcript: bytes,
+def pairwise_seed(mask_sk: bytes | X25519PrivateKey, peer_mask_pk: bytes, transcript: bytes,
                   a: int, b: int) -> bytes:
     """The 256-bit seed of the pairwise mask between clients ``a`` and ``b``."""
     return crypto.agree(
@@ -466,7 +467,7 @@ class ClientSession:
         rng = np.random.default_rng(int.from_bytes(self._entropy(16), "big"))
         y = encode(x, weight, clip_range=p.clip_range, quantization_bits=p.quantization_bits,
                    max_weight=p.max_weight, num_clients=p.num_clients, rounding=p.rounding,
-                   rng=rng)  # type: ignore[arg-type]
+                   rng=rng)
         mask_sk = crypto.private_key(self.mask_sk)
         plus: list[bytes] = [self.seed]
         minus: list[bytes] = []

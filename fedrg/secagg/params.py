@@ -11,7 +11,7 @@ from typing import Any
 
 from fedrg.errors import SecAggError
 from fedrg.policy import required_threshold
-from fedrg.secagg.quantize import check_ring, ring_bits
+from fedrg.secagg.quantize import Rounding, as_rounding, check_ring, ring_bits
 
 AUTO_NEIGHBOURS = -1
 """``neighbours = -1``: choose the graph from the number of clients (:func:`auto_neighbours`)."""
@@ -178,7 +178,7 @@ class RoundParams:
     clip_range: float
     quantization_bits: int
     max_weight: float
-    rounding: str = "nearest"
+    rounding: Rounding = "nearest"
 
     def validate(self) -> None:
         """Check the parameters are consistent; raise :class:`SecAggError` if not."""
@@ -230,7 +230,7 @@ class RoundParams:
                 clip_range=float(msg["clip_range"]),
                 quantization_bits=int(msg["quantization_bits"]),
                 max_weight=float(msg["max_weight"]),
-                rounding=str(msg.get("rounding", "nearest")),
+                rounding=as_rounding(str(msg.get("rounding", "nearest"))),
             )
         except KeyError as err:
             raise SecAggError(f"secagg setup message lacks the field {err}") from None

@@ -38,6 +38,21 @@ Rounding = Literal["nearest", "stochastic"]
 _BLOCK = 1 << 15  # values encoded per block (the float64 scratch stays in the CPU cache)
 
 
+def as_rounding(value: object) -> Rounding:
+    """``value`` as a :data:`Rounding`.
+
+    Raises
+    ------
+    SecAggError
+        Naming the value, unless it is ``"nearest"`` or ``"stochastic"``.
+    """
+    if value == "nearest":
+        return "nearest"
+    if value == "stochastic":
+        return "stochastic"
+    raise SecAggError(f"secagg rounding={value!r} must be 'nearest' or 'stochastic'")
+
+
 def levels(quantization_bits: int) -> int:
     """``L = 2**bits - 1``, the largest code of one coordinate."""
     return (1 << quantization_bits) - 1

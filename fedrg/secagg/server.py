@@ -42,7 +42,7 @@ from fedrg.secagg.params import (
     neighbour_graph,
     resolve_neighbours,
 )
-from fedrg.secagg.quantize import decode_sum, ring_dtype
+from fedrg.secagg.quantize import as_rounding, decode_sum, ring_dtype
 from fedrg.secagg.stages import SecAggStage
 
 _SUM_BLOCK = 1 << 15
@@ -136,7 +136,8 @@ class ServerAggregator:
             round_id=round_id if round_id is not None else os.urandom(16),
             num_clients=n, threshold=threshold, neighbours=neighbours,
             vector_length=vector_length, clip_range=clip_range,
-            quantization_bits=quantization_bits, max_weight=max_weight, rounding=rounding,
+            quantization_bits=quantization_bits, max_weight=max_weight,
+            rounding=as_rounding(rounding),
         )
         self.params.validate()
         self.context = self.params.context()

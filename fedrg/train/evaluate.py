@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from fedrg.train.loop import SizedDataset, collate
+
+if TYPE_CHECKING:  # loads transformers
+    from fedrg.model.adapter import RadiogenomicsModel
 
 
 def _batches(dataset: SizedDataset, batch_size: int) -> Iterator[dict[str, Any]]:
@@ -42,7 +45,7 @@ def rouge_l(generated: list[str], references: list[str]) -> float | None:
 
 @torch.no_grad()
 def predict_dataset(
-    model, dataset: SizedDataset, *, batch_size: int = 32, generate: bool = True
+    model: RadiogenomicsModel, dataset: SizedDataset, *, batch_size: int = 32, generate: bool = True
 ) -> dict[str, Any]:
     """Marker probabilities (image only and multimodal), generated reports and losses.
 
@@ -78,7 +81,7 @@ def predict_dataset(
 
 
 def evaluate(
-    model, dataset: SizedDataset, *, batch_size: int = 32, generate: bool = True
+    model: RadiogenomicsModel, dataset: SizedDataset, *, batch_size: int = 32, generate: bool = True
 ) -> dict[str, Any]:
     """Evaluate ``model`` on held-out patients.
 

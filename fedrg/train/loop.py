@@ -19,17 +19,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fedrg.config import TrainingConfig
-from fedrg.data.schema import RADIOGENOMICS_RECORD, RecordSchema, batch_size
+from fedrg.data.schema import RADIOGENOMICS_RECORD, RecordDataset, RecordSchema, batch_size
 from fedrg.runtime import torch_threads
 
-
-class SizedDataset(Protocol):
-    """What the loop needs of a dataset: ``len()`` and integer indexing to dict records
-    (a ``torch.utils.data.Dataset`` with ``__len__``, or a list)."""
-
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, index: int) -> Any: ...
+#: What the loop needs of a dataset: ``len()`` and integer indexing to dict records
+#: (:class:`fedrg.data.schema.RecordDataset`; a ``torch.utils.data.Dataset`` with
+#: ``__len__``, or a list).
+SizedDataset = RecordDataset
 
 
 @runtime_checkable

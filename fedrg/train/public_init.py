@@ -32,15 +32,19 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from fedrg.config import DataConfig, ModelConfig, TrainingConfig
+from fedrg.data.schema import RecordDataset
 from fedrg.errors import ModelError
 from fedrg.paths import cache_dir
+
+if TYPE_CHECKING:  # loads transformers
+    from fedrg.model.adapter import RadiogenomicsModel
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +122,7 @@ def _public_dataset(data_cfg: DataConfig, recipe: PublicInitRecipe, root: Path):
     return torch.utils.data.ConcatDataset(parts)
 
 
-def _train_encoders(model: Any, dataset: Any, recipe: PublicInitRecipe) -> float:
+def _train_encoders(model: RadiogenomicsModel, dataset: RecordDataset, recipe: PublicInitRecipe) -> float:
     """Stage 1: encoders + marker head on the marker loss alone (no LM forward)."""
     from fedrg.train.loop import augment_images, collate, withhold_genomics
 
@@ -153,7 +157,7 @@ def _train_encoders(model: Any, dataset: Any, recipe: PublicInitRecipe) -> float
     return last
 
 
-def pretrain_public(model: Any, data_cfg: DataConfig, training_cfg: TrainingConfig, *,
+def pretrain_public(model: RadiogenomicsModel, data_cfg: DataConfig, training_cfg: TrainingConfig, *,
                     recipe: PublicInitRecipe = DEFAULT_RECIPE, workdir: Path) -> dict[str, Any]:
     """Pre-train ``model`` (a fresh :class:`~fedrg.model.adapter.RadiogenomicsModel`) in place
     on the public synthetic cohorts; returns a summary (losses, patients)."""
@@ -173,13 +177,13 @@ def pretrain_public(model: Any, data_cfg: DataConfig, training_cfg: TrainingConf
             "full_loss_mean": full["loss_mean"], "full_steps": full["steps"]}
 
 
-def _named_arrays(model: Any) -> dict[str, np.ndarray]:
+def _named_arrays(model: RadiogenomicsModel) -> dict[str, np.ndarray]:
     from fedrg.model.payload import adapter_parameters
 
     return {name: p.detach().cpu().numpy().copy() for name, p in adapter_parameters(model)}
 
 
-def _load_into(model: Any, arrays: dict[str, np.ndarray], source: str) -> None:
+def _load_into(model: RadiogenomicsModel, arrays: dict[str, np.ndarray], source: str) -> None:
     from fedrg.model.payload import adapter_parameters
 
     named = adapter_parameters(model)
@@ -234,7 +238,7 @@ def ensure_public_init(model_cfg: ModelConfig, data_cfg: DataConfig, training_cf
     return target
 
 
-def apply_public_init(model: Any, model_cfg: ModelConfig, data_cfg: DataConfig,
+def apply_public_init(model: RadiogenomicsModel, model_cfg: ModelConfig, data_cfg: DataConfig,
                       training_cfg: TrainingConfig, *, recipe: PublicInitRecipe = DEFAULT_RECIPE,
                       root: Path | None = None) -> str:
     """Set ``model``'s adapter to the initial weights ``model.public_init`` names.
