@@ -48,14 +48,16 @@ def test_the_api_example_runs_with_dp_and_secure_aggregation(tmp_path, monkeypat
     exec(compile(_example(), str(DOC), "exec"), namespace)
 
     result, cfg = namespace["result"], namespace["cfg"]
-    [row] = result.metrics["rounds"]
+    start, row = result.metrics["rounds"]
+    assert start["round"] == 0 and start["auroc"]  # the starting adapter, evaluated
     assert row["aggregated"] and row["participants"] == 3
     # DP applied at every hospital: a signed ledger entry with noise, and the audit passes
     for name in ("h1", "h2", "h3"):
         entries = Ledger.open(tmp_path / "api-example" / f"state-{name}", hospital=name).read()
-        # the round's DP-SGD entry, then its metric release (a DP release: the default policy)
-        assert [e.kind for e in entries] == ["train", "evaluation"]
-        entry = entries[0]
+        # the start's metric release (round 0, riding on round 1's train message), the round's
+        # DP-SGD entry, then its metric release (DP releases: the default policy)
+        assert [(e.kind, e.round) for e in entries] == [("evaluation", 0), ("train", 1), ("evaluation", 1)]
+        entry = entries[1]
         assert entry.noise_multiplier > 0 and entry.accountant == "rdp"
         assert entry.dataset_fingerprint == f"in-memory-{name}"
     assert namespace["audit"].ok

@@ -79,7 +79,7 @@ def test_nearly_spent_hospital_plans_the_run_within_what_is_left(tmp_path, base_
                        target_delta=plan.target_delta, epsilon=eps(prior[:rnd]), budget=budget,
                        config_hash="x", dataset_fingerprint="y")
     result = run_federation(LocalTransport(sites), cfg, tmp_path / "run")
-    r1, r2 = result.metrics["rounds"]
+    _, r1, r2 = result.metrics["rounds"]
     assert r1["participants"] == 4 and not r1["declined"]
     assert r2["participants"] == 4 and not r2["declined"]
     assert not result.stopped_early
@@ -140,7 +140,7 @@ def test_hospital_level_dp_end_to_end_accounts_every_round_in_full(tmp_path, bas
                         policy=_policy(base_dir, require_secagg=False, min_secagg_peers=1))
              for i, c in enumerate(cohorts[:3], 1)]
     result = run_federation(LocalTransport(sites), cfg, tmp_path / "run")
-    rows = result.metrics["rounds"]
+    rows = result.metrics["rounds"][1:]  # after round 0 (the start: nobody trains)
     assert [r["participants"] for r in rows] == [2, 2]
     for rnd, row in enumerate(rows, start=1):
         expected = hospital_level_epsilon(hospital_noise_multiplier=2.0, sample_rate=1.0,
@@ -175,18 +175,20 @@ def test_evaluation_rides_on_the_next_train_message_at_real_hospitals(tmp_path, 
     assert actions.count(("evaluate", 2)) == 1 and ("evaluate", 1) not in actions
     train2 = next(m for a, r, m in exchanges if (a, r) == ("train", 2))
     assert all(meta["evaluate_round"] == 1 for meta in train2.values()) and len(train2) == 3
-    assert all("evaluate_round" not in meta for a, r, m in exchanges if (a, r) == ("train", 1)
+    # round 1's train message carries the starting adapter's evaluation (round 0)
+    assert all(meta["evaluate_round"] == 0 for a, r, m in exchanges if (a, r) == ("train", 1)
                for meta in m.values())
     rows = result.metrics["rounds"]
-    assert [r["round"] for r in rows] == [1, 2]
-    for row in rows:  # every round's row holds its evaluation (three DP releases summed;
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:  # every round's row holds its evaluation (three DP releases summed;
         # on 24-patient cohorts a noisy count can fall below 1, leaving loss None)
         assert set(row["auroc"]) == set(cfg.data.markers) == set(row["auroc_multimodal"])
         assert "loss" in row and "findings_f1" in row and row["participants"] == 3
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"] == rows
     for site in sites:
         entries = Ledger.open(site.state_dir, hospital=site.name).read()
-        assert [(e.kind, e.round) for e in entries] == [("train", 1), ("evaluation", 1),
-                                                         ("train", 2), ("evaluation", 2)]
-        # round 2 was planned after round 1's release: its lifetime epsilon includes it
-        assert entries[2].epsilon > entries[1].epsilon > entries[0].epsilon
+        assert [(e.kind, e.round) for e in entries] == [("evaluation", 0), ("train", 1),
+                                                         ("evaluation", 1), ("train", 2),
+                                                         ("evaluation", 2)]
+        # each entry was planned after the one before: the lifetime epsilon includes it
+        assert entries[3].epsilon > entries[2].epsilon > entries[1].epsilon > entries[0].epsilon

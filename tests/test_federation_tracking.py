@@ -98,8 +98,11 @@ def test_run_federation_mirrors_metrics_json_to_tensorboard(tmp_path, fx_root, b
     sites = [SiteConfig(name=f"h{i}", cohort=str(tiny_cohort(fx_root, patients=24, seed=10 + i)),
                         state_dir=str(tmp_path / f"s{i}"), policy=policy) for i in (1, 2)]
     run_federation(LocalTransport(sites), cfg, tmp_path / "run")
-    [row] = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]
+    start, row = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]
     scalars = _scalars(tmp_path / "run" / "tracking" / "tensorboard")
-    assert set(scalars) == set(flatten_row(row)) and "epsilon/h1" in scalars
+    assert set(scalars) == set(flatten_row(row)) | set(flatten_row(start)) and "epsilon/h1" in scalars
     for tag, value in flatten_row(row).items():
-        assert scalars[tag] == [(1, pytest.approx(value, rel=1e-6))]
+        assert scalars[tag][-1] == (1, pytest.approx(value, rel=1e-6))
+    for tag, value in flatten_row(start).items():  # round 0, the starting adapter
+        assert scalars[tag][0] == (0, pytest.approx(value, rel=1e-6))
+    assert "loss" in flatten_row(start)

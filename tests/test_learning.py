@@ -68,7 +68,7 @@ def test_default_dp_federation_learns_image_and_multimodal_markers(tmp_path):
     with use_seeded_noise_for_tests(0):
         result = run_federation(LocalTransport(sites), cfg, tmp_path / "run")
     rows = result.metrics["rounds"]
-    assert len(rows) == 3
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]  # round 0: the public adapter alone
     assert result.metrics["initial_adapter"].startswith("synthetic:")  # the public adapter
     last = rows[-1]
     image, multimodal = last["auroc"], last["auroc_multimodal"]

@@ -72,7 +72,10 @@ def test_simulate_three_hospitals_two_rounds_dp_and_secagg(tmp_path):
     assert max(len(line) for line in proc.stdout.splitlines()) <= 80
     assert (run / "logs" / "flower.log").is_file()  # the notices went here instead
     metrics = json.loads((run / "metrics.json").read_text())
-    rows = metrics["rounds"]
+    start, *rows = metrics["rounds"]
+    assert start["round"] == 0 and set(start["auroc"]) == {"idh_mutant", "codeletion_1p19q",
+                                                          "mgmt_methylated"}
+    assert "round 0 (start)" in proc.stdout and "over its start (round 0 -> round 2)" in proc.stdout
     assert [r["round"] for r in rows] == [1, 2]
     for r in rows:
         assert r["participants"] == 3
@@ -89,8 +92,10 @@ def test_simulate_three_hospitals_two_rounds_dp_and_secagg(tmp_path):
     for h in ("hospital-1", "hospital-2", "hospital-3"):
         entries = [json.loads(line) for line in
                    (tmp_path / "sites" / h / "ledger.jsonl").read_text().splitlines()]
-        # each round: its DP-SGD training and its metric release (exact for synthetic sites)
-        assert [e["kind"] for e in entries] == ["train", "evaluation"] * 2
+        # the start's metric release, then each round's DP-SGD training and its metric
+        # release (exact for synthetic sites)
+        assert [(e["kind"], e["round"]) for e in entries] == [
+            ("evaluation", 0), ("train", 1), ("evaluation", 1), ("train", 2), ("evaluation", 2)]
     # the adapter is usable by `fedrg predict`
     pred = subprocess.run([sys.executable, "-m", "fedrg.cli", "predict", "--adapter", str(run / "adapter"),
                            "--cohort", str(tmp_path / "cohorts" / "hospital-1")],
@@ -129,9 +134,9 @@ def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
     # train message): its row is not in metrics.json yet, and the resumed run still gets it
     state = json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())
     assert state["round"] == 1 and state["pending_evaluation"]["round"] == 1
-    assert state["metrics"]["rounds"] == []
+    assert [r["round"] for r in state["metrics"]["rounds"]] == [0]  # the start's row only
     cut = tmp_path / "cut" / "metrics.json"
-    assert not cut.exists() or json.loads(cut.read_text())["rounds"] == []
+    assert not cut.exists() or [r["round"] for r in json.loads(cut.read_text())["rounds"]] == [0]
     _simulate(tmp_path, "--resume", str(tmp_path / "cut"))
     full = json.loads((tmp_path / "full" / "metrics.json").read_text())
     resumed = json.loads((tmp_path / "cut" / "metrics.json").read_text())
@@ -154,10 +159,10 @@ def test_pipelined_secure_sums_give_the_model_of_fresh_ones(tmp_path):
     for pipelined in ("true", "false"):
         _simulate(tmp_path, *common, "--set", f"secagg.pipelined={pipelined}",
                   "--out", str(tmp_path / pipelined))
-    messages = {pl: [set(r["message_seconds"]) for r in
-                     json.loads((tmp_path / pl / "metrics.json").read_text())["rounds"]]
+    messages = {pl: {r["round"]: set(r.get("message_seconds", {})) for r in
+                     json.loads((tmp_path / pl / "metrics.json").read_text())["rounds"]}
                 for pl in ("true", "false")}
-    assert "secagg_share" not in messages["true"][1] and "secagg_share" in messages["false"][1]
+    assert "secagg_share" not in messages["true"][2] and "secagg_share" in messages["false"][2]
     for name in ("adapter_model.safetensors", "fedrg_modules.safetensors"):
         piped, fresh = (load_file(tmp_path / pl / "adapter" / name) for pl in ("true", "false"))
         assert piped.keys() == fresh.keys() and piped
@@ -173,7 +178,8 @@ def test_run_in_which_every_hospital_refuses_exits_non_zero(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 3, out[-3000:]
     assert "no round was aggregated" in out and "declined" in out
-    row = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"][0]
+    start, row = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]
+    assert start["round"] == 0 and not start["auroc"]  # no release for a refused run
     assert set(row["declined"]) == {"hospital-1", "hospital-2", "hospital-3"}
     assert all("training.batch_size=1000" in r for r in row["declined"].values())
     for h in ("hospital-1", "hospital-2", "hospital-3"):
@@ -221,7 +227,7 @@ def test_ctrl_c_in_round_two_then_resume_completes_and_audit_verifies(tmp_path):
     # ledgers and checkpoint intact: the resumed run completes and the audit passes
     resumed = _simulate(tmp_path, "--resume", str(run))
     rows = json.loads((run / "metrics.json").read_text())["rounds"]
-    assert [r["round"] for r in rows] == [1, 2, 3], resumed.stdout[-2000:]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3], resumed.stdout[-2000:]
     audit = subprocess.run([sys.executable, "-m", "fedrg.cli", "audit", str(run)],
                            capture_output=True, text=True, env=env, timeout=300)
     # every ledger verifies; the synthetic sites release their metrics exactly (no DP), so

@@ -66,11 +66,11 @@ def test_simulate_on_an_existing_local_ray_cluster(tmp_path):
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
         rows = json.loads((run / "metrics.json").read_text())["rounds"]
-        assert [r["participants"] for r in rows] == [2]
+        assert [r["participants"] for r in rows] == [0, 2]  # round 0: the start, evaluated
         for h in ("hospital-1", "hospital-2"):
             kinds = [json.loads(line)["kind"] for line in
                      (tmp_path / "sites" / h / "ledger.jsonl").read_text().splitlines()]
-            assert kinds == ["train", "evaluation"]
+            assert kinds == ["evaluation", "train", "evaluation"]
         # the cluster outlives the run (it is the operator's, not fedrg's)
         status = subprocess.run([str(ray_bin), "status", "--address", f"127.0.0.1:{port}"],
                                 capture_output=True, text=True, env=env, timeout=120)

@@ -535,10 +535,11 @@ class FederationServer:
                 log.info("round %d: %s released no metrics: %s", pending.round, meta.get("site"),
                          meta.get("reason"))
         self.pending = None
-        if pending.round == 0:  # no training: the row's epsilon is the release's
+        if pending.round == 0:  # no training: the row's epsilon is that of the DP releases
             for key in ("epsilon", "epsilon_lifetime"):
                 pending.row[key] = {str(a["site"]): float(a[key]) for a in pending.answers
-                                    if a.get("status") == "ok" and a.get(key) is not None}
+                                    if a.get("status") == "ok" and a.get("private")
+                                    and a.get(key) is not None}
         self._emit(pending.row, aggregate_evaluation(
             [a for a in pending.answers if "release" in a]))
         self._checkpoint(pending.round)

@@ -25,7 +25,7 @@ REASONS = (
     POLICY_VIOLATION, BUDGET_EXHAUSTED, "ledger_not_extending",
     "evaluation_not_released", "evaluation_repeated", "evaluation_not_after_training",
     "evaluation_release_cap", "evaluation_epsilon_unreachable", "evaluation_run_cap",
-    "evaluation_request_invalid", "evaluation_failed",
+    "evaluation_request_invalid", "evaluation_failed", "evaluation_not_in_run",
 )
 
 

@@ -329,11 +329,34 @@ class HospitalSite:
             return self._declined(DeclinedError("evaluation_request_invalid", why), self._ledger()).meta
         request = Payload(meta={"config": payload.meta.get("config"), "round": rnd,
                                 "run_id": payload.meta.get("run_id")}, arrays=payload.arrays)
+        if rnd == 0:  # the starting adapter: released only for a run this site trains in
+            refused = self._would_refuse_training(payload)
+            if refused is not None:
+                return self._declined(DeclinedError("evaluation_not_in_run", (
+                    "the starting adapter is evaluated only for a run this hospital trains in, "
+                    f"and it declines round 1: {refused.public_message()}")), self._ledger()).meta
         try:
             return self.evaluate(request).meta
         except FedrgError as err:  # e.g. an unreadable config: the training part says so too
             return self._declined(DeclinedError("evaluation_failed", err.public_message()),
                                   self._ledger()).meta
+
+    def _would_refuse_training(self, payload: Payload) -> FedrgError | None:
+        """Why this train request would be refused or declined (None: it would be trained),
+        from the same checks and plan as :meth:`_train`, with nothing spent or written."""
+        try:
+            peers = payload.meta.get("hospitals_in_round")
+            cfg = check_request(from_run_config(payload.meta["config"]), self.site.policy,
+                                round_=int(payload.meta["round"]),
+                                hospitals_in_round=None if peers is None else int(peers))
+            n_train, _ = self._train_size(cfg)
+            run_id = str(payload.meta["run_id"])
+            plan_training(cfg, self.site.policy, n_train=n_train,
+                          spent=Spent.from_ledger(self._ledger().read(), run_id), run_id=run_id,
+                          round_=int(payload.meta["round"]), state_dir=self.site.state_dir)
+        except (PolicyViolationError, BudgetExceededError, DeclinedError) as err:
+            return err
+        return None
 
     def _train(self, payload: Payload, state: Payload) -> Payload:
         """Train one round locally and prepare the update.

@@ -23,7 +23,9 @@ def test_attack_dp_off_through_flower(tmp_path, base_dir, fx_root):
                         policy=site_policy(base_dir)) for i, c in enumerate(cohorts, 1)]
     cfg = tiny_config(base_dir, "privacy.enabled=false", "secagg.enabled=false")
     result = run_simulated_federation(cfg, tmp_path / "run", sites, num_cpus=1)
-    (row,) = result.metrics["rounds"]
+    start, row = result.metrics["rounds"]
+    # round 0 (the starting adapter): no hospital releases metrics for a run it refuses
+    assert start["round"] == 0 and not start["auroc"] and not start["epsilon"]
     assert not row["aggregated"] and row["participants"] == 0
     assert set(row["declined"]) == {"h1", "h2", "h3"}
     assert all(r.startswith("policy_violation: privacy.enabled=False") for r in row["declined"].values())
