@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from fedrg.config import DEFAULT_GENE_PANEL, DEFAULT_MARKERS, DataConfig
-from fedrg.data.reports import Findings, render_report
 from fedrg.data import worlds
+from fedrg.data.reports import Findings, render_report
 from fedrg.data.worlds import (
     PUBLIC_WORLD,
     SHIFTED_WORLD,
