@@ -218,7 +218,7 @@ if __name__ == "__main__":  # pragma: no cover - documentation helper
     from fedrg.data.synth import synthesize
 
     torch.set_num_threads(1)
-    world = sys.argv[3] if len(sys.argv) > 3 else PUBLIC_WORLD  # python -m ... 3 160 shifted
+    world = sys.argv[3] if len(sys.argv) > 3 else PUBLIC_WORLD  # tools/signal_baselines.py 3 160 shifted
     print(f"oracle (latent, 4800 simulated patients, {world} world):", oracle_aurocs(world=world))
     cfg = DataConfig()
     hosp, pats = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (3, 160)
