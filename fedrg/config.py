@@ -93,6 +93,10 @@ class DataConfig(StrictModel):
         "", description="where `fedrg simulate` caches synthetic cohorts ('' = cache dir)"
     )
     synthetic_patients: int = Field(160, ge=8, description="mean patients per synthetic hospital")
+    world: Literal["public", "shifted"] = Field(
+        "public", description="world of the synthetic hospitals of `fedrg simulate`: 'public' "
+        "(the public pre-training cohorts' world) or 'shifted' (other scanners, expression "
+        "platform, case mix and associations; docs/cohort-format.md)")
 
     @model_validator(mode="after")
     def _check_shape(self) -> DataConfig:

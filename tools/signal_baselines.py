@@ -19,7 +19,15 @@ import numpy as np
 from fedrg.config import DEFAULT_GENE_PANEL, DEFAULT_MARKERS, DataConfig
 from fedrg.data.cohort import Cohort
 from fedrg.data.reports import ENHANCEMENT, OEDEMA
-from fedrg.data.synth import _LOBES, Patient, expression_row, gene_baselines, simulate_hospital
+from fedrg.data.synth import (
+    _LOBES,
+    Patient,
+    expression_row,
+    gene_baselines,
+    simulate_hospital,
+    site_batch,
+)
+from fedrg.data.worlds import PUBLIC_WORLD
 
 
 def latent_image_features(p: Patient) -> list[float]:
@@ -60,19 +68,20 @@ def _fit_auroc(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.nd
     return float(roc_auc_score(y_te, clf.predict_proba(x_te)[:, 1]))
 
 
-def oracle_aurocs(seed: int = 1234, hospitals: int = 12, patients: int = 400) -> dict[str, dict[str, float]]:
+def oracle_aurocs(seed: int = 1234, hospitals: int = 12, patients: int = 400,
+                  world: str = PUBLIC_WORLD) -> dict[str, dict[str, float]]:
     """Best achievable AUROC per marker from the image phenotype and from expression.
 
-    Fits on half of a large simulated population, scores on the other half; the image
-    oracle is the better of logistic regression and gradient boosting on the latents.
+    Fits on half of a large simulated population of ``world``, scores on the other half; the
+    image oracle is the better of logistic regression and gradient boosting on the latents;
+    expression is standardised within each hospital (its batch effects removed).
     """
     genes = list(DEFAULT_GENE_PANEL)
     baselines = gene_baselines(genes)
     img, expr, y = [], [], []
     for h in range(1, hospitals + 1):
-        profile, pats = simulate_hospital(seed, h, patients)
-        brng = np.random.default_rng([seed, h, 0xBA7C])
-        batch = {g: float(brng.normal(0, 0.15)) for g in sorted(baselines)}
+        profile, pats = simulate_hospital(seed, h, patients, world)
+        batch = site_batch(seed, h, sorted(baselines), world)
         rows = []
         for i, p in enumerate(pats):
             img.append(latent_image_features(p))
@@ -209,11 +218,12 @@ if __name__ == "__main__":  # pragma: no cover - documentation helper
     from fedrg.data.synth import synthesize
 
     torch.set_num_threads(1)
-    print("oracle (latent, 4800 simulated patients):", oracle_aurocs())
+    world = sys.argv[3] if len(sys.argv) > 3 else PUBLIC_WORLD  # tools/signal_baselines.py 3 160 shifted
+    print(f"oracle (latent, 4800 simulated patients, {world} world):", oracle_aurocs(world=world))
     cfg = DataConfig()
     hosp, pats = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (3, 160)
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = synthesize(tmp, hospitals=hosp, patients=pats, seed=0, data_cfg=cfg)
+        dirs = synthesize(tmp, hospitals=hosp, patients=pats, seed=0, data_cfg=cfg, world=world)
         cohorts = [load_cohort(d, cfg) for d in dirs]
         print(f"baseline ({hosp}x{pats}, seed 0, held-out):", baseline_aurocs(cohorts, cfg))
         print("tiny CNN on images, held-out:",

@@ -25,21 +25,28 @@ def synth(
     seed: int = typer.Option(0, "--seed", help="same seed, same bytes"),
     config: Path | None = typer.Option(None, "--config", help="experiment TOML (data section)"),
     set_: list[str] | None = typer.Option(None, "--set", help="override, e.g. data.gene_panel=[...]"),
+    world: str | None = typer.Option(
+        None, "--world", help="'public' (the public pre-training cohorts' world) or 'shifted' "
+        "(other scanners, expression platform, case mix and associations; docs/cohort-format.md); "
+        "default: data.world of --config / --set, else 'public'"),
 ) -> None:
     """Write synthetic glioma radiogenomics cohorts (NIfTI/DICOM, TSV, VCF, manifest)."""
     from fedrg.commands.output import check_output_dir, fail
     from fedrg.data.synth import synthesize
+    from fedrg.data.worlds import check_world
 
     console = Console()
     try:
         check_output_dir(out, option="--out")
-        cfg = _data_cfg(config, set_)
+        if world is not None:
+            check_world(world, setting="--world")
+        cfg = _data_cfg(config, [*(set_ or []), *([f"data.world={world}"] if world is not None else [])])
         dirs = synthesize(out, hospitals=hospitals, patients=patients, seed=seed, data_cfg=cfg)
     except FedrgError as err:
         fail(err)
     for d in dirs:
         n = sum(1 for _ in (d / "manifest.csv").open()) - 1
-        console.print(f"wrote {d} ({n} patients)", highlight=False)
+        console.print(f"wrote {d} ({n} patients, {cfg.world} world)", highlight=False)
 
 
 def validate(

@@ -33,15 +33,31 @@ console = Console()
 DEFAULT_SIMULATED_BUDGET = 100.0
 
 
-def synthetic_cohorts(cfg: ExperimentConfig) -> list[Path]:
-    """Synthetic cohorts for ``cfg`` (cached by their recipe; built once, atomically)."""
-    from fedrg.data.synth import GENERATOR_VERSION, synthesize
+def synthetic_cohort_root(cfg: ExperimentConfig) -> Path:
+    """Where :func:`synthetic_cohorts` keeps ``cfg``'s cohorts: ``data.synthetic_dir``, else a
+    cache folder named by the recipe (hospitals, patients, seed, data settings, generator
+    version and, for a world other than the public one, the world and its version)."""
+    from fedrg.data.synth import GENERATOR_VERSION
+    from fedrg.data.worlds import PUBLIC_WORLD, SHIFTED_WORLD_VERSION
 
-    recipe = {"hospitals": cfg.federation.hospitals, "patients": cfg.data.synthetic_patients,
-              "seed": cfg.federation.seed, "data": cfg.data.model_dump(mode="json"),
-              "version": GENERATOR_VERSION}
+    if cfg.data.synthetic_dir:
+        return Path(cfg.data.synthetic_dir)
+    recipe: dict[str, Any] = {
+        "hospitals": cfg.federation.hospitals, "patients": cfg.data.synthetic_patients,
+        "seed": cfg.federation.seed, "data": cfg.data.model_dump(mode="json", exclude={"world"}),
+        "version": GENERATOR_VERSION}
+    if cfg.data.world != PUBLIC_WORLD:  # the public world keeps its cache key from before worlds
+        recipe["world"] = {"name": cfg.data.world, "version": SHIFTED_WORLD_VERSION}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    root = Path(cfg.data.synthetic_dir) if cfg.data.synthetic_dir else cache_dir() / "synthetic" / digest
+    return cache_dir() / "synthetic" / digest
+
+
+def synthetic_cohorts(cfg: ExperimentConfig) -> list[Path]:
+    """Synthetic cohorts for ``cfg`` in the world ``cfg.data.world`` (cached by their recipe,
+    :func:`synthetic_cohort_root`; built once, atomically)."""
+    from fedrg.data.synth import synthesize
+
+    root = synthetic_cohort_root(cfg)
     dirs = [root / f"hospital-{i}" for i in range(1, cfg.federation.hospitals + 1)]
     if all((d / "manifest.csv").is_file() for d in dirs):
         return dirs

@@ -17,6 +17,11 @@ The generative model (documented with measured AUROCs in docs/cohort-format.md):
 
 Everything derives from ``numpy.random.default_rng([seed, hospital, patient, ...])``, and
 files carry no timestamps (gzip mtime 0), so one seed gives identical bytes.
+
+``world`` chooses the generator's world (:mod:`fedrg.data.worlds`): ``"public"`` (the public
+pre-training cohorts; the output of generator version 2) or ``"shifted"`` (hospitals with
+other scanners, another expression platform, another case mix and associations the public
+world lacks).
 """
 
 from __future__ import annotations
@@ -32,7 +37,18 @@ import torch
 import torch.nn.functional as F
 
 from fedrg.config import DEFAULT_GENE_PANEL, DEFAULT_MARKERS, DataConfig
+from fedrg.data import worlds
 from fedrg.data.reports import Findings, render_report
+from fedrg.data.worlds import (
+    PUBLIC_WORLD,
+    SHIFTED_WORLD,
+    Biology,
+    SiteShift,
+    biology,
+    check_world,
+    draw_site_shift,
+    probe_bias,
+)
 from fedrg.errors import ConfigError
 
 VOLUME_SHAPE = (32, 64, 64)  # D (inferior->superior), H (anterior->posterior), W (right->left)
@@ -68,9 +84,10 @@ _MODULES: dict[str, list[tuple[str, float]]] = {
     "PDGFRA": [("gcimp", 0.3)],
 }
 
-# (chrom, pos, ref, alt, gene, protein change); GRCh38 for IDH1/IDH2/TP53/TERT hotspots,
+Site = tuple[str, int, str, str, str]
+# (chrom, pos, ref, alt, protein change); GRCh38 for IDH1/IDH2/TP53/TERT hotspots,
 # representative positions inside the gene for the others.
-_SITES: dict[str, list[tuple[str, int, str, str, str]]] = {
+_SITES: dict[str, list[Site]] = {
     "IDH1": [("chr2", 208248389, "C", "T", "R132H"), ("chr2", 208248390, "G", "A", "R132C")],
     "IDH2": [("chr15", 90088702, "C", "T", "R172K")],
     "TP53": [("chr17", 7673802, "C", "T", "R273H"), ("chr17", 7675088, "C", "T", "R175H"),
@@ -83,6 +100,12 @@ _SITES: dict[str, list[tuple[str, int, str, str, str]]] = {
     "FUBP1": [("chr1", 77965000, "G", "A", "splice")],
     "NF1": [("chr17", 31200000, "C", "T", "R1362*")],
 }
+#: Common germline polymorphisms inside the hotspot amplicons (GRCh38), which the shifted
+#: world's tumour-only pipeline reports as variants of the gene (docs/cohort-format.md).
+_GERMLINE_SITES: dict[str, Site] = {
+    "IDH1": ("chr2", 208248468, "G", "A", "G105G"),  # rs11554137, synonymous, c.315C>T
+    "TERT": ("chr5", 1295234, "A", "G", "-245T>C"),  # rs2853669, promoter
+}
 _MUT_P = {  # gene -> P(call) for (wildtype, astrocytoma, oligodendroglioma)
     "TP53": (0.30, 0.85, 0.05),
     "ATRX": (0.06, 0.70, 0.02),
@@ -93,6 +116,8 @@ _MUT_P = {  # gene -> P(call) for (wildtype, astrocytoma, oligodendroglioma)
     "PTEN": (0.30, 0.03, 0.03),
     "NF1": (0.15, 0.05, 0.02),
 }
+#: Panel genes on chromosome 7 (+1 copy) and 10 (-1 copy) under +7/-10.
+_CHROMOSOME_COPIES = {"EGFR": 1, "PTEN": -1, "MGMT": -1, "EBF3": -1}
 _CHROM_ORDER = {f"chr{c}": i for i, c in enumerate([*map(str, range(1, 23)), "X", "Y"])}
 
 
@@ -112,6 +137,13 @@ class HospitalProfile:
     bias: float
     dicom_fraction: float
     library: float  # global expression shift (log scale)
+    world: str = PUBLIC_WORLD
+    site: SiteShift | None = None  # the shifted world's resolution, contrast and platform
+
+    @property
+    def biology(self) -> Biology:
+        """The associations of this hospital's world."""
+        return biology(self.world)
 
 
 @dataclass(frozen=True)
@@ -152,8 +184,11 @@ class Patient:
         return "oligodendroglioma" if self.codel else "astrocytoma"
 
 
-def hospital_profile(seed: int, index: int, mean_patients: int) -> HospitalProfile:
-    """Draw hospital ``index`` (1-based) of a federation."""
+def hospital_profile(seed: int, index: int, mean_patients: int,
+                     world: str = PUBLIC_WORLD) -> HospitalProfile:
+    """Draw hospital ``index`` (1-based) of a federation in ``world``."""
+    if check_world(world) == SHIFTED_WORLD:
+        return _shifted_profile(seed, index, mean_patients)
     rng = np.random.default_rng([seed, index, 0xC0DE])
     return HospitalProfile(
         index=index,
@@ -171,30 +206,50 @@ def hospital_profile(seed: int, index: int, mean_patients: int) -> HospitalProfi
     )
 
 
+def _shifted_profile(seed: int, index: int, mean_patients: int) -> HospitalProfile:
+    """A hospital of the shifted world (ranges: :data:`fedrg.data.worlds.SHIFTED_RANGES`)."""
+    r = worlds.SHIFTED_RANGES
+    rng = np.random.default_rng([seed, index, 0x5F1F7])
+    n_patients = max(8, round(mean_patients * rng.uniform(0.75, 1.25)))
+    p_idh, p_codel, mgmt_shift = r.p_idh.draw(rng), r.p_codel.draw(rng), r.mgmt_shift.draw(rng)
+    scale, offset = float(rng.uniform(400.0, 1800.0)), float(rng.uniform(0.0, 150.0))
+    gamma = (r.gamma_low if rng.random() < 0.5 else r.gamma_high).draw(rng)
+    return HospitalProfile(
+        index=index, n_patients=n_patients, p_idh=p_idh, p_codel=p_codel, mgmt_shift=mgmt_shift,
+        scale=scale, offset=offset, gamma=gamma, noise=r.noise.draw(rng), bias=r.bias.draw(rng),
+        dicom_fraction=float(rng.uniform(0.1, 0.3)), library=float(rng.normal(0.0, r.library)),
+        world=SHIFTED_WORLD, site=draw_site_shift(rng, r),
+    )
+
+
 def _category(value: float, cuts: tuple[float, ...], labels: tuple[str, ...]) -> str:
     return labels[int(np.searchsorted(np.asarray(cuts), value))]
 
 
 def sample_patient(rng: np.random.Generator, profile: HospitalProfile, pid: str) -> Patient:
     """Draw one patient's molecular status and visible phenotype."""
+    bio = profile.biology
     idh = bool(rng.random() < profile.p_idh)
     codel = bool(idh and rng.random() < profile.p_codel)
-    mgmt = bool(rng.random() < (0.72 if idh else 0.42) + profile.mgmt_shift)
+    mgmt = bool(rng.random() < (bio.mgmt_rate_mutant if idh else bio.mgmt_rate_wildtype)
+                + profile.mgmt_shift)
     age = float(np.clip(rng.normal(60.0, 12.0) if not idh else rng.normal(42.0, 12.0), 18, 90))
     a = float(rng.normal(0.9 if not idh else -0.5, 1.0))
     sub = "wildtype" if not idh else ("oligodendroglioma" if codel else "astrocytoma")
     size = float(np.clip(np.exp(rng.normal(np.log(4.4 if not idh else 4.0), 0.3)), 1.5, 8.0))
-    enhancement = _category(a + rng.normal(0, 0.5), (-0.6, 0.1, 0.75),
+    enhancement = _category(a + bio.mgmt_enhancement * mgmt + rng.normal(0, 0.5), (-0.6, 0.1, 0.75),
                             ("none", "minimal", "patchy", "ring"))
     necrosis = "present" if a + rng.normal(0, 0.6) > 0.6 else "absent"
-    oedema = _category(0.7 * a + 0.35 * (size - 4.0) + rng.normal(0, 0.6), (-0.6, 0.1, 0.8),
+    oedema = _category(0.7 * a + 0.35 * (size - 4.0) + bio.mgmt_oedema * mgmt + rng.normal(0, 0.6),
+                       (-0.6, 0.1, 0.8),
                        ("none", "mild", "moderate", "marked"))
     quiet = enhancement in ("none", "minimal") and necrosis == "absent"
     p_mismatch = {"astrocytoma": 0.4, "oligodendroglioma": 0.04, "wildtype": 0.02}[sub]
     mismatch = "present" if quiet and rng.random() < p_mismatch else "absent"
     if mismatch == "present":
         oedema = "none" if rng.random() < 0.7 else "mild"
-    calcification = bool(rng.random() < {"astrocytoma": 0.12, "oligodendroglioma": 0.22,
+    calcification = bool(rng.random() < {"astrocytoma": 0.12,
+                                          "oligodendroglioma": bio.calcification_codeleted,
                                           "wildtype": 0.06}[sub])
     lobe = _LOBES[int(rng.choice(len(_LOBES), p=_LOBE_P[sub]))]
     side = "left" if rng.random() < 0.5 else "right"
@@ -280,12 +335,28 @@ def render_volume(patient: Patient, profile: HospitalProfile, rng: np.random.Gen
             off[0] = off[0] * SPACING_MM[1] / SPACING_MM[0] * 0.5
             cr = np.sqrt((d - tz - off[0]) ** 2 + (h - th - off[1]) ** 2 + (w - tw - off[2]) ** 2)
             x[(cr < 1.0) & brain] = 0.05
+    if profile.site is not None:  # the shifted world's sequence contrast and resolution
+        x = _shifted_acquisition(x, brain, profile.site)
     # scanner: bias field, contrast, scale/offset, Rician noise
     y = np.clip(x * (1.0 + profile.bias * bias), 0.0, None) ** profile.gamma
     n1 = rng.standard_normal(VOLUME_SHAPE, dtype=np.float32) * np.float32(profile.noise)
     n2 = rng.standard_normal(VOLUME_SHAPE, dtype=np.float32) * np.float32(profile.noise)
     y = np.sqrt((y + n1) ** 2 + n2**2)
     return np.clip(np.rint(profile.scale * y + profile.offset), 0, 32767).astype(np.int16)
+
+
+def _shifted_acquisition(x: np.ndarray, brain: np.ndarray, site: SiteShift) -> np.ndarray:
+    """Another sequence's lesion contrast (tissue levels pulled towards parenchyma) and
+    another resolution (Gaussian partial-volume blur, thicker through-plane)."""
+    from scipy.ndimage import gaussian_filter
+
+    parenchyma = np.float32(0.42)
+    csf = brain & (x == np.float32(0.12))  # ventricles (untouched by tumour or oedema)
+    x = np.where(brain, parenchyma + np.float32(site.lesion_contrast) * (x - parenchyma), x)
+    x = np.where(csf, np.float32(site.csf_level), x)
+    blurred = gaussian_filter(x.astype(np.float32), sigma=(site.blur_slice, site.blur_inplane,
+                                                           site.blur_inplane), mode="nearest")
+    return blurred.astype(np.float32)
 
 
 def write_nifti(volume: np.ndarray, path: Path) -> None:
@@ -386,6 +457,7 @@ def expression_row(patient: Patient, profile: HospitalProfile, genes: list[str],
     """Abundances (TPM-like, non-negative) of ``genes`` for one patient."""
     wt = 0.0 if patient.idh else 1.0
     a = patient.aggressiveness
+    bio = profile.biology
     egfr_amp = (not patient.idh) and rng.random() < 0.4
     cdkn2a_del = rng.random() < (0.5 if not patient.idh else 0.1)
     partial_1p = (not patient.codel) and rng.random() < 0.1
@@ -394,14 +466,26 @@ def expression_row(patient: Patient, profile: HospitalProfile, genes: list[str],
         "gcimp": 1.1 * (1 - wt) + rng.normal(0, 0.75),
         "arm1p": -0.45 * patient.codel - 0.3 * partial_1p,
         "arm19q": -0.45 * patient.codel,
-        "mgmt": -0.55 * patient.mgmt + rng.normal(0, 0.3),
+        "mgmt": bio.mgmt_expression * patient.mgmt + rng.normal(0, 0.3),
         "prolif": 0.5 * a + rng.normal(0, 0.5),
         "egfr": 0.6 * wt + 1.8 * egfr_amp,
         "pten": -0.3 * wt,
         "cdkn2a": -1.5 * cdkn2a_del,
     }
     out = []
+    site = profile.site
+    if site is not None:  # +7/-10: whole-chromosome gain of 7 and loss of 10 (IDH-wildtype)
+        plus7minus10 = (not patient.idh) and rng.random() < bio.plus7_minus10_wildtype
     for g in genes:
+        if site is not None:  # the shifted platform reads the true level, then batch effects
+            true = baselines[g] + rng.normal(0, 0.5)
+            for name, loading in _MODULES.get(g, []):
+                true += loading * module[name]
+            if plus7minus10 and g in _CHROMOSOME_COPIES:
+                true += bio.copy_change(_CHROMOSOME_COPIES[g])
+            v = site.measure_expression(true) + batch[g] + profile.library
+            out.append(round(float(max(np.expm1(v), 0.0)), 3))
+            continue
         v = baselines[g] + batch[g] + profile.library + rng.normal(0, 0.5)
         for name, loading in _MODULES.get(g, []):
             v += loading * module[name]
@@ -409,45 +493,61 @@ def expression_row(patient: Patient, profile: HospitalProfile, genes: list[str],
     return out
 
 
-def _variant_calls(patient: Patient, rng: np.random.Generator) -> list[tuple[str, int]]:
-    """(gene, site index) pairs called in this patient."""
-    calls: list[tuple[str, int]] = []
+def site_batch(seed: int, index: int, genes: list[str], world: str = PUBLIC_WORLD) -> dict[str, float]:
+    """Hospital ``index``'s per-gene expression offsets (log scale): batch effects, plus in the
+    shifted world the platform's gene-specific bias."""
+    brng = np.random.default_rng([seed, index, 0xBA7C])
+    if check_world(world) == SHIFTED_WORLD:
+        probe = probe_bias(genes, worlds.SHIFTED_RANGES)
+        return {g: probe[g] + float(brng.normal(0, worlds.SHIFTED_RANGES.batch)) for g in genes}
+    return {g: float(brng.normal(0, 0.15)) for g in genes}
+
+
+def _variant_calls(patient: Patient, rng: np.random.Generator,
+                   germline: tuple[tuple[str, float], ...] = ()) -> list[tuple[str, Site]]:
+    """(gene, site) pairs called in this patient; ``germline`` (gene, carrier rate) pairs add
+    the polymorphisms of :data:`_GERMLINE_SITES` that a tumour-only pipeline reports."""
+    calls: list[tuple[str, Site]] = []
     if patient.idh:
         u = rng.random()
         if u < 0.85:
-            calls.append(("IDH1", 0))
+            calls.append(("IDH1", _SITES["IDH1"][0]))
         elif u < 0.90:
-            calls.append(("IDH1", 1))
+            calls.append(("IDH1", _SITES["IDH1"][1]))
         elif u < 0.95:
-            calls.append(("IDH2", 0))
+            calls.append(("IDH2", _SITES["IDH2"][0]))
         # else: not detected (low tumour purity)
     elif rng.random() < 0.005:
-        calls.append(("IDH1", 0))  # false positive call
+        calls.append(("IDH1", _SITES["IDH1"][0]))  # false positive call
     col = {"wildtype": 0, "astrocytoma": 1, "oligodendroglioma": 2}[patient.subtype]
     for gene, probs in _MUT_P.items():
         if rng.random() < probs[col]:
-            calls.append((gene, int(rng.integers(len(_SITES[gene])))))
+            calls.append((gene, _SITES[gene][int(rng.integers(len(_SITES[gene])))]))
+    for gene, rate in germline:  # inherited, so independent of the tumour
+        if rng.random() < rate:
+            calls.append((gene, _GERMLINE_SITES[gene]))
     return calls
 
 
-def write_vcf(path: Path, patient_ids: list[str], calls: list[list[tuple[str, int]]],
-              rng: np.random.Generator) -> None:
-    """Multi-sample VCF 4.2 with GT:DP per sample, a few no-calls and LowQual records."""
-    sites: dict[tuple[str, int], dict[int, str]] = {}
+def write_vcf(path: Path, patient_ids: list[str], calls: list[list[tuple[str, Site]]],
+              rng: np.random.Generator, unsequenced: frozenset[int] = frozenset()) -> None:
+    """Multi-sample VCF 4.2 with GT:DP per sample, a few no-calls and LowQual records;
+    patients at positions ``unsequenced`` are ``./.`` in every record."""
+    sites: dict[tuple[str, Site], dict[int, str]] = {}
     for i, pc in enumerate(calls):
-        for gene, k in pc:
-            sites.setdefault((gene, k), {})[i] = "0/1" if rng.random() < 0.9 else "1/1"
-    lowqual: list[tuple[str, int, int]] = []
+        for gene, site in pc:
+            sites.setdefault((gene, site), {})[i] = "0/1" if rng.random() < 0.9 else "1/1"
+    lowqual: list[tuple[str, Site, int]] = []
     for i in range(len(patient_ids)):
-        if rng.random() < 0.05:  # artefactual call, filtered out by the caller
+        if i not in unsequenced and rng.random() < 0.05:  # artefact, filtered by the caller
             gene = list(_SITES)[int(rng.integers(len(_SITES)))]
-            lowqual.append((gene, int(rng.integers(len(_SITES[gene]))), i))
-    records = []
-    for (gene, k), carriers in sites.items():
-        records.append((gene, k, "PASS", carriers))
-    for gene, k, i in lowqual:
-        records.append((gene, k, "LowQual", {i: "0/1"}))
-    records.sort(key=lambda r: (_CHROM_ORDER[_SITES[r[0]][r[1]][0]], _SITES[r[0]][r[1]][1], r[2]))
+            lowqual.append((gene, _SITES[gene][int(rng.integers(len(_SITES[gene])))], i))
+    records: list[tuple[str, Site, str, dict[int, str]]] = []
+    for (gene, site), carriers in sites.items():
+        records.append((gene, site, "PASS", carriers))
+    for gene, site, i in lowqual:
+        records.append((gene, site, "LowQual", {i: "0/1"}))
+    records.sort(key=lambda r: (_CHROM_ORDER[r[1][0]], r[1][1], r[2]))
     lines = [
         "##fileformat=VCFv4.2",
         "##source=fedrg-synth",
@@ -460,13 +560,14 @@ def write_vcf(path: Path, patient_ids: list[str], calls: list[list[tuple[str, in
         "\t".join(["#CHROM", "POS", "ID", "REF", "ALT", "QUAL", "FILTER", "INFO", "FORMAT",
                    *patient_ids]),
     ]
-    for gene, k, flt, carriers in records:
-        chrom, pos, ref, alt, aa = _SITES[gene][k]
+    for gene, (chrom, pos, ref, alt, aa), flt, carriers in records:
         qual = "60" if flt == "PASS" else "8"
         samples = []
         for i in range(len(patient_ids)):
             dp = int(rng.integers(20, 200))
-            if i in carriers:
+            if i in unsequenced:
+                samples.append("./.:0")
+            elif i in carriers:
                 samples.append(f"{carriers[i]}:{dp}")
             elif rng.random() < 0.02:
                 samples.append("./.:0")
@@ -512,9 +613,10 @@ def _reported_findings(patient: Patient, rng: np.random.Generator) -> Findings:
 
 # --------------------------------------------------------------------------- cohorts
 
-def simulate_hospital(seed: int, index: int, mean_patients: int) -> tuple[HospitalProfile, list[Patient]]:
-    """The latent truth of hospital ``index`` (what :func:`synthesize` writes)."""
-    profile = hospital_profile(seed, index, mean_patients)
+def simulate_hospital(seed: int, index: int, mean_patients: int,
+                      world: str = PUBLIC_WORLD) -> tuple[HospitalProfile, list[Patient]]:
+    """The latent truth of hospital ``index`` in ``world`` (what :func:`synthesize` writes)."""
+    profile = hospital_profile(seed, index, mean_patients, world)
     patients = [
         sample_patient(np.random.default_rng([seed, index, i, 1]), profile, f"h{index}-p{i + 1:04d}")
         for i in range(profile.n_patients)
@@ -530,25 +632,26 @@ def _marker_value(patient: Patient, name: str) -> str:
 
 
 def write_hospital(out: Path, seed: int, index: int, mean_patients: int,
-                   data_cfg: DataConfig) -> Path:
-    """Write one hospital's cohort directory; returns it."""
+                   data_cfg: DataConfig, world: str | None = None) -> Path:
+    """Write one hospital's cohort directory (``world``: default ``data_cfg.world``); returns it."""
+    world = check_world(data_cfg.world if world is None else world)
     unknown = [m for m in data_cfg.markers if m not in DEFAULT_MARKERS]
     if unknown:
         raise ConfigError(
             f"data.markers contains {unknown}; the synthetic generator knows only "
             f"{DEFAULT_MARKERS}"
         )
-    profile, patients = simulate_hospital(seed, index, mean_patients)
+    profile, patients = simulate_hospital(seed, index, mean_patients, world)
     root = out / f"hospital-{index}"
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "genomics").mkdir(exist_ok=True)
     genes = list(data_cfg.gene_panel)
     baselines = gene_baselines(sorted(set(genes) | set(DEFAULT_GENE_PANEL)))
-    brng = np.random.default_rng([seed, index, 0xBA7C])
-    batch = {g: float(brng.normal(0, 0.15)) for g in sorted(baselines)}
+    batch = site_batch(seed, index, sorted(baselines), world)
     rows: list[list[str]] = []
     expr: list[tuple[str, list[float]]] = []
-    calls: list[list[tuple[str, int]]] = []
+    calls: list[list[tuple[str, Site]]] = []
+    unsequenced: set[int] = set()
     n_dicom = 0
     for i, p in enumerate(patients):
         prng = np.random.default_rng([seed, index, i, 2])
@@ -566,7 +669,13 @@ def write_hospital(out: Path, seed: int, index: int, mean_patients: int,
         rows.append([p.patient_id, rel, report, *(_marker_value(p, m) for m in data_cfg.markers)])
         grng = np.random.default_rng([seed, index, i, 4])
         expr.append((p.patient_id, expression_row(p, profile, genes, baselines, batch, grng)))
-        calls.append(_variant_calls(p, grng))
+        if profile.site is not None:
+            calls.append(_variant_calls(p, grng, profile.site.germline))
+            if grng.random() >= profile.site.sequenced:  # no panel sequencing for this patient
+                unsequenced.add(i)
+                calls[-1] = []
+        else:
+            calls.append(_variant_calls(p, grng))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["patient_id", "image", "report", *data_cfg.markers])
@@ -576,12 +685,12 @@ def write_hospital(out: Path, seed: int, index: int, mean_patients: int,
     lines += ["\t".join([pid, *(f"{v:.3f}" for v in values)]) for pid, values in expr]
     (root / "genomics" / "expression.tsv").write_text("\n".join(lines) + "\n")
     write_vcf(root / "genomics" / "variants.vcf", [p.patient_id for p in patients], calls,
-              np.random.default_rng([seed, index, 0x7CF]))
+              np.random.default_rng([seed, index, 0x7CF]), frozenset(unsequenced))
     return root
 
 
 def synthesize(out_dir: str | Path, *, hospitals: int, patients: int, seed: int,
-               data_cfg: DataConfig | None = None) -> list[Path]:
+               data_cfg: DataConfig | None = None, world: str | None = None) -> list[Path]:
     """Write ``hospitals`` synthetic cohorts to ``out_dir/hospital-1..N``.
 
     Parameters
@@ -595,7 +704,10 @@ def synthesize(out_dir: str | Path, *, hospitals: int, patients: int, seed: int,
     seed:
         Same seed, same bytes.
     data_cfg:
-        Markers, gene panel (defaults if ``None``).
+        Markers, gene panel, world (defaults if ``None``).
+    world:
+        ``"public"`` or ``"shifted"`` (:mod:`fedrg.data.worlds`); ``None`` = ``data_cfg.world``.
+        The public pre-training cohorts pass ``"public"`` whatever the config says.
 
     Returns
     -------
@@ -605,7 +717,8 @@ def synthesize(out_dir: str | Path, *, hospitals: int, patients: int, seed: int,
     if hospitals < 1 or patients < 1:
         raise ConfigError(f"synthesize needs hospitals >= 1 and patients >= 1 (got {hospitals}, {patients})")
     cfg = data_cfg or DataConfig()
+    world = check_world(cfg.world if world is None else world, setting="world")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):
-        return [write_hospital(out, seed, h, patients, cfg) for h in range(1, hospitals + 1)]
+        return [write_hospital(out, seed, h, patients, cfg, world) for h in range(1, hospitals + 1)]

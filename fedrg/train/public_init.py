@@ -100,7 +100,7 @@ def cache_key(model_cfg: ModelConfig, data_cfg: DataConfig, *,
         "recipe": recipe.to_dict(),
         "model": model_cfg.model_dump(mode="json", exclude={"public_init"}),
         "data": data_cfg.model_dump(mode="json", exclude={"synthetic_dir", "synthetic_patients",
-                                                          "val_fraction", "split_seed"}),
+                                                          "val_fraction", "split_seed", "world"}),
         "base": _base_identity(model_cfg.base),
         "generator": GENERATOR_VERSION,
         "public_seed": PUBLIC_SEED,
@@ -115,9 +115,11 @@ def _public_dataset(data_cfg: DataConfig, recipe: PublicInitRecipe, root: Path):
     from fedrg.data.dataset import CohortDataset
     from fedrg.data.genomics import PUBLIC_SEED
     from fedrg.data.synth import synthesize
+    from fedrg.data.worlds import PUBLIC_WORLD
 
+    # always the public world: data.world chooses the simulated hospitals' world, never this
     dirs = synthesize(root, hospitals=recipe.hospitals, patients=recipe.patients, seed=PUBLIC_SEED,
-                      data_cfg=data_cfg)
+                      data_cfg=data_cfg, world=PUBLIC_WORLD)
     parts = [CohortDataset(load_cohort(d, data_cfg), data_cfg) for d in dirs]
     return torch.utils.data.ConcatDataset(parts)
 
