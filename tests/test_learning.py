@@ -35,16 +35,18 @@ def test_fedrg_train_learns_markers_from_the_image_and_report_findings(tmp_path)
     out = tmp_path / "train"
     # from the random start (public pre-training off): the learner itself is under test
     res = CliRunner().invoke(app, ["train", "--cohort", str(cohort), "--out", str(out),
-                                   "--no-dp", "--eval-before", "--set", "model.public_init=none"])
+                                   "--no-dp", "--set", "model.public_init=none"])
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "metrics.json").read_text())
-    before, after = metrics["untrained"], metrics["eval"]
+    before, after = metrics["start"], metrics["eval"]
     print(f"\nimage-only IDH AUROC {before['auroc']['idh_mutant']:.3f} -> "
           f"{after['auroc']['idh_mutant']:.3f}; findings F1 {before['findings_f1']:.3f} -> "
           f"{after['findings_f1']:.3f} ({metrics['val_patients']} held-out patients)")
     assert after["auroc"]["idh_mutant"] > 0.75
     assert after["auroc_multimodal"]["idh_mutant"] > 0.9  # the IDH1 call is in the genomics
     assert after["findings_f1"] > before["findings_f1"] + 0.1
+    assert metrics["kept"] == "trained"  # from the random start, training must win
+    assert "held-out AUROC" in res.output and "start" in res.output
 
 
 def test_default_dp_federation_learns_image_and_multimodal_markers(tmp_path):

@@ -125,12 +125,12 @@ def run_train(
     dp: bool,
     config: Path | None = None,
     overrides: list[str] | None = None,
-    evaluate_before: bool = False,
 ) -> dict[str, Any]:
     """Train an adapter on one cohort, evaluate on its held-out split, write OUT.
 
-    Writes the adapter into ``OUT/adapter`` and ``OUT/metrics.json`` (train metrics,
-    held-out evaluation, parameter counts, payload bytes, and epsilon when DP is on).
+    Writes the adapter into ``OUT/adapter`` and ``OUT/metrics.json`` (train metrics, the
+    held-out evaluation of the start (``start``) and of the kept adapter (``eval``), which one
+    was kept (``kept``), parameter counts, payload bytes, and epsilon when DP is on).
     Returns the metrics.
     """
     import torch
@@ -140,7 +140,7 @@ def run_train(
     from fedrg.data.dataset import CohortDataset, split_indices
     from fedrg.model.adapter import build_model
     from fedrg.model.io import save_adapter
-    from fedrg.model.payload import adapter_manifest
+    from fedrg.model.payload import adapter_manifest, get_adapter_arrays, set_adapter_arrays
     from fedrg.paths import ensure_writable
     from fedrg.policy import EvaluationPolicy, SitePolicy
     from fedrg.train.evaluate import evaluate
@@ -172,8 +172,10 @@ def run_train(
         "config_hash": cfg.config_hash(),
         "initial_adapter": init,
     }
-    if evaluate_before:
-        metrics["untrained"] = evaluate(model, val_ds)
+    # the start, scored like the end: what training on this cohort adds is the difference
+    _progress(f"evaluating the start on {len(val_ds)} held-out patients")
+    metrics["start"] = evaluate(model, val_ds)
+    start_arrays = get_adapter_arrays(model)
     privacy = None
     # `fedrg train` is the centralised baseline: training.train_epochs (rounds: local_epochs)
     tcfg = cfg.training.model_copy(update={
@@ -213,12 +215,52 @@ def run_train(
     metrics["eval"] = evaluate(model, val_ds)
     for note in metrics["eval"].get("notes", []):
         _progress(f"note: {note}")
+    for line in start_and_end_lines(metrics["start"], metrics["eval"], list(cfg.data.markers)):
+        _progress(line)
+    metrics["kept"] = keep_better(metrics["start"], metrics["eval"], private=privacy is not None)
+    if metrics["kept"] == "start":
+        set_adapter_arrays(model, start_arrays)
+        metrics["eval"] = metrics["start"]
+        _progress("kept the START adapter: training lowered the mean multimodal AUROC on the "
+                  "held-out patients (no DP, so choosing by them releases nothing)")
+    elif privacy is not None:
+        _progress("kept the trained adapter (DP: choosing between start and end by the held-out "
+                  "patients would be a release no accountant covers)")
     save_adapter(model, Path(out) / ADAPTER_DIR)
     manifest = adapter_manifest(model)
     metrics["payload_bytes"] = manifest["bytes"]
     metrics["payload_sha256"] = manifest["sha256"]
     (Path(out) / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2))
     return metrics
+
+
+def _mean_multimodal(ev: dict[str, Any]) -> float | None:
+    xs = [v for v in (ev.get("auroc_multimodal") or {}).values() if v is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def keep_better(start: dict[str, Any], end: dict[str, Any], *, private: bool) -> str:
+    """``'start'`` or ``'trained'``: without DP, the adapter with the higher mean multimodal
+    AUROC on the held-out patients; with DP always the trained one (a choice made by the
+    held-out patients would be a release that no accountant covers)."""
+    if private:
+        return "trained"
+    a, b = _mean_multimodal(start), _mean_multimodal(end)
+    return "start" if a is not None and b is not None and a > b else "trained"
+
+
+def start_and_end_lines(start: dict[str, Any], end: dict[str, Any], markers: list[str]) -> list[str]:
+    """The held-out AUROCs of the start and of the trained adapter, side by side."""
+    lines = [f"{'held-out AUROC':<34} {'start':>6} {'end':>6} {'change':>7}"]
+    for key, label in (("auroc_multimodal", "multimodal"), ("auroc", "image-only")):
+        for m in markers:
+            a, b = (start.get(key) or {}).get(m), (end.get(key) or {}).get(m)
+            if a is None or b is None:
+                lines.append(f"{label + ' ' + m:<34} {'-' if a is None else f'{a:.3f}':>6} "
+                             f"{'-' if b is None else f'{b:.3f}':>6} {'-':>7}")
+            else:
+                lines.append(f"{label + ' ' + m:<34} {a:>6.3f} {b:>6.3f} {b - a:>+7.3f}")
+    return lines
 
 
 def run_predict(adapter: Path, cohort_dir: Path, *, patient: str | None = None,
@@ -279,7 +321,8 @@ def register(app: typer.Typer) -> None:
         config: Path | None = typer.Option(None, "--config", help="TOML config file"),
         overrides: list[str] = typer.Option([], "--set", help="section.key=value override"),
         eval_before: bool = typer.Option(
-            False, "--eval-before", help="also evaluate the untrained adapter"),
+            False, "--eval-before", hidden=True, help="kept for old scripts: the start is "
+            "always evaluated now"),
     ) -> None:
         """Train the adapter on one cohort; write OUT/metrics.json and the adapter."""
         from fedrg.interrupt import Interrupted, exit_interrupted, graceful_interrupt
@@ -288,8 +331,7 @@ def register(app: typer.Typer) -> None:
                 "command again to train from the start.")
         try:
             with graceful_interrupt("fedrg train", hint=hint):
-                m = run_train(cohort, out, dp=not no_dp, config=config, overrides=overrides,
-                              evaluate_before=eval_before)
+                m = run_train(cohort, out, dp=not no_dp, config=config, overrides=overrides)
         except FedrgError as err:
             _fail(err)
             return
@@ -301,7 +343,8 @@ def register(app: typer.Typer) -> None:
             "val_patients": m["val_patients"], "loss": ev["loss"],
             "auroc": ev["auroc"], "auroc_multimodal": ev["auroc_multimodal"],
             "rouge_l": ev["rouge_l"], "findings_f1": ev["findings_f1"],
-            "epsilon": m.get("privacy", {}).get("epsilon"),
+            "epsilon": m.get("privacy", {}).get("epsilon"), "kept": m["kept"],
+            "start": {"auroc": m["start"]["auroc"], "auroc_multimodal": m["start"]["auroc_multimodal"]},
         })))
 
     @app.command("predict")
