@@ -218,7 +218,8 @@ def test_server_resume_equals_uninterrupted(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------ evaluation folded into the next train message
-EVAL_KEYS = ("loss", "auroc", "auroc_multimodal", "findings_f1", "rouge_l")
+EVAL_KEYS = ("loss", "auroc", "auroc_multimodal", "findings_f1", "rouge_l", "released", "released_by",
+             "evaluation_declined", "interval")
 
 
 def _moving(rounds, **over):
