@@ -219,15 +219,23 @@ def gains_over_start(rounds: list[dict[str, Any]], markers: list[str]) -> dict[s
 
 def gain_line(rounds: list[dict[str, Any]], markers: list[str]) -> str | None:
     """``what the federation added over its start (round 0 -> round 3): multimodal idh_mutant
-    0.702 -> 0.851 (+0.149), ...``; None without a round 0 row or an evaluated last round."""
+    0.702 -> 0.851 (+0.149), ...``; None without a round 0 row or an evaluated last round.
+    DP-released values carry their noise intervals; where either release is swamped by its
+    noise no gain is shown."""
     gains = gains_over_start(rounds, markers)
     if not gains:
         return None
     start = next(r for r in rounds if r.get("round") == 0)
     last = next(r for r in reversed(rounds) if r.get("round", 0) > 0 and r.get("auroc_multimodal"))
+    from fedrg.privacy.release import noise_swamps
+
     parts = []
     for key, label in (("auroc_multimodal", "multimodal"), ("auroc", "image-only")):
         for m, g in gains.get(key, {}).items():
-            parts.append(f"{label} {m} {start[key][m]:.3f} -> {last[key][m]:.3f} ({g:+.3f})")
+            if any(noise_swamps(metric_interval(r, key, m)) for r in (start, last)):
+                parts.append(f"{label} {m}: noise swamps the release, no gain to show")
+            else:
+                parts.append(f"{label} {m} {metric_text(start, key, m)} -> "
+                             f"{metric_text(last, key, m)} ({g:+.3f})")
     return (f"what the federation added over its start (round 0 -> round {last['round']}): "
             + "; ".join(parts))

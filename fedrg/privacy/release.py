@@ -212,6 +212,14 @@ SWAMP_WIDTH = 0.5
 _GRID = np.linspace(0.0, 1.0, 1001)
 
 
+def _hull(grid: np.ndarray, ok: np.ndarray, *, hi: float) -> tuple[float, float]:
+    """The accepted grid points' hull, widened by one grid step on each side (the true value
+    may lie between two grid points), within [0, ``hi``]."""
+    step = float(grid[1] - grid[0])
+    return (round(max(0.0, float(grid[ok].min()) - step), 6),
+            round(min(hi, float(grid[ok].max()) + step), 6))
+
+
 def _z(level: float) -> float:
     return NormalDist().inv_cdf(0.5 + level / 2)
 
@@ -227,7 +235,7 @@ def auroc_interval(pos: np.ndarray, neg: np.ndarray, *, noise_std: float,
     and variance ``s^2 (|W n0|^2 + |W' p0|^2) + s^4 |W|_F^2``; estimated from the noisy
     counts (``E |W n|^2 = |W n0|^2 + s^2 |W|_F^2``) it is
     ``s^2 (|W n|^2 + |W' p|^2) - s^4 |W|_F^2``, floored at ``s^4 |W|_F^2``. The interval
-    is the hull of every ``t`` in [0, 1] (step 0.001) with ``|T(t)| <= z sqrt(var)``: the
+    is the hull (widened by one step) of every ``t`` in [0, 1] (step 0.001) with ``|T(t)| <= z sqrt(var)``: the
     AUROCs the release cannot reject at ``level``. When the release rejects them all (it is
     inconsistent with any AUROC at that level, which happens under heavy noise) it says
     nothing: [0, 1]. Noise only: the sampling of the validation patients is not included.
@@ -263,7 +271,7 @@ def auroc_interval(pos: np.ndarray, neg: np.ndarray, *, noise_std: float,
     ok = np.abs(stat) <= _z(level) * np.sqrt(var)
     if not ok.any():
         return (0.0, 1.0)
-    return (round(float(_GRID[ok].min()), 3), round(float(_GRID[ok].max()), 3))
+    return _hull(_GRID, ok, hi=1.0)
 
 
 def ratio_interval(num: float, den: float, *, noise_std: float, level: float = INTERVAL_LEVEL,
@@ -281,7 +289,7 @@ def ratio_interval(num: float, den: float, *, noise_std: float, level: float = I
     ok = np.abs(num - grid * den) <= _z(level) * noise_std * np.sqrt(1 + grid ** 2)
     if not ok.any():
         return (0.0, hi)
-    return (round(float(grid[ok].min()), 3), round(float(grid[ok].max()), 3))
+    return _hull(grid, ok, hi=hi)
 
 
 def noise_swamps(interval: Sequence[float] | None, *, span: float = 1.0) -> bool:
