@@ -93,7 +93,13 @@ def aggregate_evaluation(replies: list[dict[str, Any]]) -> dict[str, Any]:
         the noise std summed over the DP releases as each hospital reported its noise
         multiplier).
     """
-    from fedrg.privacy.release import metric_intervals, metrics_from_release, release_std, summed_std, sum_releases
+    from fedrg.privacy.release import (
+        metric_intervals,
+        metrics_from_release,
+        release_std,
+        sum_releases,
+        summed_std,
+    )
 
     released = [r for r in replies if isinstance(r.get("release"), dict)]
     if not released:
