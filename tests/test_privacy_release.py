@@ -215,6 +215,10 @@ def test_default_policy_release_of_a_small_split_is_swamped_and_never_printed_ba
     assert "swamped" in buf.getvalue() and f"{row['auroc']['a']:.3f}" not in buf.getvalue()
     line = gain_line([{**row, "round": 0}, row], MARKERS)
     assert line is not None and "noise swamps the release" in line and "+0." not in line
+    from fedrg.deploy.watch import round_line
+
+    server_line = round_line(row, MARKERS)  # the deployed server's progress line
+    assert "AUROC a noise swamps [" in server_line and "DP-released by h1, h2, h3" in server_line
 
 
 def test_a_dp_release_with_little_noise_prints_value_and_interval():
