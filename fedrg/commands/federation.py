@@ -212,7 +212,7 @@ def _print_round(row: dict[str, Any], markers: list[str],
     plain_steps = [int(e["mechanism"]["steps"]) for e in entries if not entry_is_dp(e)]
     parts = [f"[bold]round {row['round']}{' (start)' if row['round'] == 0 else ''}[/bold]",
              f"hospitals {row.get('participants', 0)}",
-             f"loss {row['loss']:.3f}" if row.get("loss") is not None else "loss -",
+             f"loss {metric_text(row, 'loss')}" if row.get("loss") is not None else "loss -",
              *(f"AUROC {m} {metric_text(row, 'auroc', m)}" for m in markers
                if auroc.get(m) is not None or metric_interval(row, "auroc", m)),
              f"findings F1 {metric_text(row, 'findings_f1')}" if row.get("findings_f1") is not None else "",
