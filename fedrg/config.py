@@ -94,9 +94,10 @@ class DataConfig(StrictModel):
     )
     synthetic_patients: int = Field(160, ge=8, description="mean patients per synthetic hospital")
     world: Literal["public", "shifted"] = Field(
-        "public", description="world of the synthetic hospitals of `fedrg simulate`: 'public' "
-        "(the public pre-training cohorts' world) or 'shifted' (other scanners, expression "
-        "platform, case mix and associations; docs/cohort-format.md)")
+        "shifted", description="world of the synthetic hospitals of `fedrg simulate`: "
+        "'shifted' (default: other scanners, expression platform, case mix and associations "
+        "than the public pre-training cohorts, so the federation has something to teach; "
+        "docs/cohort-format.md) or 'public' (the public pre-training cohorts' world)")
 
     @model_validator(mode="after")
     def _check_shape(self) -> DataConfig:

@@ -278,11 +278,11 @@ def test_cohort_cache_is_keyed_by_world(monkeypatch, tmp_path):
     from fedrg.data.synth import GENERATOR_VERSION
 
     monkeypatch.setenv("FEDRG_CACHE", str(tmp_path))
-    public = synthetic_cohort_root(load_config(None, []))
-    shifted = synthetic_cohort_root(load_config(None, ["data.world=shifted"]))
+    public = synthetic_cohort_root(load_config(None, ["data.world=public"]))
+    shifted = synthetic_cohort_root(load_config(None, []))  # the default world
     assert public != shifted and public.parent == shifted.parent == tmp_path / "synthetic"
     # the public world keeps the key it had before worlds existed (no rebuild of old caches)
-    cfg = load_config(None, [])
+    cfg = load_config(None, ["data.world=public"])
     old_recipe = {"hospitals": cfg.federation.hospitals, "patients": cfg.data.synthetic_patients,
                   "seed": cfg.federation.seed,
                   "data": {k: v for k, v in cfg.data.model_dump(mode="json").items() if k != "world"},

@@ -28,7 +28,7 @@ def synth(
     world: str | None = typer.Option(
         None, "--world", help="'public' (the public pre-training cohorts' world) or 'shifted' "
         "(other scanners, expression platform, case mix and associations; docs/cohort-format.md); "
-        "default: data.world of --config / --set, else 'public'"),
+        "default: data.world of --config / --set, else 'shifted', like `fedrg simulate`"),
 ) -> None:
     """Write synthetic glioma radiogenomics cohorts (NIfTI/DICOM, TSV, VCF, manifest)."""
     from fedrg.commands.output import check_output_dir, fail
@@ -41,7 +41,8 @@ def synth(
         if world is not None:
             check_world(world, setting="--world")
         cfg = _data_cfg(config, [*(set_ or []), *([f"data.world={world}"] if world is not None else [])])
-        dirs = synthesize(out, hospitals=hospitals, patients=patients, seed=seed, data_cfg=cfg)
+        dirs = synthesize(out, hospitals=hospitals, patients=patients, seed=seed, data_cfg=cfg,
+                          world=cfg.world)
     except FedrgError as err:
         fail(err)
     for d in dirs:

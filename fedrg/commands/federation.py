@@ -65,7 +65,7 @@ def synthetic_cohorts(cfg: ExperimentConfig) -> list[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=".synth-", dir=root.parent))
     try:
         synthesize(tmp, hospitals=cfg.federation.hospitals, patients=cfg.data.synthetic_patients,
-                   seed=cfg.federation.seed, data_cfg=cfg.data)
+                   seed=cfg.federation.seed, data_cfg=cfg.data, world=cfg.data.world)
         if root.exists():
             shutil.rmtree(root)
         tmp.rename(root)

@@ -706,8 +706,8 @@ def synthesize(out_dir: str | Path, *, hospitals: int, patients: int, seed: int,
     data_cfg:
         Markers, gene panel, world (defaults if ``None``).
     world:
-        ``"public"`` or ``"shifted"`` (:mod:`fedrg.data.worlds`); ``None`` = ``data_cfg.world``.
-        The public pre-training cohorts pass ``"public"`` whatever the config says.
+        ``"public"`` or ``"shifted"`` (:mod:`fedrg.data.worlds`); ``None`` = the public world
+        (the generator's own; ``fedrg simulate`` and ``fedrg synth`` pass ``data.world``).
 
     Returns
     -------
@@ -717,7 +717,7 @@ def synthesize(out_dir: str | Path, *, hospitals: int, patients: int, seed: int,
     if hospitals < 1 or patients < 1:
         raise ConfigError(f"synthesize needs hospitals >= 1 and patients >= 1 (got {hospitals}, {patients})")
     cfg = data_cfg or DataConfig()
-    world = check_world(cfg.world if world is None else world, setting="world")
+    world = check_world(PUBLIC_WORLD if world is None else world, setting="world")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):
