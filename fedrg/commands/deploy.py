@@ -156,6 +156,7 @@ def server(
     from fedrg.commands.output import check_port_free
     from fedrg.config import load_config, to_run_config
     from fedrg.deploy import processes as P
+    from fedrg.deploy.run_plan import check_run_dir, hospitals_needed
     from fedrg.deploy.settings import load_server_settings
     from fedrg.deploy.watch import MetricsFollower
     from fedrg.federated.checkpoint import completed_rounds
@@ -164,7 +165,12 @@ def server(
     try:
         s = load_server_settings(config)
         cfg = load_config(s.run.experiment or None, s.run.overrides)
+        quorum = hospitals_needed(s, cfg, config=config, insecure=insecure)
+        if quorum.raised:  # wait for every hospital a secure sum needs, never start short
+            cfg = load_config(s.run.experiment or None,
+                              [*s.run.overrides, f"federation.min_hospitals={quorum.needed}"])
         run_dir = Path(s.run.run_dir)
+        check_run_dir(run_dir, config=config, resume=resume)
         done = completed_rounds(run_dir)
         if resume and done is None:
             raise FedrgError(f"--resume: [run] run_dir {run_dir} in {config} holds no checkpoint; "
@@ -183,7 +189,8 @@ def server(
                         setting=f"[superlink] operator_port in {config}")
         app_dir = Path(s.run.app_dir) if s.run.app_dir else default_app_dir()
         run_config = {**to_run_config(cfg), "fedrg.run_dir": s.run.run_dir,
-                      "fedrg.resume": bool(resume)}
+                      "fedrg.resume": bool(resume),
+                      "fedrg.wait_for_hospitals_s": float(s.run.wait_for_hospitals_s)}
         check_app_run_config(app_dir, run_config)
     except FedrgError as err:
         raise _fail(err) from None
@@ -192,6 +199,10 @@ def server(
                    + (" --insecure" if insecure else ""))
     if insecure:
         err_console.print(INSECURE_BANNER)
+    if quorum.raised:
+        console.print(f"federation.min_hospitals = {quorum.requested} raised to "
+                      f"{quorum.needed}: {quorum.reason}; the run waits for {quorum.needed} "
+                      "hospitals")
     state = Path(s.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     state.chmod(0o700)
@@ -233,6 +244,7 @@ def server(
         console.print(f"run {run_id} submitted: {cfg.federation.rounds} round(s), waiting for "
                       f"{cfg.federation.min_hospitals} hospital(s); output in {s.run.run_dir}")
         rounds = MetricsFollower(Path(s.run.run_dir) / "metrics.json")
+        rounds.new_rounds()  # a resumed run's rows printed before: only this run's from here
         status = P.wait_run(run_id, env=env, timeout=s.run.timeout_s, watch=[link], group=group,
                             on_tick=lambda: _print_rounds(rounds, cfg.data.markers))
         console.print(f"run {run_id}: {status}")
@@ -282,6 +294,15 @@ def _print_hospital_progress(ledger: LineFollower, refusals: LineFollower) -> No
         console.print(line)
     for line in refusals.new_lines():
         err_console.print(f"[red]refused:[/red] {escape(line)}", soft_wrap=True)
+
+
+def _server_finished(state: Path, since: float, supernode_log: str) -> bool:
+    """The server ended a run normally (this hospital answered its last message, the ledger
+    copy, since ``since``) and is gone (the SuperNode cannot reach it any more)."""
+    from fedrg.deploy.supernode_log import server_gone_after_run
+    from fedrg.hospital.run_end import run_ended_since
+
+    return run_ended_since(state, since) and server_gone_after_run(supernode_log)
 
 
 def client(
@@ -346,6 +367,7 @@ def client(
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     previous_hup = signal.signal(signal.SIGHUP, _on_sigterm)
     group = P.ProcessGroup(state / "logs")
+    started = time.time()
     try:
         # the long-lived worker answers every message with warm torch, model and cohort;
         # the ClientApp Flower starts per message forwards to it (fedrg.hospital.worker)
@@ -363,6 +385,13 @@ def client(
                       f"rounds (log {node.log_path}); Ctrl-C stops")
         worker_warned = forkserver_warned = False
         while node.alive():
+            if _server_finished(state, started, node.log_text()):
+                group.close(timeout=STOP_TIMEOUT_S)
+                _print_hospital_progress(ledger, refusals)
+                console.print(f"{s.site.name}: the server finished its run and shut down; "
+                              f"stopped (privacy ledger in {state}; start `fedrg client` "
+                              "again for the next run)")
+                return
             group.refresh()
             if not worker.alive() and not worker_warned:
                 worker_warned = True
