@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from fedrg.deploy.testbed import start_fedrg, stop_all, wait_for_text
-from fedrg.deploy.tutorial import read_tutorial
+from fedrg.deploy.tutorial import read_tutorial, tutorial_workdir
 
 pytestmark = pytest.mark.slow
 
@@ -48,18 +47,9 @@ def _marked(mark: str) -> list:
 
 
 def _workdir(root: Path) -> Path:
-    """A copy of the source directory's configs/, on a free port instead of 9092."""
     from fedrg.deploy.processes import free_port
 
-    root.mkdir(parents=True)
-    shutil.copytree(ROOT / "configs", root / "configs")
-    port = str(free_port())
-    for name in ("server.example.toml", "hospital.example.toml"):
-        path = root / "configs" / name
-        text = path.read_text()
-        assert "9092" in text
-        path.write_text(text.replace("9092", port))
-    return root
+    return tutorial_workdir(ROOT, root, port=free_port())
 
 
 def _run_tutorial(root: Path, env: dict[str, str], started: list) -> dict:

@@ -68,3 +68,20 @@ def read_tutorial(doc: str | Path) -> Tutorial:
     if not tutorial.server or not tutorial.clients:
         raise ValueError(f"{doc}: the tutorial block has no `fedrg server` or `fedrg client`")
     return tutorial
+
+
+def tutorial_workdir(source: str | Path, root: str | Path, *, port: int) -> Path:
+    """A directory to run the tutorial in: a copy of ``source/configs`` with the example
+    configs' port 9092 replaced by ``port`` (another process may hold 9092)."""
+    import shutil
+
+    root = Path(root)
+    root.mkdir(parents=True)
+    shutil.copytree(Path(source) / "configs", root / "configs")
+    for name in ("server.example.toml", "hospital.example.toml"):
+        path = root / "configs" / name
+        text = path.read_text()
+        if "9092" not in text:
+            raise ValueError(f"{path}: port 9092 not found")
+        path.write_text(text.replace("9092", str(port)))
+    return root
