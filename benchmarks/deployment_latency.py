@@ -192,12 +192,15 @@ def run_tutorial(root: Path) -> dict:
         raise SystemExit(f"server exit {rc}:\n{(work / 'server.out').read_text()[-4000:]}")
     settings = load_server_settings(work / tutorial.server[tutorial.server.index("--config") + 1])
     deployed = _rounds_seconds(Path(settings.run.run_dir) / "metrics.json")
-    # the same federation in `fedrg simulate`: experiment, overrides and the tutorial's cohorts
+    # the same federation in `fedrg simulate`: experiment, overrides, the tutorial's cohorts
+    # and the hospitals' policy (simulate's own default releases metrics exactly)
     sets = [a for o in settings.run.overrides for a in ("--set", o)]
+    cohorts = [a for c in sorted((work / "deploy" / "cohorts").iterdir()) if c.is_dir()
+               for a in ("--cohort", str(c))]
     sim_out = root / "simulate"
     argv = [sys.executable, "-m", "fedrg.cli", "simulate", "--config", settings.run.experiment,
-            *sets, "--cohort", str(work / "deploy" / "cohorts"), "--out", str(sim_out),
-            "--state-dir", str(root / "sim-state")]
+            *sets, *cohorts, "--site-policy", str(work / "configs" / "hospital.example.toml"),
+            "--out", str(sim_out), "--state-dir", str(root / "sim-state")]
     t1 = time.perf_counter()
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env=env)
     simulated_total = time.perf_counter() - t1

@@ -385,13 +385,9 @@ def client(
                       f"rounds (log {node.log_path}); Ctrl-C stops")
         worker_warned = forkserver_warned = False
         while node.alive():
-            if _server_finished(state, started, node.log_text()):
-                group.close(timeout=STOP_TIMEOUT_S)
-                _print_hospital_progress(ledger, refusals)
-                console.print(f"{s.site.name}: the server finished its run and shut down; "
-                              f"stopped (privacy ledger in {state}; start `fedrg client` "
-                              "again for the next run)")
-                return
+            log = node.log_text()
+            if _server_finished(state, started, log):
+                break
             group.refresh()
             if not worker.alive() and not worker_warned:
                 worker_warned = True
@@ -404,7 +400,7 @@ def client(
                                   f"{forkserver.log_path}); each message starts a fresh "
                                   "`flwr-clientapp` instead (slower, same checks)[/yellow]")
             _print_hospital_progress(ledger, refusals)
-            if P.connection_lost(node.log_text()):
+            if P.connection_lost(log):
                 # Flower's SuperNode logs that it gave up but keeps running: end it here
                 raise ConnectionLostError(
                     f"lost the connection to the server at {s.server.address}: no answer for "
@@ -412,6 +408,13 @@ def client(
                     "have ended and the server stopped; start `fedrg client` again when the "
                     f"server is back (log {node.log_path})")
             time.sleep(1)
+        if _server_finished(state, started, node.log_text()):  # the normal end: exit 0
+            group.close(timeout=STOP_TIMEOUT_S)
+            _print_hospital_progress(ledger, refusals)
+            console.print(f"{s.site.name}: the server finished its run and shut down; "
+                          f"stopped (privacy ledger in {state}; start `fedrg client` "
+                          "again for the next run)")
+            return
         raise ConnectionLostError(
             "the SuperNode stopped after it had connected: " + P.explain_supernode_failure(
                 node.log_text(), node.returncode(), superlink=s.server.address))
