@@ -61,7 +61,7 @@ def _workdir(root: Path) -> Path:
     config = work / "configs" / "server.example.toml"
     text = config.read_text()
     assert text.count('overrides = ["') == 1
-    config.write_text(text.replace('overrides = ["', f'overrides = ["{FAST}", '))
+    config.write_text(text.replace('overrides = ["', f'overrides = ["{FAST}", "'))
     return work
 
 

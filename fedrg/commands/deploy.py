@@ -352,6 +352,9 @@ def client(
     state.mkdir(parents=True, exist_ok=True)
     state.chmod(0o700)
     env = P.flower_env(state / "flwr-home")
+    if s.worker.threads:  # torch reads these at import: several hospitals on one machine
+        # must not oversubscribe its cores (3 x 2 threads on 2 cores ran 5x slower)
+        env.update(OMP_NUM_THREADS=str(s.worker.threads), MKL_NUM_THREADS=str(s.worker.threads))
     # Flower's SuperExec starts `flwr-clientapp` by name: ours checks the bundle first
     env["PATH"] = os.pathsep.join([str(write_launcher(state, pin)), env["PATH"]])
     ledger = LineFollower(state / "ledger.jsonl")

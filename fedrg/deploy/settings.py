@@ -144,6 +144,14 @@ class HospitalAppSection(_Section):
         return v
 
 
+class WorkerSection(_Section):
+    """The hospital worker that trains and evaluates (:mod:`fedrg.hospital.worker`)."""
+
+    threads: int = Field(
+        0, ge=0, description="its torch/OpenMP threads (0 = torch's default: every core); "
+        "give each hospital a share when several run on one machine")
+
+
 class HospitalSettings(_Section):
     """``fedrg client --config F``."""
 
@@ -152,6 +160,7 @@ class HospitalSettings(_Section):
     auth: HospitalAuthSection = Field(default_factory=HospitalAuthSection)
     supernode: SupernodeSection = Field(default_factory=SupernodeSection)
     app: HospitalAppSection = Field(default_factory=HospitalAppSection)
+    worker: WorkerSection = Field(default_factory=WorkerSection)
     experiment: str = Field(
         "", description="the federation's experiment TOML, for the data settings the cohort "
         "is validated against ('' = defaults)",
