@@ -36,8 +36,9 @@ def _server_toml(tmp_path: Path, *, peers: tuple[int | None, ...] = (None, None,
         + ("" if p is None else f"min_secagg_peers = {p}\n")
         for i, p in enumerate(peers, 1))
     path = tmp_path / "server.toml"
-    path.write_text(f'state_dir = "state"\n{tables}[run]\nrun_dir = "run"\n'
-                    f"overrides = [{overrides}]\n")
+    path.write_text(f'state_dir = "state"\n[tls]\nca_cert = "certs/ca.crt"\n'
+                    'server_cert = "certs/server.pem"\nserver_key = "certs/server.key"\n'
+                    f'{tables}[run]\nrun_dir = "run"\noverrides = [{overrides}]\n')
     return path
 
 
@@ -91,6 +92,14 @@ def test_quorum_larger_than_the_allowed_hospitals_is_refused_at_once(tmp_path: P
     cfg = load_config(None, s.run.overrides)
     with pytest.raises(FedrgError, match=r"needs 3 hospitals .* allows only 2"):
         hospitals_needed(s, cfg, config=config, insecure=False)
+    # through the command: real TLS files and node keys, refused before anything starts
+    from fedrg.deploy.certs import init_certs
+    from fedrg.deploy.keys import new_hospital_keys
+
+    init_certs(tmp_path / "certs")
+    for i in (1, 2):
+        keys = new_hospital_keys(tmp_path / f"k{i}", name=f"hospital-{i}")
+        (tmp_path / f"h{i}.pub").write_bytes(keys.node_public.read_bytes())
     res = CliRunner().invoke(app, ["server", "--config", str(config)])
     assert res.exit_code == 2 and "allows only 2" in " ".join(res.output.split()), res.output
     assert not (tmp_path / "state").exists()

@@ -165,10 +165,6 @@ def server(
     try:
         s = load_server_settings(config)
         cfg = load_config(s.run.experiment or None, s.run.overrides)
-        quorum = hospitals_needed(s, cfg, config=config, insecure=insecure)
-        if quorum.raised:  # wait for every hospital a secure sum needs, never start short
-            cfg = load_config(s.run.experiment or None,
-                              [*s.run.overrides, f"federation.min_hospitals={quorum.needed}"])
         run_dir = Path(s.run.run_dir)
         check_run_dir(run_dir, config=config, resume=resume)
         done = completed_rounds(run_dir)
@@ -181,6 +177,10 @@ def server(
                           "hospitals' ledgers with: fedrg audit STATE_DIR", highlight=False)
             return
         check_server_files(s, insecure)
+        quorum = hospitals_needed(s, cfg, config=config, insecure=insecure)
+        if quorum.raised:  # wait for every hospital a secure sum needs, never start short
+            cfg = load_config(s.run.experiment or None,
+                              [*s.run.overrides, f"federation.min_hospitals={quorum.needed}"])
         ensure_writable(run_dir, setting=f"[run] run_dir in {config}")
         ensure_writable(s.state_dir, setting=f"state_dir in {config}")
         check_port_free(s.superlink.host, s.superlink.port,
