@@ -22,6 +22,12 @@ sum), runs the federation and prints JSON:
 
     python benchmarks/deployment_latency.py --rounds 3
 
+With ``--tutorial`` it runs docs/deployment.md's "Try it on one machine" as written (the
+commands read from the document: three hospitals of 160 patients, the public initial
+adapter, evaluation every round), then ``fedrg simulate`` of the same federation (same
+experiment, overrides, cohorts and hospital policy), and prints both rounds' seconds and
+``ratio`` (mean deployed round / mean simulated round).
+
 Every process it starts is stopped at the end (by process group id).
 """
 
