@@ -54,6 +54,10 @@ def _marked(mark: str) -> list:
 FAST = "federation.fraction_evaluate=0.0"
 
 
+def _workers(mark: str) -> list:
+    return [p for p in _marked(mark) if "fedrg.hospital.worker" in " ".join(p.cmdline())]
+
+
 def _workdir(root: Path) -> Path:
     from fedrg.deploy.processes import free_port
 
@@ -82,6 +86,12 @@ def _run_tutorial(root: Path, env: dict[str, str], started: list) -> dict:
         log = root / f"client-{i + 1}.out"
         clients.append((start_fedrg(args, log, env=env, cwd=root), log))
         started.append(clients[-1][0])
+    for proc, log in clients:
+        wait_for_text("connected to", log, proc, timeout=300)
+    # the example config's [worker] threads = 1: three hospitals on one machine do not
+    # oversubscribe its cores (each worker's torch reads OMP_NUM_THREADS)
+    workers = _workers(env[MARK])
+    assert len(workers) == 3 and all(w.environ().get("OMP_NUM_THREADS") == "1" for w in workers)
     t1 = time.monotonic()
     rc = server.wait(timeout=900)
     run_s = time.monotonic() - t1
