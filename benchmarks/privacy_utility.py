@@ -224,6 +224,48 @@ def acceptance(shares: dict[str, Any]) -> dict[str, Any]:
     return checks
 
 
+SHORT = {"idh_mutant": "IDH", "codeletion_1p19q": "1p/19q", "mgmt_methylated": "MGMT"}
+
+
+def _cell(stats: dict[str, Any] | None) -> str:
+    if not stats or stats.get("mean") is None:
+        return "-"
+    return f"{stats['mean']:.3f} ± {stats['std']:.3f}" if stats["n"] > 1 else f"{stats['mean']:.3f}"
+
+
+def _share(cell: dict[str, Any] | None) -> str:
+    if not cell or cell.get("mean") is None:
+        return "-"
+    return f"{100 * cell['mean']:.0f} % ({100 * cell['min']:.0f})"
+
+
+def markdown_table(out: dict[str, Any]) -> str:
+    """The README table: per start, the start alone, each epsilon and no DP (multimodal and
+    image-only AUROC, mean ± std over seeds) and the share of the non-private multimodal
+    gain each epsilon keeps (mean over seeds, worst seed in brackets)."""
+    summary, shares = out["summary"], out["share_kept"]
+    head = ("| start | setting | " + " | ".join(f"multimodal {SHORT[m]}" for m in MARKERS)
+            + " | " + " | ".join(f"share kept {SHORT[m]}" for m in MARKERS) + " | "
+            + " | ".join(f"image-only {SHORT[m]}" for m in MARKERS) + " |")
+    lines = [head, "|" + "---|" * (2 + 3 * len(MARKERS))]
+    for start, by_setting in summary.items():
+        eps = sorted((s for s in by_setting if s not in (START, NON_PRIVATE)), key=float,
+                     reverse=True)
+        for setting in [START, *eps, NON_PRIVATE]:
+            if setting not in by_setting:
+                continue
+            row = by_setting[setting]
+            label = ({START: "the start alone", NON_PRIVATE: "no DP"}[setting]
+                     if setting in (START, NON_PRIVATE) else f"epsilon {float(setting):g}")
+            kept = [_share(shares.get(start, {}).get(setting, {}).get(m))
+                    if setting not in (START, NON_PRIVATE) else "" for m in MARKERS]
+            lines.append(f"| {start} | {label} | "
+                         + " | ".join(_cell(row["auroc_multimodal"].get(m)) for m in MARKERS)
+                         + " | " + " | ".join(kept) + " | "
+                         + " | ".join(_cell(row["auroc_image"].get(m)) for m in MARKERS) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(summary: dict[str, Any], path: Path) -> None:
     """Multimodal and image-only AUROC (mean +- std over seeds) against epsilon, one panel
     pair per start; no DP at the right, the start alone as dashed lines."""
@@ -283,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="", help="also write the JSON here (after every run)")
     ap.add_argument("--png", default="privacy_utility.png", help="where the plot goes")
     ap.add_argument("--resume", action="store_true", help="reuse the runs already in --json")
+    ap.add_argument("--markdown", default="", help="also write the README table here")
     args = ap.parse_args(argv)
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
@@ -325,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
                 emit()
     text = emit()
     plot(out["summary"], Path(args.png))
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_table(out))
     print(text)
     return 0
 

@@ -109,8 +109,9 @@ class ArithmeticHospitals:
     simulation tests and tests/adversary.
     """
 
-    def __init__(self, targets, declines=(), fail=(), decline_rounds=None):
+    def __init__(self, targets, declines=(), fail=(), decline_rounds=None, eval_declines=None):
         self.targets = targets  # node -> target vector; update = target - global
+        self.eval_declines = eval_declines or {}  # evaluated round -> nodes declining its release
         self.declines = set(declines)
         self.decline_rounds = decline_rounds or {}  # round -> nodes declining that round
         self.fail = set(fail)
@@ -120,9 +121,12 @@ class ArithmeticHospitals:
     def nodes(self):
         return sorted(self.targets)
 
-    def _release(self, node, g):
+    def _release(self, node, g, round_=None):
         # a release as a hospital makes it (zero noise here: the arithmetic is the point)
         from fedrg.privacy.release import exact_aggregates, noisy_release
+
+        if node in self.eval_declines.get(round_, ()):  # as a hospital that already released it
+            return {"site": f"h{node}", "status": "declined", "reason": "evaluation_repeated"}
 
         loss = float(np.abs(g - self.targets[node]).sum())
         labels = np.array([[1.0], [0.0]] * 5)
@@ -148,14 +152,14 @@ class ArithmeticHospitals:
                                       "reason": "privacy_budget_exhausted", "epsilon": 7.9})
                 else:
                     r = Payload(meta={"site": f"h{node}", "status": "ok", "weight": float(node),
-                                      "epsilon": 1.0 * round_, "train_loss": 0.5})
+                                      "epsilon": 1.0 * round_})
                     r.put_array_list("update", [self.targets[node] - g])
                 if "evaluate_round" in p.meta:  # the arrays it carries are the round's result
                     assert p.meta["evaluate_round"] == round_ - 1
-                    r.meta["evaluation"] = self._release(node, g)
+                    r.meta["evaluation"] = self._release(node, g, round_ - 1)
                 out[node] = Reply(node, r)
             else:
-                out[node] = Reply(node, Payload(meta=self._release(node, g)))
+                out[node] = Reply(node, Payload(meta=self._release(node, g, round_)))
         return out
 
 
@@ -218,7 +222,8 @@ def test_server_resume_equals_uninterrupted(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------ evaluation folded into the next train message
-EVAL_KEYS = ("loss", "auroc", "auroc_multimodal", "findings_f1", "rouge_l")
+EVAL_KEYS = ("loss", "auroc", "auroc_multimodal", "findings_f1", "rouge_l", "released", "released_by",
+             "evaluation_declined", "interval")
 
 
 def _moving(rounds, **over):
@@ -382,3 +387,47 @@ def test_a_run_stopped_for_too_few_hospitals_still_gets_the_pending_evaluation(t
     assert [r["round"] for r in rows] == [0, 1] and rows[1]["auroc"] == {"idh": pytest.approx(1.0)}
     ckpt = load_checkpoint(tmp_path)
     assert ckpt.round == 1 and ckpt.pending_evaluation is None and ckpt.metrics["rounds"] == rows
+
+
+def test_rows_say_whose_releases_they_hold_after_resume(tmp_path, monkeypatch):
+    """Issue 24: after a resume, round 1's evaluation came from one hospital (the other two
+    declined a repeated release) but its row said ``participants 3``, ``declined {}``. Now the
+    row names the hospitals whose releases its metrics are (``released_by``) and the declines
+    (``evaluation_declined``), apart from the round's trainers; round 0 has the fields too."""
+    from fedrg.federated.report import release_text
+
+    cfg = _moving(3)
+    monkeypatch.setenv("FEDRG_CRASH_AFTER_ROUND", "1")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        FederationServer(cfg, tmp_path, [np.zeros(3, np.float32)]).run(ArithmeticHospitals(TARGETS))
+    monkeypatch.delenv("FEDRG_CRASH_AFTER_ROUND")
+    resumed = FederationServer(cfg, tmp_path, [np.zeros(3, np.float32)])
+    resumed.resume()
+    rows = resumed.run(ArithmeticHospitals(TARGETS, eval_declines={1: {2, 3}})).metrics["rounds"]
+    r1 = next(r for r in rows if r["round"] == 1)
+    assert r1["participants"] == 3 and r1["hospitals"] == ["h1", "h2", "h3"]  # who trained
+    assert r1["released_by"] == ["h1"] and r1["released"] == "exact"  # whose metrics these are
+    assert r1["evaluation_declined"] == {"h2": "evaluation_repeated", "h3": "evaluation_repeated"}
+    text = release_text(r1)
+    assert "exact release by h1" in text and "h2 (evaluation_repeated)" in text
+    r0 = rows[0]
+    assert r0["round"] == 0 and r0["released_by"] == ["h1", "h2", "h3"]
+    assert r0["evaluation_declined"] == {} and r0["interval"]["noise_std"] == 0.0
+
+
+def test_no_row_claims_a_train_loss_no_hospital_released(tmp_path):
+    """Issue 24: every row had ``"train_loss": null``. A hospital releases no training loss
+    (it would be a release outside its ledger), so rows carry no such key, even when a reply
+    sends one."""
+    class Chatty(ArithmeticHospitals):
+        def send(self, action, messages, *, round_, timeout=None):
+            out = super().send(action, messages, round_=round_, timeout=timeout)
+            for reply in out.values():
+                if reply.ok:
+                    reply.body.meta["train_loss"] = 0.5
+            return out
+
+    rows = FederationServer(_moving(2), tmp_path, [np.zeros(3, np.float32)]).run(
+        Chatty(TARGETS)).metrics["rounds"]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert not any("train_loss" in r for r in rows)

@@ -77,3 +77,17 @@ def test_plot_and_bad_arguments(bench, tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--starts", "moon"])
     assert "unknown ['moon']" in capsys.readouterr().err
+
+
+def test_markdown_table_shows_the_start_each_epsilon_no_dp_and_the_share_kept(bench):
+    runs = [*_world("random", 0, (0.86, 0.77, 0.68), (0.82, 0.74, 0.66)),
+            *_world("random", 1, (0.82, 0.71, 0.66), (0.80, 0.70, 0.64))]
+    out = {"summary": bench.summarise(runs)}
+    out["share_kept"] = bench.share_kept(runs)
+    lines = bench.markdown_table(out).splitlines()
+    rows = [line.split(" | ")[1] for line in lines[2:]]
+    assert rows == ["the start alone", "epsilon 8", "epsilon 2", "no DP"]  # ordered, all there
+    eps8 = lines[3].split(" | ")
+    assert eps8[2] == "0.840 ± 0.028"  # multimodal IDH: mean ± std over the two seeds
+    assert eps8[5] == "85 % (80)"  # IDH share kept: mean 0.85, worst seed 0.8
+    assert lines[2].split(" | ")[5] == ""  # no share for the start itself

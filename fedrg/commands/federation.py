@@ -199,7 +199,10 @@ def _print_round(row: dict[str, Any], markers: list[str],
     """One line per round; ``entries`` are the hospitals' training entries of the round
     (:func:`fedrg.commands.progress.last_train_entries`): a hospital that trained without
     DP has no epsilon, so it is named, never shown as epsilon 0."""
+    from rich.markup import escape
+
     from fedrg.commands.progress import entry_is_dp
+    from fedrg.federated.report import metric_interval, metric_text, release_text
 
     auroc = row.get("auroc") or {}
     entries = entries or []
@@ -209,9 +212,10 @@ def _print_round(row: dict[str, Any], markers: list[str],
     plain_steps = [int(e["mechanism"]["steps"]) for e in entries if not entry_is_dp(e)]
     parts = [f"[bold]round {row['round']}{' (start)' if row['round'] == 0 else ''}[/bold]",
              f"hospitals {row.get('participants', 0)}",
-             f"loss {row['loss']:.3f}" if row.get("loss") is not None else "loss -",
-             *(f"AUROC {m} {auroc[m]:.3f}" for m in markers if auroc.get(m) is not None),
-             f"findings F1 {row['findings_f1']:.3f}" if row.get("findings_f1") is not None else "",
+             f"loss {metric_text(row, 'loss')}" if row.get("loss") is not None else "loss -",
+             *(f"AUROC {m} {metric_text(row, 'auroc', m)}" for m in markers
+               if auroc.get(m) is not None or metric_interval(row, "auroc", m)),
+             f"findings F1 {metric_text(row, 'findings_f1')}" if row.get("findings_f1") is not None else "",
              f"max eps {max(eps.values()):.2f}" if eps else "",
              _steps_text("DP-SGD steps", steps),
              (f"no DP, {_steps_text('steps', plain_steps)}" if plain and not eps
@@ -219,6 +223,8 @@ def _print_round(row: dict[str, Any], markers: list[str],
              f"{row.get('seconds', 0):.1f}s"]
     if row.get("declined"):
         parts.append(f"[yellow]declined: {', '.join(row['declined'])}[/yellow]")
+    if release_text(row):
+        parts.append(f"[dim]{escape(release_text(row))}[/dim]")
     if row.get("reason"):
         parts.append(f"[red]{row['reason']}[/red]")
     console.print("  ".join(p for p in parts if p))

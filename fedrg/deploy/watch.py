@@ -105,18 +105,23 @@ class MetricsFollower:
 
 
 def round_line(row: dict[str, Any], markers: list[str]) -> str:
-    """One server progress line: participants, loss, AUROC per marker, epsilon per hospital."""
+    """One server progress line: participants, loss, AUROC per marker (with its noise
+    interval when DP-released), epsilon per hospital, whose releases the metrics are."""
+    from fedrg.federated.report import metric_interval, metric_text, release_text
+
     auroc = row.get("auroc") or {}
     eps = row.get("epsilon") or {}
     parts = [f"round {row.get('round')}", f"{row.get('participants', 0)} hospital(s) trained",
              f"loss {row['loss']:.4f}" if isinstance(row.get("loss"), (int, float)) else "loss -"]
-    parts += [f"AUROC {m} {auroc[m]:.3f}" for m in markers
-              if isinstance(auroc.get(m), (int, float))]
+    parts += [f"AUROC {m} {metric_text(row, 'auroc', m)}" for m in markers
+              if isinstance(auroc.get(m), (int, float)) or metric_interval(row, "auroc", m)]
     if eps:
         parts.append("epsilon " + ", ".join(f"{h} {v:.3f}" for h, v in sorted(eps.items())
                                             if isinstance(v, (int, float))))
     if row.get("declined"):
         parts.append(f"declined: {', '.join(map(str, row['declined']))}")
+    if release_text(row):
+        parts.append(release_text(row))
     if row.get("reason"):
         parts.append(str(row["reason"]))
     return "  ".join(parts)

@@ -98,6 +98,62 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def metric_interval(row: dict[str, Any], key: str, marker: str | None = None) -> list[float] | None:
+    """The row's noise interval of ``key`` (``marker``'s for AUROC), None when the release
+    was exact or absent."""
+    iv = (row.get("interval") or {})
+    if not iv.get("noise_std"):
+        return None
+    value = iv.get(key)
+    if marker is not None:
+        value = (value or {}).get(marker)
+    return value if isinstance(value, list) and len(value) == 2 else None
+
+
+def metric_text(row: dict[str, Any], key: str, marker: str | None = None, *,
+                compact: bool = False) -> str:
+    """A released metric as the console shows it: ``0.624 [0.410, 0.830]`` for a DP release
+    (its 95 % noise interval), ``noise swamps [0.00, 1.00]`` when the interval of a metric
+    in [0, 1] is wider than :data:`fedrg.privacy.release.SWAMP_WIDTH` (then no point value
+    is shown, it would say nothing), the bare value for an exact release; ``-`` without one. ``compact`` for table
+    cells: the interval alone, ``.41-.83``, and ``swamped``."""
+    from fedrg.privacy.release import noise_swamps
+
+    value = row.get(key)
+    if marker is not None:
+        value = (value or {}).get(marker)
+    iv = metric_interval(row, key, marker)
+    if iv is not None and key != "loss" and noise_swamps(iv):  # metrics in [0, 1]
+        return "swamped" if compact else f"noise swamps [{iv[0]:.2f}, {iv[1]:.2f}]"
+    if value is None:
+        return "-"
+    if iv is None:
+        return _fmt(float(value))
+    if compact:
+        return f"{iv[0]:.2f}-{iv[1]:.2f}".replace("0.", ".").replace("1.00", "1")
+    return f"{float(value):.3f} [{iv[0]:.3f}, {iv[1]:.3f}]"
+
+
+def release_text(row: dict[str, Any]) -> str:
+    """Where a row's metrics came from: ``DP-released by h1, h2 (95% intervals for the
+    noise)``, ``exact release by h1``, the evaluation declines, or ``no metrics released``."""
+    by = row.get("released_by") or []
+    declined = row.get("evaluation_declined") or {}
+    kind = row.get("released")
+    parts = []
+    if by:
+        label = {"dp": "DP-released", "exact": "exact release",
+                 "dp+exact": "released (DP and exact)"}.get(str(kind), "released")
+        level = (row.get("interval") or {}).get("level", 0.95)
+        noisy = f" ({level:.0%} intervals for the noise)" if kind and "dp" in str(kind) else ""
+        parts.append(f"{label} by {', '.join(map(str, by))}{noisy}")
+    elif kind is None and "released_by" in row:
+        parts.append("no metrics released")
+    if declined:
+        parts.append("evaluation declined: " + ", ".join(f"{h} ({r})" for h, r in sorted(declined.items())))
+    return "; ".join(parts)
+
+
 def max_epsilon_text(row: dict[str, Any], no_dp: set[str] | None = None) -> str:
     """A round's ``max eps`` cell: the largest epsilon of the hospitals that trained with
     DP; ``no DP`` when every hospital of the round trained without DP (never ``0.000``);
@@ -121,6 +177,9 @@ def round_table(rounds: list[dict[str, Any]], markers: list[str],
     from rich import box
 
     caption = "; ".join(f"A{i} = AUROC {m}" for i, m in enumerate(markers, start=1))
+    if any(metric_interval(r, "auroc", m) for r in rounds for m in markers):
+        caption += ("; DP-released metrics as their 95% noise interval (low-high), 'swamped' "
+                    "where it is wider than 0.5")
     table = Table(title="fedrg federation", caption=caption, box=box.SIMPLE_HEAD,
                   title_justify="left", caption_justify="left", show_lines=False,
                   padding=(0, 1), pad_edge=False, collapse_padding=True)
@@ -132,8 +191,8 @@ def round_table(rounds: list[dict[str, Any]], markers: list[str],
             str(row["round"]),
             f"{row.get('participants', 0)}" + (f" (-{len(row['declined'])})" if row.get("declined") else ""),
             _fmt(row.get("loss")),
-            *[_fmt((row.get("auroc") or {}).get(m)) for m in markers],
-            _fmt(row.get("findings_f1")),
+            *[metric_text(row, "auroc", m, compact=True) for m in markers],
+            metric_text(row, "findings_f1", compact=True),
             max_epsilon_text(row, (no_dp or {}).get(int(row["round"]))),
             f"{row.get('bytes_up', 0) / 1e6:.2f}",
             f"{row['seconds']:.0f}" if row.get("seconds") is not None else "-",
@@ -160,15 +219,23 @@ def gains_over_start(rounds: list[dict[str, Any]], markers: list[str]) -> dict[s
 
 def gain_line(rounds: list[dict[str, Any]], markers: list[str]) -> str | None:
     """``what the federation added over its start (round 0 -> round 3): multimodal idh_mutant
-    0.702 -> 0.851 (+0.149), ...``; None without a round 0 row or an evaluated last round."""
+    0.702 -> 0.851 (+0.149), ...``; None without a round 0 row or an evaluated last round.
+    DP-released values carry their noise intervals; where either release is swamped by its
+    noise no gain is shown."""
     gains = gains_over_start(rounds, markers)
     if not gains:
         return None
     start = next(r for r in rounds if r.get("round") == 0)
     last = next(r for r in reversed(rounds) if r.get("round", 0) > 0 and r.get("auroc_multimodal"))
+    from fedrg.privacy.release import noise_swamps
+
     parts = []
     for key, label in (("auroc_multimodal", "multimodal"), ("auroc", "image-only")):
         for m, g in gains.get(key, {}).items():
-            parts.append(f"{label} {m} {start[key][m]:.3f} -> {last[key][m]:.3f} ({g:+.3f})")
+            if any(noise_swamps(metric_interval(r, key, m)) for r in (start, last)):
+                parts.append(f"{label} {m}: noise swamps the release, no gain to show")
+            else:
+                parts.append(f"{label} {m} {metric_text(start, key, m)} -> "
+                             f"{metric_text(last, key, m)} ({g:+.3f})")
     return (f"what the federation added over its start (round 0 -> round {last['round']}): "
             + "; ".join(parts))

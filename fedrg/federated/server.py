@@ -76,12 +76,6 @@ def round_draw(nodes: list[int], fed: FederationConfig, rnd: int) -> tuple[list[
     return _sample(nodes, fed.fraction_train, fed.min_hospitals, rng), rng
 
 
-def _mean_metric(values: list[tuple[float, float | None]]) -> float | None:
-    pairs = [(w, v) for w, v in values if v is not None and not np.isnan(v)]
-    total = sum(w for w, _ in pairs)
-    return float(sum(w * v for w, v in pairs) / total) if total > 0 else None
-
-
 def aggregate_evaluation(replies: list[dict[str, Any]]) -> dict[str, Any]:
     """Metrics from the hospitals' DP releases: noisy aggregates summed over hospitals.
 
@@ -89,15 +83,37 @@ def aggregate_evaluation(replies: list[dict[str, Any]]) -> dict[str, Any]:
     :mod:`fedrg.privacy.release`); the server adds them up and computes loss, AUROC per
     marker (image only and multimodal), findings F1 and ROUGE-L from the sum. No exact
     per-hospital metric exists on the server.
+
+    Returns
+    -------
+    dict
+        Empty without a release; else the metrics, ``releases`` (how many), ``released``
+        (``"dp"``, ``"exact"`` or ``"dp+exact"``), ``released_by`` (the hospitals whose
+        releases are in the sum) and ``interval`` (:func:`fedrg.privacy.release.metric_intervals`,
+        the noise std summed over the DP releases as each hospital reported its noise
+        multiplier).
     """
-    from fedrg.privacy.release import metrics_from_release, sum_releases
+    from fedrg.privacy.release import (
+        metric_intervals,
+        metrics_from_release,
+        release_std,
+        sum_releases,
+        summed_std,
+    )
 
     released = [r for r in replies if isinstance(r.get("release"), dict)]
     if not released:
         return {}
     markers = list(released[0].get("markers") or [])
-    out = metrics_from_release(sum_releases([r["release"] for r in released]), markers)
+    summed = sum_releases([r["release"] for r in released])
+    out = metrics_from_release(summed, markers)
     out["releases"] = len(released)
+    kinds = sorted({"dp" if r.get("private") else "exact" for r in released})
+    out["released"] = "+".join(kinds)
+    out["released_by"] = sorted(str(r.get("site")) for r in released)
+    std = summed_std([release_std(float(r.get("noise_multiplier") or 0.0), n_markers=len(markers))
+                      for r in released if r.get("private")])
+    out["interval"] = metric_intervals(summed, markers, noise_std=std)
     return out
 
 
@@ -340,8 +356,6 @@ class FederationServer:
             outcome.participants.append(site)
         outcome.metrics["epsilon"] = epsilons
         outcome.metrics["epsilon_lifetime"] = lifetime
-        outcome.metrics["train_loss"] = _mean_metric(
-            [(1.0, r.body.meta.get("train_loss")) for r in trained.values()])
         if len(trained) < self.cfg.federation.min_hospitals:
             why = "; ".join(f"{s}: {r}" for s, r in outcome.declined.items())
             outcome.reason = (f"round {rnd}: {len(trained)} hospital(s) trained, fewer than "
@@ -540,8 +554,11 @@ class FederationServer:
                 pending.row[key] = {str(a["site"]): float(a[key]) for a in pending.answers
                                     if a.get("status") == "ok" and a.get("private")
                                     and a.get(key) is not None}
-        self._emit(pending.row, aggregate_evaluation(
-            [a for a in pending.answers if "release" in a]))
+        evaluation = aggregate_evaluation([a for a in pending.answers if "release" in a])
+        evaluation["evaluation_declined"] = {
+            str(a.get("site")): str(a.get("reason", "declined")) for a in pending.answers
+            if a.get("status") == "declined"}
+        self._emit(pending.row, evaluation)
         self._checkpoint(pending.round)
 
     # ------------------------------------------------------------ metrics rows
@@ -556,7 +573,6 @@ class FederationServer:
         row: dict[str, Any] = {
             "round": rnd,
             "loss": evaluation.get("loss"),
-            "train_loss": outcome.metrics.get("train_loss"),
             "auroc": evaluation.get("auroc", {}),
             "auroc_multimodal": evaluation.get("auroc_multimodal", {}),
             "findings_f1": evaluation.get("findings_f1"),
@@ -591,7 +607,14 @@ class FederationServer:
             "auroc_multimodal": evaluation.get("auroc_multimodal", {}),
             "findings_f1": evaluation.get("findings_f1"),
             "rouge_l": evaluation.get("rouge_l"),
+            # whose numbers the metrics are: the hospitals whose releases were summed (not
+            # the round's trainers, ``hospitals``), how (``dp``/``exact``), with what noise
+            "released": evaluation.get("released"),
+            "released_by": evaluation.get("released_by", []),
+            "evaluation_declined": evaluation.get("evaluation_declined", {}),
         })
+        if "interval" in evaluation:
+            row["interval"] = evaluation["interval"]
         alerts = [a for a in self.metrics.get("ledger_alerts", []) if a.get("round") == row["round"]]
         if alerts:
             row["ledger_alerts"] = alerts

@@ -17,6 +17,12 @@ a Gaussian mechanism with noise multiplier ``noise_multiplier``, i.e. one RDP se
 ``(noise_multiplier, sample_rate=1, steps=1)`` in the ledger's history, composed with the
 DP-SGD rounds by the same accountant.
 
+Every released metric comes with a confidence interval for the noise (:func:`metric_intervals`):
+the noise's standard deviation is public (``noise_multiplier * sensitivity``, summed in
+quadrature over the hospitals' releases), so the server can say how far the noise may have
+moved each number. The interval covers the noise only, not the sampling of the validation
+patients: it is an interval for the metric of *these* patients (binned as released).
+
 Pure NumPy: no torch, no I/O. The noise generator comes from OS entropy unless a test
 passes a seed.
 """
@@ -26,6 +32,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Sequence
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -42,6 +49,17 @@ DEFAULT_LOSS_CLIP = 10.0
 def sensitivity(n_markers: int) -> float:
     """L2 sensitivity (one patient added or removed) of :func:`exact_aggregates`."""
     return math.sqrt(2 * n_markers + len(SUMS))
+
+
+def release_std(noise_multiplier: float, *, n_markers: int) -> float:
+    """Standard deviation of the Gaussian noise on every coordinate of one release (the one
+    definition: :func:`noisy_release` draws with it, :func:`metric_intervals` reads it)."""
+    return float(noise_multiplier) * sensitivity(n_markers)
+
+
+def summed_std(stds: Sequence[float]) -> float:
+    """Noise std of a coordinate summed over releases with independent noise ``stds``."""
+    return math.sqrt(sum(float(s) ** 2 for s in stds))
 
 
 def _bins(p: np.ndarray, bins: int = BINS) -> np.ndarray:
@@ -137,7 +155,7 @@ def noisy_release(
         The noisy aggregates, JSON-able.
     """
     rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
-    std = float(noise_multiplier) * sensitivity(n_markers)
+    std = release_std(noise_multiplier, n_markers=n_markers)
     out: dict[str, list[float]] = {}
     for key in sorted(aggregates):
         v = np.asarray(aggregates[key], dtype=np.float64)
@@ -163,15 +181,162 @@ def sum_releases(releases: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
     return out
 
 
+def _pair_weights(bins: int) -> np.ndarray:
+    """``M`` with ``pos @ M @ neg`` = pairs (positive above negative) + ties / 2."""
+    return np.tril(np.ones((bins, bins)), -1) + 0.5 * np.eye(bins)
+
+
 def auroc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float | None:
-    """AUROC of binned scores: P(pos > neg) + P(tie) / 2 (negative noisy counts -> 0)."""
-    pos = np.clip(np.asarray(pos, dtype=np.float64), 0.0, None)
-    neg = np.clip(np.asarray(neg, dtype=np.float64), 0.0, None)
+    """AUROC of binned scores: P(pos > neg) + P(tie) / 2, clipped to [0, 1].
+
+    Computed as ``U / D`` with ``U = pos @ M @ neg`` (pairs in order, ties half) and
+    ``D = sum(pos) * sum(neg)``, on the noisy counts as released (negative cells kept):
+    with independent zero-mean noise on the two histograms both ``U`` and ``D`` are unbiased,
+    whereas clipping noisy cells at 0 would add positive mass to every empty bin and pull the
+    estimate towards 0.5. It is the point estimate of :func:`auroc_interval`. None when a
+    (noisy) class count is not positive.
+    """
+    pos = np.asarray(pos, dtype=np.float64)
+    neg = np.asarray(neg, dtype=np.float64)
     n_pos, n_neg = pos.sum(), neg.sum()
     if n_pos <= 0 or n_neg <= 0:
         return None
-    below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])  # negatives in lower bins
-    return float(np.clip((pos * (below + 0.5 * neg)).sum() / (n_pos * n_neg), 0.0, 1.0))
+    return float(np.clip(pos @ _pair_weights(pos.size) @ neg / (n_pos * n_neg), 0.0, 1.0))
+
+
+#: Confidence level of the intervals in ``metrics.json`` (``interval``).
+INTERVAL_LEVEL = 0.95
+#: A DP metric whose interval is wider than this (half the range of an AUROC or F1) says
+#: nothing about the model: "noise swamps this release".
+SWAMP_WIDTH = 0.5
+_GRID = np.linspace(0.0, 1.0, 1001)
+
+
+def _hull(grid: np.ndarray, ok: np.ndarray, *, hi: float) -> tuple[float, float]:
+    """The accepted grid points' hull, widened by one grid step on each side (the true value
+    may lie between two grid points), within [0, ``hi``]."""
+    step = float(grid[1] - grid[0])
+    return (round(max(0.0, float(grid[ok].min()) - step), 6),
+            round(min(hi, float(grid[ok].max()) + step), 6))
+
+
+def _z(level: float) -> float:
+    return NormalDist().inv_cdf(0.5 + level / 2)
+
+
+def auroc_interval(pos: np.ndarray, neg: np.ndarray, *, noise_std: float,
+                   level: float = INTERVAL_LEVEL) -> tuple[float, float] | None:
+    """Confidence interval for the AUROC of the exact histograms, from noisy ones.
+
+    Fieller's method (test inversion of a ratio). Released are ``p = p0 + e`` and
+    ``n = n0 + f`` with independent ``e, f ~ N(0, s^2 I)``, ``s = noise_std``. For a
+    candidate AUROC ``t`` let ``W(t) = M - t J`` (``J`` all ones). Then
+    ``T(t) = p @ W(t) @ n`` has mean ``U0 - t D0``, zero exactly at the true AUROC ``t0``,
+    and variance ``s^2 (|W n0|^2 + |W' p0|^2) + s^4 |W|_F^2``; estimated from the noisy
+    counts (``E |W n|^2 = |W n0|^2 + s^2 |W|_F^2``) it is
+    ``s^2 (|W n|^2 + |W' p|^2) - s^4 |W|_F^2``, floored at ``s^4 |W|_F^2``. The interval
+    is the hull (widened by one step) of every ``t`` in [0, 1] (step 0.001) with ``|T(t)| <= z sqrt(var)``: the
+    AUROCs the release cannot reject at ``level``. When the release rejects them all (it is
+    inconsistent with any AUROC at that level, which happens under heavy noise) it says
+    nothing: [0, 1]. Noise only: the sampling of the validation patients is not included.
+
+    Parameters
+    ----------
+    pos, neg : np.ndarray
+        The summed (noisy) histograms of positives and negatives, same number of bins.
+    noise_std : float
+        Noise std of each summed cell (:func:`summed_std` of the releases'
+        :func:`release_std`); 0 for exact releases (the interval is the point).
+    level : float
+        Confidence level.
+
+    Returns
+    -------
+    tuple[float, float] | None
+        ``(low, high)``; None when there is no AUROC to bound (exact release without both
+        classes).
+    """
+    pos = np.asarray(pos, dtype=np.float64)
+    neg = np.asarray(neg, dtype=np.float64)
+    if noise_std <= 0:
+        point = auroc_from_histograms(pos, neg)
+        return None if point is None else (point, point)
+    s2 = float(noise_std) ** 2
+    w = _pair_weights(pos.size)[None] - _GRID[:, None, None]  # [t, bins, bins]
+    stat = np.einsum("i,tij,j->t", pos, w, neg)
+    frob = (w ** 2).sum(axis=(1, 2))
+    var = s2 * ((np.einsum("tij,j->ti", w, neg) ** 2).sum(1)
+                + (np.einsum("i,tij->tj", pos, w) ** 2).sum(1)) - s2 ** 2 * frob
+    var = np.maximum(var, s2 ** 2 * frob)
+    ok = np.abs(stat) <= _z(level) * np.sqrt(var)
+    if not ok.any():
+        return (0.0, 1.0)
+    return _hull(_GRID, ok, hi=1.0)
+
+
+def ratio_interval(num: float, den: float, *, noise_std: float, level: float = INTERVAL_LEVEL,
+                   hi: float = 1.0) -> tuple[float, float] | None:
+    """Fieller interval for ``num0 / den0`` in [0, ``hi``] from ``num = num0 + N(0, s^2)``,
+    ``den = den0 + N(0, s^2)`` (independent): every ``t`` with
+    ``|num - t den| <= z s sqrt(1 + t^2)``; [0, ``hi``] when none is. None when no ratio is
+    reported (exact release with ``den < 1``)."""
+    if noise_std <= 0:
+        if den < 1.0:
+            return None
+        v = float(np.clip(num / den, 0.0, hi))
+        return (v, v)
+    grid = _GRID * hi
+    ok = np.abs(num - grid * den) <= _z(level) * noise_std * np.sqrt(1 + grid ** 2)
+    if not ok.any():
+        return (0.0, hi)
+    return _hull(grid, ok, hi=hi)
+
+
+def noise_swamps(interval: Sequence[float] | None, *, span: float = 1.0) -> bool:
+    """The one rule for "noise swamps this release": an interval wider than
+    :data:`SWAMP_WIDTH` of the metric's range ``span``."""
+    return interval is not None and interval[1] - interval[0] > SWAMP_WIDTH * span
+
+
+def metric_intervals(summed: dict[str, np.ndarray], markers: Sequence[str], *, noise_std: float,
+                     loss_clip: float = DEFAULT_LOSS_CLIP,
+                     level: float = INTERVAL_LEVEL) -> dict[str, Any]:
+    """The :data:`INTERVAL_LEVEL` intervals of :func:`metrics_from_release`'s metrics.
+
+    Returns
+    -------
+    dict
+        ``level``, ``noise_std``, ``auroc`` / ``auroc_multimodal`` (marker -> ``[low, high]``
+        or None), ``loss``, ``findings_f1``, ``rouge_l`` (``[low, high]`` or None), and
+        ``swamped``: per AUROC mode the markers whose interval is wider than
+        :data:`SWAMP_WIDTH`.
+    """
+    def ratio(num: str, den: str, scale: float = 1.0) -> list[float] | None:
+        if num not in summed or den not in summed:
+            return None
+        iv = ratio_interval(float(np.asarray(summed[num]).sum()), float(np.asarray(summed[den]).sum()),
+                            noise_std=noise_std, level=level)
+        return None if iv is None else [iv[0] * scale, iv[1] * scale]
+
+    out: dict[str, Any] = {
+        "level": level, "noise_std": float(noise_std),
+        "loss": ratio("loss", "count", scale=loss_clip),
+        "findings_f1": ratio("findings_f1", "count_ref"),
+        "rouge_l": ratio("rouge_l", "count_ref"),
+    }
+    swamped: dict[str, list[str]] = {}
+    for mode in MODES:
+        ivs: dict[str, list[float] | None] = {}
+        for m in markers:
+            key = f"hist/{mode}/{m}/pos"
+            iv = (auroc_interval(summed[key], summed[f"hist/{mode}/{m}/neg"], noise_std=noise_std,
+                                 level=level) if key in summed else None)
+            ivs[m] = None if iv is None else [iv[0], iv[1]]
+            if noise_swamps(iv):
+                swamped.setdefault(mode, []).append(m)
+        out[mode] = ivs
+    out["swamped"] = swamped
+    return out
 
 
 def metrics_from_release(
