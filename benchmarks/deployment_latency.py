@@ -22,6 +22,12 @@ sum), runs the federation and prints JSON:
 
     python benchmarks/deployment_latency.py --rounds 3
 
+With ``--tutorial`` it runs docs/deployment.md's "Try it on one machine" as written (the
+commands read from the document: three hospitals of 160 patients, the public initial
+adapter, evaluation every round), then ``fedrg simulate`` of the same federation (same
+experiment, overrides, cohorts and hospital policy), and prints both rounds' seconds and
+``ratio`` (mean deployed round / mean simulated round).
+
 Every process it starts is stopped at the end (by process group id).
 """
 
@@ -150,6 +156,72 @@ def run(root: Path, *, rounds: int, patients: int, fraction_evaluate: float) -> 
             "load_average": os.getloadavg()}
 
 
+def _rounds_seconds(metrics: Path) -> list[float]:
+    rows = json.loads(metrics.read_text())["rounds"]
+    return [float(r["seconds"]) for r in rows if int(r["round"]) >= 1]
+
+
+def run_tutorial(root: Path) -> dict:
+    """docs/deployment.md's "Try it on one machine" (its commands, read from the document:
+    public initial adapter, three hospitals of 160 patients), then ``fedrg simulate`` of the
+    same federation (same experiment, overrides and cohorts); per-round seconds and ratio."""
+    import shlex
+    import sys
+
+    from fedrg.deploy.processes import free_port
+    from fedrg.deploy.settings import load_server_settings
+    from fedrg.deploy.testbed import start_fedrg, stop_all, wait_for_text
+    from fedrg.deploy.tutorial import read_tutorial, tutorial_workdir
+
+    source = Path(__file__).resolve().parent.parent
+    tutorial = read_tutorial(source / "docs" / "deployment.md")
+    work = tutorial_workdir(source, root / "tutorial", port=free_port())
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent),
+                                                  os.environ["PATH"]])}
+    for line in tutorial.setup:
+        subprocess.run(["bash", "-c", line], cwd=work, env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+    procs: list[subprocess.Popen] = []
+    t0 = time.perf_counter()
+    try:
+        server = start_fedrg(tutorial.server, work / "server.out", env=env, cwd=work)
+        procs.append(server)
+        wait_for_text("submitted", work / "server.out", server, timeout=300)
+        procs += [start_fedrg(args, work / f"client-{i}.out", env=env, cwd=work)
+                  for i, args in enumerate(tutorial.clients, 1)]
+        rc = server.wait(timeout=3600)
+        deployed_total = time.perf_counter() - t0
+        client_rc = [p.wait(timeout=120) for p in procs[1:]]
+    finally:
+        stop_all(procs, timeout=60)
+    if rc != 0:
+        raise SystemExit(f"server exit {rc}:\n{(work / 'server.out').read_text()[-4000:]}")
+    settings = load_server_settings(work / tutorial.server[tutorial.server.index("--config") + 1])
+    deployed = _rounds_seconds(Path(settings.run.run_dir) / "metrics.json")
+    # the same federation in `fedrg simulate`: experiment, overrides, the tutorial's cohorts
+    # and the hospitals' policy (simulate's own default releases metrics exactly)
+    sets = [a for o in settings.run.overrides for a in ("--set", o)]
+    cohorts = [a for c in sorted((work / "deploy" / "cohorts").iterdir()) if c.is_dir()
+               for a in ("--cohort", str(c))]
+    sim_out = root / "simulate"
+    argv = [sys.executable, "-m", "fedrg.cli", "simulate", "--config", settings.run.experiment,
+            *sets, *cohorts, "--site-policy", str(work / "configs" / "hospital.example.toml"),
+            "--out", str(sim_out), "--state-dir", str(root / "sim-state")]
+    t1 = time.perf_counter()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env=env)
+    simulated_total = time.perf_counter() - t1
+    simulated = _rounds_seconds(sim_out / "metrics.json")
+    mean_d, mean_s = sum(deployed) / len(deployed), sum(simulated) / len(simulated)
+    return {"benchmark": "deployment_latency --tutorial", "hospitals": len(tutorial.clients),
+            "commands": [shlex.join(["fedrg", *tutorial.server]),
+                         *(shlex.join(["fedrg", *c]) for c in tutorial.clients)],
+            "overrides": settings.run.overrides, "client_exit_status": client_rc,
+            "deployed_round_s": deployed, "simulated_round_s": simulated,
+            "mean_deployed_round_s": round(mean_d, 2), "mean_simulated_round_s": round(mean_s, 2),
+            "ratio": round(mean_d / mean_s, 2), "deployed_total_s": round(deployed_total, 1),
+            "simulated_total_s": round(simulated_total, 1), "load_average": os.getloadavg()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
@@ -158,8 +230,20 @@ def main() -> None:
                         "per hospital: policy.max_sample_rate 0.5)")
     parser.add_argument("--fraction-evaluate", type=float, default=0.0)
     parser.add_argument("--keep", type=Path, default=None, help="keep everything in this directory")
+    parser.add_argument("--tutorial", action="store_true",
+                        help="run docs/deployment.md's tutorial as written (public initial "
+                        "adapter, full-size cohorts) and the same federation in `fedrg "
+                        "simulate`; print the round times and their ratio")
     args = parser.parse_args()
     os.environ.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    if args.tutorial:
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            print(json.dumps(run_tutorial(args.keep), indent=1))
+        else:
+            with tempfile.TemporaryDirectory(prefix="fedrg-tutorial-") as tmp:
+                print(json.dumps(run_tutorial(Path(tmp)), indent=1))
+        return
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
         result = run(args.keep, rounds=args.rounds, patients=args.patients,

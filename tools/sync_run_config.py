@@ -19,7 +19,8 @@ END = "# <<< flower run config"
 
 
 def render() -> str:
-    lines = [BEGIN, "[tool.flwr.app.config]", '"fedrg.run_dir" = ""', '"fedrg.resume" = false']
+    lines = [BEGIN, "[tool.flwr.app.config]", '"fedrg.run_dir" = ""', '"fedrg.resume" = false',
+             '"fedrg.wait_for_hospitals_s" = 60.0']
     sections: dict[str, dict] = {}
     for key, value in to_run_config(ExperimentConfig()).items():
         section, name = key.split(".", 1)

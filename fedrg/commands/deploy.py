@@ -156,6 +156,7 @@ def server(
     from fedrg.commands.output import check_port_free
     from fedrg.config import load_config, to_run_config
     from fedrg.deploy import processes as P
+    from fedrg.deploy.run_plan import check_run_dir, hospitals_needed
     from fedrg.deploy.settings import load_server_settings
     from fedrg.deploy.watch import MetricsFollower
     from fedrg.federated.checkpoint import completed_rounds
@@ -165,6 +166,7 @@ def server(
         s = load_server_settings(config)
         cfg = load_config(s.run.experiment or None, s.run.overrides)
         run_dir = Path(s.run.run_dir)
+        check_run_dir(run_dir, config=config, resume=resume)
         done = completed_rounds(run_dir)
         if resume and done is None:
             raise FedrgError(f"--resume: [run] run_dir {run_dir} in {config} holds no checkpoint; "
@@ -175,6 +177,10 @@ def server(
                           "hospitals' ledgers with: fedrg audit STATE_DIR", highlight=False)
             return
         check_server_files(s, insecure)
+        quorum = hospitals_needed(s, cfg, config=config, insecure=insecure)
+        if quorum.raised:  # wait for every hospital a secure sum needs, never start short
+            cfg = load_config(s.run.experiment or None,
+                              [*s.run.overrides, f"federation.min_hospitals={quorum.needed}"])
         ensure_writable(run_dir, setting=f"[run] run_dir in {config}")
         ensure_writable(s.state_dir, setting=f"state_dir in {config}")
         check_port_free(s.superlink.host, s.superlink.port,
@@ -183,7 +189,8 @@ def server(
                         setting=f"[superlink] operator_port in {config}")
         app_dir = Path(s.run.app_dir) if s.run.app_dir else default_app_dir()
         run_config = {**to_run_config(cfg), "fedrg.run_dir": s.run.run_dir,
-                      "fedrg.resume": bool(resume)}
+                      "fedrg.resume": bool(resume),
+                      "fedrg.wait_for_hospitals_s": float(s.run.wait_for_hospitals_s)}
         check_app_run_config(app_dir, run_config)
     except FedrgError as err:
         raise _fail(err) from None
@@ -192,6 +199,10 @@ def server(
                    + (" --insecure" if insecure else ""))
     if insecure:
         err_console.print(INSECURE_BANNER)
+    if quorum.raised:
+        console.print(f"federation.min_hospitals = {quorum.requested} raised to "
+                      f"{quorum.needed}: {quorum.reason}; the run waits for {quorum.needed} "
+                      "hospitals")
     state = Path(s.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     state.chmod(0o700)
@@ -233,6 +244,7 @@ def server(
         console.print(f"run {run_id} submitted: {cfg.federation.rounds} round(s), waiting for "
                       f"{cfg.federation.min_hospitals} hospital(s); output in {s.run.run_dir}")
         rounds = MetricsFollower(Path(s.run.run_dir) / "metrics.json")
+        rounds.new_rounds()  # a resumed run's rows printed before: only this run's from here
         status = P.wait_run(run_id, env=env, timeout=s.run.timeout_s, watch=[link], group=group,
                             on_tick=lambda: _print_rounds(rounds, cfg.data.markers))
         console.print(f"run {run_id}: {status}")
@@ -284,6 +296,15 @@ def _print_hospital_progress(ledger: LineFollower, refusals: LineFollower) -> No
         err_console.print(f"[red]refused:[/red] {escape(line)}", soft_wrap=True)
 
 
+def _server_finished(state: Path, since: float, supernode_log: str) -> bool:
+    """The server ended a run normally (this hospital answered its last message, the ledger
+    copy, since ``since``) and is gone (the SuperNode cannot reach it any more)."""
+    from fedrg.deploy.supernode_log import server_gone_after_run
+    from fedrg.hospital.run_end import run_ended_since
+
+    return run_ended_since(state, since) and server_gone_after_run(supernode_log)
+
+
 def client(
     config: Path = typer.Option(..., "--config", help="hospital TOML (see configs/hospital.example.toml)"),
     insecure: bool = typer.Option(False, "--insecure", help="no TLS (testing only; server must be --insecure)"),
@@ -331,6 +352,9 @@ def client(
     state.mkdir(parents=True, exist_ok=True)
     state.chmod(0o700)
     env = P.flower_env(state / "flwr-home")
+    if s.worker.threads:  # torch reads these at import: several hospitals on one machine
+        # must not oversubscribe its cores (3 x 2 threads on 2 cores ran 5x slower)
+        env.update(OMP_NUM_THREADS=str(s.worker.threads), MKL_NUM_THREADS=str(s.worker.threads))
     # Flower's SuperExec starts `flwr-clientapp` by name: ours checks the bundle first
     env["PATH"] = os.pathsep.join([str(write_launcher(state, pin)), env["PATH"]])
     ledger = LineFollower(state / "ledger.jsonl")
@@ -346,6 +370,7 @@ def client(
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     previous_hup = signal.signal(signal.SIGHUP, _on_sigterm)
     group = P.ProcessGroup(state / "logs")
+    started = time.time()
     try:
         # the long-lived worker answers every message with warm torch, model and cohort;
         # the ClientApp Flower starts per message forwards to it (fedrg.hospital.worker)
@@ -363,6 +388,9 @@ def client(
                       f"rounds (log {node.log_path}); Ctrl-C stops")
         worker_warned = forkserver_warned = False
         while node.alive():
+            log = node.log_text()
+            if _server_finished(state, started, log):
+                break
             group.refresh()
             if not worker.alive() and not worker_warned:
                 worker_warned = True
@@ -375,7 +403,7 @@ def client(
                                   f"{forkserver.log_path}); each message starts a fresh "
                                   "`flwr-clientapp` instead (slower, same checks)[/yellow]")
             _print_hospital_progress(ledger, refusals)
-            if P.connection_lost(node.log_text()):
+            if P.connection_lost(log):
                 # Flower's SuperNode logs that it gave up but keeps running: end it here
                 raise ConnectionLostError(
                     f"lost the connection to the server at {s.server.address}: no answer for "
@@ -383,6 +411,13 @@ def client(
                     "have ended and the server stopped; start `fedrg client` again when the "
                     f"server is back (log {node.log_path})")
             time.sleep(1)
+        if _server_finished(state, started, node.log_text()):  # the normal end: exit 0
+            group.close(timeout=STOP_TIMEOUT_S)
+            _print_hospital_progress(ledger, refusals)
+            console.print(f"{s.site.name}: the server finished its run and shut down; "
+                          f"stopped (privacy ledger in {state}; start `fedrg client` "
+                          "again for the next run)")
+            return
         raise ConnectionLostError(
             "the SuperNode stopped after it had connected: " + P.explain_supernode_failure(
                 node.log_text(), node.returncode(), superlink=s.server.address))

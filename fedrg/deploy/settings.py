@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedrg.config import SiteConfig, policy_table_key, read_toml, site_table
 from fedrg.errors import ConfigError
-from fedrg.policy import encode_policy
+from fedrg.policy import SitePolicy, encode_policy
 from fedrg.pydantic_errors import format_validation_error
 
 
@@ -50,10 +50,15 @@ class ServerTlsSection(_Section):
 
 
 class AllowedHospital(_Section):
-    """A hospital allowed to join: its name and node public key (``node_auth.pub``)."""
+    """A hospital allowed to join: its name, node public key (``node_auth.pub``) and the
+    ``min_secagg_peers`` its published policy requires (the server waits for that many
+    other hospitals; the hospital's own policy still decides)."""
 
     name: str = Field(..., min_length=1)
     public_key: str
+    min_secagg_peers: int = Field(
+        SitePolicy.model_fields["min_secagg_peers"].default, ge=1,
+        description="the hospital's published policy.min_secagg_peers (default: the policy's)")
 
 
 class ServerAuthSection(_Section):
@@ -70,6 +75,8 @@ class RunSection(_Section):
     overrides: list[str] = Field(default_factory=list, description="section.key=value")
     run_dir: str = Field("runs/deploy", description="checkpoints, metrics, final adapter")
     timeout_s: float = Field(24 * 3600.0, gt=0, description="give up on the run after this")
+    wait_for_hospitals_s: float = Field(
+        3600.0, gt=0, description="how long a round waits for the hospitals the run needs")
     keep_running: bool = Field(False, description="keep the SuperLink up after the run")
 
 
@@ -137,6 +144,14 @@ class HospitalAppSection(_Section):
         return v
 
 
+class WorkerSection(_Section):
+    """The hospital worker that trains and evaluates (:mod:`fedrg.hospital.worker`)."""
+
+    threads: int = Field(
+        0, ge=0, description="its torch/OpenMP threads (0 = torch's default: every core); "
+        "give each hospital a share when several run on one machine")
+
+
 class HospitalSettings(_Section):
     """``fedrg client --config F``."""
 
@@ -145,6 +160,7 @@ class HospitalSettings(_Section):
     auth: HospitalAuthSection = Field(default_factory=HospitalAuthSection)
     supernode: SupernodeSection = Field(default_factory=SupernodeSection)
     app: HospitalAppSection = Field(default_factory=HospitalAppSection)
+    worker: WorkerSection = Field(default_factory=WorkerSection)
     experiment: str = Field(
         "", description="the federation's experiment TOML, for the data settings the cohort "
         "is validated against ('' = defaults)",

@@ -11,6 +11,15 @@ from fedrg.errors import DeployError
 
 CONNECTED_MARK = "SuperNode ID:"
 GAVE_UP_MARK = "Giving up reconnection"
+LEDGER_SENT_MARK = "Sending: evaluate.ledger message"  # the reply to a run's last message
+RETRY_MARK = "Connection attempt failed"
+
+
+def server_gone_after_run(log: str) -> bool:
+    """True when the SuperNode could not reach the server after answering a run's last
+    message (the public ledger copy): the server ended the run and shut down."""
+    sent = log.rfind(LEDGER_SENT_MARK)
+    return sent != -1 and log.find(RETRY_MARK, sent) != -1
 
 
 def connection_lost(log: str) -> bool:

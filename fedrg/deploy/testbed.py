@@ -62,6 +62,8 @@ def write_testbed(root: str | Path, *, experiment: str, hospitals: Sequence[str]
     connect_timeout_s
         How long a hospital waits for the server.
     """
+    import tomllib
+
     from fedrg.config import load_config
     from fedrg.data.synth import synthesize
     from fedrg.deploy.certs import init_certs
@@ -82,8 +84,11 @@ def write_testbed(root: str | Path, *, experiment: str, hospitals: Sequence[str]
         [entry_from_files(h, keys[h].ledger_public, keys[h].node_public) for h in hospitals])
     ) if roster else None
     port = free_port()
+    # the operator lists what each hospital's policy publishes: its fewest secure-sum peers
+    peers = tomllib.loads(policy).get("min_secagg_peers")
+    published = "" if peers is None else f"min_secagg_peers = {int(peers)}\n"
     allowed = "".join(f'[[auth.hospitals]]\nname = "{h}"\npublic_key = "{keys[h].node_public}"\n'
-                      for h in hospitals)
+                      f"{published}" for h in hospitals)
     server_toml = root / "server.toml"
     server_toml.write_text(f"""
 state_dir = "server-state"
@@ -120,14 +125,15 @@ private_key = "{keys[h].node_private}"
 # --------------------------------------------------------------------------- processes
 
 
-def start_fedrg(args: list[str], log: Path, *, env: dict[str, str] | None = None) -> Any:
-    """``python -m fedrg.cli ARGS`` in its own process group, output into ``log``."""
+def start_fedrg(args: list[str], log: Path, *, env: dict[str, str] | None = None,
+                cwd: Path | None = None) -> Any:
+    """``python -m fedrg.cli ARGS`` in its own process group (in ``cwd``), output into ``log``."""
     import subprocess
     import sys
 
     with open(log, "wb") as fh:
         return subprocess.Popen([sys.executable, "-m", "fedrg.cli", *args], env=env, stdout=fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
 
 
 def stop_all(procs: Sequence[Any], *, timeout: float = 30.0) -> None:

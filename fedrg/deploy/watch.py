@@ -42,16 +42,29 @@ class LineFollower:
 
 
 def ledger_line(entry: dict[str, Any]) -> str:
-    """One hospital progress line from a ledger entry: round, steps, epsilon spent and left.
+    """One hospital progress line from a ledger entry, by its ``kind``.
 
-    The ledger's ``epsilon`` is the cumulative (lifetime) epsilon after the entry's steps.
+    A training entry says the round, its DP-SGD steps (or that it was not private) and the
+    epsilon spent and left; an evaluation release says that metrics were released (with DP
+    or exactly), never that the round was trained; a re-initialisation says so. The ledger's
+    ``epsilon`` is the cumulative (lifetime) epsilon after the entry.
     """
     mech = entry.get("mechanism") or {}
     eps = float(entry.get("epsilon", 0.0))
     budget = float(entry.get("budget", 0.0))
-    return (f"{entry.get('hospital', 'hospital')}: round {entry.get('round')} trained, "
-            f"{mech.get('steps', '?')} DP-SGD steps, epsilon spent {eps:.3f} of {budget:g} "
-            f"({max(budget - eps, 0.0):.3f} left, delta {entry.get('delta')})")
+    who = entry.get("hospital", "hospital")
+    spent = (f"epsilon spent {eps:.3f} of {budget:g} ({max(budget - eps, 0.0):.3f} left, "
+             f"delta {entry.get('delta')})")
+    kind = entry.get("kind", "train")
+    private = mech.get("accountant") not in (None, "none")
+    if kind == "evaluation":
+        how = "with DP" if private else "exactly (no DP)"
+        return f"{who}: round {entry.get('round')} evaluation metrics released {how}, {spent}"
+    if kind == "reinit":
+        return f"{who}: privacy ledger re-initialised, {spent}"
+    if not private:
+        return f"{who}: round {entry.get('round')} trained WITHOUT DP (ledgered), {spent}"
+    return f"{who}: round {entry.get('round')} trained, {mech.get('steps', '?')} DP-SGD steps, {spent}"
 
 
 def ledger_lines(follower: LineFollower) -> list[str]:

@@ -32,7 +32,8 @@ def run_federation(transport: Transport, cfg: ExperimentConfig, run_dir: str | P
 
     Writes ``metrics.json`` after every round's row is complete (and hands the row to the
     trackers of ``[tracking]`` and to ``on_round``; with federated evaluation that is one
-    train message after the round, when its evaluation arrives), the final adapter to ``run_dir/adapter`` (``adapter_arrays.npz`` for a
+    train message after the round, when its evaluation arrives), the final adapter to
+    ``run_dir/adapter`` when at least one round was aggregated (``adapter_arrays.npz`` for a
     custom factory's model) and
     PNG plots to ``run_dir/plots``.
     """
@@ -77,7 +78,11 @@ def run_federation(transport: Transport, cfg: ExperimentConfig, run_dir: str | P
         for tracker in trackers:
             tracker.close()
     set_adapter_arrays(model, result.global_arrays)
-    if isinstance(model, RadiogenomicsModel):
+    if not any(r.get("aggregated") and int(r.get("round", 0)) >= 1
+               for r in result.metrics.get("rounds", [])):
+        # nothing was aggregated: the start is no trained model (metrics say why)
+        log.warning("no round was aggregated: no adapter written to %s", run_dir / "adapter")
+    elif isinstance(model, RadiogenomicsModel):
         save_adapter(model, run_dir / "adapter")
     else:  # a custom factory's model: its exchanged arrays, by parameter name
         (run_dir / "adapter").mkdir(exist_ok=True)

@@ -205,8 +205,10 @@ def build_server_app(provide: ConfigProvider,
 
         try:
             cfg, run_dir, resume = provide(context)
+            # a deployed run waits as long as its server was told for the hospitals it needs
+            wait = float(context.run_config.get("fedrg.wait_for_hospitals_s", 60.0))
             transport = GridTransport(grid, min_nodes=cfg.federation.min_hospitals,
-                                      on_send=on_phase)
+                                      wait_for_nodes=wait, on_send=on_phase)
             result = run_federation(transport, cfg, run_dir, resume=resume, on_round=on_round,
                                     aggregator=aggregator)
             if ledgers:

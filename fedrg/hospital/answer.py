@@ -31,11 +31,17 @@ def answer(action: str, site: SiteConfig, payload: Payload, state: Payload) -> P
     FedrgError
         Whatever the hospital refuses (policy, budget, bad request, cohort problems).
     """
+    from fedrg.hospital.run_end import clear_run_end, note_run_end
+
     if action == "ledger":
-        # only the public files an auditor needs (never the signing key)
+        # only the public files an auditor needs (never the signing key); the server's
+        # last message of a run: `fedrg client` then knows a shutdown is the normal end
         from fedrg.hospital.ledger_copy import public_ledger_payload
 
-        return public_ledger_payload(site.state_dir, site.name)
+        reply = public_ledger_payload(site.state_dir, site.name)
+        note_run_end(site.state_dir)
+        return reply
+    clear_run_end(site.state_dir)
     if action.startswith(ACTION_PREFIX):
         # no torch / model import: a fresh ClientApp process answers these quickly
         from fedrg.hospital.secure import client_stage
@@ -44,3 +50,4 @@ def answer(action: str, site: SiteConfig, payload: Payload, state: Payload) -> P
     from fedrg.hospital.site import get_site  # heavy imports stay out of app loading
 
     return get_site(site).handle(action, payload, state)
+
