@@ -256,6 +256,11 @@ class TrainingConfig(StrictModel):
     lora_lr_scale: float = Field(
         5.0, gt=0.0, description="learning-rate multiplier for LoRA and the prompt projectors"
     )
+    dp_lr_scale: float = Field(
+        1.0, gt=0.0, description="under DP-SGD, learning-rate multiplier of the marker side "
+        "(encoders, marker head; not LoRA or the prompt projectors): DP noise fills Adam's "
+        "second moment, so each useful step shrinks by its signal-to-noise ratio "
+        "(docs/model.md)")
     train_epochs: float = Field(
         40.0, gt=0.0, description="epochs of `fedrg train` (centralised; rounds use local_epochs)"
     )

@@ -136,3 +136,26 @@ def test_evaluate_reports_all_metrics(base_dir, dataset):
     assert math.isfinite(res["loss"])
     assert model.training  # evaluate restores the mode
     assert evaluate(model, part, generate=False)["findings_f1"] is None
+
+
+def test_dp_lr_scale_speeds_the_marker_side_under_dp_only(base_dir):
+    """training.dp_lr_scale: under DP-SGD the marker side (encoders, marker head, linear paths)
+    runs at the scaled rate; the report side (LoRA, prompt projectors) never does; without DP
+    nothing changes."""
+    from fedrg.train.loop import param_groups
+
+    model = _model(base_dir)
+    cfg = TrainingConfig(lr=1e-3, lora_lr_scale=5.0, dp_lr_scale=10.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def rates(private):
+        return {names[id(p)]: g["lr"] for g in param_groups(model, cfg, private=private)
+                for p in g["params"]}
+
+    plain, dp = rates(False), rates(True)
+    assert set(plain) == set(dp) == {n for n, p in model.named_parameters() if p.requires_grad}
+    for name in plain:
+        report = any(k in name for k in ("lora_", "image_proj.", "genomics_proj."))
+        linear = "_linear." in name and name.startswith("marker_head.")
+        assert plain[name] == (5e-3 if report or linear else 1e-3), name
+        assert dp[name] == (plain[name] if report else 10 * plain[name]), name

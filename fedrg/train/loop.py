@@ -139,21 +139,35 @@ def augment_images(
 
 FAST_PARTS = ("lora_", "image_proj.", "genomics_proj.", "marker_head.image_linear.",
               "marker_head.genomics_linear.")
+#: the report side (LoRA and the prompt projectors): its rates never follow ``dp_lr_scale``
+REPORT_SIDE = ("lora_", "image_proj.", "genomics_proj.")
 
 
-def param_groups(model: nn.Module, training_cfg: TrainingConfig) -> list[dict[str, Any]]:
-    """Trainable parameters in two AdamW groups: LoRA + prompt projectors at
+def param_groups(model: nn.Module, training_cfg: TrainingConfig, *,
+                 private: bool = False) -> list[dict[str, Any]]:
+    """Trainable parameters in AdamW groups: LoRA + prompt projectors at
     ``lr * lora_lr_scale`` (they must learn to condition the LM), and the marker head's
     zero-initialised linear paths (logistic regressions that need weights of order one
-    within a few dozen steps); the rest at ``lr``."""
+    within a few dozen steps); the rest at ``lr``.
+
+    With ``private`` (DP-SGD), the marker side (everything but LoRA and the prompt
+    projectors) runs at ``dp_lr_scale`` times its rate: Adam divides each step by the root
+    of the second moment, which under DP noise is the noise's, so a coordinate's useful step
+    shrinks by its signal-to-noise ratio; the scale gives it back. The report side keeps its
+    rate (higher rates break the report language, docs/model.md)."""
+    report: list[nn.Parameter] = []
     fast: list[nn.Parameter] = []
     slow: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (fast if any(k in name for k in FAST_PARTS) else slow).append(p)
-    groups = [{"params": slow, "lr": training_cfg.lr}]
-    if fast:
-        groups.append({"params": fast, "lr": training_cfg.lr * training_cfg.lora_lr_scale})
+            if any(k in name for k in REPORT_SIDE):
+                report.append(p)
+            else:
+                (fast if any(k in name for k in FAST_PARTS) else slow).append(p)
+    scale = training_cfg.dp_lr_scale if private else 1.0
+    groups = [{"params": slow, "lr": training_cfg.lr * scale},
+              {"params": fast, "lr": training_cfg.lr * training_cfg.lora_lr_scale * scale},
+              {"params": report, "lr": training_cfg.lr * training_cfg.lora_lr_scale}]
     return [g for g in groups if g["params"]]
 
 
@@ -257,7 +271,7 @@ def _train_local(
     held = freeze(model, frozen)
     try:
         return _train(model, train_dataset, training_cfg, seam, n_steps, seed, genomics_dropout,
-                      schema, on_step, gradient_step)
+                      schema, on_step, gradient_step, private=privacy is not None)
     finally:
         for p in held:
             p.requires_grad_(True)
@@ -289,12 +303,13 @@ def freeze(model: nn.Module, prefixes: Sequence[str]) -> list[nn.Parameter]:
 def _train(model: nn.Module, train_dataset: SizedDataset, training_cfg: TrainingConfig,
            seam: PrivacySeam, n_steps: int, seed: int, genomics_dropout: float,
            schema: RecordSchema, on_step: Callable[[int, int], None] | None,
-           gradient_step: bool = False) -> dict[str, Any]:
+           gradient_step: bool = False, *, private: bool = False) -> dict[str, Any]:
     optimizer: torch.optim.Optimizer
-    if gradient_step:
+    if gradient_step:  # distributed noise: the server's optimiser does the adapting
         optimizer = torch.optim.SGD(param_groups(model, training_cfg), lr=training_cfg.lr)
     else:
-        optimizer = torch.optim.AdamW(param_groups(model, training_cfg), lr=training_cfg.lr,
+        groups = param_groups(model, training_cfg, private=private)
+        optimizer = torch.optim.AdamW(groups, lr=training_cfg.lr,
                                       weight_decay=training_cfg.weight_decay)
     model.train()
     drop_gen = torch.Generator().manual_seed(seed + 7919)
