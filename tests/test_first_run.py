@@ -169,6 +169,11 @@ def test_readme_lists_the_commands_this_test_knows() -> None:
     commands = readme_commands()
     assert "make demo" in commands and "fedrg simulate" in commands
     assert any(c.startswith("fedrg synth ") for c in commands)
+    # the parse check refuses what the CLI refuses (so a README typo fails the test)
+    for wrong in ("fedrg simulate --bogus 1", "fedrg roster make --nope x", "fedrg nosuch",
+                  "fedrg site reinit --state-dir"):
+        with pytest.raises((Exception, SystemExit)):
+            _parses(wrong)
 
 
 @pytest.mark.parametrize("command", [c for c in readme_commands() if c.startswith("fedrg ")])
