@@ -197,7 +197,7 @@ def check_sites_would_train(cfg: ExperimentConfig, sites: list[SiteConfig], poli
 
     per_round = hospitals_per_round(cfg)
     refusals: dict[str, list[str]] = {}
-    hints: dict[str, str] = {}
+    smallest: dict[str, tuple[int, PolicyViolationError]] = {}  # reason -> fewest patients
     for site in sites:
         hospital = HospitalSite(site)
         err = hospital.would_refuse(cfg, round_=1, hospitals_in_round=per_round, run_id="preflight")
@@ -206,7 +206,11 @@ def check_sites_would_train(cfg: ExperimentConfig, sites: list[SiteConfig], poli
         reason = err.public_message()
         refusals.setdefault(reason, []).append(site.name)
         if isinstance(err, PolicyViolationError):
-            hints.setdefault(reason, _fix_hint(cfg, policy, err, hospital.train_size(cfg)))
+            n_train = hospital.train_size(cfg)
+            if reason not in smallest or n_train < smallest[reason][0]:
+                smallest[reason] = (n_train, err)
+    # the fix must fit the smallest cohort that gave the reason
+    hints = {reason: _fix_hint(cfg, policy, err, n) for reason, (n, err) in smallest.items()}
     accepting = len(sites) - sum(len(v) for v in refusals.values())
     needed = max(cfg.federation.min_hospitals,
                  policy.min_secure_sum_size if cfg.secagg.enabled else 1)
