@@ -150,6 +150,81 @@ def check_simulation_policy(cfg: ExperimentConfig, policy: SitePolicy) -> None:
             "in the simulation TOML or --site-policy FILE; see configs/non-private.toml)") from None
 
 
+def _fix_hint(cfg: ExperimentConfig, policy: SitePolicy, err: PolicyViolationError,
+              n_train: int) -> str:
+    """How to make a request that :func:`~fedrg.hospital.plan.plan_schedule` refuses for
+    ``n_train`` training patients fit: the largest batch it accepts, or the fewest patients."""
+    from fedrg.hospital.plan import plan_schedule
+
+    def fits(batch: int, n: int) -> bool:
+        try:
+            plan_schedule(cfg.model_copy(update={"training": cfg.training.model_copy(
+                update={"batch_size": batch})}), policy, n_train=n)
+        except PolicyViolationError:
+            return False
+        return True
+
+    if err.setting != "training.batch_size":
+        return ""
+    batch = next((b for b in range(cfg.training.batch_size - 1, 0, -1) if fits(b, n_train)), None)
+    need = next((n for n in range(n_train + 1, 100 * n_train + 2) if fits(cfg.training.batch_size, n)),
+                None)
+    hints = []
+    if batch is not None:
+        hints.append(f"ask for a smaller batch (--set training.batch_size={batch})")
+    if need is not None:
+        patients = -(-need // (1.0 - policy.val_fraction))  # the site holds out val_fraction
+        hints.append(f"use cohorts of at least {need} training patients (about {patients:.0f} "
+                     f"patients: fedrg synth --patients {patients:.0f})")
+    return "; fix: " + " or ".join(hints) if hints else ""
+
+
+def check_sites_would_train(cfg: ExperimentConfig, sites: list[SiteConfig], policy: SitePolicy) -> None:
+    """Ask every simulated hospital, before Ray starts, whether it would train round 1.
+
+    Each site answers with its own checks and plan
+    (:meth:`fedrg.hospital.site.HospitalSite.would_refuse`: the request, its cohort's size
+    against ``training.batch_size`` and ``local_epochs``, its budget), so a cohort too small
+    for the request is found here, once, not by every hospital after Ray has started.
+
+    Raises
+    ------
+    FedrgError
+        When fewer hospitals would train than a round needs; one line per distinct reason,
+        with the hospitals it concerns and the fix.
+    """
+    from fedrg.hospital.site import HospitalSite
+
+    per_round = hospitals_per_round(cfg)
+    refusals: dict[str, list[str]] = {}
+    smallest: dict[str, tuple[int, PolicyViolationError]] = {}  # reason -> fewest patients
+    for site in sites:
+        hospital = HospitalSite(site)
+        err = hospital.would_refuse(cfg, round_=1, hospitals_in_round=per_round, run_id="preflight")
+        if err is None:
+            continue
+        reason = err.public_message()
+        refusals.setdefault(reason, []).append(site.name)
+        if isinstance(err, PolicyViolationError):
+            n_train = hospital.train_size(cfg)
+            if reason not in smallest or n_train < smallest[reason][0]:
+                smallest[reason] = (n_train, err)
+    # the fix must fit the smallest cohort that gave the reason
+    hints = {reason: _fix_hint(cfg, policy, err, n) for reason, (n, err) in smallest.items()}
+    accepting = len(sites) - sum(len(v) for v in refusals.values())
+    needed = max(cfg.federation.min_hospitals,
+                 policy.min_secure_sum_size if cfg.secagg.enabled else 1)
+    if refusals and accepting < needed:
+        lines = [f"{', '.join(names)}: {reason}{hints.get(reason, '')}"
+                 for reason, names in refusals.items()]
+        raise FedrgError(
+            f"only {accepting} of {len(sites)} simulated hospital(s) would train round 1 "
+            f"({needed} needed), so nothing was started:\n  " + "\n  ".join(lines))
+    for reason, names in refusals.items():
+        console.print(f"[yellow]note:[/yellow] {', '.join(names)} will decline: {reason}"
+                      f"{hints.get(reason, '')}", highlight=False)
+
+
 def export_ledgers(sites: list[SiteConfig], run_dir: Path) -> Path:
     """Copy each hospital's public ledger files into ``run_dir/ledgers/<name>/`` for auditors.
 
@@ -394,12 +469,16 @@ def register(app: typer.Typer) -> None:
                 if cohorts:
                     cohort_dirs = list(cohorts)
                 else:
-                    with phase(console, "preparing synthetic cohorts (cached after the first run)"):
+                    with phase(console, "preparing the synthetic hospital cohorts (cached after the "
+                               "first run)"):
                         cohort_dirs = synthetic_cohorts(cfg)
                 state_root = state_dir or cache_dir() / "sites" / hashlib.sha256(
                     str(sorted(map(str, cohort_dirs))).encode()).hexdigest()[:16]
                 sites = simulated_sites(cohort_dirs, state_root, policy)
                 ensure_writable(state_root, setting="--state-dir")
+                if resume is None:  # before Ray starts: would each hospital train round 1?
+                    with phase(console, "checking each hospital's cohort against the request"):
+                        check_sites_would_train(cfg, sites, policy)
                 where["run_dir"] = run_dir
                 write_sites_record(run_dir, cohort_dirs, state_root, policy.epsilon_budget)
                 (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
@@ -411,10 +490,10 @@ def register(app: typer.Typer) -> None:
                     load_base(cfg.model.base)
                 if cfg.model.public_init == "synthetic" and not resume:
                     with phase(console, "preparing the public initial adapter (pre-trained on "
-                               "public synthetic data; built once, then cached)"):
+                               "public synthetic data; built once, then cached)") as step:
                         from fedrg.train.public_init import ensure_public_init
 
-                        ensure_public_init(cfg.model, cfg.data, cfg.training)
+                        ensure_public_init(cfg.model, cfg.data, cfg.training, progress=step)
                 console.print(f"[bold]fedrg simulate[/bold]: {cfg.federation.hospitals} hospitals, "
                               f"{cfg.federation.rounds} rounds, "
                               + (f"DP on (target epsilon {cfg.privacy.target_epsilon})"

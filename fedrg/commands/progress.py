@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,14 +36,27 @@ PHASES = {
 
 
 @contextlib.contextmanager
-def phase(console: Console, text: str) -> Iterator[None]:
-    """A spinner with ``text`` on a terminal; one plain line otherwise."""
+def phase(console: Console, text: str) -> Iterator[Callable[[str], None]]:
+    """A spinner with ``text`` on a terminal; one plain line otherwise.
+
+    Yields a function that reports a step within the phase: the spinner shows it on a
+    terminal, otherwise it is printed as an indented line with the phase's elapsed seconds
+    (so a log written without a terminal shows progress too).
+    """
+    t0 = time.perf_counter()
     if console.is_terminal:
-        with console.status(text):
-            yield
+        with console.status(text) as status:
+            def update(step: str) -> None:
+                status.update(f"{text}: {step}")
+
+            yield update
     else:
         console.print(f"{text} ...", highlight=False)
-        yield
+
+        def say(step: str) -> None:
+            console.print(f"  {step} ({time.perf_counter() - t0:.0f}s)", highlight=False)
+
+        yield say
 
 
 class RoundProgress:
@@ -69,6 +83,8 @@ class RoundProgress:
     def __enter__(self) -> RoundProgress:
         if self.progress is not None:
             self.progress.start()
+        else:
+            self.console.print("starting the simulation engine (Ray) ...", highlight=False)
         return self
 
     def __exit__(self, *exc: object) -> None:

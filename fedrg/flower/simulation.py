@@ -104,6 +104,10 @@ def _file_handler(path: Path) -> logging.Handler:
     return handler
 
 
+#: Loggers whose records stay off the root logger's handlers during a simulation.
+QUIET_LOGGERS = ("flwr", "ray")
+
+
 class FlowerLogToFile:
     """Route Flower's log and Python warnings raised during a simulation to a file.
 
@@ -115,6 +119,7 @@ class FlowerLogToFile:
         self.path = path
         self._handler: logging.Handler | None = None
         self._levels: list[tuple[logging.Handler, int]] = []
+        self._propagate: dict[str, bool] = {}
 
     def __enter__(self) -> FlowerLogToFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,6 +133,15 @@ class FlowerLogToFile:
             self._levels.append((h, h.level))
             h.setLevel(logging.ERROR)
         flwr_log.addHandler(handler)
+        # Flower's and Ray's records never reach the root logger's handlers: a library
+        # imported earlier in this process may have given root a console handler (Opacus's
+        # module_utils calls logging.basicConfig on import, e.g. after the public adapter
+        # was pre-trained here), which would print every DEBUG record of theirs
+        self._propagate = {name: logging.getLogger(name).propagate for name in QUIET_LOGGERS}
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).propagate = False
+        ray_log = logging.getLogger("ray")
+        ray_log.addHandler(handler)
         logging.captureWarnings(True)
         warn_log = logging.getLogger("py.warnings")
         warn_log.addHandler(self._warn_handler)
@@ -137,8 +151,11 @@ class FlowerLogToFile:
     def __exit__(self, *exc: object) -> None:
         for h, level in self._levels:
             h.setLevel(level)
+        for name, propagate in self._propagate.items():
+            logging.getLogger(name).propagate = propagate
         if self._handler is not None:
             logging.getLogger("flwr").removeHandler(self._handler)
+            logging.getLogger("ray").removeHandler(self._handler)
             logging.getLogger("py.warnings").removeHandler(self._warn_handler)
             self._handler.close()
             self._warn_handler.close()

@@ -203,6 +203,47 @@ def _eps(history: PrivacyHistory, delta: float, accountant: str) -> float:
     return epsilon_of(history, target_delta=delta, accountant=accountant) if history.total_steps else 0.0
 
 
+def plan_schedule(cfg: ExperimentConfig, policy: SitePolicy, *, n_train: int) -> tuple[float, int]:
+    """The round's Poisson sample rate and step count for ``n_train`` training patients,
+    refused when outside the policy (the first check of :func:`plan_training`).
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        The effective config (``training.batch_size``, ``training.local_epochs``).
+    policy : SitePolicy
+        The hospital's policy (``max_sample_rate``, ``max_local_steps``, ``noise``).
+    n_train : int
+        Training patients.
+
+    Returns
+    -------
+    tuple[float, int]
+        The sample rate ``q`` and the steps of one round.
+
+    Raises
+    ------
+    PolicyViolationError
+        A batch too large for the cohort (sample rate above the policy's) or too many steps.
+    """
+    t = cfg.training
+    q = poisson_sample_rate(batch_size=t.batch_size, n_records=n_train)
+    if q > policy.max_sample_rate:
+        raise _refuse("training.batch_size", t.batch_size,
+                      f"a batch of at most policy.max_sample_rate={policy.max_sample_rate} of "
+                      "this site's training patients; ask for a smaller batch")
+    distributed = policy.noise == "distributed" and cfg.privacy.enabled
+    # distributed noise covers one noisy step per release (docs/privacy.md): one step a round
+    steps = 1 if distributed else local_steps(local_epochs=t.local_epochs,
+                                              batch_size=t.batch_size, n_records=n_train)
+    if steps > policy.max_local_steps:
+        raise _refuse("training.local_epochs", t.local_epochs,
+                      f"at most policy.max_local_steps={policy.max_local_steps} steps per round "
+                      f"at training.batch_size={t.batch_size} on this site; ask for fewer local "
+                      "epochs or a larger batch")
+    return q, steps
+
+
 def plan_training(cfg: ExperimentConfig, policy: SitePolicy, *, n_train: int, spent: Spent,
                   run_id: str, round_: int, state_dir: str | None = None) -> RoundPlan:
     """Plan one training round from the hospital's own policy, cohort size and ledger.
@@ -237,21 +278,8 @@ def plan_training(cfg: ExperimentConfig, policy: SitePolicy, *, n_train: int, sp
     BudgetExceededError
         When not even the smallest step fits in the lifetime budget.
     """
-    t = cfg.training
-    q = poisson_sample_rate(batch_size=t.batch_size, n_records=n_train)
-    if q > policy.max_sample_rate:
-        raise _refuse("training.batch_size", t.batch_size,
-                      f"a batch of at most policy.max_sample_rate={policy.max_sample_rate} of "
-                      "this site's training patients; ask for a smaller batch")
+    q, steps = plan_schedule(cfg, policy, n_train=n_train)
     distributed = policy.noise == "distributed" and cfg.privacy.enabled
-    # distributed noise covers one noisy step per release (docs/privacy.md): one step a round
-    steps = 1 if distributed else local_steps(local_epochs=t.local_epochs,
-                                              batch_size=t.batch_size, n_records=n_train)
-    if steps > policy.max_local_steps:
-        raise _refuse("training.local_epochs", t.local_epochs,
-                      f"at most policy.max_local_steps={policy.max_local_steps} steps per round "
-                      f"at training.batch_size={t.batch_size} on this site; ask for fewer local "
-                      "epochs or a larger batch")
     delta = _site_delta(policy, n_train)
     acc = policy.accountant
     lifetime, run = spent.lifetime, spent.run

@@ -344,19 +344,48 @@ class HospitalSite:
     def _would_refuse_training(self, payload: Payload) -> FedrgError | None:
         """Why this train request would be refused or declined (None: it would be trained),
         from the same checks and plan as :meth:`_train`, with nothing spent or written."""
+        peers = payload.meta.get("hospitals_in_round")
+        return self.would_refuse(from_run_config(payload.meta["config"]),
+                                 round_=int(payload.meta["round"]),
+                                 hospitals_in_round=None if peers is None else int(peers),
+                                 run_id=str(payload.meta["run_id"]))
+
+    def would_refuse(self, request: ExperimentConfig, *, round_: int,
+                     hospitals_in_round: int | None, run_id: str) -> FedrgError | None:
+        """Why this hospital would refuse or decline to train ``request``'s round ``round_``
+        (None: it would train), from the same checks and plan as a train message, with
+        nothing spent or sent (the cohort is loaded once if its size is not known yet).
+
+        Parameters
+        ----------
+        request : ExperimentConfig
+            The server's request.
+        round_ : int
+            The round asked for.
+        hospitals_in_round : int or None
+            How many hospitals the round would have.
+        run_id : str
+            The run (a new id: nothing of it spent yet).
+
+        Returns
+        -------
+        FedrgError or None
+            The refusal (:class:`PolicyViolationError`), budget decline or other decline.
+        """
         try:
-            peers = payload.meta.get("hospitals_in_round")
-            cfg = check_request(from_run_config(payload.meta["config"]), self.site.policy,
-                                round_=int(payload.meta["round"]),
-                                hospitals_in_round=None if peers is None else int(peers))
+            cfg = check_request(request, self.site.policy, round_=round_,
+                                hospitals_in_round=hospitals_in_round)
             n_train, _ = self._train_size(cfg)
-            run_id = str(payload.meta["run_id"])
             plan_training(cfg, self.site.policy, n_train=n_train,
                           spent=Spent.from_ledger(self._ledger().read(), run_id), run_id=run_id,
-                          round_=int(payload.meta["round"]), state_dir=self.site.state_dir)
+                          round_=round_, state_dir=self.site.state_dir)
         except (PolicyViolationError, BudgetExceededError, DeclinedError) as err:
             return err
         return None
+
+    def train_size(self, request: ExperimentConfig) -> int:
+        """Training patients for ``request``'s data under this site's split (its policy)."""
+        return self._train_size(with_site_split(request, self.site.policy))[0]
 
     def _train(self, payload: Payload, state: Payload) -> Payload:
         """Train one round locally and prepare the update.

@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -124,7 +125,21 @@ def _public_dataset(data_cfg: DataConfig, recipe: PublicInitRecipe, root: Path):
     return torch.utils.data.ConcatDataset(parts)
 
 
-def _train_encoders(model: RadiogenomicsModel, dataset: RecordDataset, recipe: PublicInitRecipe) -> float:
+#: Reports a step of the public pre-training (a short line), e.g. to the console.
+Progress = Callable[[str], None]
+
+
+def _quiet(_step: str) -> None:
+    return None
+
+
+def _every(total: int, times: int = 5) -> int:
+    """Report every this many of ``total`` iterations (about ``times`` reports)."""
+    return max(1, -(-total // times))
+
+
+def _train_encoders(model: RadiogenomicsModel, dataset: RecordDataset, recipe: PublicInitRecipe,
+                    progress: Progress = _quiet) -> float:
     """Stage 1: encoders + marker head on the marker loss alone (no LM forward)."""
     from fedrg.train.loop import augment_images, collate, withhold_genomics
 
@@ -139,7 +154,11 @@ def _train_encoders(model: RadiogenomicsModel, dataset: RecordDataset, recipe: P
     dropout = float(model.model_cfg.genomics_dropout)
     last = float("nan")
     model.train()
-    for _ in range(recipe.encoder_epochs):
+    every = _every(recipe.encoder_epochs)
+    for epoch in range(recipe.encoder_epochs):
+        if epoch % every == 0:
+            progress(f"stage 1 of 2 (encoders and marker head): epoch {epoch + 1} of "
+                     f"{recipe.encoder_epochs}")
         order = torch.randperm(n, generator=gen)
         for start in range(0, n, recipe.batch_size):
             idx = order[start:start + recipe.batch_size]
@@ -160,21 +179,30 @@ def _train_encoders(model: RadiogenomicsModel, dataset: RecordDataset, recipe: P
 
 
 def pretrain_public(model: RadiogenomicsModel, data_cfg: DataConfig, training_cfg: TrainingConfig, *,
-                    recipe: PublicInitRecipe = DEFAULT_RECIPE, workdir: Path) -> dict[str, Any]:
+                    recipe: PublicInitRecipe = DEFAULT_RECIPE, workdir: Path,
+                    progress: Progress = _quiet) -> dict[str, Any]:
     """Pre-train ``model`` (a fresh :class:`~fedrg.model.adapter.RadiogenomicsModel`) in place
-    on the public synthetic cohorts; returns a summary (losses, patients)."""
+    on the public synthetic cohorts; returns a summary (losses, patients). ``progress`` is
+    told each step (cohorts, then both stages)."""
     from fedrg.train.loop import train_local
 
+    progress(f"synthesising {recipe.hospitals} public cohorts of about {recipe.patients} "
+             "patients (public seed)")
     dataset = _public_dataset(data_cfg, recipe, workdir / "cohorts")
+
+    def on_step(step: int, total: int) -> None:
+        if step == 1 or step % _every(total) == 0:
+            progress(f"stage 2 of 2 (whole adapter, reports and markers): step {step} of {total}")
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
-        encoder_loss = _train_encoders(model, dataset, recipe)
+        encoder_loss = _train_encoders(model, dataset, recipe, progress)
         tcfg = training_cfg.model_copy(update={
             "local_epochs": recipe.full_epochs, "batch_size": recipe.batch_size,
             "lr": training_cfg.train_lr,
             "lora_lr_scale": training_cfg.train_lora_lr / training_cfg.train_lr,
             "augment": True, "seed": recipe.seed, "threads": 0})
-        full = train_local(model, dataset, tcfg)
+        full = train_local(model, dataset, tcfg, on_step=on_step)
     return {"patients": len(dataset), "encoder_loss_last": encoder_loss,
             "full_loss_mean": full["loss_mean"], "full_steps": full["steps"]}
 
@@ -204,8 +232,9 @@ def _load_into(model: RadiogenomicsModel, arrays: dict[str, np.ndarray], source:
 
 def ensure_public_init(model_cfg: ModelConfig, data_cfg: DataConfig, training_cfg: TrainingConfig,
                        *, recipe: PublicInitRecipe = DEFAULT_RECIPE,
-                       root: Path | None = None) -> Path:
-    """The cached directory of the public adapter for this configuration (built if needed).
+                       root: Path | None = None, progress: Progress = _quiet) -> Path:
+    """The cached directory of the public adapter for this configuration (built if needed;
+    ``progress`` is told each step of a build).
 
     One public artifact per model/data configuration, like the built-in base model: its
     random start is ``recipe.seed``, not the federation's seed. Built in a temporary
@@ -226,7 +255,8 @@ def ensure_public_init(model_cfg: ModelConfig, data_cfg: DataConfig, training_cf
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
         try:
             model = build_model(model_cfg, data_cfg, seed=recipe.seed)
-            summary = pretrain_public(model, data_cfg, training_cfg, recipe=recipe, workdir=tmp)
+            summary = pretrain_public(model, data_cfg, training_cfg, recipe=recipe, workdir=tmp,
+                                      progress=progress)
             save_file(_named_arrays(model), str(tmp / ARRAYS_FILE))
             (tmp / META_FILE).write_text(json.dumps(
                 {"recipe": recipe.to_dict(), "summary": summary, "key": target.name}, indent=1))
