@@ -172,10 +172,12 @@ class PrivacyConfig(StrictModel):
         "the report side (LoRA + prompt projectors), the rest for encoders and marker head; "
         "same sensitivity and epsilon as flat clipping (0 = flat clipping; docs/privacy.md)")
     frozen_under_dp: list[str] = Field(
-        default_factory=lambda: ["image_encoder.features"],
+        default_factory=lambda: ["image_encoder.features", "marker_head.image_linear"],
         description="name prefixes of adapter parameters not trained under DP-SGD (no noise, "
         "kept at their initial/global values): the image CNN's convolutions (60 k noised "
-        "parameters that carried no signal under DP; docs/model.md)")
+        "parameters that carried no signal under DP) and the radiomic linear path (the "
+        "largest per-patient gradient, which took most of each patient's clipping norm and "
+        "put noise into the fused answer; docs/model.md)")
     hospital_level: bool = Field(False, description="also clip + noise each hospital's update")
     hospital_clip: float = Field(1.0, gt=0.0)
     hospital_noise_multiplier: float = Field(0.5, ge=0.0)
@@ -257,7 +259,7 @@ class TrainingConfig(StrictModel):
         5.0, gt=0.0, description="learning-rate multiplier for LoRA and the prompt projectors"
     )
     dp_lr_scale: float = Field(
-        1.0, gt=0.0, description="under DP-SGD, learning-rate multiplier of the marker side "
+        10.0, gt=0.0, description="under DP-SGD, learning-rate multiplier of the marker side "
         "(encoders, marker head; not LoRA or the prompt projectors): DP noise fills Adam's "
         "second moment, so each useful step shrinks by its signal-to-noise ratio "
         "(docs/model.md)")
