@@ -91,6 +91,13 @@ class EvaluationPolicy(BaseModel):
         "per trained round of the same global model)")
 
 
+def secure_sum_size(*, min_secagg_peers: int) -> int:
+    """The fewest hospitals (the site itself included) in a secure sum that a site needing
+    ``min_secagg_peers`` other hospitals accepts: the one definition, also used by the
+    operator's quorum (fedrg/deploy/run_plan.py)."""
+    return min_secagg_peers + 1
+
+
 class SitePolicy(BaseModel):
     """The hospital's privacy policy (its own settings; never sent by the server).
 
@@ -207,7 +214,7 @@ class SitePolicy(BaseModel):
     @property
     def min_secure_sum_size(self) -> int:
         """The fewest hospitals (this one included) a secure sum may hold for this site."""
-        return self.min_secagg_peers + 1
+        return secure_sum_size(min_secagg_peers=self.min_secagg_peers)
 
     def min_threshold(self, holders: int) -> int:
         """The lowest Shamir threshold this site accepts with ``holders`` share holders."""

@@ -76,6 +76,7 @@ def test_round_progress_in_plain_text_names_each_phase(tmp_path) -> None:
         prog.round_done()
     lines = buf.getvalue().splitlines()
     assert lines == ["preparing the base model ...",
+                     "starting the simulation engine (Ray) ...",  # no terminal: said once
                      "round 2/3: local training at 3 hospital(s) (DP-SGD, 2 local epoch(s)) ...",
                      "round 2/3: evaluation at 3 hospital(s) ..."]
     # steps per hospital come from the last ledger entry, when it is this round's

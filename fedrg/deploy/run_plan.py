@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedrg.errors import FedrgError
+from fedrg.policy import secure_sum_size
 
 if TYPE_CHECKING:
     from fedrg.config import ExperimentConfig
@@ -82,8 +83,9 @@ def hospitals_needed(s: ServerSettings, cfg: ExperimentConfig, *, config: Path,
     needed, reason = requested, ""
     if cfg.secagg.enabled and s.auth.hospitals:
         strictest = max(s.auth.hospitals, key=lambda h: h.min_secagg_peers)
-        if strictest.min_secagg_peers + 1 > needed:
-            needed = strictest.min_secagg_peers + 1
+        size = secure_sum_size(min_secagg_peers=strictest.min_secagg_peers)
+        if size > needed:
+            needed = size
             reason = (f"{strictest.name}'s policy (min_secagg_peers = "
                       f"{strictest.min_secagg_peers} in [[auth.hospitals]] of {config}) refuses "
                       f"any secure sum of fewer than {needed} hospitals")
