@@ -16,21 +16,20 @@ from fedrg.cli import app
 pytestmark = pytest.mark.slow
 
 # Floors of the seeded default DP federation (epsilon 8, hospitals from the shifted world,
-# starting from the public adapter, model.public_init). Measured with these seeds
-# (2026-12-07; pooled AUROC over all held-out patients, from the hospitals' releases):
-# round 0 (the public adapter alone) image-only 0.668 / 0.572 / 0.588, multimodal
-# 0.948 / 0.682 / 0.618; round 3 image-only 0.676 / 0.570 / 0.579, multimodal
-# 0.978 / 0.698 / 0.683 (gain +0.030 / +0.016 / +0.065), findings F1 0.467; `fedrg predict`
-# on hospital-1's whole cohort 0.988 / 0.872 / 0.790. In the public world (data.world=public)
-# the same test measured round 3 multimodal 0.989 / 0.966 / 0.831: the public adapter already
-# knew it, and the run added nothing.
-IMAGE = {"idh_mutant": 0.62, "codeletion_1p19q": 0.52, "mgmt_methylated": 0.52}
-MULTIMODAL = {"idh_mutant": 0.95, "codeletion_1p19q": 0.65, "mgmt_methylated": 0.64}
-#: what the federation must add over round 0, summed over the multimodal markers (measured 0.111)
-MULTIMODAL_GAIN = 0.08
+# starting from the public adapter, model.public_init; training.dp_lr_scale = 10 and the
+# radiomic linear path frozen under DP). Measured with these seeds (2026-12-07; pooled AUROC
+# over all held-out patients, from the hospitals' releases): round 0 (the public adapter
+# alone) image-only 0.668 / 0.572 / 0.588, multimodal 0.948 / 0.682 / 0.618; round 3
+# image-only 0.709 / 0.581 / 0.621, multimodal 0.979 / 0.900 / 0.792 (gain +0.031 / +0.218 /
+# +0.174), findings F1 0.462; `fedrg predict` on hospital-1's whole cohort 0.991 / 0.907 /
+# 0.819. With the DP defaults before issue 22 the same run gained +0.030 / +0.016 / +0.065.
+IMAGE = {"idh_mutant": 0.65, "codeletion_1p19q": 0.53, "mgmt_methylated": 0.57}
+MULTIMODAL = {"idh_mutant": 0.95, "codeletion_1p19q": 0.85, "mgmt_methylated": 0.74}
+#: issue 22: at least two multimodal markers this far above round 0 at the last round
+MULTIMODAL_GAIN = 0.05
 FINDINGS_F1 = 0.42
 # `fedrg predict` on hospital-1's whole cohort (training and held-out patients), multimodal
-PREDICT = {"idh_mutant": 0.93, "codeletion_1p19q": 0.8, "mgmt_methylated": 0.72}
+PREDICT = {"idh_mutant": 0.95, "codeletion_1p19q": 0.85, "mgmt_methylated": 0.76}
 
 
 def test_fedrg_train_learns_markers_from_the_image_and_report_findings(tmp_path):
@@ -89,7 +88,7 @@ def test_default_dp_federation_learns_image_and_multimodal_markers(tmp_path):
     assert last["findings_f1"] > FINDINGS_F1
     gains = {m: multimodal[m] - rows[0]["auroc_multimodal"][m] for m in MULTIMODAL}
     print(f"gain over round 0 (the public adapter alone): {gains}")
-    assert sum(gains.values()) > MULTIMODAL_GAIN, gains  # the federation taught something
+    assert sum(g >= MULTIMODAL_GAIN for g in gains.values()) >= 2, gains  # it taught something
     assert min(gains.values()) > -0.01, gains  # and unlearnt nothing
     for row in rows:  # nothing falls below chance in any round
         assert min([*row["auroc"].values(), *row["auroc_multimodal"].values()]) > 0.5, row
