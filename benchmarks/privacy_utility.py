@@ -244,10 +244,10 @@ def markdown_table(out: dict[str, Any]) -> str:
     image-only AUROC, mean ± std over seeds) and the share of the non-private multimodal
     gain each epsilon keeps (mean over seeds, worst seed in brackets)."""
     summary, shares = out["summary"], out["share_kept"]
-    head = ("| start | setting | " + " | ".join(f"multimodal {SHORT[m]}" for m in MARKERS)
+    head = ("| start | setting | seeds | " + " | ".join(f"multimodal {SHORT[m]}" for m in MARKERS)
             + " | " + " | ".join(f"share kept {SHORT[m]}" for m in MARKERS) + " | "
             + " | ".join(f"image-only {SHORT[m]}" for m in MARKERS) + " |")
-    lines = [head, "|" + "---|" * (2 + 3 * len(MARKERS))]
+    lines = [head, "|" + "---|" * (3 + 3 * len(MARKERS))]
     for start, by_setting in summary.items():
         eps = sorted((s for s in by_setting if s not in (START, NON_PRIVATE)), key=float,
                      reverse=True)
@@ -259,7 +259,8 @@ def markdown_table(out: dict[str, Any]) -> str:
                      if setting in (START, NON_PRIVATE) else f"epsilon {float(setting):g}")
             kept = [_share(shares.get(start, {}).get(setting, {}).get(m))
                     if setting not in (START, NON_PRIVATE) else "" for m in MARKERS]
-            lines.append(f"| {start} | {label} | "
+            seeds = ", ".join(str(x) for x in row["seeds"])
+            lines.append(f"| {start} | {label} | {seeds} | "
                          + " | ".join(_cell(row["auroc_multimodal"].get(m)) for m in MARKERS)
                          + " | " + " | ".join(kept) + " | "
                          + " | ".join(_cell(row["auroc_image"].get(m)) for m in MARKERS) + " |")

@@ -88,6 +88,7 @@ def test_markdown_table_shows_the_start_each_epsilon_no_dp_and_the_share_kept(be
     rows = [line.split(" | ")[1] for line in lines[2:]]
     assert rows == ["the start alone", "epsilon 8", "epsilon 2", "no DP"]  # ordered, all there
     eps8 = lines[3].split(" | ")
-    assert eps8[2] == "0.840 ± 0.028"  # multimodal IDH: mean ± std over the two seeds
-    assert eps8[5] == "85 % (80)"  # IDH share kept: mean 0.85, worst seed 0.8
-    assert lines[2].split(" | ")[5] == ""  # no share for the start itself
+    assert eps8[2] == "0, 1"  # the seeds behind the row
+    assert eps8[3] == "0.840 ± 0.028"  # multimodal IDH: mean ± std over the two seeds
+    assert eps8[6] == "85 % (80)"  # IDH share kept: mean 0.85, worst seed 0.8
+    assert lines[2].split(" | ")[6] == ""  # no share for the start itself
