@@ -65,4 +65,4 @@ def test_a_second_architecture_trains_one_dp_round_from_a_local_directory(fx_roo
     assert session.epsilon(target_delta=1e-5) > 0
     moved = [float(np.abs(a - b).max()) for a, b in zip(start, get_adapter_arrays(model), strict=True)]
     # every exchanged array moves (LoRA A/B on each target, encoders, heads), by at most about the fast-group lr per Adam step
-    assert min(moved) > 0 and max(moved) < cfg.lr * cfg.lora_lr_scale * steps * 1.05
+    assert min(moved) > 0 and max(moved) < cfg.lr * cfg.lora_lr_scale * cfg.dp_lr_scale * steps * 1.05

@@ -171,17 +171,15 @@ def test_pipelined_secure_sums_give_the_model_of_fresh_ones(tmp_path):
 
 
 def test_run_in_which_every_hospital_refuses_exits_non_zero(tmp_path):
-    """A request the up-front check cannot judge (the sample rate needs each hospital's own n):
-    every hospital refuses in its own ClientApp, nothing is spent, and the run fails saying why."""
+    """A request every hospital refuses (the sample rate needs each hospital's own n): each
+    simulated hospital's own check refuses it before Ray starts, nothing is spent, and the
+    run fails once, saying why and with the fix (exit 2)."""
     proc = _simulate(tmp_path, "--hospitals", "3", "--rounds", "1", "--out", str(tmp_path / "run"),
                      "--set", "training.batch_size=1000", check=False)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 3, out[-3000:]
-    assert "no round was aggregated" in out and "declined" in out
-    start, row = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]
-    assert start["round"] == 0 and not start["auroc"]  # no release for a refused run
-    assert set(row["declined"]) == {"hospital-1", "hospital-2", "hospital-3"}
-    assert all("training.batch_size=1000" in r for r in row["declined"].values())
+    assert proc.returncode == 2, out[-3000:]
+    assert "nothing was started" in out and out.count("training.batch_size=1000") == 1, out
+    assert "hospital-1, hospital-2, hospital-3" in out
     for h in ("hospital-1", "hospital-2", "hospital-3"):
         ledger = tmp_path / "sites" / h / "ledger.jsonl"
         assert not ledger.exists() or ledger.read_text() == ""

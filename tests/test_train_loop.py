@@ -79,12 +79,14 @@ def test_dp_session_plugs_into_the_seam(base_dir, dataset):
     start = get_adapter_arrays(model)
     session = DPSession(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.25,
                         expected_batch_size=0.25 * len(dataset), n_records=len(dataset), seed=3)
-    metrics = train_local(model, dataset, TrainingConfig(lr=1e-3), steps=3, privacy=session)
+    cfg = TrainingConfig(lr=1e-3)
+    metrics = train_local(model, dataset, cfg, steps=3, privacy=session)
     assert metrics["steps"] == 3 and session.steps_taken == 3
     assert session.history.total_steps == 3
     moved = [float(np.abs(a - b).max()) for a, b in zip(start, get_adapter_arrays(model),
                                                           strict=True)]
-    assert max(moved) > 0 and max(moved) < 0.1  # Adam: at most ~lr per step
+    # Adam: at most ~lr per step, the fastest group's lr under DP
+    assert max(moved) > 0 and max(moved) < 3 * cfg.lr * cfg.lora_lr_scale * cfg.dp_lr_scale * 1.05
     assert not hasattr(next(p for p in model.parameters() if p.requires_grad), "grad_sample")
 
 
