@@ -21,14 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from fedrg.deploy.testbed import start_fedrg, stop_all, wait_for_text
+from fedrg.deploy.testbed import PROCESS_MARK, marked_processes, start_fedrg, stop_all, wait_for_text
 
 pytestmark = pytest.mark.slow
 
 # three hospitals: each one's default policy (min_secagg_peers=2) wants two other hospitals
 # in every secure sum
 HOSPITALS = ("hospital-1", "hospital-2", "hospital-3")
-MARK = "FEDRG_TEST_PROCESS_MARK"
+MARK = PROCESS_MARK
 
 EXPERIMENT = """
 [federation]
@@ -52,20 +52,6 @@ threads = 1
 """
 
 
-def _marked(mark: str):
-    import psutil
-
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if p.pid != os.getpid() and p.environ().get(MARK) == mark and \
-                    p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.Error:
-            continue
-    return out
-
-
 @pytest.fixture
 def procs():
     """`python -m fedrg.cli` subprocesses, each in its own process group; all stopped at the end
@@ -84,10 +70,10 @@ def procs():
     yield start
     stop_all(started)  # SIGTERM: fedrg stops its Flower processes in `finally`
     deadline = time.monotonic() + 20
-    left = _marked(mark)
+    left = marked_processes(mark)
     while left and time.monotonic() < deadline:
         time.sleep(0.5)
-        left = _marked(mark)
+        left = marked_processes(mark)
     for p in left:
         p.kill()
     psutil.wait_procs(left, timeout=5)

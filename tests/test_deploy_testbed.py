@@ -43,3 +43,23 @@ def test_testbed_without_roster_pins_none(tmp_path):
                         roster=False)
     assert bed.roster is None
     assert load_hospital_settings(bed.hospital_toml("h-a")).site.roster == ""
+
+
+def test_marked_processes_finds_what_a_run_started_and_nothing_else():
+    import os
+    import subprocess
+    import sys
+    import uuid
+
+    from fedrg.deploy.testbed import PROCESS_MARK, marked_processes
+
+    mark = uuid.uuid4().hex
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                             env={**os.environ, PROCESS_MARK: mark})
+    try:
+        assert [p.pid for p in marked_processes(mark)] == [child.pid]
+        assert marked_processes(uuid.uuid4().hex) == []  # another mark: nothing
+    finally:
+        child.kill()
+        child.wait()
+    assert marked_processes(mark) == []  # gone (and never this process itself)

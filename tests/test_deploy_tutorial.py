@@ -23,28 +23,14 @@ from pathlib import Path
 
 import pytest
 
-from fedrg.deploy.testbed import start_fedrg, stop_all, wait_for_text
+from fedrg.deploy.testbed import PROCESS_MARK, marked_processes, start_fedrg, stop_all, wait_for_text
 from fedrg.deploy.tutorial import read_tutorial, tutorial_workdir
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "deployment.md"
-MARK = "FEDRG_TEST_PROCESS_MARK"
-
-
-def _marked(mark: str) -> list:
-    import psutil
-
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if p.pid != os.getpid() and p.environ().get(MARK) == mark and \
-                    p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.Error:
-            continue
-    return out
+MARK = PROCESS_MARK
 
 
 #: Added to the copied server config's ``[run] overrides`` (a documented setting, not a
@@ -55,7 +41,7 @@ FAST = "federation.fraction_evaluate=0.0"
 
 
 def _workers(mark: str) -> list:
-    return [p for p in _marked(mark) if "fedrg.hospital.worker" in " ".join(p.cmdline())]
+    return [p for p in marked_processes(mark) if "fedrg.hospital.worker" in " ".join(p.cmdline())]
 
 
 def _workdir(root: Path) -> Path:
@@ -160,10 +146,10 @@ def test_tutorial_three_times_in_a_row(tmp_path) -> None:
     finally:
         stop_all(started)
         deadline = time.monotonic() + 20
-        left = _marked(mark)
+        left = marked_processes(mark)
         while left and time.monotonic() < deadline:
             time.sleep(0.5)
-            left = _marked(mark)
+            left = marked_processes(mark)
         for p in left:
             p.kill()
         psutil.wait_procs(left, timeout=5)

@@ -174,3 +174,25 @@ def wait_for_text(text: str, log: Path, proc: Any, timeout: float) -> str:
         time.sleep(0.5)
     tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
     raise TimeoutError(f"{text!r} not seen in {log} (exit {proc.poll()}):\n{tail}")
+
+
+#: environment variable that marks every process a test (or a script) started, children included
+PROCESS_MARK = "FEDRG_TEST_PROCESS_MARK"
+
+
+def marked_processes(mark: str) -> list[Any]:
+    """Live processes (not this one, not zombies) whose environment carries
+    ``PROCESS_MARK=mark``: what a run started, to stop and to check that nothing survived."""
+    import os
+
+    import psutil
+
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and p.environ().get(PROCESS_MARK) == mark and \
+                    p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
