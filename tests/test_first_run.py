@@ -51,8 +51,11 @@ def test_flower_and_ray_records_never_reach_a_root_console_handler(tmp_path) -> 
     root = logging.getLogger()
     root.addHandler(handler)
     flwr_log, ray_log = logging.getLogger("flwr"), logging.getLogger("ray")
-    level = flwr_log.level
+    # an in-process simulation earlier in the session leaves Ray's logger at ERROR
+    # (ray.init(logging_level=ERROR)): set both levels so the test does not depend on order
+    levels = flwr_log.level, ray_log.level
     flwr_log.setLevel(logging.DEBUG)
+    ray_log.setLevel(logging.DEBUG)
     try:
         with FlowerLogToFile(tmp_path / "logs" / "flower.log"):
             flwr_log.debug("a Flower DEBUG record")
@@ -65,7 +68,8 @@ def test_flower_and_ray_records_never_reach_a_root_console_handler(tmp_path) -> 
         assert "after the simulation" in stream.getvalue()
     finally:
         root.removeHandler(handler)
-        flwr_log.setLevel(level)
+        flwr_log.setLevel(levels[0])
+        ray_log.setLevel(levels[1])
 
 
 # ------------------------------------------------------------------ progress without a terminal
