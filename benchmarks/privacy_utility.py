@@ -106,8 +106,62 @@ def _score(cfg: Any, sites: list[Any], arrays: list[Any], run_id: str, rnd: int)
     if not ev:  # every hospital declined: a benchmark row without metrics is a bug, not a zero
         reasons = {r.get("site"): r.get("reason") for r in replies}
         raise SystemExit(f"no hospital released metrics of {run_id} round {rnd}: {reasons}")
-    return {"auroc_image": ev.get("auroc", {}), "auroc_multimodal": ev.get("auroc_multimodal", {}),
-            "findings_f1": ev.get("findings_f1"), "rouge_l": ev.get("rouge_l")}
+    row = {"auroc_image": ev.get("auroc", {}), "auroc_multimodal": ev.get("auroc_multimodal", {}),
+           "findings_f1": ev.get("findings_f1"), "rouge_l": ev.get("rouge_l"),
+           "held_out": held_out_counts(replies)}
+    add_sampling_se(row)
+    return row
+
+
+def held_out_counts(replies: list[dict[str, Any]]) -> dict[str, Any]:
+    """Held-out patients and, per marker, labelled positives and negatives, from the
+    hospitals' exact releases (their histograms count each labelled patient once)."""
+    from fedrg.privacy.release import sum_releases
+
+    summed = sum_releases([r["release"] for r in replies if isinstance(r.get("release"), dict)])
+    markers = list(replies[0].get("markers") or MARKERS)
+    key = "hist/auroc_multimodal/{m}/{k}"
+    return {"patients": round(float(summed["count"].sum())),
+            "positives": {m: round(float(summed[key.format(m=m, k="pos")].sum())) for m in markers
+                          if key.format(m=m, k="pos") in summed},
+            "negatives": {m: round(float(summed[key.format(m=m, k="neg")].sum())) for m in markers
+                          if key.format(m=m, k="neg") in summed}}
+
+
+def hanley_mcneil_se(auroc: float, positives: int, negatives: int) -> float | None:
+    """Standard error of an AUROC from ``positives`` and ``negatives`` patients (Hanley &
+    McNeil 1982): the sampling noise of one figure on a held-out set of this size."""
+    if positives < 1 or negatives < 1:
+        return None
+    q1, q2 = auroc / (2 - auroc), 2 * auroc ** 2 / (1 + auroc)
+    var = (auroc * (1 - auroc) + (positives - 1) * (q1 - auroc ** 2)
+           + (negatives - 1) * (q2 - auroc ** 2)) / (positives * negatives)
+    return math.sqrt(max(var, 0.0))
+
+
+def add_sampling_se(row: dict[str, Any]) -> None:
+    """Give ``row`` the sampling standard error of each AUROC (``auroc_se_image``,
+    ``auroc_se_multimodal``) from its held-out counts."""
+    counts = row.get("held_out")
+    if not counts:
+        return
+    for kind in ("image", "multimodal"):
+        row[f"auroc_se_{kind}"] = {
+            m: (None if a is None or m not in counts["positives"] else
+                round(hanley_mcneil_se(a, counts["positives"][m], counts["negatives"][m]) or 0.0, 4))
+            for m, a in row[f"auroc_{kind}"].items()}
+
+
+def backfill_held_out(runs: list[dict[str, Any]]) -> None:
+    """Rows from an older JSON without held-out counts take them from a row of the same
+    hospitals' world and seed (the same cohorts, so the same held-out patients)."""
+    world = {start: next(o.split("=", 1)[1] for o in overrides if o.startswith("data.world="))
+             for start, overrides in STARTS.items()}
+    known = {(world[r["start"]], r["seed"]): r["held_out"] for r in runs if r.get("held_out")}
+    for r in runs:
+        if not r.get("held_out") and (world[r["start"]], r["seed"]) in known:
+            r["held_out"] = known[(world[r["start"]], r["seed"])]
+            add_sampling_se(r)
 
 
 def run_one(start: str, setting: str, seed: int, args: argparse.Namespace, work: Path
@@ -169,6 +223,9 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "findings_f1": _stats([r["findings_f1"] for r in rs]),
                 "rouge_l": _stats([r["rouge_l"] for r in rs]),
                 "epsilon_recorded": _stats([r.get("epsilon_recorded") for r in rs]),
+                "sampling_se_multimodal": {
+                    m: _stats([(r.get("auroc_se_multimodal") or {}).get(m) for r in rs])
+                    for m in markers},
             }
     return out
 
@@ -264,7 +321,33 @@ def markdown_table(out: dict[str, Any]) -> str:
                          + " | ".join(_cell(row["auroc_multimodal"].get(m)) for m in MARKERS)
                          + " | " + " | ".join(kept) + " | "
                          + " | ".join(_cell(row["auroc_image"].get(m)) for m in MARKERS) + " |")
+    notes = held_out_notes(out.get("runs", []))
+    if notes:
+        lines.extend(["", *notes])
     return "\n".join(lines) + "\n"
+
+
+def held_out_notes(runs: list[dict[str, Any]]) -> list[str]:
+    """One line per start: its held-out patients and the sampling standard error of one
+    multimodal AUROC (mean over its rows), so a reader can tell noise from an effect."""
+    notes = []
+    for start in dict.fromkeys(r["start"] for r in runs):
+        rs = [r for r in runs if r["start"] == start and r.get("held_out")]
+        if not rs:
+            continue
+        patients = sorted({r["held_out"]["patients"] for r in rs})
+        pos = {m: sorted({p for r in rs if (p := r["held_out"]["positives"].get(m)) is not None})
+               for m in MARKERS}
+        se = {m: [x for r in rs if (x := (r.get("auroc_se_multimodal") or {}).get(m)) is not None]
+              for m in MARKERS}
+        span = (f"{patients[0]}" if len(patients) == 1 else f"{patients[0]}-{patients[-1]}")
+        notes.append(
+            f"- {start}: {span} held-out patients per seed (positives "
+            + ", ".join(f"{SHORT[m]} {min(pos[m])}-{max(pos[m])}" for m in MARKERS if pos[m])
+            + "); sampling standard error of one multimodal AUROC (Hanley-McNeil, mean over "
+            "rows): " + ", ".join(f"{SHORT[m]} {statistics.fmean(se[m]):.3f}" for m in MARKERS
+                                  if se[m]))
+    return notes
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
@@ -344,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     if args.resume and Path(args.json).is_file():
         runs = json.loads(Path(args.json).read_text()).get("runs", [])
+        backfill_held_out(runs)
     work = Path(tempfile.mkdtemp(prefix="fedrg-privacy-utility-"))
     out: dict[str, Any] = {"benchmark": "privacy_utility", "starts": starts, "settings": settings,
                            "seeds": seeds, "overrides": args.overrides, "policy": args.policy,

@@ -92,3 +92,35 @@ def test_markdown_table_shows_the_start_each_epsilon_no_dp_and_the_share_kept(be
     assert eps8[3] == "0.840 ± 0.028"  # multimodal IDH: mean ± std over the two seeds
     assert eps8[6] == "85 % (80)"  # IDH share kept: mean 0.85, worst seed 0.8
     assert lines[2].split(" | ")[6] == ""  # no share for the start itself
+
+
+def test_sampling_se_is_hanley_mcneil(bench):
+    # chance with 50 positives and 50 negatives: var = (0.25 + 2 * 49 * (1/3 - 1/4)) / 2500
+    assert bench.hanley_mcneil_se(0.5, 50, 50) == pytest.approx(((0.25 + 98 / 12) / 2500) ** 0.5)
+    # fewer patients, wider; a perfect ranking has none; no positives, no figure
+    assert bench.hanley_mcneil_se(0.7, 10, 30) > bench.hanley_mcneil_se(0.7, 40, 120)
+    assert bench.hanley_mcneil_se(1.0, 20, 20) == pytest.approx(0.0)
+    assert bench.hanley_mcneil_se(0.7, 0, 20) is None
+
+
+def test_rows_without_counts_take_them_from_the_same_world_and_seed(bench):
+    counts = {"patients": 120, "positives": {"idh_mutant": 40, "codeletion_1p19q": 15,
+                                             "mgmt_methylated": 55},
+              "negatives": {"idh_mutant": 80, "codeletion_1p19q": 105, "mgmt_methylated": 65}}
+    runs = [_run("shifted", "start", 0, (0.5, 0.5, 0.5)), _run("random", "8.0", 0, (0.8, 0.7, 0.6)),
+            _run("same", "8.0", 0, (0.8, 0.7, 0.6)), _run("random", "8.0", 1, (0.8, 0.7, 0.6))]
+    runs[0]["held_out"] = counts
+    bench.backfill_held_out(runs)
+    # random and shifted starts share the shifted world's cohorts; same (public world) and
+    # another seed are other patients: nothing is guessed for them
+    assert runs[1]["held_out"] == counts
+    assert "held_out" not in runs[2] and "held_out" not in runs[3]
+    assert runs[1]["auroc_se_multimodal"]["idh_mutant"] == pytest.approx(
+        bench.hanley_mcneil_se(0.8, 40, 80), abs=1e-4)
+    notes = bench.held_out_notes(runs)
+    assert notes[0].startswith("- shifted: 120 held-out patients per seed")
+    assert notes[1:] == ["- random: 120 held-out patients per seed (positives IDH 40-40, 1p/19q 15-15, "
+                     "MGMT 55-55); sampling standard error of one multimodal AUROC (Hanley-McNeil, "
+                     f"mean over rows): IDH {bench.hanley_mcneil_se(0.8, 40, 80):.3f}, 1p/19q "
+                     f"{bench.hanley_mcneil_se(0.7, 15, 105):.3f}, MGMT "
+                     f"{bench.hanley_mcneil_se(0.6, 55, 65):.3f}"]
