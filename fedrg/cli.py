@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "fedrg.commands.data",  # synth, validate
     "fedrg.commands.importing",  # import (GDC + DICOM)
     "fedrg.commands.model",  # train, predict
+    "fedrg.commands.public_adapter",  # public-adapter (install, rebuild, verify)
     "fedrg.commands.federation",  # simulate
     "fedrg.commands.deploy",  # certs, keys, server, client
     "fedrg.commands.audit",  # audit

@@ -13,7 +13,11 @@ checks that a second build gives the same bytes).
 ``fedrg train``):
 
 * ``"synthetic"`` (default): pre-train on the public cohorts (:class:`PublicInitRecipe`),
-  built once per model/data configuration and cached under ``cache_dir()/public-init/``;
+  built once per model/data configuration and cached under ``cache_dir()/public-init/``.
+  For the default configuration fedrg ships the built adapter (``fedrg/train/shipped/``,
+  with its SHA-256 and how it was built): a cold cache installs it after checking its hash
+  instead of spending minutes of CPU on pre-training; ``fedrg public-adapter --verify``
+  rebuilds it from the recipe and compares (see :mod:`fedrg.train.shipped`);
 * ``"none"``: the seeded random initialisation of :func:`fedrg.model.adapter.build_model`;
 * a local adapter directory written by ``save_adapter`` (e.g. your own public pre-training).
 
@@ -43,6 +47,7 @@ from fedrg.config import DataConfig, ModelConfig, TrainingConfig
 from fedrg.data.schema import RecordDataset
 from fedrg.errors import ModelError
 from fedrg.paths import cache_dir
+from fedrg.train.shipped import ARRAYS_FILE, META_FILE, SHIPPED_DIR, install_shipped, shipped_manifest
 
 if TYPE_CHECKING:  # loads transformers
     from fedrg.model.adapter import RadiogenomicsModel
@@ -51,8 +56,6 @@ log = logging.getLogger(__name__)
 
 PUBLIC_INIT_SYNTHETIC = "synthetic"
 PUBLIC_INIT_NONE = "none"
-ARRAYS_FILE = "public_init.safetensors"
-META_FILE = "public_init.json"
 
 
 @dataclass(frozen=True)
@@ -230,22 +233,46 @@ def _load_into(model: RadiogenomicsModel, arrays: dict[str, np.ndarray], source:
             p.copy_(torch.from_numpy(np.asarray(arrays[name], dtype=np.float32)))
 
 
-def ensure_public_init(model_cfg: ModelConfig, data_cfg: DataConfig, training_cfg: TrainingConfig,
-                       *, recipe: PublicInitRecipe = DEFAULT_RECIPE,
-                       root: Path | None = None, progress: Progress = _quiet) -> Path:
-    """The cached directory of the public adapter for this configuration (built if needed;
-    ``progress`` is told each step of a build).
-
-    One public artifact per model/data configuration, like the built-in base model: its
-    random start is ``recipe.seed``, not the federation's seed. Built in a temporary
-    directory and renamed into place under a file lock; a half-built entry is never used.
-    """
+def build_public_init(model_cfg: ModelConfig, data_cfg: DataConfig, training_cfg: TrainingConfig,
+                      *, recipe: PublicInitRecipe, directory: Path,
+                      progress: Progress = _quiet) -> dict[str, Any]:
+    """Pre-train the public adapter from ``recipe`` and write it into ``directory`` (which
+    must exist); returns the metadata written beside the arrays."""
     from safetensors.numpy import save_file
 
     from fedrg.model.adapter import build_model
+
+    model = build_model(model_cfg, data_cfg, seed=recipe.seed)
+    summary = pretrain_public(model, data_cfg, training_cfg, recipe=recipe, workdir=directory,
+                              progress=progress)
+    shutil.rmtree(directory / "cohorts", ignore_errors=True)
+    save_file(_named_arrays(model), str(directory / ARRAYS_FILE))
+    meta = {"recipe": recipe.to_dict(), "summary": summary,
+            "key": cache_key(model_cfg, data_cfg, recipe=recipe, training_cfg=training_cfg),
+            "source": "built here from the recipe"}
+    (directory / META_FILE).write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def ensure_public_init(model_cfg: ModelConfig, data_cfg: DataConfig, training_cfg: TrainingConfig,
+                       *, recipe: PublicInitRecipe = DEFAULT_RECIPE,
+                       root: Path | None = None, progress: Progress = _quiet,
+                       shipped: Path | None = None, use_shipped: bool = True) -> Path:
+    """The cached directory of the public adapter for this configuration (installed from the
+    shipped copy or built if needed; ``progress`` is told each step).
+
+    One public artifact per model/data configuration, like the built-in base model: its
+    random start is ``recipe.seed``, not the federation's seed. Built (or installed) in a
+    temporary directory and renamed into place under a file lock; a half-built entry is never
+    used. Where fedrg ships the artefact for this key (``shipped``, default the package's
+    :data:`fedrg.train.shipped.SHIPPED_DIR`) and ``use_shipped``, its SHA-256 is checked and it
+    is installed instead of rebuilt; a shipped file that fails the check is refused
+    (:class:`~fedrg.errors.ModelError`), never installed.
+    """
     from fedrg.model.base import _file_lock
 
     root = Path(root) if root is not None else cache_dir() / "public-init"
+    root.mkdir(parents=True, exist_ok=True)
     target = root / cache_key(model_cfg, data_cfg, recipe=recipe, training_cfg=training_cfg)
     if (target / META_FILE).is_file():
         return target
@@ -254,13 +281,15 @@ def ensure_public_init(model_cfg: ModelConfig, data_cfg: DataConfig, training_cf
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
         try:
-            model = build_model(model_cfg, data_cfg, seed=recipe.seed)
-            summary = pretrain_public(model, data_cfg, training_cfg, recipe=recipe, workdir=tmp,
-                                      progress=progress)
-            save_file(_named_arrays(model), str(tmp / ARRAYS_FILE))
-            (tmp / META_FILE).write_text(json.dumps(
-                {"recipe": recipe.to_dict(), "summary": summary, "key": target.name}, indent=1))
-            shutil.rmtree(tmp / "cohorts", ignore_errors=True)
+            manifest = (shipped_manifest(target.name, shipped if shipped is not None else SHIPPED_DIR)
+                        if use_shipped else None)
+            if manifest is not None:
+                progress(f"installing the shipped public adapter {target.name} "
+                         f"(sha256 {manifest.sha256[:12]}...; built by: {manifest.built_by})")
+                install_shipped(manifest, tmp)
+            else:
+                build_public_init(model_cfg, data_cfg, training_cfg, recipe=recipe, directory=tmp,
+                                  progress=progress)
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)
