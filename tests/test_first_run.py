@@ -236,16 +236,18 @@ def test_readme_train_and_predict_run_verbatim(tmp_path) -> None:
 # ------------------------------------------------------------------ the cold path
 @pytest.mark.slow
 def test_cold_simulate_prints_progress_and_no_flower_or_ray_line(tmp_path) -> None:
-    """``fedrg simulate`` on an empty FEDRG_CACHE (base model, public adapter and cohorts all
-    built in this process), output to a pipe: every phase says so, no foreign log line."""
+    """``fedrg simulate`` on an empty FEDRG_CACHE (cohorts and base model built in this process,
+    the shipped public adapter installed after its hash check), output to a pipe: every phase
+    says so, no foreign log line. (Building the public adapter's progress:
+    test_public_adapter_build_reports_each_step.)"""
     env = _env(tmp_path)
     res = _run([*FEDRG, "simulate", "--rounds", "1", "--out", "run", "--state-dir", "sites"],
                tmp_path, env, timeout=1200)
     out = res.stdout
     assert res.returncode == 0, out
     for expected in ("preparing the synthetic hospital cohorts", "preparing the base model",
-                     "preparing the public initial adapter", "synthesising 8 public cohorts",
-                     "stage 1 of 2", "stage 2 of 2", "checking each hospital's cohort",
+                     "preparing the public initial adapter",
+                     "installing the shipped public adapter", "checking each hospital's cohort",
                      "starting the simulation engine (Ray)", "round 1/1: local training",
                      "done in"):
         assert expected in out, (expected, out)
