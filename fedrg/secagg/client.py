@@ -43,7 +43,7 @@ from fedrg.errors import ConfigError, SecAggError
 from fedrg.policy import required_threshold
 from fedrg.secagg import crypto, shamir
 from fedrg.secagg.params import RoundParams, holders_count, neighbours_of
-from fedrg.secagg.quantize import encode
+from fedrg.secagg.quantize import encode, ring_dtype
 from fedrg.secagg.roster import Roster, SigningIdentity
 from fedrg.secagg.stages import SecAggStage
 
@@ -465,16 +465,18 @@ class ClientSession:
                 f"update has {x.size} values but this round aggregates {p.vector_length}"
             )
         rng = np.random.default_rng(int.from_bytes(self._entropy(16), "big"))
-        y = encode(x, weight, clip_range=p.clip_range, quantization_bits=p.quantization_bits,
-                   max_weight=p.max_weight, num_clients=p.num_clients, rounding=p.rounding,
-                   rng=rng)
         mask_sk = crypto.private_key(self.mask_sk)
         plus: list[bytes] = [self.seed]
         minus: list[bytes] = []
         for v in sorted(received):
             seed = pairwise_seed(mask_sk, self.mask_pks[v], self.transcript, self.index, v)
             (plus if self.index < v else minus).append(seed)
-        crypto.apply_masks(y, plus, minus)
+        dtype = ring_dtype(p.ring_bits)
+        # encode and mask in one pass: each block is masked while it is in the CPU cache
+        y = encode(x, weight, clip_range=p.clip_range, quantization_bits=p.quantization_bits,
+                   max_weight=p.max_weight, num_clients=p.num_clients, rounding=p.rounding,
+                   rng=rng,
+                   mask=lambda lo: crypto.MaskRun(plus, minus, start=lo, dtype=dtype).apply)
         self.shares.update(received)
         self.partners = sorted(received)
         # The secrets are shared and used: forget them.
