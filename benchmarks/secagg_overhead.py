@@ -19,6 +19,14 @@ round costs when hospitals compute in parallel on their own machines). Local tra
 network latency are not included; ``with_local_training`` shows the ratio a round would have
 for a few assumed local-training times (a model, not a measurement).
 
+The floor: ``mask_s`` is the fastest time to expand one mask of the vector's length
+(AES-CTR keystream) and add it to a ring vector, measured with the same threads, and
+``ratio_critical_path_floor`` is ``(plain critical path + masks on the secure critical path
+x mask_s) / plain critical path`` (fastest repetitions): the slowest client expands its
+self mask and one pairwise mask per neighbour, the server one self mask per survivor. No
+implementation of the protocol can go below it on this machine, even if encoding,
+signatures, shares, sums and decoding cost nothing.
+
 Also reported (``--scale``, on by default):
 
 * ``shamir_reconstruction``: server time to reconstruct one secret shared among all ``n``
@@ -51,8 +59,10 @@ from fedrg.secagg import (
     ClientTrust,
     Roster,
     ServerAggregator,
+    crypto,
     default_threshold,
     error_bound,
+    neighbour_graph,
     shamir,
 )
 
@@ -149,6 +159,20 @@ def secure_round(updates: list[np.ndarray], weights: list[float], *, neighbours:
     }
 
 
+def mask_time(length: int) -> float:
+    """Seconds to expand one mask of ``length`` ring words and add it (one AES-CTR stream)."""
+    target = np.zeros(length, dtype=np.uint32)
+    t0 = time.perf_counter()
+    crypto.apply_masks(target, [bytes(range(32))], [])
+    return time.perf_counter() - t0
+
+
+def masks_on_critical_path(n: int, neighbours: int) -> tuple[int, int]:
+    """Masks the slowest client and the server expand in a round without dropouts."""
+    graph = neighbour_graph(list(range(1, n + 1)), neighbours, bytes(16))
+    return 1 + max(len(v) for v in graph.values()), n
+
+
 def shamir_timing(n: int, secrets: int | None = None) -> dict:
     """Server reconstruction time per secret with ``n`` holders (complete graph)."""
     t = default_threshold(n, neighbours=0)
@@ -231,8 +255,10 @@ def main(argv: list[str] | None = None) -> dict:
     ks = [int(k) for k in args.neighbours.split(",") if k.strip()]
 
     runs: dict[str, list[dict]] = {"plain": [], **{f"secure_k{k}": [] for k in ks}}
+    mask_s = []
     for _ in range(args.reps):  # interleaved
         runs["plain"].append(plain_round(updates, weights))
+        mask_s.append(mask_time(args.params + 1))
         for k in ks:
             runs[f"secure_k{k}"].append(secure_round(updates, weights, neighbours=k,
                                                      max_weight=max_weight))
@@ -273,8 +299,14 @@ def main(argv: list[str] | None = None) -> dict:
         # local-training time above which the round is within 1.3x of a plain one
         s["train_s_for_1.3x"] = max(0.0, (s["critical_path_s"] - 1.3 * plain["critical_path_s"]) / 0.3)
         s["message_round_trips"] = 5
+        client_masks, server_masks = masks_on_critical_path(args.clients, k)
+        s["masks_on_critical_path"] = {"client": client_masks, "server": server_masks}
+        s["critical_path_floor_s"] = (plain["critical_path_min_s"]
+                                      + (client_masks + server_masks) * min(mask_s))
+        s["ratio_critical_path_floor"] = s["critical_path_floor_s"] / plain["critical_path_min_s"]
         report["secure"][f"neighbours={k or 'all'}"] = s
     report["plain"]["message_round_trips"] = 1
+    report["mask_s"] = min(mask_s)
     counts = [int(c) for c in args.scale.split(",") if c.strip()]
     if counts:
         report["shamir_reconstruction"] = {str(c): shamir_timing(c) for c in counts}
