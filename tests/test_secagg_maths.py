@@ -250,9 +250,12 @@ def test_mask_run_on_consecutive_blocks_equals_full_expansion(cuts, start_blocks
     assert np.array_equal(got[:start], base[:start])  # nothing before the run is touched
 
 
-def test_mask_run_refuses_a_start_inside_a_cipher_block():
+def test_mask_run_refuses_a_start_inside_a_cipher_block_or_another_ring():
     with pytest.raises(SecAggError, match="cipher block"):
         crypto.MaskRun([bytes(32)], [], start=3, dtype=np.uint32)
+    run = crypto.MaskRun([bytes(32)], [], dtype=np.uint32)
+    with pytest.raises(SecAggError, match="uint32 mask run cannot mask a uint64"):
+        run.apply(np.zeros(8, np.uint64))  # would wrap modulo 2**32 in silence
 
 
 @settings(max_examples=25, deadline=None)

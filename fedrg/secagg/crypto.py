@@ -203,14 +203,27 @@ class MaskRun:
                          + [(_keystream(s, first), False) for s in minus])
         self._dtype = dt.newbyteorder("<")
         self._words = max(_PRG_BLOCK // dt.itemsize, MASK_CHUNK_BYTES // dt.itemsize)
-        self._room = bytearray(self._words * dt.itemsize + _SLACK)
-        self._scratch = np.frombuffer(self._room, dtype=self._dtype, count=self._words)
+        self._room = bytearray(0)  # the keystream buffer, sized by the first block
+        self._scratch = np.frombuffer(self._room, dtype=self._dtype)
 
     def apply(self, part: np.ndarray) -> None:
-        """Mask the next ``part.size`` words (``part``, 1-D, in place)."""
+        """Mask the next ``part.size`` words (``part``, 1-D, in place).
+
+        Raises
+        ------
+        SecAggError
+            If ``part`` is not a 1-D vector of this run's ring type.
+        """
+        if part.ndim != 1 or part.dtype != self._dtype:
+            raise SecAggError(f"a {self._dtype.name} mask run cannot mask a {part.dtype.name} "
+                              f"array of shape {part.shape}")
         if not self._streams:
             return
         item = self._dtype.itemsize
+        need = min(part.size, self._words)
+        if self._scratch.size < need:
+            self._room = bytearray(need * item + _SLACK)
+            self._scratch = np.frombuffer(self._room, dtype=self._dtype, count=need)
         for lo in range(0, part.size, self._words):
             block = part[lo:lo + self._words]
             nbytes = block.size * item
