@@ -27,6 +27,20 @@ def test_benchmark_small_run_reports_ratios(tmp_path, capsys):
         assert s["bytes_down_per_client"] > 0
     assert report["plain"]["bytes_up_per_client"] == 4 * 2000 + 8
     assert all(s["message_round_trips"] == 5 for s in report["secure"].values())
+    # the floor: self mask + one per neighbour at the slowest client, one per survivor at the server
+    assert report["secure"]["neighbours=all"]["masks_on_critical_path"] == {"client": 4, "server": 4}
+    assert report["secure"]["neighbours=2"]["masks_on_critical_path"] == {"client": 3, "server": 4}
+    assert report["mask_s"] > 0
+    for s in report["secure"].values():
+        assert s["critical_path_floor_s"] == (report["plain"]["critical_path_min_s"] + sum(
+            s["masks_on_critical_path"].values()) * report["mask_s"])
+        assert s["ratio_critical_path_floor"] > 1
+        pipe = s["pipelined"]  # client masks expanded before the update: same sum
+        assert pipe["max_abs_error_vs_plain"] <= s["error_bound"]
+        assert pipe["masks_before_training_s"] > 0 and pipe["ratio_critical_path"] > 0
+        assert 1 < pipe["ratio_critical_path_floor"] < s["ratio_critical_path_floor"]
+        assert len(s["fastest_repetition"]["client_s_per_stage_max"]) == 5
+        assert len(s["fastest_repetition"]["server_s_per_stage"]) == 6
     # Shamir reconstruction timing per holder count, and a whole round's server time
     assert set(report["shamir_reconstruction"]) == {"10", "40"}
     for row in report["shamir_reconstruction"].values():

@@ -11,9 +11,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from hypothesis import given, settings
+import pytest
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from fedrg.errors import SecAggError
 from fedrg.secagg import crypto, parallel, shamir
 from fedrg.secagg.params import auto_neighbours, default_threshold, holders_count
 from fedrg.secagg.quantize import (
@@ -209,3 +211,83 @@ def test_threaded_encode_sum_and_decode_equal_single_threaded(monkeypatch):
     for e in e1:
         plain += e
     assert np.array_equal(t1, plain)
+
+
+def _expanded(seeds_plus, seeds_minus, length, dtype):
+    """The reference: full-length :func:`crypto.expand_mask` of each seed, added or subtracted."""
+    total = np.zeros(length, dtype)
+    for s in seeds_plus:
+        total += crypto.expand_mask(s, length, dtype)
+    for s in seeds_minus:
+        total -= crypto.expand_mask(s, length, dtype)
+    return total
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    cuts=st.lists(st.integers(0, 3 * crypto.MASK_CHUNK_BYTES // 4), max_size=6),
+    start_blocks=st.integers(0, 5), n_plus=st.integers(0, 3), n_minus=st.integers(0, 3),
+    wide=st.booleans(), seed=st.integers(0, 2**32 - 1),
+)
+def test_mask_run_on_consecutive_blocks_equals_full_expansion(cuts, start_blocks, n_plus, n_minus,
+                                                             wide, seed):
+    """A MaskRun fed blocks of any sizes (odd, empty, over one chunk) from a cipher-block start
+    adds exactly the slice of the full masks: its keystreams move on across the blocks."""
+    rand = crypto.seeded_entropy(seed)
+    dtype = np.dtype(np.uint64 if wide else np.uint32)
+    seeds = [rand(32) for _ in range(n_plus + n_minus)]
+    start = start_blocks * (16 // dtype.itemsize)
+    length = start + sum(cuts) + 3
+    base = np.frombuffer(rand(length * dtype.itemsize), dtype=dtype).copy()
+    expected = base + _expanded(seeds[:n_plus], seeds[n_plus:], length, dtype)
+    run = crypto.MaskRun(seeds[:n_plus], seeds[n_plus:], start=start, dtype=dtype)
+    got = base.copy()
+    pos = start
+    for size in [*cuts, length - start - sum(cuts)]:
+        run.apply(got[pos:pos + size])
+        pos += size
+    assert np.array_equal(got[start:], expected[start:])
+    assert np.array_equal(got[:start], base[:start])  # nothing before the run is touched
+
+
+def test_mask_run_refuses_a_start_inside_a_cipher_block_or_another_ring():
+    with pytest.raises(SecAggError, match="cipher block"):
+        crypto.MaskRun([bytes(32)], [], start=3, dtype=np.uint32)
+    run = crypto.MaskRun([bytes(32)], [], dtype=np.uint32)
+    with pytest.raises(SecAggError, match="uint32 mask run cannot mask a uint64"):
+        run.apply(np.zeros(8, np.uint64))  # would wrap modulo 2**32 in silence
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    length=st.sampled_from([0, 1, 5, _BLOCK - 1, _BLOCK, 2 * _BLOCK + 7]),
+    n=st.sampled_from([3, 10, 300]), rounding=st.sampled_from(["nearest", "stochastic"]),
+    n_plus=st.integers(0, 3), n_minus=st.integers(0, 3), seed=st.integers(0, 2**32 - 1),
+    threads=st.sampled_from([1, 2, 3]),
+)
+@example(length=2 * _BLOCK + 7, n=10, rounding="nearest", n_plus=1, n_minus=1, seed=0, threads=3)
+def test_encode_with_masks_equals_encode_then_full_masks(length, n, rounding, n_plus, n_minus,
+                                                         seed, threads):
+    """Masking each block as it is encoded gives bit for bit the encoding plus the full masks
+    (weight word included), in either ring, for any thread count and either rounding."""
+    saved = parallel.THREADS
+    parallel.THREADS = threads
+    try:
+        _check_encode_with_masks(length, n, rounding, n_plus, n_minus, seed)
+    finally:
+        parallel.THREADS = saved
+
+
+def _check_encode_with_masks(length, n, rounding, n_plus, n_minus, seed):
+    rand = crypto.seeded_entropy(seed)
+    seeds = [rand(32) for _ in range(n_plus + n_minus)]
+    x = np.random.default_rng(seed).normal(scale=3.0, size=length)
+    kw = dict(clip_range=8.0, quantization_bits=28, max_weight=100.0, num_clients=n,
+              rounding=rounding)
+    plain = encode(x, 42.0, rng=np.random.default_rng(seed), **kw)
+    dtype = plain.dtype
+    masked = encode(x, 42.0, rng=np.random.default_rng(seed), **kw,
+                    mask=lambda lo: crypto.MaskRun(seeds[:n_plus], seeds[n_plus:], start=lo,
+                                                   dtype=dtype).apply)
+    assert masked.dtype == dtype and masked.size == length + 1
+    assert np.array_equal(masked, plain + _expanded(seeds[:n_plus], seeds[n_plus:], length + 1, dtype))

@@ -12,6 +12,7 @@ accepts a pipelined train request only for its pending next session, once
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -38,7 +39,12 @@ from fedrg.secagg.wire import (
 )
 
 if TYPE_CHECKING:
-    from fedrg.secagg.client import ClientSession, ClientTrust
+    from fedrg.secagg.client import ClientSession, ClientTrust, PrecomputedMasks
+
+#: Key (never a wire field) under which :func:`check_masked_in_train` hands the masks being
+#: expanded during training to :func:`answer_masked_in_train`.
+PRECOMPUTED_MASKS_KEY = "_precomputed_masks"
+_MASK_POOL: ThreadPoolExecutor | None = None
 
 log = logging.getLogger("fedrg.secagg")
 
@@ -149,10 +155,10 @@ def answer_setup_in_train(request: dict[str, Any], reply: Payload, state: Payloa
 
 
 def _stage_in_train(stage: SecAggStage, request: dict[str, Any], reply: Payload, state: Payload,
-                    *, site: SiteConfig) -> Payload | None:
+                    *, site: SiteConfig, masks: PrecomputedMasks | None = None) -> Payload | None:
     """Answer ``stage`` for the train reply; on a refusal drop the update (None)."""
     try:
-        return client_stage(stage.action, to_payload(request), state, site=site)
+        return client_stage(stage.action, to_payload(request), state, site=site, masks=masks)
     except FedrgError as err:
         log.warning("%s refuses the secure sum (%s): %s", site.name, stage, err)
         state.arrays = {}  # the update is dropped, never sent
@@ -162,7 +168,8 @@ def _stage_in_train(stage: SecAggStage, request: dict[str, Any], reply: Payload,
 
 
 def client_stage(action: str, payload: Payload, state: Payload, *, site: SiteConfig,
-                 min_peers: int | None = None, min_threshold_fraction: float | None = None) -> Payload:
+                 min_peers: int | None = None, min_threshold_fraction: float | None = None,
+                 masks: PrecomputedMasks | None = None) -> Payload:
     """Answer one secure-aggregation message at a hospital.
 
     Parameters
@@ -180,6 +187,10 @@ def client_stage(action: str, payload: Payload, state: Payload, *, site: SiteCon
         Policy overrides (default: the site's policy). The site's policy is also checked at
         setup (:func:`check_setup_policy`): the update never enters a sum with fewer peers
         or a lower threshold than it allows, and is dropped if the setup is refused.
+    masks : PrecomputedMasks, optional
+        For ``secagg_masked``: the session's masks expanded beforehand
+        (:meth:`fedrg.secagg.client.ClientSession.precompute_masks`); used only when made
+        for this session and the same routed shares.
 
     Raises
     ------
@@ -223,7 +234,8 @@ def client_stage(action: str, payload: Payload, state: Payload, *, site: SiteCon
                 raise SecAggError("masked input requested but this hospital holds no trained "
                                   "update for the round; refusing")
             update = np.concatenate([a.ravel() for a in state.array_list("pending")])
-            reply = session.masked_input(request, update, float(state.meta["pending_weight"]))
+            reply = session.masked_input(request, update, float(state.meta["pending_weight"]),
+                                         masks=masks)
             # the plain update is no longer needed on the node
             state.arrays = {}
             state.meta.pop("pending_weight", None)
@@ -298,6 +310,11 @@ def check_masked_in_train(request: Any, state: Payload, *, site: SiteConfig) -> 
     happens next (training, a decline, a refusal) no later request can use it, a hostile
     server cannot have one session mask two updates, and a refusal here costs no budget.
 
+    Accepted, the session's masks are expanded in a background thread while the hospital
+    trains (they depend only on the agreed keys and the opened shares): the returned
+    request carries that computation under :data:`PRECOMPUTED_MASKS_KEY` (in this process
+    only, never sent) for :func:`answer_masked_in_train`.
+
     Raises
     ------
     SecAggError
@@ -327,7 +344,12 @@ def check_masked_in_train(request: Any, state: Payload, *, site: SiteConfig) -> 
                           f"'{session.stage}', not waiting for its masked input; refusing")
     state.meta[SESSION_KEY] = state.meta.pop(NEXT_SESSION_KEY)  # used once, whatever follows
     session.open_shares(request)  # tampered or misrouted shares: refused before training
-    return request
+    # the masks depend only on the agreed keys and the opened shares: expand them while the
+    # hospital trains (they stay in this process; the masked upload adds them after training)
+    global _MASK_POOL
+    if _MASK_POOL is None:
+        _MASK_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedrg-secagg-masks")
+    return {**request, PRECOMPUTED_MASKS_KEY: _MASK_POOL.submit(session.precompute_masks, request)}
 
 
 def answer_masked_in_train(request: dict[str, Any], reply: Payload, state: Payload, *,
@@ -336,11 +358,19 @@ def answer_masked_in_train(request: dict[str, Any], reply: Payload, state: Paylo
 
     The masked vector goes under ``reply.arrays["sa.masked"]`` and its index under
     ``reply.meta[MASKED_FIELD]``, in the session :func:`check_masked_in_train` made this
-    round's (its consistency and unmask messages follow). A refusal drops the update at
-    the hospital and puts the public reason under ``reply.meta["secagg_error"]``.
+    round's (its consistency and unmask messages follow), with the masks expanded during
+    training (or here, if that failed). A refusal drops the update at the hospital and puts
+    the public reason under ``reply.meta["secagg_error"]``.
     """
-    routed = {k: v for k, v in request.items() if k != "round_id"}
-    masked = _stage_in_train(SecAggStage.MASKED, routed, reply, state, site=site)
+    routed = {k: v for k, v in request.items() if k not in ("round_id", PRECOMPUTED_MASKS_KEY)}
+    masks = None
+    pending = request.get(PRECOMPUTED_MASKS_KEY)
+    if isinstance(pending, Future):
+        try:
+            masks = pending.result()
+        except FedrgError:  # the masked input expands them itself, and refuses the same way
+            masks = None
+    masked = _stage_in_train(SecAggStage.MASKED, routed, reply, state, site=site, masks=masks)
     if masked is not None:
         reply.arrays["sa.masked"] = masked.arrays["sa.masked"]
         reply.meta[MASKED_FIELD] = dict(masked.meta)

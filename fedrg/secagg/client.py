@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +44,7 @@ from fedrg.errors import ConfigError, SecAggError
 from fedrg.policy import required_threshold
 from fedrg.secagg import crypto, shamir
 from fedrg.secagg.params import RoundParams, holders_count, neighbours_of
-from fedrg.secagg.quantize import encode
+from fedrg.secagg.quantize import encode, ring_dtype
 from fedrg.secagg.roster import Roster, SigningIdentity
 from fedrg.secagg.stages import SecAggStage
 
@@ -172,6 +173,47 @@ def _str_list(msg: dict[str, Any], key: str) -> list[str]:
     if not all(isinstance(v, str) for v in values):
         raise SecAggError(f"secagg message field '{key}' is not a list of names")
     return values
+
+
+def _adder(vector: np.ndarray) -> Callable[[int], Callable[[np.ndarray], None]]:
+    """For :func:`encode`'s ``mask``: add ``vector`` to consecutive blocks from ``lo`` on."""
+
+    def per_slice(lo: int) -> Callable[[np.ndarray], None]:
+        pos = [lo]
+
+        def add(block: np.ndarray) -> None:
+            np.add(block, vector[pos[0]:pos[0] + block.size], out=block)
+            pos[0] += block.size
+
+        return add
+
+    return per_slice
+
+
+@dataclass(frozen=True)
+class PrecomputedMasks:
+    """The sum of a session's masks, expanded before its update exists.
+
+    Made by :meth:`ClientSession.precompute_masks` in this process (never received from
+    anyone) and used by :meth:`ClientSession.masked_input` only for the session, index and
+    partners it was made for. It is as secret as the session's keys: it never leaves.
+
+    Attributes
+    ----------
+    transcript : bytes
+        The round transcript of the session.
+    index : int
+        The client's index.
+    partners : tuple of int
+        The neighbours whose shares were opened (their pairwise masks are in it).
+    vector : numpy.ndarray
+        ``self mask + sum(+-pairwise masks)`` in the ring, ``vector_length + 1`` words.
+    """
+
+    transcript: bytes
+    index: int
+    partners: tuple[int, ...]
+    vector: np.ndarray
 
 
 class ClientSession:
@@ -430,7 +472,39 @@ class ClientSession:
             )
         return received
 
-    def masked_input(self, request: dict[str, Any], update: np.ndarray, weight: float) -> dict[str, Any]:
+    def _mask_seeds(self, partners: tuple[int, ...]) -> tuple[list[bytes], list[bytes]]:
+        """Seeds of the masks to add (self mask, pairwise with higher indices) and subtract."""
+        assert self.mask_sk is not None and self.seed is not None
+        mask_sk = crypto.private_key(self.mask_sk)
+        plus: list[bytes] = [self.seed]
+        minus: list[bytes] = []
+        for v in partners:
+            seed = pairwise_seed(mask_sk, self.mask_pks[v], self.transcript, self.index, v)
+            (plus if self.index < v else minus).append(seed)
+        return plus, minus
+
+    def precompute_masks(self, request: dict[str, Any]) -> PrecomputedMasks:
+        """Expand this session's masks before the update exists (e.g. while it trains).
+
+        Possible once the shares are exchanged (the pipelined round: stage 3's request comes
+        with the train request): the masks depend only on the agreed keys, the self-mask
+        seed and which neighbours' shares open. Changes nothing in the session; pass the
+        result to :meth:`masked_input` with the same request.
+
+        Raises
+        ------
+        SecAggError
+            As :meth:`open_shares`.
+        """
+        p = self._params()
+        partners = tuple(sorted(self.open_shares(request)))
+        plus, minus = self._mask_seeds(partners)
+        vector = np.zeros(p.vector_length + 1, dtype=ring_dtype(p.ring_bits))
+        crypto.apply_masks(vector, plus, minus)
+        return PrecomputedMasks(self.transcript, self.index, partners, vector)
+
+    def masked_input(self, request: dict[str, Any], update: np.ndarray, weight: float, *,
+                     masks: PrecomputedMasks | None = None) -> dict[str, Any]:
         """Stage 3: store the shares received, then upload the masked weighted update.
 
         Parameters
@@ -442,6 +516,10 @@ class ClientSession:
             The model update (any shape, ``vector_length`` values; flattened).
         weight : float
             This client's weight (e.g. number of training examples), ``<= max_weight``.
+        masks : PrecomputedMasks, optional
+            This session's masks from :meth:`precompute_masks` with the same request; used
+            only when made for this transcript, index and partners (else the masks are
+            expanded here, as without it).
 
         Returns
         -------
@@ -465,16 +543,22 @@ class ClientSession:
                 f"update has {x.size} values but this round aggregates {p.vector_length}"
             )
         rng = np.random.default_rng(int.from_bytes(self._entropy(16), "big"))
+        partners = tuple(sorted(received))
+        dtype = ring_dtype(p.ring_bits)
+        mask: Callable[[int], Callable[[np.ndarray], None]]
+        if masks is not None and (masks.transcript, masks.index, masks.partners) == (
+                self.transcript, self.index, partners) and masks.vector.shape == (x.size + 1,) \
+                and masks.vector.dtype == dtype:
+            mask = _adder(masks.vector)  # expanded before training: one addition left
+        else:  # expand them now, each block while it is in the CPU cache
+            plus, minus = self._mask_seeds(partners)
+
+            def mask(lo: int) -> Callable[[np.ndarray], None]:
+                return crypto.MaskRun(plus, minus, start=lo, dtype=dtype).apply
+
         y = encode(x, weight, clip_range=p.clip_range, quantization_bits=p.quantization_bits,
                    max_weight=p.max_weight, num_clients=p.num_clients, rounding=p.rounding,
-                   rng=rng)
-        mask_sk = crypto.private_key(self.mask_sk)
-        plus: list[bytes] = [self.seed]
-        minus: list[bytes] = []
-        for v in sorted(received):
-            seed = pairwise_seed(mask_sk, self.mask_pks[v], self.transcript, self.index, v)
-            (plus if self.index < v else minus).append(seed)
-        crypto.apply_masks(y, plus, minus)
+                   rng=rng, mask=mask)
         self.shares.update(received)
         self.partners = sorted(received)
         # The secrets are shared and used: forget them.

@@ -168,29 +168,79 @@ def expand_mask(seed: bytes, length: int, dtype: Any = np.uint32) -> np.ndarray:
 
 MASK_CHUNK_BYTES = 1 << 17
 """Masks are expanded and added in blocks of this many bytes (they stay in the CPU cache)."""
+
+
+class MaskRun:
+    """Add and subtract the masks of some seeds along consecutive blocks of a ring vector.
+
+    The keystream of every seed starts at word ``start`` (a multiple of the cipher block
+    in words) and moves on with each :meth:`apply`: calling it on consecutive blocks
+    ``v[start:a], v[a:b], ...`` equals adding ``expand_mask(s)[start:...]`` for each seed in
+    ``plus`` and subtracting it for each in ``minus`` (mod ``2**bits``). One keystream
+    buffer of at most :data:`MASK_CHUNK_BYTES` is reused: no full-length mask is allocated,
+    so a caller can mask each block while it is still in the CPU cache (e.g. right after
+    encoding it).
+
+    Parameters
+    ----------
+    plus, minus : sequence of bytes
+        32-byte seeds of the masks to add and to subtract.
+    start : int
+        Index of the first word the next :meth:`apply` receives.
+    dtype : numpy dtype
+        ``uint32`` or ``uint64`` (the ring).
+    """
+
+    def __init__(self, plus: Sequence[bytes], minus: Sequence[bytes], *, start: int = 0,
+                 dtype: Any = np.uint32) -> None:
+        dt = np.dtype(dtype)
+        if dt not in (np.uint32, np.uint64):
+            raise SecAggError("masks apply to a uint32 or uint64 ring vector")
+        if (start * dt.itemsize) % _PRG_BLOCK:
+            raise SecAggError(f"a mask run starts on a cipher block, not at word {start}")
+        first = start * dt.itemsize // _PRG_BLOCK
+        self._streams = ([(_keystream(s, first), True) for s in plus]
+                         + [(_keystream(s, first), False) for s in minus])
+        self._dtype = dt.newbyteorder("<")
+        self._words = max(_PRG_BLOCK // dt.itemsize, MASK_CHUNK_BYTES // dt.itemsize)
+        self._room = bytearray(0)  # the keystream buffer, sized by the first block
+        self._scratch = np.frombuffer(self._room, dtype=self._dtype)
+
+    def apply(self, part: np.ndarray) -> None:
+        """Mask the next ``part.size`` words (``part``, 1-D, in place).
+
+        Raises
+        ------
+        SecAggError
+            If ``part`` is not a 1-D vector of this run's ring type.
+        """
+        if part.ndim != 1 or part.dtype != self._dtype:
+            raise SecAggError(f"a {self._dtype.name} mask run cannot mask a {part.dtype.name} "
+                              f"array of shape {part.shape}")
+        if not self._streams:
+            return
+        item = self._dtype.itemsize
+        need = min(part.size, self._words)
+        if self._scratch.size < need:
+            self._room = bytearray(need * item + _SLACK)
+            self._scratch = np.frombuffer(self._room, dtype=self._dtype, count=need)
+        for lo in range(0, part.size, self._words):
+            block = part[lo:lo + self._words]
+            nbytes = block.size * item
+            buf = self._scratch[: block.size]
+            out = memoryview(self._room)[: nbytes + _SLACK]
+            zeros = _zeros(nbytes)
+            for enc, add in self._streams:
+                enc.update_into(zeros, out)
+                if add:
+                    np.add(block, buf, out=block)
+                else:
+                    np.subtract(block, buf, out=block)
+
+
 def _apply_range(target: np.ndarray, lo: int, hi: int, plus: Sequence[bytes],
                  minus: Sequence[bytes]) -> None:
-    item = target.dtype.itemsize
-    first = lo * item // _PRG_BLOCK
-    streams = ([(_keystream(s, first), True) for s in plus]
-               + [(_keystream(s, first), False) for s in minus])
-    block = max(_PRG_BLOCK // item, MASK_CHUNK_BYTES // item)
-    words = min(block, hi - lo)
-    room = bytearray(words * item + _SLACK)
-    scratch = np.frombuffer(room, dtype=target.dtype.newbyteorder("<"), count=words)
-    zeros = _zeros(words * item)
-    for start in range(lo, hi, block):
-        stop = min(start + block, hi)
-        part = target[start:stop]
-        buf = scratch[: stop - start]
-        nbytes = (stop - start) * item
-        out = memoryview(room)[: nbytes + _SLACK]
-        for enc, add in streams:
-            enc.update_into(zeros[:nbytes], out)
-            if add:
-                np.add(part, buf, out=part, casting="unsafe")
-            else:
-                np.subtract(part, buf, out=part, casting="unsafe")
+    MaskRun(plus, minus, start=lo, dtype=target.dtype).apply(target[lo:hi])
 
 
 def apply_masks(target: np.ndarray, plus: Sequence[bytes], minus: Sequence[bytes], *,

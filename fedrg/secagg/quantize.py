@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -149,6 +150,7 @@ def encode(
     num_clients: int,
     rounding: Rounding = "nearest",
     rng: np.random.Generator | None = None,
+    mask: Callable[[int], Callable[[np.ndarray], None]] | None = None,
 ) -> np.ndarray:
     """Encode ``weight * update`` (relative to ``max_weight``) as ring words.
 
@@ -176,12 +178,18 @@ def encode(
         Deterministic round-to-nearest, or unbiased stochastic rounding.
     rng : numpy.random.Generator, optional
         Randomness for stochastic rounding (default: seeded from the OS).
+    mask : callable, optional
+        ``mask(lo)`` is called once per slice of the output, with the slice's first index
+        (a multiple of the block), and returns ``apply(block)``, which is then called on
+        each consecutive encoded block of the slice (weight word included) in place, while
+        the block is still in the CPU cache (e.g. a :class:`fedrg.secagg.crypto.MaskRun`'s
+        ``apply``). The result equals encoding first and masking the whole vector after.
 
     Returns
     -------
     numpy.ndarray
         ``uint32`` (or ``uint64`` for the wide ring, see :func:`ring_bits`) array of length
-        ``update.size + 1`` (the weight word last).
+        ``update.size + 1`` (the weight word last), masked when ``mask`` is given.
 
     Raises
     ------
@@ -207,27 +215,34 @@ def encode(
     else:
         shift += 0.5  # round half up: floor(v + 0.5)
     out = np.empty(x.size + 1, dtype=ring_dtype(ring))
+    codes = x.size
 
     def encode_slice(lo: int, hi: int) -> None:
+        apply = mask(lo) if mask is not None else None
         buf = np.empty(min(_BLOCK, hi - lo), dtype=np.float64)
         noise = np.empty_like(buf) if gen is not None else None
         for start in range(lo, hi, _BLOCK):
             stop = min(start + _BLOCK, hi)
-            v = buf[: stop - start]
-            np.clip(x[start:stop], -clip_range, clip_range, out=v)
-            v *= scale
-            v += shift
-            if gen is not None and noise is not None:
-                u = noise[: stop - start]
-                gen.random(out=u)
-                v += u
-            np.clip(v, 0, L, out=v)
-            out[start:stop] = v  # truncation = floor for v >= 0
+            end = min(stop, codes)  # the weight word (index ``codes``) is not a code
+            if end > start:
+                v = buf[: end - start]
+                np.clip(x[start:end], -clip_range, clip_range, out=v)
+                v *= scale
+                v += shift
+                if gen is not None and noise is not None:
+                    u = noise[: end - start]
+                    gen.random(out=u)
+                    v += u
+                np.clip(v, 0, L, out=v)
+                out[start:end] = v  # truncation = floor for v >= 0
+            if stop > codes:
+                out[codes] = wq
+            if apply is not None:
+                apply(out[start:stop])
 
     # stochastic rounding draws its randomness in order: one thread keeps it reproducible
-    parallel.run_slices(x.size, encode_slice, nbytes=out.nbytes, align=_BLOCK,
+    parallel.run_slices(out.size, encode_slice, nbytes=out.nbytes, align=_BLOCK,
                         threads=1 if gen is not None else None)
-    out[-1] = wq
     return out
 
 

@@ -12,15 +12,22 @@ session masks exactly one update, checked before training (a refusal costs no bu
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 import numpy as np
 import pytest
 
 from fedrg.config import SiteConfig
 from fedrg.errors import SecAggError
 from fedrg.federated.secure import provision_roster
-from fedrg.hospital.secure import answer_masked_in_train, check_masked_in_train
+from fedrg.hospital.secure import (
+    PRECOMPUTED_MASKS_KEY,
+    answer_masked_in_train,
+    check_masked_in_train,
+)
 from fedrg.hospital.site import HospitalSite
 from fedrg.payload import Payload
+from fedrg.secagg.client import ClientSession
 from fedrg.secagg.crypto import seeded_entropy
 from fedrg.secagg.server import ServerAggregator
 from fedrg.secagg.wire import (
@@ -79,8 +86,17 @@ def _fedavg(hospitals):
     return sum(h.weight * h.update.astype(np.float64) for h in hospitals) / w.sum()
 
 
-def test_pipelined_round_has_fresh_keys_and_sums_correctly(tmp_path):
-    """Honest run: round 2's keys and round id are new, and its sum is the FedAvg."""
+def test_pipelined_round_has_fresh_keys_and_sums_correctly(tmp_path, monkeypatch):
+    """Honest run: round 2's keys and round id are new, and its sum is the FedAvg; each
+    hospital's masks were expanded from the pre-training check on and used by the upload."""
+    used = []
+    masked_input = ClientSession.masked_input
+
+    def spy(self, request, update, weight, *, masks=None):
+        used.append(masks is not None and masks.index == self.index)
+        return masked_input(self, request, update, weight, masks=masks)
+
+    monkeypatch.setattr(ClientSession, "masked_input", spy)
     hospitals = federation(tmp_path, 4, seed=1)
     agg1, agg2 = _agg(4, "round-1"), _agg(4, "round-2")
     result, keys, shares, errors = _pipeline(hospitals, agg1, agg2)
@@ -97,10 +113,13 @@ def test_pipelined_round_has_fresh_keys_and_sums_correctly(tmp_path):
         h.state.meta["pending_weight"] = h.weight
         request = check_masked_in_train({**routed[i], "round_id": agg2.params.round_id}, h.state,
                                         site=h.site)
+        assert isinstance(request[PRECOMPUTED_MASKS_KEY], Future)  # expanding while it trains
         reply = Payload()
         answer_masked_in_train(request, reply, h.state, site=h.site)
+        assert PRECOMPUTED_MASKS_KEY not in reply.meta and PRECOMPUTED_MASKS_KEY not in reply.arrays
         masked[i] = {**reply.meta[MASKED_FIELD], "masked": reply.arrays["sa.masked"]}
         assert NEXT_SESSION_KEY not in h.state.meta and not h.state.arrays
+    assert used[-4:] == [True] * 4  # round 2's uploads added the precomputed masks
     req = agg2.receive_masked(masked)
     req = agg2.receive_consistency({i: hospitals[i]("consistency", r) for i, r in req.items()})
     result2 = agg2.receive_unmask({i: hospitals[i]("unmask", r) for i, r in req.items()})
