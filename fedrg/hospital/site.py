@@ -28,11 +28,13 @@ cohort beyond what the ledger releases.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -178,14 +180,28 @@ class HospitalSite:
     def handle(self, action: str, payload: Payload, state: Payload) -> Payload:
         """Answer one server message; ``state`` persists between messages of a run."""
         if action == "train":
-            return self.train(payload, state)
+            with self._accounting():
+                return self.train(payload, state)
         if action == "evaluate":
-            return self.evaluate(payload)
+            with self._accounting():
+                return self.evaluate(payload)
         if action.startswith(ACTION_PREFIX):
             from fedrg.hospital.secure import client_stage
 
             return client_stage(action, payload, state, site=self.site)
         raise FedrgError(f"unknown action {action!r}")
+
+    @contextlib.contextmanager
+    def _accounting(self) -> Iterator[None]:
+        """Around a message that computes epsilons: the RDP vectors this hospital signed
+        earlier are used, and those it computes kept (:mod:`fedrg.privacy.rdp_store`)."""
+        from fedrg.privacy.rdp_store import rdp_vectors_kept
+        from fedrg.signing import load_private_key
+
+        ledger = self._ledger()
+        assert ledger.key_path is not None  # Ledger.open sets it
+        with rdp_vectors_kept(self.site.state_dir, load_private_key(ledger.key_path)):
+            yield
 
     def _declined(self, err: FedrgError, ledger: Ledger, reply: Payload | None = None, *,
                   rnd: int | None = None) -> Payload:
@@ -376,9 +392,10 @@ class HospitalSite:
             cfg = check_request(request, self.site.policy, round_=round_,
                                 hospitals_in_round=hospitals_in_round)
             n_train, _ = self._train_size(cfg)
-            plan_training(cfg, self.site.policy, n_train=n_train,
-                          spent=Spent.from_ledger(self._ledger().read(), run_id), run_id=run_id,
-                          round_=round_, state_dir=self.site.state_dir)
+            with self._accounting():
+                plan_training(cfg, self.site.policy, n_train=n_train,
+                              spent=Spent.from_ledger(self._ledger().read(), run_id),
+                              run_id=run_id, round_=round_, state_dir=self.site.state_dir)
         except (PolicyViolationError, BudgetExceededError, DeclinedError) as err:
             return err
         return None
