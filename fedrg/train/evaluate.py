@@ -37,7 +37,7 @@ def rouge_l_scorer() -> Any:
     """
     from rouge_score import rouge_scorer, tokenizers
 
-    class _MemoTokenizer(tokenizers.Tokenizer):  # type: ignore[misc]
+    class _MemoTokenizer(tokenizers.Tokenizer):
         def __init__(self) -> None:
             self._inner = tokenizers.DefaultTokenizer(use_stemmer=True)
             self._memo: OrderedDict[str, tuple[str, ...]] = OrderedDict()
@@ -100,13 +100,15 @@ def predict_dataset(
         out["reports"] += list(batch["report"])
         out["markers"].append(batch["markers"].numpy())
         out["marker_mask"].append(batch["marker_mask"].numpy())
-        out["loss"].append(model.per_example_loss(batch).cpu().numpy())
-        out["probs_image"].append(
-            model.marker_probabilities(batch, withhold_genomics=True).cpu().numpy()
-        )
-        out["probs_multimodal"].append(model.marker_probabilities(batch).cpu().numpy())
+        # one pass per batch: the loss, both probabilities and the reports share its encoding
+        # and image features (the same values as per_example_loss, marker_probabilities and
+        # generate_reports one by one)
+        got = model.evaluation_outputs(batch, generate=generate)
+        out["loss"].append(got["loss"].cpu().numpy())
+        out["probs_image"].append(got["probs_image"].cpu().numpy())
+        out["probs_multimodal"].append(got["probs_multimodal"].cpu().numpy())
         if generate:
-            out["generated"] += model.generate_reports(batch)
+            out["generated"] += got["generated"]
     result: dict[str, Any] = dict(out)
     for k in ("probs_image", "probs_multimodal", "markers", "marker_mask", "loss"):
         result[k] = np.concatenate(out[k]) if out[k] else np.zeros((0,))
