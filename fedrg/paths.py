@@ -52,3 +52,30 @@ def ensure_writable(directory: str | os.PathLike[str], *, setting: str) -> Path:
             "can write to, or fix its permissions. Nothing was started."
         ) from None
     return path
+
+
+def tree_stamp(path: str | os.PathLike[str]) -> str:
+    """A cheap stamp of the files at ``path`` (a file or every file under a directory): their
+    relative paths, sizes and modification times (ns); ``""`` when nothing is there.
+
+    Used to key in-memory caches of what was read from ``path`` (a cohort, a base model), so a
+    file that is added, removed, rewritten or touched invalidates them. It reads no file
+    content (a content hash, e.g. :func:`fedrg.data.cohort_cache.cohort_digest`, reads every
+    byte): a change that keeps every size and restores every modification time is not seen.
+    """
+    import hashlib
+
+    root = Path(path)
+    try:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    except OSError:
+        return ""
+    h = hashlib.sha256()
+    for p in files:
+        try:
+            st = p.stat()
+        except OSError:  # removed meanwhile: stamped as absent
+            continue
+        rel = p.relative_to(root).as_posix() if p != root else p.name
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return h.hexdigest() if files else ""

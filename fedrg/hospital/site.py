@@ -49,6 +49,7 @@ from fedrg.hospital.plan import RoundPlan, Spent, plan_release, plan_training
 from fedrg.hospital.protocol import EVALUATE_FIELD, EVALUATION_FIELD, LEDGER_NOT_EXTENDING
 from fedrg.hospital.replies import DeclinedError, declined_reply
 from fedrg.hospital.request import check_base_model, check_request, check_sizes, with_site_split
+from fedrg.paths import tree_stamp
 from fedrg.payload import Payload
 from fedrg.privacy.ledger import Ledger, anchor_problem
 from fedrg.runtime import torch_threads
@@ -99,12 +100,18 @@ _MODELS: dict[str, RadiogenomicsModel] = {}
 
 
 def _model_for(cfg: ExperimentConfig, factory: ModelFactory | None = None) -> RadiogenomicsModel:
-    """One model per (factory, model, data) config per process; adapter arrays are set per message."""
+    """One model per (factory, model, data) config and base files per process (a worker
+    keeps the last one only); the caller sets the adapter arrays it received on every message,
+    so nothing one message trained reaches the next (another hospital's included)."""
+    from fedrg.model.base import BUILTIN_PREFIX
     from fedrg.model.factory import DEFAULT_MODEL_FACTORY
 
     factory = DEFAULT_MODEL_FACTORY if factory is None else factory
+    # a local base directory that changes on disk (replaced, rebuilt) is read again
+    base_stamp = "" if cfg.model.base.startswith(BUILTIN_PREFIX) else tree_stamp(cfg.model.base)
     key = json.dumps([f"{type(factory).__qualname__}@{id(factory)}", cfg.model.model_dump(mode="json"),
-                      cfg.data.model_dump(mode="json"), cfg.federation.seed], sort_keys=True)
+                      cfg.data.model_dump(mode="json"), cfg.federation.seed, base_stamp],
+                     sort_keys=True)
     if key not in _MODELS:
         _MODELS.clear()  # keep one model per worker process
         _MODELS[key] = factory.build(cfg.model, cfg.data, cfg.federation.seed)
@@ -133,8 +140,10 @@ class HospitalSite:
 
     # ------------------------------------------------------------------ helpers
     def cohort(self, cfg: ExperimentConfig) -> _CohortCache:
-        """Load the site's data once per data config (the loader validates and splits)."""
-        key = cfg.data.model_dump_json()
+        """Load the site's data once per data config and cohort files (the loader validates
+        and splits): a cohort whose files change on disk (added, removed, rewritten, touched;
+        :func:`fedrg.paths.tree_stamp`) is loaded again."""
+        key = json.dumps([cfg.data.model_dump(mode="json"), tree_stamp(self.site.cohort)])
         if self._cohort is None or self._cohort.key != key:
             data = self.cohort_loader.load(self.site, cfg.data)
             self._cohort = _CohortCache(key, data, str(data.fingerprint))

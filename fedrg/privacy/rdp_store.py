@@ -39,10 +39,12 @@ log = logging.getLogger("fedrg.privacy")
 
 STORE_NAME = "rdp_vectors.json"
 FORMAT = 1
+#: At most this many vectors per hospital (the most recently computed kept): about 1.3 kB each.
+MAX_STORED = 512
 
 #: ``str(path) -> (mtime_ns, size, pairs)`` of the store files this process has loaded and
 #: verified: an unchanged file is not read or verified again.
-_LOADED: dict[str, tuple[int, int, frozenset[tuple[float, float]]]] = {}
+_LOADED: dict[str, tuple[int, int, tuple[tuple[float, float], ...]]] = {}
 
 
 def _identity() -> dict[str, Any]:
@@ -57,7 +59,7 @@ def _payload(body: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
-def load_rdp_vectors(state_dir: str | Path, key: Ed25519PrivateKey) -> frozenset[tuple[float, float]]:
+def load_rdp_vectors(state_dir: str | Path, key: Ed25519PrivateKey) -> tuple[tuple[float, float], ...]:
     """Put the vectors this hospital signed into this process's memo.
 
     Parameters
@@ -69,7 +71,7 @@ def load_rdp_vectors(state_dir: str | Path, key: Ed25519PrivateKey) -> frozenset
 
     Returns
     -------
-    frozenset
+    tuple
         The ``(noise_multiplier, sample_rate)`` pairs the file holds (empty when it is
         missing or not accepted).
     """
@@ -77,7 +79,7 @@ def load_rdp_vectors(state_dir: str | Path, key: Ed25519PrivateKey) -> frozenset
     try:
         st = path.stat()
     except OSError:
-        return frozenset()
+        return ()
     seen = _LOADED.get(str(path))
     if seen is not None and seen[:2] == (st.st_mtime_ns, st.st_size):
         known = known_rdp_vectors()
@@ -88,7 +90,7 @@ def load_rdp_vectors(state_dir: str | Path, key: Ed25519PrivateKey) -> frozenset
     return pairs
 
 
-def _read_verified(path: Path, key: Ed25519PrivateKey) -> frozenset[tuple[float, float]]:
+def _read_verified(path: Path, key: Ed25519PrivateKey) -> tuple[tuple[float, float], ...]:
     try:
         doc = json.loads(path.read_text())
         signature = doc.pop("signature")
@@ -96,33 +98,34 @@ def _read_verified(path: Path, key: Ed25519PrivateKey) -> frozenset[tuple[float,
             raise PrivacyError("its signature does not verify under this hospital's ledger key")
         if {k: doc.get(k) for k in _identity()} != _identity():
             raise PrivacyError("it was written for other RDP orders or another Opacus version")
-        pairs = set()
+        pairs: list[tuple[float, float]] = []
         for sigma, q, vector in doc["vectors"]:
             sigma, q = float(sigma), float(q)
             if not (math.isfinite(sigma) and sigma > 0 and 0 < q <= 1):
                 raise PrivacyError(f"it holds an invalid mechanism ({sigma!r}, {q!r})")
             remember_rdp_vector(noise_multiplier=sigma, sample_rate=q, vector=vector)
-            pairs.add((sigma, q))
+            pairs.append((sigma, q))
     except (OSError, ValueError, KeyError, TypeError, PrivacyError) as err:
         log.warning("ignoring the RDP cache %s (%s); its vectors are recomputed", path, err)
-        return frozenset()
-    return frozenset(pairs)
+        return ()
+    return tuple(pairs)
 
 
 def save_rdp_vectors(state_dir: str | Path, key: Ed25519PrivateKey,
-                     pairs: frozenset[tuple[float, float]] | set[tuple[float, float]]) -> None:
-    """Write the memo's vectors of ``pairs`` to the hospital's store, signed with ``key``
-    (a failure to write costs time later, never the message)."""
+                     pairs: list[tuple[float, float]] | tuple[tuple[float, float], ...]) -> None:
+    """Write the memo's vectors of ``pairs`` (oldest first; the last :data:`MAX_STORED`) to
+    the hospital's store, signed with ``key`` (a failure to write costs time later, never the
+    message)."""
     known = known_rdp_vectors()
-    rows = [[sigma, q, [float(x) for x in known[(sigma, q)]]]
-            for sigma, q in sorted(pairs) if (sigma, q) in known]
+    kept = [pair for pair in dict.fromkeys(pairs) if pair in known][-MAX_STORED:]
+    rows = [[sigma, q, [float(x) for x in known[(sigma, q)]]] for sigma, q in kept]
     doc: dict[str, Any] = {**_identity(), "key_id": signing.key_id(key), "vectors": rows}
     doc["signature"] = signing.sign(key, _payload(doc))
     path = Path(state_dir) / STORE_NAME
     try:
         atomic_write(path, json.dumps(doc).encode(), mode=0o600)
         st = path.stat()
-        _LOADED[str(path)] = (st.st_mtime_ns, st.st_size, frozenset((r[0], r[1]) for r in rows))
+        _LOADED[str(path)] = (st.st_mtime_ns, st.st_size, tuple(kept))
     except OSError as err:
         log.warning("could not write the RDP cache %s (%s); it is recomputed next time", path, err)
 
@@ -136,6 +139,6 @@ def rdp_vectors_kept(state_dir: str | Path, key: Ed25519PrivateKey) -> Iterator[
     try:
         yield
     finally:
-        new = set(known_rdp_vectors()) - before
+        new = [pair for pair in known_rdp_vectors() if pair not in before]
         if new:
-            save_rdp_vectors(state_dir, key, set(own) | new)
+            save_rdp_vectors(state_dir, key, [*own, *new])
