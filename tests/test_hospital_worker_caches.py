@@ -245,3 +245,24 @@ def test_a_hospital_stores_only_the_rdp_vectors_its_own_messages_computed(tmp_pa
     pairs = {name: {(s, q) for s, q, _ in json.loads(
         (tmp_path / name / rdp_store.STORE_NAME).read_text())["vectors"]} for name in ("h1", "h2")}
     assert pairs["h1"] and pairs["h2"] and not pairs["h1"] & pairs["h2"]
+
+
+def test_tree_stamp_sees_added_rewritten_touched_and_removed_files(tmp_path):
+    from fedrg.paths import tree_stamp
+
+    root = tmp_path / "cohort"
+    assert tree_stamp(root) == ""
+    (root / "images").mkdir(parents=True)
+    (root / "manifest.csv").write_text("a\n")
+    stamps = [tree_stamp(root)]
+    (root / "images" / "p1.nii").write_bytes(b"x")  # added
+    stamps.append(tree_stamp(root))
+    (root / "images" / "p1.nii").write_bytes(b"yy")  # rewritten
+    stamps.append(tree_stamp(root))
+    st = (root / "manifest.csv").stat()
+    os.utime(root / "manifest.csv", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched
+    stamps.append(tree_stamp(root))
+    (root / "images" / "p1.nii").unlink()  # removed
+    stamps.append(tree_stamp(root))
+    assert len(set(stamps)) == len(stamps) and all(stamps)
+    assert tree_stamp(root) == stamps[-1]  # nothing changed: the same stamp
