@@ -52,3 +52,44 @@ def ensure_writable(directory: str | os.PathLike[str], *, setting: str) -> Path:
             "can write to, or fix its permissions. Nothing was started."
         ) from None
     return path
+
+
+def tree_stamp(path: str | os.PathLike[str]) -> str:
+    """A cheap stamp of the files at ``path`` (a file or every file under a directory): their
+    relative paths, sizes and modification times (ns); ``""`` when nothing is there.
+
+    Used to key in-memory caches of what was read from ``path`` (a cohort, a base model), so a
+    file that is added, removed, rewritten or touched invalidates them. It reads no file
+    content (a content hash, e.g. :func:`fedrg.data.cohort_cache.cohort_digest`, reads every
+    byte): a change that keeps every size and restores every modification time is not seen.
+    """
+    import hashlib
+
+    root = os.fspath(path)
+    rows: list[str] = []
+    try:
+        if os.path.isfile(root):
+            st = os.stat(root)
+            return hashlib.sha256(f"\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
+        stack = [(root, "")]
+        while stack:  # os.scandir: one stat per file (about 20 ms for a 1,600-file cohort)
+            directory, rel = stack.pop()
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    name = f"{rel}/{entry.name}" if rel else entry.name
+                    try:
+                        if entry.is_dir():
+                            stack.append((entry.path, name))
+                        elif entry.is_file():
+                            st = entry.stat()
+                            rows.append(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\0")
+                    except OSError:  # removed meanwhile: stamped as absent
+                        continue
+    except OSError:
+        return ""
+    if not rows:
+        return ""
+    h = hashlib.sha256()
+    for row in sorted(rows):
+        h.update(row.encode())
+    return h.hexdigest()

@@ -28,11 +28,13 @@ cohort beyond what the ledger releases.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +49,7 @@ from fedrg.hospital.plan import RoundPlan, Spent, plan_release, plan_training
 from fedrg.hospital.protocol import EVALUATE_FIELD, EVALUATION_FIELD, LEDGER_NOT_EXTENDING
 from fedrg.hospital.replies import DeclinedError, declined_reply
 from fedrg.hospital.request import check_base_model, check_request, check_sizes, with_site_split
+from fedrg.paths import tree_stamp
 from fedrg.payload import Payload
 from fedrg.privacy.ledger import Ledger, anchor_problem
 from fedrg.runtime import torch_threads
@@ -97,12 +100,18 @@ _MODELS: dict[str, RadiogenomicsModel] = {}
 
 
 def _model_for(cfg: ExperimentConfig, factory: ModelFactory | None = None) -> RadiogenomicsModel:
-    """One model per (factory, model, data) config per process; adapter arrays are set per message."""
+    """One model per (factory, model, data) config and base files per process (a worker
+    keeps the last one only); the caller sets the adapter arrays it received on every message,
+    so nothing one message trained reaches the next (another hospital's included)."""
+    from fedrg.model.base import BUILTIN_PREFIX
     from fedrg.model.factory import DEFAULT_MODEL_FACTORY
 
     factory = DEFAULT_MODEL_FACTORY if factory is None else factory
+    # a local base directory that changes on disk (replaced, rebuilt) is read again
+    base_stamp = "" if cfg.model.base.startswith(BUILTIN_PREFIX) else tree_stamp(cfg.model.base)
     key = json.dumps([f"{type(factory).__qualname__}@{id(factory)}", cfg.model.model_dump(mode="json"),
-                      cfg.data.model_dump(mode="json"), cfg.federation.seed], sort_keys=True)
+                      cfg.data.model_dump(mode="json"), cfg.federation.seed, base_stamp],
+                     sort_keys=True)
     if key not in _MODELS:
         _MODELS.clear()  # keep one model per worker process
         _MODELS[key] = factory.build(cfg.model, cfg.data, cfg.federation.seed)
@@ -131,8 +140,10 @@ class HospitalSite:
 
     # ------------------------------------------------------------------ helpers
     def cohort(self, cfg: ExperimentConfig) -> _CohortCache:
-        """Load the site's data once per data config (the loader validates and splits)."""
-        key = cfg.data.model_dump_json()
+        """Load the site's data once per data config and cohort files (the loader validates
+        and splits): a cohort whose files change on disk (added, removed, rewritten, touched;
+        :func:`fedrg.paths.tree_stamp`) is loaded again."""
+        key = json.dumps([cfg.data.model_dump(mode="json"), tree_stamp(self.site.cohort)])
         if self._cohort is None or self._cohort.key != key:
             data = self.cohort_loader.load(self.site, cfg.data)
             self._cohort = _CohortCache(key, data, str(data.fingerprint))
@@ -178,14 +189,28 @@ class HospitalSite:
     def handle(self, action: str, payload: Payload, state: Payload) -> Payload:
         """Answer one server message; ``state`` persists between messages of a run."""
         if action == "train":
-            return self.train(payload, state)
+            with self._accounting():
+                return self.train(payload, state)
         if action == "evaluate":
-            return self.evaluate(payload)
+            with self._accounting():
+                return self.evaluate(payload)
         if action.startswith(ACTION_PREFIX):
             from fedrg.hospital.secure import client_stage
 
             return client_stage(action, payload, state, site=self.site)
         raise FedrgError(f"unknown action {action!r}")
+
+    @contextlib.contextmanager
+    def _accounting(self) -> Iterator[None]:
+        """Around a message that computes epsilons: the RDP vectors this hospital signed
+        earlier are used, and those it computes kept (:mod:`fedrg.privacy.rdp_store`)."""
+        from fedrg.privacy.rdp_store import rdp_vectors_kept
+        from fedrg.signing import load_private_key
+
+        ledger = self._ledger()
+        assert ledger.key_path is not None  # Ledger.open sets it
+        with rdp_vectors_kept(self.site.state_dir, load_private_key(ledger.key_path)):
+            yield
 
     def _declined(self, err: FedrgError, ledger: Ledger, reply: Payload | None = None, *,
                   rnd: int | None = None) -> Payload:
@@ -376,9 +401,10 @@ class HospitalSite:
             cfg = check_request(request, self.site.policy, round_=round_,
                                 hospitals_in_round=hospitals_in_round)
             n_train, _ = self._train_size(cfg)
-            plan_training(cfg, self.site.policy, n_train=n_train,
-                          spent=Spent.from_ledger(self._ledger().read(), run_id), run_id=run_id,
-                          round_=round_, state_dir=self.site.state_dir)
+            with self._accounting():
+                plan_training(cfg, self.site.policy, n_train=n_train,
+                              spent=Spent.from_ledger(self._ledger().read(), run_id),
+                              run_id=run_id, round_=round_, state_dir=self.site.state_dir)
         except (PolicyViolationError, BudgetExceededError, DeclinedError) as err:
             return err
         return None

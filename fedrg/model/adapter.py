@@ -194,8 +194,13 @@ class RadiogenomicsModel(nn.Module):
         """Prompt embeddings ``[B,P,hidden]``, image ``[B,w]`` and genomics-side ``[B,w+1]``
         features (zero where genomics are withheld), and the marker head's linear-path inputs
         (standardised radiomic features; the masked genomic profile with its flag)."""
-        g = has_genomics.view(-1, 1)
         img, radiomic = self.image_encoder.features_and_radiomics(image)
+        return self._features_from(img, radiomic, expression, mutations, has_genomics)
+
+    def _features_from(self, img, radiomic, expression, mutations, has_genomics):
+        """:meth:`_features` from the image encoder's output ``(img, radiomic)`` (the part
+        that depends on the image alone)."""
+        g = has_genomics.view(-1, 1)
         gen = self.genomics_encoder(expression * g, mutations * g) * g
         prompt = torch.cat(
             [self.image_proj(img), self.genomics_proj(gen) * g.unsqueeze(-1)], dim=1
@@ -231,7 +236,12 @@ class RadiogenomicsModel(nn.Module):
         present) and image-only (the radiogenomics question), so the image path learns the
         markers from every example, genomics or not.
         """
-        prompt, img, other, linear = self._features(image, expression, mutations, has_genomics)
+        features = self._features(image, expression, mutations, has_genomics)
+        return self._loss_from(features, markers, marker_mask, input_ids, attention_mask, loss_mask)
+
+    def _loss_from(self, features, markers, marker_mask, input_ids, attention_mask, loss_mask):
+        """:meth:`forward` from :meth:`_features`'s output."""
+        prompt, img, other, linear = features
         tok = self.lm.get_input_embeddings()(input_ids)
         embeds = torch.cat([prompt.to(tok.dtype), tok], dim=1)
         B, P = prompt.shape[0], prompt.shape[1]
@@ -272,13 +282,57 @@ class RadiogenomicsModel(nn.Module):
         both through augmentation)."""
         t = self.encode_batch(batch)
         has = torch.zeros_like(t["has_genomics"]) if withhold_genomics else t["has_genomics"]
-        logits = []
         images = (t["image"], t["image"].flip(-1)) if test_time_flip else (t["image"],)
-        for image in images:
-            _, img, other, linear = self._features(image, t["expression"], t["mutations"], has)
+        return self._probabilities_from(
+            [self._features(image, t["expression"], t["mutations"], has) for image in images],
+            withhold_genomics=withhold_genomics)
+
+    def _probabilities_from(self, features: list[tuple], *, withhold_genomics: bool) -> torch.Tensor:
+        """:meth:`marker_probabilities` from :meth:`_features`'s output for each image view."""
+        logits = []
+        for _, img, other, linear in features:
             fused_logits, image_logits = self.marker_head(img, other, **linear)
             logits.append(image_logits if withhold_genomics else fused_logits)
         return torch.sigmoid(torch.stack(logits).mean(0))
+
+    #: The methods :meth:`evaluation_outputs` computes in one pass; a subclass that overrides
+    #: any of them is evaluated through its own methods, one call each.
+    _FUSED_EVALUATION = ("forward", "per_example_loss", "marker_probabilities", "generate_reports",
+                         "encode_batch", "_features", "_features_from", "_loss_from",
+                         "_probabilities_from", "_generate_from")
+
+    @torch.no_grad()
+    def evaluation_outputs(self, batch: dict[str, Any], *, generate: bool = True) -> dict[str, Any]:
+        """What an evaluation reads of one batch, each exactly as its own method computes it:
+        ``loss`` (:meth:`per_example_loss`), ``probs_image`` and ``probs_multimodal``
+        (:meth:`marker_probabilities` with and without ``withhold_genomics``) and, with
+        ``generate``, ``generated`` (:meth:`generate_reports`).
+
+        The batch is encoded once and the image encoder runs once per view (the image and its
+        mirror image) instead of once per method: its output depends on the image alone, so
+        the loss, both probabilities and the generation prompt share it. The results are the
+        same tensors the separate calls return (the same operations on the same inputs).
+        """
+        if any(getattr(type(self), name) is not getattr(RadiogenomicsModel, name)
+               for name in self._FUSED_EVALUATION):
+            return {"loss": self.per_example_loss(batch),
+                    "probs_image": self.marker_probabilities(batch, withhold_genomics=True),
+                    "probs_multimodal": self.marker_probabilities(batch),
+                    "generated": self.generate_reports(batch) if generate else None}
+        t = self.encode_batch(batch)
+        views = [self.image_encoder.features_and_radiomics(image)
+                 for image in (t["image"], t["image"].flip(-1))]
+        given, withheld = t["has_genomics"], torch.zeros_like(t["has_genomics"])
+        multimodal = [self._features_from(img, rad, t["expression"], t["mutations"], given)
+                      for img, rad in views]
+        image_only = [self._features_from(img, rad, t["expression"], t["mutations"], withheld)
+                      for img, rad in views]
+        loss = self._loss_from(multimodal[0], t["markers"], t["marker_mask"], t["input_ids"],
+                               t["attention_mask"], t["loss_mask"])
+        return {"loss": loss,
+                "probs_image": self._probabilities_from(image_only, withhold_genomics=True),
+                "probs_multimodal": self._probabilities_from(multimodal, withhold_genomics=False),
+                "generated": self._generate_from(multimodal[0][0]) if generate else None}
 
     @torch.no_grad()
     def generate_reports(
@@ -292,6 +346,10 @@ class RadiogenomicsModel(nn.Module):
         t = self.encode_batch(batch)
         has = torch.zeros_like(t["has_genomics"]) if withhold_genomics else t["has_genomics"]
         prompt, _, _, _ = self._features(t["image"], t["expression"], t["mutations"], has)
+        return self._generate_from(prompt, max_new_tokens=max_new_tokens)
+
+    def _generate_from(self, prompt: torch.Tensor, *, max_new_tokens: int | None = None) -> list[str]:
+        """:meth:`generate_reports` from the prompt embeddings :meth:`_features` made."""
         B = prompt.shape[0]
         emb = self.lm.get_input_embeddings()
         start = torch.full((B, 1), self.start_id, dtype=torch.long, device=prompt.device)

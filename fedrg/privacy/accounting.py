@@ -261,7 +261,20 @@ def _epsilon_cached(history: tuple[tuple[float, float, int], ...], target_delta:
     return float(acc.get_epsilon(delta=target_delta, **_alphas(accountant)))
 
 
-@functools.lru_cache(maxsize=1024)
+#: This process's per-step RDP vectors, ``(noise_multiplier, sample_rate) -> vector`` over
+#: :data:`RDP_ALPHAS` (read-only arrays). A hospital may preload the ones it signed earlier
+#: (:mod:`fedrg.privacy.rdp_store`), so a fresh process does not recompute them.
+_RDP_VECTORS: dict[tuple[float, float], Any] = {}
+_RDP_VECTORS_MAX = 4096  # the oldest go first (a long-lived worker sees many mechanisms)
+
+
+def _keep_rdp_vector(key: tuple[float, float], vector: Any) -> None:
+    _RDP_VECTORS.pop(key, None)
+    _RDP_VECTORS[key] = vector
+    while len(_RDP_VECTORS) > _RDP_VECTORS_MAX:
+        del _RDP_VECTORS[next(iter(_RDP_VECTORS))]
+
+
 def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> Any:
     """RDP of one step of the sampled Gaussian mechanism at every order of :data:`RDP_ALPHAS`.
 
@@ -269,12 +282,40 @@ def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> Any:
     Python, about 0.1 s per mechanism); a run's rounds and a hospital's lifetime repeat the
     same few ``(noise_multiplier, sample_rate)`` pairs, so each is computed once per process.
     """
+    key = (float(noise_multiplier), float(sample_rate))
+    vector = _RDP_VECTORS.get(key)
+    if vector is None:
+        vector = compute_rdp_vector(noise_multiplier=key[0], sample_rate=key[1])
+        _keep_rdp_vector(key, vector)
+    return vector
+
+
+def compute_rdp_vector(*, noise_multiplier: float, sample_rate: float) -> Any:
+    """Opacus's ``compute_rdp`` of one step at :data:`RDP_ALPHAS` (a fresh, read-only array)."""
     from opacus.accountants.analysis.rdp import compute_rdp
 
     vector = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
                          orders=list(RDP_ALPHAS))
     vector.setflags(write=False)
     return vector
+
+
+def known_rdp_vectors() -> dict[tuple[float, float], Any]:
+    """A copy of this process's ``(noise_multiplier, sample_rate) -> RDP vector`` memo."""
+    return dict(_RDP_VECTORS)
+
+
+def remember_rdp_vector(*, noise_multiplier: float, sample_rate: float, vector: Any) -> None:
+    """Put a per-step RDP vector (over :data:`RDP_ALPHAS`) that the caller vouches for into
+    this process's memo; used only by :mod:`fedrg.privacy.rdp_store`, which verifies its
+    signature first."""
+    import numpy as np
+
+    arr = np.array(vector, dtype=np.float64)
+    if arr.shape != (len(RDP_ALPHAS),):
+        raise PrivacyError(f"an RDP vector has shape {arr.shape}, expected ({len(RDP_ALPHAS)},)")
+    arr.setflags(write=False)
+    _keep_rdp_vector((float(noise_multiplier), float(sample_rate)), arr)
 
 
 def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], target_delta: float) -> float:
@@ -291,7 +332,7 @@ def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], target_delta: fl
 def clear_accounting_caches() -> None:
     """Forget every memoised epsilon and calibrated noise multiplier of this process."""
     _epsilon_cached.cache_clear()
-    _rdp_of_one_step.cache_clear()
+    _RDP_VECTORS.clear()
     _calibrate_fresh.cache_clear()
 
 

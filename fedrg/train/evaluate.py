@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +21,41 @@ def _batches(dataset: SizedDataset, batch_size: int) -> Iterator[dict[str, Any]]
         yield collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
 
 
+#: Texts whose ROUGE tokens one process keeps (the references of a hospital's held-out
+#: patients repeat every round; greedy reports repeat often).
+ROUGE_TOKEN_CACHE_SIZE = 8192
+
+
+@functools.cache
+def rouge_l_scorer() -> Any:
+    """The ROUGE-L scorer of every evaluation: ``rouge_score``'s, with its default
+    tokenizer (Porter stemmer) memoised per text.
+
+    Tokenizing is a pure function of the text and costs most of a score (the stemmer runs
+    in Python per word), so each text is tokenized once per process; the scores are exactly
+    ``RougeScorer(["rougeL"], use_stemmer=True)``'s.
+    """
+    from rouge_score import rouge_scorer, tokenizers
+
+    class _MemoTokenizer(tokenizers.Tokenizer):
+        def __init__(self) -> None:
+            self._inner = tokenizers.DefaultTokenizer(use_stemmer=True)
+            self._memo: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+
+        def tokenize(self, text: str) -> list[str]:
+            got = self._memo.get(text)
+            if got is None:
+                got = tuple(self._inner.tokenize(text))
+                self._memo[text] = got
+                if len(self._memo) > ROUGE_TOKEN_CACHE_SIZE:
+                    self._memo.popitem(last=False)
+            else:
+                self._memo.move_to_end(text)
+            return list(got)
+
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=_MemoTokenizer())
+
+
 def auroc(labels: np.ndarray, scores: np.ndarray, mask: np.ndarray) -> float | None:
     """ROC AUC over the known labels; ``None`` when fewer than two classes are present."""
     from sklearn.metrics import roc_auc_score
@@ -32,9 +69,7 @@ def auroc(labels: np.ndarray, scores: np.ndarray, mask: np.ndarray) -> float | N
 
 def rouge_l(generated: list[str], references: list[str]) -> float | None:
     """Mean ROUGE-L F-measure (``rouge_score``) over pairs with a non-empty reference."""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scorer = rouge_l_scorer()
     vals = [
         scorer.score(ref, gen)["rougeL"].fmeasure
         for gen, ref in zip(generated, references, strict=True)
@@ -65,13 +100,15 @@ def predict_dataset(
         out["reports"] += list(batch["report"])
         out["markers"].append(batch["markers"].numpy())
         out["marker_mask"].append(batch["marker_mask"].numpy())
-        out["loss"].append(model.per_example_loss(batch).cpu().numpy())
-        out["probs_image"].append(
-            model.marker_probabilities(batch, withhold_genomics=True).cpu().numpy()
-        )
-        out["probs_multimodal"].append(model.marker_probabilities(batch).cpu().numpy())
+        # one pass per batch: the loss, both probabilities and the reports share its encoding
+        # and image features (the same values as per_example_loss, marker_probabilities and
+        # generate_reports one by one)
+        got = model.evaluation_outputs(batch, generate=generate)
+        out["loss"].append(got["loss"].cpu().numpy())
+        out["probs_image"].append(got["probs_image"].cpu().numpy())
+        out["probs_multimodal"].append(got["probs_multimodal"].cpu().numpy())
         if generate:
-            out["generated"] += model.generate_reports(batch)
+            out["generated"] += got["generated"]
     result: dict[str, Any] = dict(out)
     for k in ("probs_image", "probs_multimodal", "markers", "marker_mask", "loss"):
         result[k] = np.concatenate(out[k]) if out[k] else np.zeros((0,))
@@ -169,11 +206,9 @@ def per_patient_report_scores(
     tuple[np.ndarray, np.ndarray]
         ``[N]`` findings F1 and ``[N]`` ROUGE-L F-measure, each in [0, 1] or NaN.
     """
-    from rouge_score import rouge_scorer
-
     from fedrg.data.findings import findings_f1
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scorer = rouge_l_scorer()
     f1 = np.full(len(references), np.nan)
     rl = np.full(len(references), np.nan)
     for i, (gen, ref) in enumerate(zip(generated, references, strict=True)):
