@@ -84,28 +84,81 @@ class _Tap(torch.autograd.Function):
 
 
 class _Layer:
-    """One trainable layer: its parameters (those the optimizer holds) and this pass's
-    ``(activation, output gradient)`` pairs, one per call."""
+    """One trainable layer: its parameters (those the optimizer holds) and what this pass
+    kept of it.
+
+    Linear layers and 2-D convolutions (``kind`` ``"matmul"``) are worked on as each output
+    gradient arrives in the backward pass (while it is still in cache): where the per-example
+    gradient is the cheaper route it is computed there and summed over calls (``weight_sum``,
+    ``[B, p, d]``, or ``[B, d, p]`` when ``transposed``), and the call's tensors are dropped;
+    otherwise the call's ``(a [B, T, d], g [B, T, p])`` is kept for the ghost norm. The bias'
+    per-example gradient ``sum_t g`` is always summed at once (``bias_sum``). Other layers
+    (``kind`` ``"opacus"``) keep ``(activation, output gradient)`` for Opacus' functions.
+    """
 
     def __init__(self, name: str, module: nn.Module, params: list[nn.Parameter]) -> None:
         self.name = name
         self.module = module
         self.params = params
-        self.calls: list[list[torch.Tensor]] = []  # [activation, output grad] per call
+        ids = {id(p) for p in params}
+        self.kind = "matmul" if isinstance(module, nn.Linear) or _unfoldable(module) else "opacus"
+        self.weight = module.weight if id(getattr(module, "weight", None)) in ids else None
+        bias = getattr(module, "bias", None)
+        self.bias = bias if bias is not None and id(bias) in ids else None
+        conv = _unfoldable(module)
+        # per-example weight gradients as [B, d, p] (longer side last: the fast layout of CPU
+        # matrix products; unfolded patches come as [B, d, L])
+        self.transposed = conv or (isinstance(module, nn.Linear)
+                                   and module.out_features >= module.in_features)
+        self.clear()
+
+    def clear(self) -> None:
+        self.calls: list[list[Any]] = []  # per call: [activation] + [a, g] or ["done"]
+        self.weight_sum: torch.Tensor | None = None
+        self.bias_sum: torch.Tensor | None = None
         self.sq: dict[int, torch.Tensor] = {}  # id(param) -> [B] squared per-example norm
         self.kept: dict[int, Any] = {}  # id(param) -> what the clipped sum needs
 
     def record_call(self, activation: torch.Tensor) -> Any:
-        call = [activation]
+        call: list[Any] = [activation]
         self.calls.append(call)
 
         def record(grad: torch.Tensor) -> None:
-            call.append(grad.detach())
+            if self.kind == "matmul":
+                self._matmul_call(call, grad.detach())
+            else:
+                call.append(grad.detach())
 
         return record
 
-    def clear(self) -> None:
-        self.calls, self.sq, self.kept = [], {}, {}
+    def as_matmul(self, activation: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a [B, T, d], g [B, T, p])`` with ``weight gradient_i = g_i^T a_i``."""
+        n = grad.shape[0]
+        if isinstance(self.module, nn.Linear):
+            return (activation.reshape(n, -1, activation.shape[-1]).to(grad.dtype),
+                    grad.reshape(n, -1, grad.shape[-1]))
+        conv = self.module
+        patches = F.unfold(activation.to(grad.dtype), conv.kernel_size, dilation=conv.dilation,
+                           padding=conv.padding, stride=conv.stride)  # [B, d, L]
+        return patches.transpose(1, 2), grad.reshape(n, grad.shape[1], -1).transpose(1, 2)
+
+    def per_example_weight(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        if self.transposed:
+            return torch.bmm(a.transpose(1, 2), g)  # [B, d, p]
+        return torch.bmm(g.transpose(1, 2), a)  # [B, p, d]
+
+    def _matmul_call(self, call: list[Any], grad: torch.Tensor) -> None:
+        a, g = self.as_matmul(call[0], grad)
+        if self.bias is not None:
+            per_example = g.sum(1)
+            self.bias_sum = per_example if self.bias_sum is None else self.bias_sum + per_example
+        tokens, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
+        if self.weight is not None and tokens > 1 and not ghost_is_cheaper(tokens, d_in, d_out):
+            per_example = self.per_example_weight(a, g)
+            self.weight_sum = per_example if self.weight_sum is None else self.weight_sum + per_example
+            call[:] = ["done"]
+        else:
+            call[:] = ["ghost", a, g]
 
 
 class BookKeeper:
@@ -143,95 +196,84 @@ class BookKeeper:
             raise PrivacyError("grad_sample_mode='bk': some optimizer parameters belong to no "
                                "module of the model; use grad_sample_mode='ew'")
         self._anchor = torch.zeros((), requires_grad=True)
+        self._capturing = False
+        self._handles = [layer.module.register_forward_hook(self._forward_hook(layer))
+                         for layer in self.layers]
 
     # ------------------------------------------------------------------ the pass
+    def _forward_hook(self, layer: _Layer) -> Any:
+        def forward_hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
+            if not self._capturing:
+                return None
+            if not isinstance(output, torch.Tensor) or not inputs:
+                raise PrivacyError(f"grad_sample_mode='bk': layer {layer.name} does not map "
+                                   "one tensor to one tensor; use grad_sample_mode='ew'")
+            record = layer.record_call(inputs[0].detach())
+            if output.requires_grad:  # the input needs a gradient: a tensor hook suffices
+                output.register_hook(record)
+                return output
+            return _Tap.apply(output, self._anchor, record)
+        return forward_hook
+
+    def close(self) -> None:
+        """Remove the forward hooks from the model's layers."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
     @contextmanager
     def capture(self) -> Iterator[None]:
         """Run the model's forward pass inside this block: the parameters are detached and
         every tracked layer's input and output gradient are kept for :meth:`clip_into_grads`."""
+        if not self._handles:
+            raise PrivacyError("BookKeeper.capture after close()")
         for layer in self.layers:
             layer.clear()
-        handles = []
         flags = [p.requires_grad for p in self.params]
-
-        def hook(layer: _Layer) -> Any:
-            def forward_hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
-                if not isinstance(output, torch.Tensor) or not inputs:
-                    raise PrivacyError(f"grad_sample_mode='bk': layer {layer.name} does not map "
-                                       "one tensor to one tensor; use grad_sample_mode='ew'")
-                record = layer.record_call(inputs[0].detach())
-                if output.requires_grad:  # the input needs a gradient: a tensor hook suffices
-                    output.register_hook(record)
-                    return output
-                return _Tap.apply(output, self._anchor, record)
-            return forward_hook
-
         try:
             for p in self.params:
                 p.requires_grad_(False)
-            for layer in self.layers:
-                handles.append(layer.module.register_forward_hook(hook(layer)))
+            self._capturing = True
             yield
         finally:
-            for h in handles:
-                h.remove()
+            self._capturing = False
             for p, flag in zip(self.params, flags, strict=True):
                 p.requires_grad_(flag)
 
     def unused_layers(self) -> list[str]:
         """Tracked layers that got no output gradient in the last pass."""
         return [layer.name for layer in self.layers
-                if not layer.calls or any(len(call) < 2 for call in layer.calls)]
+                if not layer.calls or any(not isinstance(call[0], str) and len(call) < 2
+                                          for call in layer.calls)]
 
     # ------------------------------------------------------------------ norms
-    def _linear(self, layer: _Layer, n: int) -> None:
-        acts = [c[0].reshape(n, -1, c[0].shape[-1]) for c in layer.calls]
-        grads = [c[1].reshape(n, -1, c[1].shape[-1]) for c in layer.calls]
-        self._matmul(layer, acts, grads)
-
-    def _conv(self, layer: _Layer, n: int) -> None:
-        """A 2-D convolution is a Linear layer over its unfolded input patches."""
-        conv = layer.module
-        acts, grads = [], []
-        for activation, grad in layer.calls:
-            patches = F.unfold(activation, conv.kernel_size, dilation=conv.dilation,
-                               padding=conv.padding, stride=conv.stride)  # [B, d, L]
-            acts.append(patches.transpose(1, 2))
-            grads.append(grad.reshape(n, grad.shape[1], -1).transpose(1, 2))  # [B, L, p]
-        self._matmul(layer, acts, grads)
-
-    def _matmul(self, layer: _Layer, acts: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        """Norms of a layer whose weight gradient is ``sum_t g_t a_t^T`` (a: ``[B, T, d]``,
-        g: ``[B, T, p]``, one pair per call; calls concatenate along T)."""
-        a = acts[0] if len(acts) == 1 else torch.cat(acts, dim=1)
-        g = grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
-        a = a.to(g.dtype)
-        weight, bias = layer.module.weight, layer.module.bias
-        ids = {id(p) for p in layer.params}
-        if id(weight) in ids:
-            tokens, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
-            if tokens == 1:
-                layer.sq[id(weight)] = a[:, 0].pow(2).sum(1) * g[:, 0].pow(2).sum(1)
-                layer.kept[id(weight)] = ("ghost", a, g)
-            elif ghost_is_cheaper(tokens, d_in, d_out):
-                aat = torch.bmm(a, a.transpose(1, 2))
-                ggt = torch.bmm(g, g.transpose(1, 2))
-                layer.sq[id(weight)] = (aat * ggt).sum((1, 2)).clamp(min=0)
-                layer.kept[id(weight)] = ("ghost", a, g)
-            elif d_out >= d_in or a.transpose(1, 2).is_contiguous():
-                # [B, d, p]: the longer side last (or unfolded patches as they come) is the
-                # fast layout for CPU matrix products
-                per_example = torch.bmm(a.transpose(1, 2), g)
-                layer.sq[id(weight)] = per_example.pow(2).sum((1, 2))
-                layer.kept[id(weight)] = ("direct_t", per_example)
-            else:  # [B, p, d]
-                per_example = torch.bmm(g.transpose(1, 2), a)
-                layer.sq[id(weight)] = per_example.pow(2).sum((1, 2))
-                layer.kept[id(weight)] = ("direct", per_example)
-        if bias is not None and id(bias) in ids:
-            per_example = g.sum(1)  # [B, p]
-            layer.sq[id(bias)] = per_example.pow(2).sum(1)
-            layer.kept[id(bias)] = ("direct", per_example)
+    def _matmul(self, layer: _Layer, n: int) -> None:
+        """Norms of a Linear layer or 2-D convolution (weight gradient ``sum_t g_t a_t^T``)."""
+        ghost = [(c[1], c[2]) for c in layer.calls if c[0] == "ghost"]
+        if layer.weight is not None:
+            if layer.weight_sum is not None:
+                # some calls went the per-example way: the rest join them (norm of the sum)
+                total = layer.weight_sum
+                for a, g in ghost:
+                    part = layer.per_example_weight(a, g)
+                    total = part if total is None else total + part
+                assert total is not None
+                layer.sq[id(layer.weight)] = total.pow(2).sum((1, 2))
+                layer.kept[id(layer.weight)] = ("direct_t" if layer.transposed else "direct", total)
+            else:  # ghost norm over all calls (concatenated along T)
+                a = ghost[0][0] if len(ghost) == 1 else torch.cat([x for x, _ in ghost], dim=1)
+                g = ghost[0][1] if len(ghost) == 1 else torch.cat([y for _, y in ghost], dim=1)
+                if a.shape[1] == 1:
+                    sq = a[:, 0].pow(2).sum(1) * g[:, 0].pow(2).sum(1)
+                else:
+                    sq = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))
+                          ).sum((1, 2)).clamp(min=0)
+                layer.sq[id(layer.weight)] = sq
+                layer.kept[id(layer.weight)] = ("ghost", a, g)
+        if layer.bias is not None:
+            assert layer.bias_sum is not None
+            layer.sq[id(layer.bias)] = layer.bias_sum.pow(2).sum(1)
+            layer.kept[id(layer.bias)] = ("direct", layer.bias_sum)
 
     def _opacus(self, layer: _Layer, n: int) -> None:
         sampler = GradSampleModule.GRAD_SAMPLERS[type(layer.module)]
@@ -250,10 +292,8 @@ class BookKeeper:
     def per_example_squared_norms(self, n: int) -> torch.Tensor:
         """``[B, P]``: each example's squared gradient norm per optimizer parameter."""
         for layer in self.layers:
-            if isinstance(layer.module, nn.Linear):
-                self._linear(layer, n)
-            elif _unfoldable(layer.module):
-                self._conv(layer, n)
+            if layer.kind == "matmul":
+                self._matmul(layer, n)
             else:
                 self._opacus(layer, n)
         by_id = {k: v for layer in self.layers for k, v in layer.sq.items()}

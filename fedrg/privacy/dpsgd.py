@@ -478,6 +478,7 @@ class DPSession:
         if self._keeper is not None:
             if self.optimizer is not None:
                 self.optimizer.zero_grad(set_to_none=True)
+            self._keeper.close()
             self._keeper = None
         self._criterion = None
         return self.history
