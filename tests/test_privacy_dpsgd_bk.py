@@ -22,7 +22,8 @@ from fedrg.privacy.dpsgd import DPSession
 class Mixed(nn.Module):
     """Every layer kind the book-keeping handles: a convolution and GroupNorm (Opacus'
     function / unfolded patches), an embedding, a Linear over a sequence with a LoRA-style
-    low-rank pair on it, Linear layers over single vectors, and one layer called twice."""
+    low-rank pair on it, Linear layers over single vectors, and layers called twice (over
+    single vectors and over sequences)."""
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
@@ -33,6 +34,7 @@ class Mixed(nn.Module):
         self.lora_a = nn.Linear(5, 2, bias=False)
         self.lora_b = nn.Linear(2, 5, bias=False)
         self.norm = nn.LayerNorm(5)
+        self.twice = nn.Linear(5, 5)
         self.shared = nn.Linear(9, 9)
         self.head = nn.Linear(9, 2)
         g = torch.Generator().manual_seed(seed)
@@ -44,6 +46,7 @@ class Mixed(nn.Module):
         h_img = torch.nn.functional.silu(self.gn(self.conv(img))).mean((2, 3))  # [B, 4]
         s = self.seq(self.emb(tok))  # [B, T, 5]
         s = self.norm(s + self.lora_b(self.lora_a(s)))
+        s = s + self.twice(torch.tanh(self.twice(s)))  # the same layer twice, on sequences
         h = torch.cat([h_img, s.mean(1)], dim=1)  # [B, 9]
         h = self.shared(torch.tanh(self.shared(h)))  # the same layer twice
         return ((self.head(h) - y) ** 2).mean(-1)
@@ -189,3 +192,46 @@ def test_cost_rule_picks_per_example_gradients_for_lora_and_ghost_norms_for_vect
     assert not ghost_is_cheaper(72, 8, 352)  # LoRA B
     assert ghost_is_cheaper(1, 64, 512)  # a projector on one feature vector
     assert ghost_is_cheaper(4, 1024, 1024)  # a wide layer over a short sequence
+
+
+def test_bk_equals_opacus_on_the_real_adapter_with_every_parameter_trained(base_dir, dataset):
+    """peft LoRA on the tiny Llama, prompt projectors, the image CNN (convolutions and
+    GroupNorm), genomics encoder and marker heads, all trained: bk == Opacus, noise included."""
+    from model_fixtures import tiny_data_cfg, tiny_model_cfg
+
+    from fedrg.data.dataset import collate_samples
+    from fedrg.model.adapter import build_model
+
+    batch = collate_samples([dataset[i] for i in (0, 2, 3, 5, 7)])
+
+    def fresh():  # the LM frozen, every adapter part trainable (nothing frozen_under_dp)
+        return build_model(tiny_model_cfg(base_dir, max_report_tokens=24), tiny_data_cfg(), seed=0)
+
+    model = fresh()
+    assert any("image_encoder.features" in n for n, p in model.named_parameters() if p.requires_grad)
+    tensors = model.encode_batch(batch)
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    s = DPSession(noise_multiplier=0.8, max_grad_norm=0.05, sample_rate=0.5,
+                  expected_batch_size=5.0, grad_sample_mode="bk", seed=4)
+    state = s._noise_generator.get_state()
+    s.attach(model, torch.optim.SGD(params, lr=1.0))
+    s.step(batch)
+    s.cleanup()
+    got = [b - p.detach() for b, p in zip(before, params, strict=True)]
+
+    ref = fresh()
+    ref_params = [p for p in ref.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in ref_params]
+    gsm = GradSampleModule(ref, batch_first=True, loss_reduction="mean")
+    generator = torch.Generator()
+    generator.set_state(state)
+    opt = DPOptimizer(torch.optim.SGD(ref_params, lr=1.0), noise_multiplier=0.8,
+                      max_grad_norm=0.05, expected_batch_size=5.0, loss_reduction="mean",
+                      generator=generator)
+    gsm(**tensors).mean().backward()
+    opt.step()
+    gsm._close()
+    want = [b - p.detach() for b, p in zip(before, ref_params, strict=True)]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
