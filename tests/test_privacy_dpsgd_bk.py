@@ -120,7 +120,7 @@ def test_bk_noise_is_the_opacus_draw_not_just_its_distribution():
     """With the generator in another state the two steps differ: the equality above is the
     noise itself, value for value."""
     batch = make_batch(4, seed=2)
-    got, state = bk_step(Mixed(), batch, sigma=1.0, clip=0.5, expected=4.0, seed=3)
+    got, _ = bk_step(Mixed(), batch, sigma=1.0, clip=0.5, expected=4.0, seed=3)
     other = torch.Generator().manual_seed(12345).get_state()
     want = opacus_step(Mixed(), batch, sigma=1.0, clip=0.5, expected=4.0, noise_state=other)
     assert max(float((g - w).abs().max()) for g, w in zip(got, want, strict=True)) > 0.05

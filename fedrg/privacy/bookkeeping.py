@@ -138,6 +138,7 @@ class _Layer:
             return (activation.reshape(n, -1, activation.shape[-1]).to(grad.dtype),
                     grad.reshape(n, -1, grad.shape[-1]))
         conv = self.module
+        assert isinstance(conv, nn.Conv2d) and not isinstance(conv.padding, str)
         patches = F.unfold(activation.to(grad.dtype), conv.kernel_size, dilation=conv.dilation,
                            padding=conv.padding, stride=conv.stride)  # [B, d, L]
         return patches.transpose(1, 2), grad.reshape(n, grad.shape[1], -1).transpose(1, 2)
@@ -210,9 +211,9 @@ class BookKeeper:
                                    "one tensor to one tensor; use grad_sample_mode='ew'")
             record = layer.record_call(inputs[0].detach())
             if output.requires_grad:  # the input needs a gradient: a tensor hook suffices
-                output.register_hook(record)
+                output.register_hook(record)  # type: ignore[no-untyped-call]
                 return output
-            return _Tap.apply(output, self._anchor, record)
+            return _Tap.apply(output, self._anchor, record)  # type: ignore[no-untyped-call]
         return forward_hook
 
     def close(self) -> None:
