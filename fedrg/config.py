@@ -163,7 +163,7 @@ class PrivacyConfig(StrictModel):
     noise_multiplier: float | None = Field(
         None, ge=0.0, description="fix sigma instead of calibrating it to target_epsilon"
     )
-    grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = Field(
+    grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost", "bk"] = Field(
         "ew", description="Opacus per-sample gradient mode; ew was fastest in "
         "benchmarks/dp_overhead.py (see docs/privacy.md)",
     )

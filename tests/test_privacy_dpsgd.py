@@ -14,7 +14,7 @@ from fedrg.errors import PrivacyError
 from fedrg.privacy.accounting import PrivacyHistory, epsilon_of
 from fedrg.privacy.dpsgd import DPSession, batch_size_of, slice_batch
 
-MODES = ["hooks", "functorch", "ew", "ghost"]
+MODES = ["hooks", "functorch", "ew", "ghost", "bk"]
 
 
 class TinyModel(nn.Module):

@@ -20,7 +20,7 @@ from fedrg.privacy.accounting import PrivacyHistory, epsilon_of
 from fedrg.privacy.dpsgd import DPSession
 from fedrg.train.loop import train_local
 
-MODES = ["hooks", "functorch", "ew", "ghost"]
+MODES = ["hooks", "functorch", "ew", "ghost", "bk"]
 
 
 def fresh_model(base_dir):

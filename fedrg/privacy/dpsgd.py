@@ -20,9 +20,13 @@ What the session guarantees (each point is tested in ``tests/test_privacy_dpsgd*
   with ``loss_reduction="mean"`` over the *expected* batch size (not the drawn one, which
   would leak the batch size). Logical batches larger than ``max_physical_batch_size`` are
   split into physical chunks whose clipped gradients are summed before one noisy step.
-* ``grad_sample_mode`` ``hooks``, ``functorch``, ``ew`` or ``ghost``. In ghost mode the
-  backward pass runs through Opacus' criterion wrapper (``DPLossFastGradientClipping``):
-  calling ``backward()`` on the plain loss would skip clipping without any error.
+* ``grad_sample_mode`` ``hooks``, ``functorch``, ``ew``, ``ghost`` or ``bk``. In ghost mode
+  the backward pass runs through Opacus' criterion wrapper (``DPLossFastGradientClipping``):
+  calling ``backward()`` on the plain loss would skip clipping without any error. ``bk``
+  (book-keeping, :mod:`fedrg.privacy.bookkeeping`) runs one backward pass with the
+  parameters detached, computes per-example norms from the layers' inputs and output
+  gradients (ghost norms where cheaper) and writes the clipped sums to ``p.grad`` for Opacus'
+  ghost-clipping optimizer, which adds the noise and calls the accountant.
 * **Accounting**: the accountant's history is loaded from the dataset's persisted
   :class:`~fedrg.privacy.accounting.PrivacyHistory` and only appended to; the updated
   history comes back from :meth:`DPSession.cleanup` (and :attr:`DPSession.history`).
@@ -57,9 +61,10 @@ from torch import nn
 
 from fedrg.errors import PrivacyError
 from fedrg.privacy.accounting import PrivacyHistory, epsilon_of
+from fedrg.privacy.bookkeeping import BookKeeper
 from fedrg.privacy.torch_internals import conv_grad_samples_by_unfold
 
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost", "bk")
 
 Batch = Mapping[str, Any]
 
@@ -212,7 +217,8 @@ class DPSession:
     expected_batch_size
         Divisor of the summed clipped gradients (``loss_reduction="mean"``).
     grad_sample_mode
-        Opacus mode: ``hooks``, ``functorch``, ``ew`` or ``ghost``.
+        Opacus mode: ``hooks``, ``functorch``, ``ew`` or ``ghost``; or ``bk``
+        (book-keeping clipping, :mod:`fedrg.privacy.bookkeeping`, with Opacus' optimizer).
     accountant
         Opacus accountant name (``rdp``, ``prv``, ``gdp``).
     history
@@ -297,6 +303,8 @@ class DPSession:
             self.accountant.load_state_dict(self._initial_history.to_state_dict(accountant))
         self._model: nn.Module | None = None
         self._gsm: AbstractGradSampleModule | None = None  # Opacus' wrapper of _model
+        self._keeper: BookKeeper | None = None  # bk mode: the book-keeping of _model
+        self._bk_groups: dict[str, Any] = {}  # bk mode: group-wise clipping layout
         self._ew_first_argument = ""  # ew mode: the forward argument given positionally
         self.optimizer: Any = None  # Opacus' DPOptimizer (opacus is untyped)
         self._criterion: DPLossFastGradientClipping | None = None
@@ -347,7 +355,7 @@ class DPSession:
         ``forward(**tensors)`` must return one loss per example (``Tensor[B]``); if the model
         has ``encode_batch(batch) -> dict[str, Tensor]`` it turns a batch into those tensors.
         """
-        if self._gsm is not None:
+        if self._gsm is not None or self._keeper is not None:
             raise PrivacyError("DPSession.attach called twice; call cleanup() first")
         errors = ModuleValidator.validate(model, strict=False)
         if errors:
@@ -365,6 +373,9 @@ class DPSession:
             )
         if self.grad_sample_mode == "ew":
             self._ew_first_argument = _first_forward_argument(model)
+        if self.grad_sample_mode == "bk":
+            self._attach_bookkeeping(model, optimizer)
+            return
         kwargs: dict[str, Any] = {"batch_first": True, "loss_reduction": "mean"}
         if self.grad_sample_mode == "ghost":
             kwargs["max_grad_norm"] = self.max_grad_norm
@@ -392,6 +403,27 @@ class DPSession:
         if self.grad_sample_mode == "ghost":
             self._criterion = DPLossFastGradientClipping(gsm, dp_opt, PerExampleLoss("mean"), "mean")
         self._model, self._gsm, self.optimizer = model, gsm, dp_opt
+
+    def _attach_bookkeeping(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """bk mode: no Opacus wrapper; Opacus' ghost-clipping optimizer contract (``p.grad`` =
+        sum of the clipped per-example gradients; :class:`~fedrg.privacy.fused.
+        FusedClippedSumDPOptimizer`) adds Opacus' noise, scales and counts the step."""
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        keeper = BookKeeper(model, params)
+        self._bk_groups = self._group_layout(model, optimizer) if self.clip_groups else {}
+        from fedrg.privacy.fused import FusedClippedSumDPOptimizer
+
+        dp_opt = FusedClippedSumDPOptimizer(
+            optimizer=optimizer,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            expected_batch_size=self.expected_batch_size,
+            loss_reduction="mean",
+            generator=self._noise_generator,
+            secure_mode=False,
+        )
+        dp_opt.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
+        self._model, self._keeper, self.optimizer = model, keeper, dp_opt
 
     def _group_layout(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Group index of every optimizer parameter (the first group with a name part found
@@ -443,6 +475,11 @@ class DPSession:
                     if hasattr(p, attr):
                         delattr(p, attr)
             self._gsm = None
+        if self._keeper is not None:
+            if self.optimizer is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+            self._keeper.close()
+            self._keeper = None
         self._criterion = None
         return self.history
 
@@ -483,7 +520,7 @@ class DPSession:
     # ------------------------------------------------------------------ steps
     def step(self, batch: Batch) -> float | None:
         """One DP-SGD step on a (Poisson) batch; returns its mean loss (``None`` if empty)."""
-        if self._gsm is None:
+        if self._gsm is None and self._keeper is None:
             raise PrivacyError("DPSession.step called before attach(model, optimizer)")
         n = batch_size_of(batch)
         self.steps_taken += 1
@@ -512,6 +549,8 @@ class DPSession:
         return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
     def _backward(self, batch: Batch) -> float:
+        if self._keeper is not None:
+            return self._bookkeeping_backward(self._keeper, batch)
         gsm = self._gsm
         if gsm is None:
             raise PrivacyError("DPSession.step called before attach(model, optimizer)")
@@ -528,6 +567,31 @@ class DPSession:
                 "examples (dim 0) from encode_batch; use grad_sample_mode='hooks' otherwise")
         with conv_grad_samples_by_unfold():
             return self._finish_backward(gsm(first, **tensors))
+
+    def _bookkeeping_backward(self, keeper: BookKeeper, batch: Batch) -> float:
+        """bk mode: one forward with the parameters detached, one backward of the summed
+        per-example losses, then the clipped sums into ``p.grad`` (no noise yet)."""
+        tensors = self._tensors(batch)
+        with keeper.capture():
+            losses = self.module(**tensors)
+        if losses.dim() != 1:
+            raise PrivacyError(
+                f"the model must return one loss per example (shape [B]); got {tuple(losses.shape)}"
+            )
+        if losses.requires_grad:
+            torch.autograd.backward(losses.sum())  # per-example gradients, unscaled
+            unused = keeper.unused_layers()
+        else:
+            unused = [layer.name for layer in keeper.layers]
+        if unused:
+            shown = ", ".join(unused[:5]) + (" ..." if len(unused) > 5 else "")
+            raise PrivacyError(
+                f"{len(unused)} trainable layer(s) got no per-sample gradient ({shown}); "
+                "every trainable parameter must be used by every forward: freeze the unused ones"
+            )
+        keeper.clip_into_grads(n=int(losses.shape[0]), max_grad_norm=self.max_grad_norm,
+                               **self._bk_groups)
+        return float(losses.detach().mean())
 
     def _finish_backward(self, losses: torch.Tensor) -> float:
         if losses.dim() != 1:
@@ -566,7 +630,7 @@ class DPSession:
     def _noise_only_step(self) -> None:
         """Empty Poisson draw: add noise to a zero gradient and let the accountant count it."""
         for p in self.optimizer.params:
-            if self.grad_sample_mode == "ghost":
+            if self.grad_sample_mode in ("ghost", "bk"):
                 p.grad = torch.zeros_like(p)
             else:
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)

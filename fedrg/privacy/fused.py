@@ -43,7 +43,7 @@ from typing import Any
 
 import opacus.optimizers.optimizer as _opacus_optimizer
 import torch
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from fedrg.library_pins import require_unchanged
@@ -60,16 +60,26 @@ OPACUS_SOURCES = {  # opacus 1.6.0, as reviewed for this module
     "_check_processed_flag": "cda9cba61a6691e14cc0f1b2a846dc11c2deda68506d1721a18a95729e01f67b",
     "_mark_as_processed": "ad66ff8bdcd4e049f1db7574891017845e7b0129628f54c9350694797cb65f07",
     "_generate_noise": "904f98a78dac39470a26a28a8f3d487f963fa4c91fd0180049e507f3375ee9b8",
+    "DPOptimizerFastGradientClipping.pre_step":
+        "12e38750d4c0874d6af1b7628030d932a9e777f9768ae2a3d075709708979db2",
+    "DPOptimizerFastGradientClipping.accumulate":
+        "ae9dc6130a966adab7d074d5485feedd8689d266c1bda883a14a69957f3721f7",
+    "DPOptimizerFastGradientClipping.add_noise":
+        "bb77e6ade482875a72a47f7f840b80dc38b0f7ff798f938bc43752427f4410d5",
+    "DPOptimizerFastGradientClipping.zero_grad":
+        "87fe4d8810ec273e2c68f05da2624383f88a5bf3a9d5e02cb0e393872fbad886",
 }
 """``name -> SHA-256 of its source`` for the Opacus code this module overrides or uses."""
 
 
 def opacus_functions() -> dict[str, object]:
     """The installed Opacus functions named in :data:`OPACUS_SOURCES`."""
+    owners = {"": _opacus_optimizer, "DPOptimizer": DPOptimizer,
+              "DPOptimizerFastGradientClipping": DPOptimizerFastGradientClipping}
     out: dict[str, object] = {}
     for name in OPACUS_SOURCES:
         owner, _, attr = name.rpartition(".")
-        out[name] = getattr(DPOptimizer if owner else _opacus_optimizer, attr)
+        out[name] = getattr(owners[owner], attr)
     return out
 
 
@@ -165,6 +175,82 @@ class FusedDPOptimizer(DPOptimizer):  # type: ignore[misc]  # opacus ships no ty
         grad = torch.normal(0.0, self.noise_multiplier * self.max_grad_norm, size=summed.shape,
                             generator=self.generator, dtype=summed.dtype, device=summed.device)
         grad += summed
+        self._flat_grad = grad
+        for p, chunk in zip(self.params, torch.split(grad, self._layout()), strict=True):
+            p.grad = chunk.view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    def scale_grad(self) -> None:
+        """Divide by the expected batch size (``loss_reduction="mean"``) in one operation."""
+        if self.loss_reduction != "mean":
+            return
+        grad = self._flat_grad
+        if grad is None or self.secure_mode:
+            super().scale_grad()
+            return
+        grad /= self.expected_batch_size * self.accumulated_iterations
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Opacus' zero_grad; the flat buffers follow ``summed_grad`` and ``grad``."""
+        super().zero_grad(set_to_none)
+        self._flat_grad = None
+        if not self._is_last_step_skipped:
+            self._flat_summed = None
+
+
+class FusedClippedSumDPOptimizer(DPOptimizerFastGradientClipping):  # type: ignore[misc]
+    """Opacus' :class:`~opacus.optimizers.DPOptimizerFastGradientClipping` (its contract:
+    ``p.grad`` holds the *sum of the clipped per-example gradients* when ``step()`` runs;
+    :mod:`fedrg.privacy.bookkeeping` writes it) with accumulate, noise and scale on one flat
+    buffer.
+
+    The noise is Opacus' own draw, value for value: one ``N(0, std^2)`` draw per parameter
+    of ``p``'s size, in ``params`` order, from ``self.generator``, with
+    ``std = noise_multiplier * max_grad_norm`` (none when ``std == 0``), exactly as
+    ``_generate_noise`` does; only the additions and the division by the expected batch size
+    run once on the flat buffer instead of once per tensor. ``secure_mode`` falls back to
+    Opacus' per-tensor code. Raises :class:`~fedrg.library_pins.LibraryChangedError` if the
+    installed Opacus is not the reviewed code (:data:`OPACUS_SOURCES`).
+    """
+
+    _flat_summed: torch.Tensor | None = None
+    _flat_grad: torch.Tensor | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        require_reviewed_opacus()
+        super().__init__(*args, **kwargs)
+
+    def _layout(self) -> list[int]:
+        return [p.numel() for p in self.params]
+
+    def accumulate(self) -> None:
+        """``summed_grad += grad`` (the first chunk of a logical batch: ``= grad``)."""
+        flat = torch.cat([p.grad.reshape(-1) for p in self.params])
+        if self._flat_summed is not None and self.params[0].summed_grad is not None:
+            self._flat_summed += flat
+        else:
+            self._flat_summed = flat
+        for p, chunk in zip(self.params, torch.split(self._flat_summed, self._layout()),
+                            strict=True):
+            p.summed_grad = chunk.view_as(p)
+
+    def add_noise(self) -> None:
+        """``grad = summed_grad + N(0, std^2)``, drawn per parameter as Opacus draws it."""
+        if self.secure_mode:
+            super().add_noise()
+            return
+        summed = self._flat_summed
+        if summed is None:
+            raise RuntimeError("FusedClippedSumDPOptimizer.add_noise before accumulate")
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+        std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
+        grad = summed.clone()
+        if std != 0:
+            noise = torch.empty_like(summed)
+            for chunk in torch.split(noise, self._layout()):
+                torch.normal(0, std, size=chunk.shape, generator=self.generator, out=chunk)
+            grad += noise
         self._flat_grad = grad
         for p, chunk in zip(self.params, torch.split(grad, self._layout()), strict=True):
             p.grad = chunk.view_as(p)
