@@ -12,6 +12,7 @@ equal those of a single-node run of the same config, with seeded DP noise in the
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,9 +82,9 @@ def _start_node(ray_tmp: Path, env: dict[str, str], resource: str, *where: str) 
 
 def _cluster_nodes(address: str, env: dict[str, str]) -> dict[str, str]:
     """Node id -> our custom resource, as the cluster itself reports its live nodes."""
-    code = ("import json, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
-            "print(json.dumps({n['NodeID']: sorted(n['Resources']) for n in ray.nodes() "
-            "if n['Alive']})); ray.shutdown()" % address)
+    code = (f"import json, ray; ray.init(address={address!r}, logging_level='ERROR', "
+            "log_to_driver=False); print(json.dumps({n['NodeID']: sorted(n['Resources']) "
+            "for n in ray.nodes() if n['Alive']})); ray.shutdown()")
     proc = _run([sys.executable, "-c", code], env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     nodes = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -126,8 +128,10 @@ def test_hospitals_run_on_two_ray_nodes_with_the_results_of_one(tmp_path):
            "RAY_DEDUP_LOGS": "0"}
     env.pop("RAY_ADDRESS", None)  # never a cluster named by the caller's shell
 
+    t = [time.perf_counter()]  # phase times, printed only (never pass/fail)
     # the reference: the same config on one node (fedrg's private local Ray)
     single = _seeded_simulate(tmp_path, "single", env)
+    t.append(time.perf_counter())
 
     ray_tmp = Path(tempfile.mkdtemp(prefix="fr2n", dir="/tmp"))  # Ray's socket paths are short
     port = _free_port()
@@ -140,11 +144,15 @@ def test_hospitals_run_on_two_ray_nodes_with_the_results_of_one(tmp_path):
                     "--node-ip-address", "127.0.0.1")
         nodes = _cluster_nodes(address, env)
         assert sorted(nodes.values()) == sorted(NODES), nodes  # two live nodes, one CPU each
-
+        t.append(time.perf_counter())
         two = _seeded_simulate(tmp_path, "two-nodes", env, "--ray-address", address)
+        t.append(time.perf_counter())
     finally:
         _stop_cluster(ray_tmp, env)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+    t.append(time.perf_counter())
+    print("\nseconds: single-node run {:.1f}, two nodes up {:.1f}, two-node run {:.1f}, "
+          "stop {:.1f}; load {}".format(*(b - a for a, b in itertools.pairwise(t)), os.getloadavg()))
     assert not _ours(ray_tmp), "Ray processes of the test's cluster left running"
 
     # (a) the hospitals ran on both nodes: each worker logs the Ray node of each hospital
@@ -179,4 +187,4 @@ def test_hospitals_run_on_two_ray_nodes_with_the_results_of_one(tmp_path):
                    (tmp_path / "sites-two-nodes" / h / "ledger.jsonl").read_text().splitlines()]
         train = [e for e in entries if e["kind"] == "train"]
         assert [e["round"] for e in train] == [1, 2]
-        assert all(e["noise_multiplier"] > 0 for e in train), train
+        assert all(e["mechanism"]["noise_multiplier"] > 0 for e in train), train
