@@ -115,7 +115,7 @@ def _stop_cluster(ray_tmp: Path, env: dict[str, str]) -> None:
     for p in procs:
         with contextlib.suppress(psutil.Error):
             p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=20)
+    _, alive = psutil.wait_procs(procs, timeout=10)
     for p in alive:
         with contextlib.suppress(psutil.Error):
             p.kill()
