@@ -103,6 +103,29 @@ def test_seeded_noise_hook_repeats_a_run_and_is_off_outside_it():
     assert not any(torch.allclose(first[0], o) for o in outside)
 
 
+def test_keyed_seeded_noise_is_off_until_a_test_selects_it_and_follows_the_key(monkeypatch):
+    """The Ray workers' switch (tests/seeded_simulate.py): off by default (OS entropy); once
+    selected in a process, a session's noise depends on (seed, key) only, not on how many
+    sessions that process ran before (which hospital a Ray worker answers varies)."""
+    from fedrg.privacy import dpsgd
+
+    monkeypatch.setattr(dpsgd, "_KEYED_TEST_NOISE", [])  # and restored for the other tests
+    assert dpsgd.keyed_test_noise_seed("hospital-1/round-1") is None
+
+    def noise(key):
+        s = DPSession(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5,
+                      expected_batch_size=4.0, seed=dpsgd.keyed_test_noise_seed(key))
+        return torch.randn(3, generator=s._noise_generator)
+
+    dpsgd.seed_noise_by_key_for_tests(25)
+    first = noise("hospital-1/round-1")
+    noise("hospital-2/round-1")  # another session in between changes nothing
+    torch.testing.assert_close(noise("hospital-1/round-1"), first)
+    assert not torch.allclose(noise("hospital-1/round-2"), first)
+    dpsgd.seed_noise_by_key_for_tests(26)
+    assert not torch.allclose(noise("hospital-1/round-1"), first)
+
+
 def test_seeded_noise_hook_cannot_be_selected_by_config():
     from fedrg.config import ExperimentConfig, load_config
 

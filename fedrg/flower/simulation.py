@@ -46,12 +46,25 @@ def import_fedrg_first() -> None:
 
 def _ray_runtime_env() -> dict[str, Any]:
     """The runtime environment of the simulation's Ray job: the driver's ``sys.path`` as
-    ``PYTHONPATH`` (what Flower passes when it starts Ray itself) and
-    :func:`import_fedrg_first`."""
+    ``PYTHONPATH`` (what Flower passes when it starts Ray itself), fedrg's offline settings
+    (:data:`fedrg.runtime.OFFLINE_ENV`, as the driver has them) and its ``FEDRG_CACHE``
+    where set, and :func:`import_fedrg_first`.
+
+    The environment variables matter on a cluster started with ``ray start``: its workers
+    inherit the environment of the shell that started each node, not the driver's, so
+    without them a hospital on another node would look for the base model in that user's
+    default cache and run Flower with telemetry on.
+    """
+    from fedrg.runtime import OFFLINE_ENV
+
     pythonpath = os.pathsep.join(sys.path)
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
-    return {"env_vars": {"PYTHONPATH": pythonpath}, "worker_process_setup_hook": WORKER_SETUP_HOOK}
+    env_vars = {key: os.environ.get(key, value) for key, value in OFFLINE_ENV.items()}
+    if os.environ.get("FEDRG_CACHE"):
+        env_vars["FEDRG_CACHE"] = os.environ["FEDRG_CACHE"]
+    env_vars["PYTHONPATH"] = pythonpath
+    return {"env_vars": env_vars, "worker_process_setup_hook": WORKER_SETUP_HOOK}
 
 
 class SimulatedSites:
@@ -65,7 +78,25 @@ class SimulatedSites:
         if self.log_dir is not None:  # runs inside each Ray actor process
             route_worker_logs(self.log_dir)
         pid = int(context.node_config["partition-id"])
-        return self.sites[pid]
+        site = self.sites[pid]
+        _log_ray_node(site.name)
+        return site
+
+
+_ANSWERED: set[str] = set()  # the hospitals this worker process has answered for
+
+
+def _log_ray_node(site_name: str) -> None:
+    """Log, once per hospital and worker process, the Ray node that runs it (its id, as
+    ``ray.nodes()`` and ``ray status`` name it): on a cluster, which machine holds each
+    hospital's work (``RUN/logs/worker-<pid>.log`` on that node)."""
+    if site_name in _ANSWERED:
+        return
+    _ANSWERED.add(site_name)
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "none"
+    log.info("%s runs on Ray node %s (worker pid %d)", site_name, node, os.getpid())
 
 
 _WORKER_LOG: list[logging.Handler] = []

@@ -458,7 +458,7 @@ class HospitalSite:
         # interrupted one; DP noise never comes from here (OS entropy, see privacy/dpsgd.py)
         seed = _round_seed(cfg.training.seed, cfg.federation.seed, rnd, self.site.name)
         torch.manual_seed(seed)
-        session = _dp_session(plan, cfg) if plan.private else None
+        session = _dp_session(plan, cfg, key=f"{self.site.name}/round-{rnd}") if plan.private else None
         distributed = plan.noise_mode == "distributed"
         with torch_threads(cfg.training.threads):  # restored afterwards: the host process keeps its own
             train_local(model, cache.data.train, cfg.training, steps=plan.steps, privacy=session,
@@ -693,8 +693,13 @@ def _check_release_limits(entries: list[LedgerEntry], policy: SitePolicy, *, run
     return len(released)
 
 
-def _dp_session(plan: RoundPlan, cfg: ExperimentConfig) -> DPSession:
-    """The DP-SGD session of a private training plan: every privacy number from the plan."""
-    from fedrg.privacy.dpsgd import DPSession
+def _dp_session(plan: RoundPlan, cfg: ExperimentConfig, *, key: str) -> DPSession:
+    """The DP-SGD session of a private training plan: every privacy number from the plan.
 
-    return DPSession.for_plan(plan, privacy_cfg=cfg.privacy, training_cfg=cfg.training)
+    Its noise comes from OS entropy; only a test that selected keyed seeded noise in this
+    process (:func:`fedrg.privacy.dpsgd.seed_noise_by_key_for_tests`) gets the seed of
+    ``key`` (site and round) instead."""
+    from fedrg.privacy.dpsgd import DPSession, keyed_test_noise_seed
+
+    return DPSession.for_plan(plan, privacy_cfg=cfg.privacy, training_cfg=cfg.training,
+                              seed=keyed_test_noise_seed(key))

@@ -147,6 +147,39 @@ def use_seeded_noise_for_tests(seed: int) -> Iterator[None]:
         _TEST_NOISE.state = previous
 
 
+_KEYED_TEST_NOISE: list[int] = []  # [seed] once a test's worker hook selected it
+
+
+def seed_noise_by_key_for_tests(seed: int) -> None:
+    """From now on, in this whole process, :func:`keyed_test_noise_seed` derives each
+    session's noise seed from ``(seed, key)``.
+
+    For tests only, in processes a test owns: a simulation's Ray workers (a test's Ray
+    ``worker_process_setup_hook`` calls it), where which worker answers which hospital
+    changes from run to run, so the k-th-session sequence of
+    :func:`use_seeded_noise_for_tests` would not repeat. With a key such as
+    ``"hospital-2/round-1"`` the noise repeats whichever process or Ray node trains it.
+    Like :func:`use_seeded_noise_for_tests`, only Python code running in the process can
+    select it (no config key, environment variable or message); whoever knows the seed can
+    regenerate and subtract the noise.
+
+    Parameters
+    ----------
+    seed
+        Base seed of every keyed session in this process.
+    """
+    _KEYED_TEST_NOISE[:] = [int(seed)]
+
+
+def keyed_test_noise_seed(key: str) -> int | None:
+    """The session seed for ``key`` once :func:`seed_noise_by_key_for_tests` ran in this
+    process; ``None`` (OS entropy) otherwise, which is always the case outside tests."""
+    if not _KEYED_TEST_NOISE:
+        return None
+    digest = hashlib.sha256(f"fedrg-test-noise/{_KEYED_TEST_NOISE[0]}/{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 2**63
+
+
 def _first_forward_argument(model: nn.Module) -> str:
     """The name of ``model.forward``'s first parameter: Opacus' ``ew`` wrapper
     (``GradSampleModuleExpandedWeights``) takes it positionally and reads the batch size
