@@ -253,3 +253,23 @@ def test_cold_simulate_prints_progress_and_no_flower_or_ray_line(tmp_path) -> No
         assert expected in out, (expected, out)
     bad = [line for line in out.splitlines() if FOREIGN_LINE.search(line)]
     assert not bad, out
+
+
+def test_a_hospital_that_will_decline_is_named_with_its_reason_as_plain_text(tmp_path, capsys) -> None:
+    """Enough hospitals accept, one declines: the note names it with the whole reason (which
+    holds "[policy]", once eaten as rich markup: "the site's ;")."""
+    from fedrg.commands.federation import check_sites_would_train, simulated_policy, simulated_sites
+    from fedrg.config import build_config
+    from fedrg.data.synth import synthesize
+
+    big = synthesize(tmp_path / "big", hospitals=3, patients=60, seed=0)
+    (small,) = synthesize(tmp_path / "small", hospitals=1, patients=16, seed=1)
+    small = small.rename(tmp_path / "big" / "hospital-4")  # site names come from folder names
+    policy = simulated_policy(None)
+    sites = simulated_sites([*big, small], tmp_path / "sites", policy)
+    small_name = sites[-1].name
+    check_sites_would_train(build_config({"training": {"batch_size": 16}}), sites, policy)
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert f"note: {small_name} will decline:" in out, out
+    assert "the site's [policy]" in out, out
+    assert "--set training.batch_size=" in out, out

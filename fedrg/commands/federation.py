@@ -12,6 +12,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from fedrg.commands.output import fail
 from fedrg.config import (
@@ -221,8 +222,9 @@ def check_sites_would_train(cfg: ExperimentConfig, sites: list[SiteConfig], poli
             f"only {accepting} of {len(sites)} simulated hospital(s) would train round 1 "
             f"({needed} needed), so nothing was started:\n  " + "\n  ".join(lines))
     for reason, names in refusals.items():
-        console.print(f"[yellow]note:[/yellow] {', '.join(names)} will decline: {reason}"
-                      f"{hints.get(reason, '')}", highlight=False)
+        # the reason is plain text (it may hold "[policy]"): never read as markup
+        console.print(Text.assemble(("note:", "yellow"), f" {', '.join(names)} will decline: "
+                                    f"{reason}{hints.get(reason, '')}"), highlight=False)
 
 
 def export_ledgers(sites: list[SiteConfig], run_dir: Path) -> Path:
