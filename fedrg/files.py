@@ -10,11 +10,12 @@ signing key) with mode 0600 and refuses to overwrite one, so a key is never lost
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["PRIVATE_MODE", "PUBLIC_MODE", "atomic_write", "create_private", "fsync_dir"]
+__all__ = ["PRIVATE_MODE", "PUBLIC_MODE", "atomic_write", "create_private", "file_sha256", "fsync_dir"]
 
 PRIVATE_MODE = 0o600
 PUBLIC_MODE = 0o644
@@ -85,3 +86,12 @@ def create_private(path: str | os.PathLike[str], data: bytes) -> Path:
         os.close(fd)
     fsync_dir(path.parent)
     return path
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

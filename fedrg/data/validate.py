@@ -22,6 +22,7 @@ from fedrg.data.genomics import read_expression, read_variants, standardise_expr
 from fedrg.data.images import prepare_image, read_image
 from fedrg.data.manifest import EXPRESSION, MANIFEST, VARIANTS, Cohort, read_manifest
 from fedrg.errors import ImageReadError, Problem
+from fedrg.files import file_sha256
 
 
 @dataclass
@@ -71,16 +72,9 @@ def _image_format(path: Path) -> str:
 def image_digest(path: Path) -> str:
     """SHA-256 of an image's bytes, the same whatever the file is called: a file's own
     digest; for a DICOM series folder, the digest of its files' sorted digests."""
-    def file_digest(f: Path) -> str:
-        h = hashlib.sha256()
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
-
     if not path.is_dir():
-        return file_digest(path)
-    parts = sorted(file_digest(f) for f in path.iterdir() if f.is_file())
+        return file_sha256(path)
+    parts = sorted(file_sha256(f) for f in path.iterdir() if f.is_file())
     return parts[0] if len(parts) == 1 else hashlib.sha256("".join(parts).encode()).hexdigest()
 
 

@@ -13,16 +13,9 @@ import hashlib
 from pathlib import Path
 
 from fedrg.errors import ModelError
+from fedrg.files import file_sha256
 
 _CACHE: dict[tuple[str, tuple[tuple[str, int, int], ...]], str] = {}
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def model_content_hash(directory: str | Path) -> str:
@@ -55,6 +48,6 @@ def model_content_hash(directory: str | Path) -> str:
     if key not in _CACHE:
         h = hashlib.sha256()
         for p in files:
-            h.update(p.relative_to(root).as_posix().encode() + b"\0" + _file_digest(p).encode() + b"\n")
+            h.update(p.relative_to(root).as_posix().encode() + b"\0" + file_sha256(p).encode() + b"\n")
         _CACHE[key] = h.hexdigest()
     return _CACHE[key]

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrg.errors import ModelError
+from fedrg.files import file_sha256
 
 #: The files of a public adapter's cache entry (public_init.py builds them).
 ARRAYS_FILE = "public_init.safetensors"
@@ -51,14 +52,6 @@ class ShippedAdapter:
     sha256: str
     built_by: str
     meta: dict[str, Any]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def shipped_manifest(key: str, directory: Path = SHIPPED_DIR) -> ShippedAdapter | None:
@@ -134,7 +127,7 @@ def ship(built: Path, directory: Path = SHIPPED_DIR) -> ShippedAdapter:
     directory.mkdir(parents=True, exist_ok=True)
     arrays = directory / f"{key}{ARRAYS_SUFFIX}"
     shutil.copyfile(built / ARRAYS_FILE, arrays)
-    manifest = {"key": key, "sha256": _sha256(arrays), "bytes": arrays.stat().st_size,
+    manifest = {"key": key, "sha256": file_sha256(arrays), "bytes": arrays.stat().st_size,
                 "built_by": describe_build(), "recipe": meta.get("recipe"),
                 "summary": meta.get("summary"),
                 "how": "fedrg public-adapter --rebuild --ship (pre-training on the public "
@@ -164,5 +157,5 @@ def compare_with_shipped(rebuilt: Path, shipped: ShippedAdapter) -> dict[str, An
                              initial=0.0)) for k in new) if same and new else None)
     return {"identical": (rebuilt / ARRAYS_FILE).read_bytes() == shipped.arrays.read_bytes(),
             "same_tensors": same, "max_abs_diff": diff, "tensors": len(new),
-            "shipped_sha256": shipped.sha256, "rebuilt_sha256": _sha256(rebuilt / ARRAYS_FILE),
+            "shipped_sha256": shipped.sha256, "rebuilt_sha256": file_sha256(rebuilt / ARRAYS_FILE),
             "shipped_built_by": shipped.built_by, "rebuilt_by": describe_build()}
